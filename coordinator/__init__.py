@@ -1,0 +1,1 @@
+"""The coordinator: registry, leases, submissions, validation, ledger, policy blobs."""

@@ -1,0 +1,59 @@
+"""Typed configuration of `rollproof coordinator serve` (see configs/coordinator.toml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingSection(_Section):
+    temperature: float = Field(1.0, ge=0.0, description="0 means greedy")
+    top_k: int = Field(0, ge=0, description="0 disables the top-k filter")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(32, ge=1, le=32768)
+
+
+class RunSection(_Section):
+    run_id: str = Field("demo", min_length=1, max_length=64)
+    task: str = "addition"
+    model: Path | None = Field(None, description="HF model directory; unset means the default tiny model")
+    seed: int = 0
+    group_size: int = Field(8, ge=2, le=256)
+    prompts_per_lease: int = Field(4, ge=1, le=1024)
+    max_staleness: int = Field(2, ge=0, description="k: groups more than k versions behind are not trained on")
+    sampling: SamplingSection = SamplingSection()
+
+
+class ServerSection(_Section):
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(7470, ge=0, le=65535)
+    http_port: int = Field(7471, ge=0, le=65535)
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    requests_per_second_per_node: float = Field(50.0, gt=0)
+    request_burst_per_node: int = Field(100, ge=1)
+    envelope_window_s: float = Field(60.0, gt=0)
+
+
+class LeaseSection(_Section):
+    deadline_s: float = Field(120.0, gt=0)
+    max_open_per_node: int = Field(2, ge=1)
+
+
+class StoreSection(_Section):
+    url: str = Field("", description="SQLAlchemy URL; empty means SQLite in the data directory")
+
+
+class CoordinatorConfig(_Section):
+    data_dir: Path = Path("~/.rollproof/coordinator")
+    trainer_key_fingerprint: str = Field("", description="key id of the trainer key this run accepts")
+    operator_token: SecretStr = Field(SecretStr(""), description="bearer token for admin RPCs; empty disables them")
+    heartbeat_interval_s: float = Field(10.0, gt=0)
+    run: RunSection = RunSection()
+    server: ServerSection = ServerSection()
+    lease: LeaseSection = LeaseSection()
+    store: StoreSection = StoreSection()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The two set-up commands of the README:
+#   ./dev.sh up [ARGS]     install into .venv if needed, then `rollproof up ARGS`
+#   ./dev.sh test [ARGS]   install into .venv (with test extras) if needed, then pytest ARGS
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${ROLLPROOF_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+# The CPU build. A GPU machine installs its own torch into the venv first; a torch that
+# is already there is kept.
+TORCH_SPEC=${ROLLPROOF_TORCH_SPEC:-torch==2.13.0}
+
+ensure_env() {
+    local extras=$1
+    local stamp="$VENV/.installed-$extras-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+    [ -f "$stamp" ] && return 0
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+            || { echo "dev.sh: Python >= 3.11 is required ($PYTHON is $("$PYTHON" --version))" >&2; exit 1; }
+        "$PYTHON" -m venv "$VENV"
+    fi
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/python" -c 'import torch' 2>/dev/null || "$VENV/bin/pip" install -q "$TORCH_SPEC"
+    "$VENV/bin/pip" install -q -e ".[$extras]"
+    rm -f "$VENV"/.installed-"$extras"-*
+    touch "$stamp"
+}
+
+command=${1:-}
+shift || true
+case "$command" in
+    up)
+        ensure_env postgres
+        exec "$VENV/bin/rollproof" up "$@"
+        ;;
+    test)
+        ensure_env dev
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    *)
+        echo "usage: ./dev.sh up [ARGS] | ./dev.sh test [PYTEST ARGS]" >&2
+        exit 2
+        ;;
+esac

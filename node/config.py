@@ -1,0 +1,39 @@
+"""Typed configuration of `rollproof node run` (see configs/node.toml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineSection(_Section):
+    kind: Literal["torch", "vllm"] = "torch"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int = Field(1, ge=1, le=512)
+    batch_size: int = Field(32, ge=1, le=4096)
+
+
+class P2PSection(_Section):
+    enabled: bool = False
+    listen: str = "/ip4/127.0.0.1/tcp/0"
+    public_address: str = ""
+    upload_bytes_per_s: int = Field(50 * 1024 * 1024, ge=1)
+    max_concurrent_uploads: int = Field(4, ge=1)
+    max_peers: int = Field(16, ge=1)
+
+
+class NodeConfig(_Section):
+    coordinator: str = Field("127.0.0.1:7470", pattern=r"^[^\s:]+:\d{1,5}$")
+    state_dir: Path = Path("~/.rollproof/node")
+    key_file: Path | None = Field(None, description="default: <state_dir>/node.key")
+    display_name: str = Field("", max_length=64)
+    trainer_key_fingerprint: str = Field("", description="key id of the trainer key to trust; required")
+    engine: EngineSection = EngineSection()
+    p2p: P2PSection = P2PSection()

@@ -1,0 +1,8 @@
+"""Subcommands of `rollproof`. Each module defines `register(subparsers)`; it must import
+nothing heavy at module level (torch, transformers, grpc) so `--help` stays instant."""
+
+COMMAND_MODULES = [
+    "rollproof.commands.version",
+    "rollproof.commands.keygen",
+    "rollproof.commands.config",
+]

@@ -1,0 +1,42 @@
+"""One logging setup per process: readable lines on a terminal, or JSON lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object per record; `extra={...}` fields become top-level keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str = "INFO", *, json_lines: bool = False, process_name: str = "rollproof") -> None:
+    """Configure the root logger once for this process (stderr)."""
+    handler: logging.Handler
+    if json_lines:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonLinesFormatter())
+    else:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, log_time_format="%H:%M:%S", markup=False, rich_tracebacks=True)
+        handler.setFormatter(logging.Formatter(f"[{process_name}] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,1 @@
+"""The trusted RL trainer: consumes accepted groups, publishes signed policy versions."""

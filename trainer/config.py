@@ -1,0 +1,44 @@
+"""Typed configuration of `rollproof trainer run` (see configs/trainer.toml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerSection(_Section):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class LossSection(_Section):
+    normalize_advantage_std: bool = False
+    ratio_low: float = Field(0.5, gt=0, lt=1, description="tokens with importance ratio below are masked")
+    ratio_high: float = Field(2.0, gt=1, description="tokens with importance ratio above are masked")
+    kl_coef: float = Field(0.0, ge=0)
+
+
+class TrainerConfig(_Section):
+    coordinator: str = Field("127.0.0.1:7470", pattern=r"^[^\s:]+:\d{1,5}$")
+    data_dir: Path = Path("~/.rollproof/trainer")
+    key_file: Path | None = Field(None, description="policy signing key; default: <data_dir>/trainer.key")
+    model: Path | None = Field(None, description="HF model directory; unset means the default tiny model")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_staleness: int = Field(2, ge=0)
+    groups_per_step: int = Field(8, ge=1)
+    max_steps: int = Field(0, ge=0, description="0 means run until stopped")
+    checkpoint_every: int = Field(10, ge=1)
+    metrics_file: Path | None = Field(None, description="default: <data_dir>/metrics.jsonl")
+    wandb_project: str = ""
+    optimizer: OptimizerSection = OptimizerSection()
+    loss: LossSection = LossSection()
