@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import CoordinatorConfig
+from node.config import NodeConfig
+from rollproof.config import ConfigError, load_config, parse_assignment
+from trainer.config import TrainerConfig
+from tests.conftest import REPO_ROOT
+
+ROLES = {"coordinator": CoordinatorConfig, "node": NodeConfig, "trainer": TrainerConfig}
+EXAMPLES = sorted((REPO_ROOT / "configs").glob("*.toml"))
+
+
+def _role_of(path: Path) -> str:
+    return path.stem.split("-")[0]
+
+
+def test_there_are_examples_for_every_role():
+    assert {_role_of(p) for p in EXAMPLES} >= set(ROLES)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_config_parses(path):
+    load_config(ROLES[_role_of(path)], _role_of(path), config_file=path, environ={})
+
+
+def test_precedence_defaults_file_env_flags(tmp_path):
+    config_file = tmp_path / "node.toml"
+    config_file.write_text('display_name = "from-file"\n[engine]\nthreads = 3\nbatch_size = 5\n')
+    environ = {"ROLLPROOF_NODE_ENGINE__THREADS": "4", "ROLLPROOF_NODE_DISPLAY_NAME": "from-env"}
+    config = load_config(
+        NodeConfig, "node", config_file=config_file, environ=environ,
+        overrides={"display_name": "from-flag", "engine.dtype": None},
+    )
+    assert config.display_name == "from-flag"
+    assert config.engine.threads == 4
+    assert config.engine.batch_size == 5
+    assert config.engine.dtype == "float32"
+    assert config.engine.device == "cpu"
+
+
+def test_bad_value_names_the_key(tmp_path):
+    config_file = tmp_path / "node.toml"
+    config_file.write_text("[engine]\nbatch_size = 0\n")
+    with pytest.raises(ConfigError, match=r"engine\.batch_size") as info:
+        load_config(NodeConfig, "node", config_file=config_file, environ={})
+    assert str(config_file) in str(info.value)
+
+
+def test_bad_env_value_names_the_key_and_source():
+    with pytest.raises(ConfigError, match=r"(?s)ROLLPROOF_TRAINER_\* environment.*optimizer\.lr"):
+        load_config(TrainerConfig, "trainer", environ={"ROLLPROOF_TRAINER_OPTIMIZER__LR": "fast"})
+
+
+@pytest.mark.parametrize(
+    ("key", "reported"), [("engine.threadz", "engine.threadz"), ("enginee.threads", "enginee"), ("colour", "colour")]
+)
+def test_unknown_key_is_an_error(key, reported):
+    with pytest.raises(ConfigError, match=f"{reported}: unknown key"):
+        load_config(NodeConfig, "node", overrides={key: 1}, environ={})
+
+
+def test_unknown_env_key_is_an_error():
+    with pytest.raises(ConfigError, match="bogus: unknown key"):
+        load_config(CoordinatorConfig, "coordinator", environ={"ROLLPROOF_COORDINATOR_BOGUS": "1"})
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[engine\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(NodeConfig, "node", config_file=broken, environ={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(NodeConfig, "node", config_file=tmp_path / "absent.toml", environ={})
+
+
+def test_parse_assignment_reads_toml_values():
+    assert parse_assignment("engine.threads=2") == ("engine.threads", 2)
+    assert parse_assignment("p2p.enabled=true") == ("p2p.enabled", True)
+    assert parse_assignment("display_name=alice") == ("display_name", "alice")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_assignment("threads")
+
+
+def test_operator_token_is_not_printed():
+    config = load_config(CoordinatorConfig, "coordinator", environ={"ROLLPROOF_COORDINATOR_OPERATOR_TOKEN": "s3cret"})
+    assert config.operator_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in config.model_dump_json()
