@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from protocol import types
-from protocol.proto import policy_pb2, rollout_pb2
+from protocol.proto import policy_pb2, rollout_pb2, service_pb2
 
 
 class WireFormatError(ValueError):
@@ -246,4 +246,26 @@ def receipt_from_proto(message: rollout_pb2.Receipt) -> types.Receipt:
             )
             for v in message.verdicts
         ),
+    )
+
+
+def ready_group_to_proto(ready: types.ReadyGroup) -> service_pb2.ReadyGroup:
+    return service_pb2.ReadyGroup(
+        group_id=ready.group_id,
+        policy_version=ready.policy_version,
+        prompt_index=ready.prompt_index,
+        prompt_token_ids=list(ready.prompt_token_ids),
+        group=group_to_proto(ready.group),
+        node_id=ready.node_id,
+    )
+
+
+def ready_group_from_proto(message: service_pb2.ReadyGroup) -> types.ReadyGroup:
+    return types.ReadyGroup(
+        group_id=message.group_id,
+        policy_version=message.policy_version,
+        prompt_index=message.prompt_index,
+        prompt_token_ids=tuple(message.prompt_token_ids),
+        group=group_from_proto(message.group),
+        node_id=message.node_id,
     )

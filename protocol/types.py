@@ -160,3 +160,15 @@ class Receipt:
     @property
     def num_rejected(self) -> int:
         return len(self.verdicts) - self.num_accepted
+
+
+@dataclass(frozen=True)
+class ReadyGroup:
+    """An accepted group the trainer may use, with the prompt it answers."""
+
+    group_id: str
+    policy_version: int
+    prompt_index: int
+    prompt_token_ids: tuple[int, ...]
+    group: RolloutGroup
+    node_id: str

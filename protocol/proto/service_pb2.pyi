@@ -640,6 +640,52 @@ class AckResponse(_message.Message):
 Global___AckResponse: _TypeAlias = AckResponse  # noqa: Y015
 
 @_typing.final
+class ResumeRequest(_message.Message):
+    """Sent once when a trainer resumes from a checkpoint at `trainer_step`: groups consumed
+    by later steps (whose weights were lost) become ready again, so none is lost and none
+    counts as consumed twice.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRAINER_STEP_FIELD_NUMBER: _builtins.int
+    trainer_step: _builtins.int
+    def __init__(
+        self,
+        *,
+        trainer_step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["trainer_step", b"trainer_step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRequest: _TypeAlias = ResumeRequest  # noqa: Y015
+
+@_typing.final
+class ResumeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUM_GROUPS_RESTORED_FIELD_NUMBER: _builtins.int
+    LATEST_POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    num_groups_restored: _builtins.int
+    latest_policy_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        num_groups_restored: _builtins.int = ...,
+        latest_policy_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["latest_policy_version", b"latest_policy_version", "num_groups_restored", b"num_groups_restored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeResponse: _TypeAlias = ResumeResponse  # noqa: Y015
+
+@_typing.final
 class TrainerMetrics(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

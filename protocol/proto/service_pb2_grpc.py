@@ -478,6 +478,11 @@ class TrainerServiceStub:
                 request_serializer=protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.SerializeToString,
                 response_deserializer=protocol_dot_proto_dot_service__pb2.AckResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/rollproof.v1.TrainerService/Resume',
+                request_serializer=protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_service__pb2.ResumeResponse.FromString,
+                _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
                 '/rollproof.v1.TrainerService/ReportMetrics',
                 request_serializer=protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.SerializeToString,
@@ -515,6 +520,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """ResumeRequest
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportMetrics(self, request, context):
         """TrainerMetrics
         """
@@ -544,6 +556,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.AckGroups,
                     request_deserializer=protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.FromString,
                     response_serializer=protocol_dot_proto_dot_service__pb2.AckResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.FromString,
+                    response_serializer=protocol_dot_proto_dot_service__pb2.ResumeResponse.SerializeToString,
             ),
             'ReportMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportMetrics,
@@ -659,6 +676,33 @@ class TrainerService:
             '/rollproof.v1.TrainerService/AckGroups',
             protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.SerializeToString,
             protocol_dot_proto_dot_service__pb2.AckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rollproof.v1.TrainerService/Resume',
+            protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.SerializeToString,
+            protocol_dot_proto_dot_service__pb2.ResumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

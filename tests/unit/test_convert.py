@@ -3,7 +3,7 @@
 import pytest
 
 from protocol import convert, types
-from protocol.proto import policy_pb2, rollout_pb2
+from protocol.proto import policy_pb2, rollout_pb2, service_pb2
 
 
 def _rollout(sample_index: int, num_tokens: int) -> types.Rollout:
@@ -54,6 +54,9 @@ RECEIPT = types.Receipt(
         types.RolloutVerdict(12, 1, False, types.RejectReason.REWARD_MISMATCH, "claimed 1.0, verifier says 0.0"),
     ),
 )
+READY = types.ReadyGroup(
+    group_id="g-1", policy_version=3, prompt_index=12, prompt_token_ids=(4, 5), group=BATCH.groups[0], node_id="n"
+)
 SIGNED = types.SignedManifest(manifest_bytes=b"manifest", signer_public_key=b"\x04" * 32, signature=b"\x05" * 64)
 
 CASES = [
@@ -62,6 +65,7 @@ CASES = [
     (LEASE, convert.lease_to_proto, convert.lease_from_proto, rollout_pb2.WorkLease),
     (BATCH, convert.batch_to_proto, convert.batch_from_proto, rollout_pb2.RolloutBatch),
     (RECEIPT, convert.receipt_to_proto, convert.receipt_from_proto, rollout_pb2.Receipt),
+    (READY, convert.ready_group_to_proto, convert.ready_group_from_proto, service_pb2.ReadyGroup),
     (LEASE.sampling, convert.sampling_to_proto, convert.sampling_from_proto, rollout_pb2.SamplingParams),
 ]
 

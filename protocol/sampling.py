@@ -1,0 +1,294 @@
+"""The seeded sampling rule, numpy reference (see DESIGN.md, "Seeded sampling rule").
+
+Token t of a completion is
+
+    argmax_i ( z_t[i] + g(seed, t, i) )   over the allowed set,   z_t = logits_t * float32(1 / T)
+
+where g is Gumbel noise made from a counter-based hash of (seed, position, token id). Because the
+noise depends on nothing but those three integers, a node and a validator produce the same noise
+on any device and in any batch; the completion is a function of the model and the seed.
+
+Exact definitions (both the numpy reference here and policy/sampling.py follow them):
+
+* Hash. 32-bit words held in wider integers; every multiply has a factor below 2**31, so products
+  stay below 2**63 and no implementation ever wraps a signed integer. `mix32` is a two-round
+  xorshift-multiply bijection of 32-bit words. Per row (seed, position):
+  key0 = mix32(mix32(mix32(seed_lo ^ SEED_DOMAIN) ^ seed_hi) ^ position),
+  key1 = mix32(key0 ^ TOKEN_DOMAIN); per token id i: bits = mix32(mix32(i ^ key1) ^ key0).
+* Noise. k = bits >> 8 (24 bits); u = (2k + 1) / 2**25 in float64 (exact, strictly inside (0, 1));
+  g = float32(-log(-log(u))) computed in float64 and rounded once to float32. g takes only 2**24
+  values, so implementations are compared on all of them (tests/unit/test_sampling_torch.py).
+* Temperature. T > 0 scales by a float32 multiply with the float32-rounded reciprocal (a float32
+  multiply is exactly rounded everywhere; division by a scalar is not always done as a division).
+  T = 0 is greedy: argmax of the raw logits, no noise, no filter.
+* Filters define a threshold on the scaled logits z; the allowed set is {i : z[i] >= threshold},
+  so tokens tied with the boundary value are all kept. top_k = 0 and top_p = 1 disable them.
+  top_k: threshold_k = k-th largest z. top_p: over z sorted descending with the top-k survivors
+  only, p = softmax (float32), the first index j where cumsum(p)[j] >= top_p (the last survivor if
+  rounding keeps the sum below top_p); threshold_p = sorted z[j]. threshold = max of the two.
+* Ties in the perturbed score go to the lowest token id (first maximum).
+* Log-probability under the sampling distribution: log_softmax over the allowed set of z, at the
+  sampled token (float32). At T = 0 it is log_softmax of the raw, unfiltered logits.
+* Margin: best perturbed score minus the second best (+inf when one token is allowed). At T = 0,
+  best logit minus the second best logit.
+
+A validator's logits differ from a node's by a drift (other batch shapes, kernels, hardware); a
+claimed token that is not the validator's argmax is tolerated as a near-tie only when its score is
+within `logit_tolerance / T` of the best (see `check_tokens`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocol.types import SamplingParams
+
+MASK32 = 0xFFFFFFFF
+MASK64 = 0xFFFFFFFFFFFFFFFF
+# Multipliers of the hash-prospector two-round mixer [16 21f0aaad 15 d35a2d97 15], with the top bit
+# of the second one cleared so that every product of a 32-bit word stays below 2**63.
+MIX_MULTIPLIER_1 = 0x21F0AAAD
+MIX_MULTIPLIER_2 = 0x735A2D97
+SEED_DOMAIN = 0x9E3779B9
+TOKEN_DOMAIN = 0x85EBCA6B
+NOISE_BITS = 24
+
+# Per-sample seeds are derived with splitmix64 (pure Python integers: exact everywhere).
+SPLITMIX_INCREMENT = 0x9E3779B97F4A7C15
+SPLITMIX_MULTIPLIER_1 = 0xBF58476D1CE4E5B9
+SPLITMIX_MULTIPLIER_2 = 0x94D049BB133111EB
+
+# Default drift in logit units under which a validator tolerates a near-tie. fp32 prefill vs fp32
+# decode on the same CPU drifts by < 1e-5 (measured in tests/unit/test_engine_replay.py); bf16 by up
+# to ~0.06. The default covers bf16 and cross-hardware runs with room to spare.
+DEFAULT_LOGIT_TOLERANCE = 0.1
+
+_U32 = np.uint64
+
+
+class SamplingParamsError(ValueError):
+    """Sampling parameters outside their domain."""
+
+
+def validate_params(params: SamplingParams) -> None:
+    if not (params.temperature >= 0.0 and np.isfinite(params.temperature)):
+        raise SamplingParamsError(f"temperature must be a finite number >= 0, got {params.temperature}")
+    if params.top_k < 0:
+        raise SamplingParamsError(f"top_k must be >= 0 (0 disables it), got {params.top_k}")
+    if not 0.0 < params.top_p <= 1.0:
+        raise SamplingParamsError(f"top_p must be in (0, 1] (1 disables it), got {params.top_p}")
+
+
+def mix32(x: np.ndarray) -> np.ndarray:
+    """Bijective mix of 32-bit words stored in uint64."""
+    x = x ^ (x >> _U32(16))
+    x = (x * _U32(MIX_MULTIPLIER_1)) & _U32(MASK32)
+    x = x ^ (x >> _U32(15))
+    x = (x * _U32(MIX_MULTIPLIER_2)) & _U32(MASK32)
+    return x ^ (x >> _U32(15))
+
+
+def _check_u64(name: str, value: int) -> None:
+    if not 0 <= value <= MASK64:
+        raise SamplingParamsError(f"{name} must be an unsigned 64-bit integer, got {value}")
+
+
+def _splitmix64(x: int) -> int:
+    z = (x + SPLITMIX_INCREMENT) & MASK64
+    z = ((z ^ (z >> 30)) * SPLITMIX_MULTIPLIER_1) & MASK64
+    z = ((z ^ (z >> 27)) * SPLITMIX_MULTIPLIER_2) & MASK64
+    return z ^ (z >> 31)
+
+
+def derive_sample_seed(lease_seed: int, prompt_position: int, sample_index: int) -> int:
+    """The seed of sample `sample_index` of the prompt at `prompt_position` in a lease."""
+    for name, value in (("lease_seed", lease_seed), ("prompt_position", prompt_position),
+                        ("sample_index", sample_index)):
+        _check_u64(name, value)
+    return _splitmix64(_splitmix64(_splitmix64(lease_seed) ^ prompt_position) ^ sample_index)
+
+
+def row_keys(seeds: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two 32-bit keys per row from (seed: uint64, position: < 2**32)."""
+    seeds = np.asarray(seeds, dtype=np.uint64)
+    positions = np.asarray(positions, dtype=np.uint64)
+    if np.any(positions > _U32(MASK32)):
+        raise SamplingParamsError("positions must be below 2**32")
+    seed_lo = seeds & _U32(MASK32)
+    seed_hi = seeds >> _U32(32)
+    key0 = mix32(mix32(mix32(seed_lo ^ _U32(SEED_DOMAIN)) ^ seed_hi) ^ positions)
+    key1 = mix32(key0 ^ _U32(TOKEN_DOMAIN))
+    return key0, key1
+
+
+def noise_bits(seeds: np.ndarray, positions: np.ndarray, vocab_size: int) -> np.ndarray:
+    """[rows, vocab_size] 24-bit hash words (uint64) for token ids 0..vocab_size-1."""
+    key0, key1 = row_keys(seeds, positions)
+    token_ids = np.arange(vocab_size, dtype=np.uint64)[None, :]
+    bits = mix32(mix32(token_ids ^ key1[:, None]) ^ key0[:, None])
+    return bits >> _U32(32 - NOISE_BITS)
+
+
+def gumbel_from_bits(bits: np.ndarray) -> np.ndarray:
+    """Gumbel(0, 1) noise (float32) from 24-bit words."""
+    uniform = (2.0 * bits.astype(np.float64) + 1.0) * 2.0 ** -(NOISE_BITS + 1)
+    return (-np.log(-np.log(uniform))).astype(np.float32)
+
+
+def gumbel_noise(seeds: np.ndarray, positions: np.ndarray, vocab_size: int) -> np.ndarray:
+    return gumbel_from_bits(noise_bits(seeds, positions, vocab_size))
+
+
+def inverse_temperature(temperature: float) -> np.float32:
+    return np.float32(1.0 / temperature)
+
+
+def _log_softmax_at(z: np.ndarray, allowed: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    masked = np.where(allowed, z, np.float32(-np.inf))
+    top = masked.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(masked - top).sum(axis=1, dtype=np.float32)) + top[:, 0]
+    rows = np.arange(z.shape[0])
+    return (z[rows, token_ids] - log_norm).astype(np.float32)
+
+
+def filter_threshold(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Per row, the smallest scaled logit still allowed by top-k and top-p (float32 [rows])."""
+    num_rows, vocab_size = scaled.shape
+    threshold = np.full(num_rows, -np.inf, dtype=np.float32)
+    if top_k == 0 and top_p >= 1.0:
+        return threshold
+    descending = -np.sort(-scaled, axis=1)
+    if 0 < top_k < vocab_size:
+        threshold = descending[:, top_k - 1].copy()
+    if top_p < 1.0:
+        survivors = np.where(descending >= threshold[:, None], descending, np.float32(-np.inf))
+        shifted = np.exp(survivors - survivors[:, :1])
+        probs = shifted / shifted.sum(axis=1, keepdims=True, dtype=np.float32)
+        cumulative = np.cumsum(probs, axis=1, dtype=np.float32)
+        reached = cumulative >= np.float32(top_p)
+        num_survivors = (descending >= threshold[:, None]).sum(axis=1)
+        cutoff = np.where(reached.any(axis=1), reached.argmax(axis=1), num_survivors - 1)
+        threshold = np.maximum(threshold, descending[np.arange(num_rows), cutoff])
+    return threshold
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """One sampling step over rows: token ids, their log-probabilities and near-tie margins."""
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    margins: np.ndarray
+
+
+def _top_two_gap(scores: np.ndarray) -> np.ndarray:
+    if scores.shape[1] < 2:
+        return np.full(scores.shape[0], np.inf, dtype=np.float32)
+    top_two = -np.partition(-scores, 1, axis=1)[:, :2]
+    with np.errstate(invalid="ignore"):
+        gap = top_two[:, 0] - top_two[:, 1]
+    return np.where(np.isneginf(top_two[:, 1]), np.float32(np.inf), gap).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Scored:
+    scores: np.ndarray
+    scaled: np.ndarray
+    allowed: np.ndarray
+    threshold: np.ndarray
+
+
+def _score(logits: np.ndarray, seeds: np.ndarray, positions: np.ndarray,
+           params: SamplingParams) -> _Scored:
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim != 2:
+        raise SamplingParamsError(f"logits must be [rows, vocab], got shape {logits.shape}")
+    num_rows = logits.shape[0]
+    seeds = np.broadcast_to(np.asarray(seeds, dtype=np.uint64), (num_rows,))
+    positions = np.broadcast_to(np.asarray(positions, dtype=np.uint64), (num_rows,))
+    if params.temperature == 0.0:
+        everything = np.ones(logits.shape, dtype=bool)
+        return _Scored(logits, logits, everything, np.full(num_rows, -np.inf, dtype=np.float32))
+    scaled = logits * inverse_temperature(params.temperature)
+    threshold = filter_threshold(scaled, params.top_k, params.top_p)
+    allowed = scaled >= threshold[:, None]
+    noise = gumbel_noise(seeds, positions, logits.shape[1])
+    scores = np.where(allowed, scaled + noise, np.float32(-np.inf))
+    return _Scored(scores, scaled, allowed, threshold)
+
+
+def sample_tokens(logits: np.ndarray, seeds: np.ndarray, positions: np.ndarray,
+                  params: SamplingParams) -> SampledTokens:
+    """Apply the rule to rows of logits [rows, vocab] with a seed and a position per row
+    (scalars broadcast)."""
+    validate_params(params)
+    scored = _score(logits, seeds, positions, params)
+    token_ids = scored.scores.argmax(axis=1)
+    logprobs = _log_softmax_at(scored.scaled, scored.allowed, token_ids)
+    return SampledTokens(token_ids, logprobs, _top_two_gap(scored.scores))
+
+
+class TokenVerdict(enum.IntEnum):
+    EXACT = 0
+    NEAR_TIE = 1
+    MISMATCH = 2
+
+
+@dataclass(frozen=True)
+class TokenChecks:
+    """Per position: the verdict, the validator's log-probability of the claimed token, and how far
+    the claimed token's perturbed score falls below the validator's best (0 when it is the best)."""
+
+    verdicts: np.ndarray
+    logprobs: np.ndarray
+    score_gaps: np.ndarray
+
+    @property
+    def num_near_ties(self) -> int:
+        return int((self.verdicts == TokenVerdict.NEAR_TIE).sum())
+
+    @property
+    def num_mismatches(self) -> int:
+        return int((self.verdicts == TokenVerdict.MISMATCH).sum())
+
+
+def check_tokens(logits: np.ndarray, token_ids: np.ndarray, seeds: np.ndarray,
+                 positions: np.ndarray, params: SamplingParams,
+                 logit_tolerance: float = DEFAULT_LOGIT_TOLERANCE) -> TokenChecks:
+    """Validator side: does each claimed token follow the rule under these (recomputed) logits?
+
+    A claimed token that is not the argmax is a near-tie when its perturbed score is within
+    logit_tolerance / T of the best and its scaled logit within the same distance of the filter
+    threshold; anything else is a mismatch."""
+    validate_params(params)
+    scored = _score(logits, seeds, positions, params)
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    num_rows, vocab_size = scored.scores.shape
+    if token_ids.shape != (num_rows,):
+        raise SamplingParamsError(f"need one token id per row ({num_rows}), got {token_ids.shape}")
+    if np.any((token_ids < 0) | (token_ids >= vocab_size)):
+        raise SamplingParamsError(f"token ids must be in [0, {vocab_size})")
+    rows = np.arange(num_rows)
+    best = scored.scores.argmax(axis=1)
+    tolerance = np.float32(logit_tolerance) * (
+        np.float32(1.0) if params.temperature == 0.0 else inverse_temperature(params.temperature))
+    if params.temperature == 0.0:
+        claimed = scored.scores[rows, token_ids]
+    else:
+        noise = gumbel_noise(np.broadcast_to(np.asarray(seeds, dtype=np.uint64), (num_rows,)),
+                             np.broadcast_to(np.asarray(positions, dtype=np.uint64), (num_rows,)),
+                             vocab_size)
+        claimed = scored.scaled[rows, token_ids] + noise[rows, token_ids]
+    score_gaps = np.where(best == token_ids, np.float32(0.0),
+                          scored.scores[rows, best] - claimed).astype(np.float32)
+    near_filter = scored.scaled[rows, token_ids] >= scored.threshold - tolerance
+    verdicts = np.where(best == token_ids, TokenVerdict.EXACT,
+                        np.where((score_gaps <= tolerance) & near_filter, TokenVerdict.NEAR_TIE,
+                                 TokenVerdict.MISMATCH)).astype(np.int8)
+    allowed_with_claim = scored.allowed.copy()
+    allowed_with_claim[rows, token_ids] = True
+    logprobs = _log_softmax_at(scored.scaled, allowed_with_claim, token_ids)
+    return TokenChecks(verdicts, logprobs, score_gaps)
