@@ -1,0 +1,70 @@
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from protocol.types import FinishReason, ReadyGroup, Rollout, RolloutGroup
+from trainer.config import LossSection, OptimizerSection
+from trainer.loss import token_logprobs
+from trainer.step import make_optimizer, train_step
+
+VOCAB = 16
+
+
+def _model():
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def _sequence_logprobs(model, prompt, completion):
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return token_logprobs(logits[:, :-1], ids[:, 1:])[0, len(prompt) - 1 :].tolist()
+
+
+def _group(model, prompt, completions, rewards):
+    rollouts = []
+    for index, (completion, reward) in enumerate(zip(completions, rewards)):
+        rollouts.append(
+            Rollout(
+                sample_index=index, token_ids=tuple(completion), sampled_mask=(True,) * len(completion),
+                logprobs=tuple(_sequence_logprobs(model, prompt, completion)), commitment=b"",
+                finish_reason=FinishReason.STOP, claimed_reward=reward,
+            )
+        )
+    return ReadyGroup("g", 3, 0, tuple(prompt), RolloutGroup(0, tuple(rollouts)), "n")
+
+
+def test_steps_raise_the_probability_of_rewarded_completions():
+    model = _model()
+    optimizer = make_optimizer(model, OptimizerSection(lr=3e-2))
+    prompt, good, bad = [1, 2, 3], [5, 6, 7], [8, 9, 10]
+    before = sum(_sequence_logprobs(model, prompt, good))
+    for _ in range(5):
+        group = _group(model, prompt, [good, bad, good, bad], [1.0, 0.0, 1.0, 0.0])
+        metrics = train_step(
+            model, optimizer, [group], current_version=4, temperature=1.0, pad_token_id=0,
+            loss_config=LossSection(), grad_clip=1.0,
+        )
+        assert not metrics.skipped
+    assert sum(_sequence_logprobs(model, prompt, good)) > before + 1.0
+    assert metrics.staleness == {1: 1}
+    assert metrics.logprob_mismatch < 1e-4
+    assert metrics.num_loss_tokens == 12
+
+
+def test_uninformative_batch_leaves_the_model_alone():
+    model = _model()
+    optimizer = make_optimizer(model, OptimizerSection())
+    before = [p.detach().clone() for p in model.parameters()]
+    group = _group(model, [1, 2], [[5], [6]], [1.0, 1.0])
+    metrics = train_step(
+        model, optimizer, [group], current_version=3, temperature=1.0, pad_token_id=0,
+        loss_config=LossSection(), grad_clip=1.0,
+    )
+    assert metrics.skipped and metrics.num_groups_uninformative == 1
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
