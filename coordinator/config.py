@@ -25,6 +25,7 @@ class RunSection(_Section):
     seed: int = 0
     group_size: int = Field(8, ge=2, le=256)
     prompts_per_lease: int = Field(4, ge=1, le=1024)
+    num_prompts: int = Field(1_000_000, ge=1, description="training prompts are indices 0..num_prompts-1")
     max_staleness: int = Field(2, ge=0, description="k: groups more than k versions behind are not trained on")
     sampling: SamplingSection = SamplingSection()
 

@@ -71,6 +71,11 @@ def signing_bytes(method: str, payload: bytes, public_key: bytes, timestamp_ms: 
     )
 
 
+def method_name(service: str, method: str) -> str:
+    """The full gRPC method name an envelope is signed for, e.g. /rollproof.v1.NodeService/Heartbeat."""
+    return f"/rollproof.v1.{service}/{method}"
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

@@ -75,6 +75,7 @@ class RunInfo(_message.Message):
     MAX_STALENESS_FIELD_NUMBER: _builtins.int
     GROUP_SIZE_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    RUN_SEED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     task: _builtins.str
     model_name: _builtins.str
@@ -86,6 +87,8 @@ class RunInfo(_message.Message):
     latest_policy_version: _builtins.int
     max_staleness: _builtins.int
     group_size: _builtins.int
+    run_seed: _builtins.int
+    """task problems are task.problem(train, run_seed, prompt_index)"""
     @_builtins.property
     def sampling(self) -> _rollout_pb2.SamplingParams: ...
     def __init__(
@@ -102,10 +105,11 @@ class RunInfo(_message.Message):
         max_staleness: _builtins.int = ...,
         group_size: _builtins.int = ...,
         sampling: _rollout_pb2.SamplingParams | None = ...,
+        run_seed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eos_token_id", b"eos_token_id", "group_size", b"group_size", "latest_policy_version", b"latest_policy_version", "max_staleness", b"max_staleness", "model_name", b"model_name", "run_id", b"run_id", "sampling", b"sampling", "task", b"task", "trainer_key_fingerprint", b"trainer_key_fingerprint", "trainer_public_key", b"trainer_public_key", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eos_token_id", b"eos_token_id", "group_size", b"group_size", "latest_policy_version", b"latest_policy_version", "max_staleness", b"max_staleness", "model_name", b"model_name", "run_id", b"run_id", "run_seed", b"run_seed", "sampling", b"sampling", "task", b"task", "trainer_key_fingerprint", b"trainer_key_fingerprint", "trainer_public_key", b"trainer_public_key", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,313 @@
+"""The coordinator's logic, independent of gRPC: registration and liveness, leases,
+submissions with their cheap checks, the trainer's group stream, publishing, admin.
+
+Methods are synchronous and thread-safe (the store is); the gRPC layer runs them in a
+thread pool. Every accepted submission is committed before its receipt is returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from coordinator.checks import LeaseRejection, LeaseState as CheckedLease, RunFacts, check_lease, check_rollouts
+from coordinator.config import CoordinatorConfig
+from coordinator.scheduler import LeasePlan, Scheduler
+from coordinator.store import (
+    DuplicateRolloutError,
+    GroupState,
+    LeaseRecord,
+    LeaseState,
+    Liveness,
+    NewGroup,
+    NewSubmission,
+    NewVerdict,
+    NodeRecord,
+    Store,
+)
+from envs import Split, Task
+from policy.scoring import completion_text
+from protocol import commitment, convert
+from protocol.convert import WireFormatError
+from protocol.proto import rollout_pb2
+from protocol.types import (
+    LeasedPrompt,
+    ReadyGroup,
+    Receipt,
+    RejectReason,
+    Rollout,
+    RolloutBatch,
+    RolloutVerdict,
+    WorkLease,
+)
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequestError(ValueError):
+    """The request is well signed but its content is malformed."""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def commitment_bytes(num_tokens: int) -> int:
+    return -(-num_tokens // commitment.CHUNK_TOKENS) * commitment.PROOF_BYTES
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What the coordinator knows about the run besides its config."""
+
+    task: Task
+    tokenizer: Any
+    model_name: str
+    vocab_size: int
+    eos_token_id: int
+    num_parameters: int
+    trainer_public_key: bytes
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    receipt: Receipt
+    receipt_bytes: bytes
+    newly_stored: bool
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        store: Store,
+        setup: RunSetup,
+        *,
+        clock: Callable[[], int] = now_ms,
+        needs_validation: Callable[[NodeRecord], bool] = lambda node: False,
+    ):
+        self.config = config
+        self.store = store
+        self.setup = setup
+        self.clock = clock
+        self.needs_validation = needs_validation
+        self.scheduler = Scheduler(store, LeasePlan.from_config(config, config.run.num_prompts))
+        heartbeat_ms = round(config.heartbeat_interval_s * 1000)
+        self.liveness = Liveness(stale_after_ms=3 * heartbeat_ms, offline_after_ms=10 * heartbeat_ms)
+        self.facts = RunFacts(
+            vocab_size=setup.vocab_size, eos_token_id=setup.eos_token_id, commitment_bytes=commitment_bytes
+        )
+        self._prompt = lru_cache(maxsize=65536)(self._build_prompt)
+
+    # ---- run ----
+
+    def latest_policy_version(self) -> int:
+        latest = self.store.latest_version()
+        return 0 if latest is None else latest.version
+
+    def _build_prompt(self, prompt_index: int) -> LeasedPrompt:
+        problem = self.setup.task.problem(Split.TRAIN, self.config.run.seed, prompt_index)
+        token_ids = tuple(self.setup.tokenizer.encode(problem.prompt))
+        return LeasedPrompt(prompt_index=prompt_index, prompt_text=problem.prompt, prompt_token_ids=token_ids)
+
+    def prompt(self, prompt_index: int) -> LeasedPrompt:
+        return self._prompt(prompt_index)
+
+    # ---- nodes ----
+
+    def register(
+        self, node_id: str, public_key: bytes, display_name: str, engine: str, hardware: str, software_version: str
+    ) -> NodeRecord:
+        return self.store.register_node(
+            node_id, public_key, display_name[:64], engine[:64], hardware[:128], software_version[:64], self.clock()
+        )
+
+    def heartbeat(self, node_id: str, policy_version: int, tokens_per_s: float) -> NodeRecord:
+        return self.store.heartbeat(node_id, policy_version, max(0.0, float(tokens_per_s)), self.clock())
+
+    def node_state(self, node: NodeRecord):
+        return node.state(self.clock(), self.liveness)
+
+    # ---- leases ----
+
+    def to_work_lease(self, record: LeaseRecord) -> WorkLease:
+        return WorkLease(
+            lease_id=record.lease_id,
+            node_id=record.node_id,
+            task=self.config.run.task,
+            policy_version=record.policy_version,
+            prompts=tuple(self.prompt(i) for i in record.prompt_indices),
+            group_size=record.group_size,
+            sampling=record.sampling,
+            sampling_seed=record.sampling_seed,
+            deadline_ms=record.deadline_ms,
+        )
+
+    def lease(self, node_id: str, held_version: int) -> WorkLease | None:
+        """A lease at the latest policy version, or None while the node must first pull it
+        (or no policy has been published yet)."""
+        latest = self.latest_policy_version()
+        if latest == 0 or held_version != latest:
+            return None
+        return self.to_work_lease(self.scheduler.issue(node_id, latest, self.clock()))
+
+    def release(self, node_id: str, lease_id: str) -> bool:
+        record = self.store.get_lease(lease_id)
+        if record is None or record.node_id != node_id:
+            raise InvalidRequestError(f"lease {lease_id!r} is not held by {node_id}")
+        return self.store.close_lease(lease_id, LeaseState.RELEASED, self.clock())
+
+    def expire_leases(self) -> int:
+        return len(self.scheduler.expire(self.clock()))
+
+    # ---- submissions ----
+
+    def _reward(self, prompt: LeasedPrompt, rollout: Rollout) -> float:
+        problem = self.setup.task.problem(Split.TRAIN, self.config.run.seed, prompt.prompt_index)
+        sampled = [t for t, m in zip(rollout.token_ids, rollout.sampled_mask) if m]
+        return self.setup.task.reward(problem, completion_text(self.setup.tokenizer, sampled))
+
+    def submit(self, node_id: str, payload: bytes) -> SubmitResult:
+        batch_hash = hashlib.sha256(payload).digest()
+        stored = self.store.get_receipt(batch_hash)
+        if stored is not None:
+            return self._stored_result(stored)
+        try:
+            batch = convert.batch_from_proto(rollout_pb2.RolloutBatch.FromString(payload))
+        except (DecodeError, WireFormatError) as error:
+            raise InvalidRequestError(f"malformed RolloutBatch: {error}") from None
+        record = self.store.get_lease(batch.lease_id)
+        now = self.clock()
+        try:
+            lease = check_lease(
+                batch,
+                None if record is None else CheckedLease(self.to_work_lease(record), record.state.value),
+                node_id,
+                now,
+            )
+        except LeaseRejection as rejection:
+            log.warning("refused batch of %s: %s", node_id, rejection)
+            receipt = _reject_all(batch, batch_hash, rejection.reason, str(rejection))
+            return SubmitResult(receipt, convert.receipt_to_proto(receipt).SerializeToString(), False)
+        extra_seen: set[bytes] = set()
+        while True:
+            checked = check_rollouts(
+                batch,
+                lease,
+                self.facts,
+                reward_of=self._reward,
+                already_seen=lambda hashes: self.store.seen_rollout_hashes(hashes) | (set(hashes) & extra_seen),
+            )
+            submission, receipt = self._submission(node_id, batch, batch_hash, checked, now)
+            try:
+                outcome = self.store.record_submission(submission)
+            except DuplicateRolloutError as duplicate:
+                # Another submission stored some of these rollouts between the check and the write.
+                extra_seen |= duplicate.hashes
+                continue
+            if not outcome.newly_stored:
+                return self._stored_result(outcome.receipt)
+            return SubmitResult(receipt, outcome.receipt, True)
+
+    def _submission(self, node_id, batch: RolloutBatch, batch_hash: bytes, checked, now: int):
+        node = self.store.get_node(node_id)
+        state = GroupState.PENDING_VALIDATION if self.needs_validation(node) else GroupState.READY
+        groups, verdicts, hashes = [], [], []
+        for group_check in checked:
+            group = batch.groups[group_check.group_index]
+            verdicts.extend(group_check.verdicts)
+            if not group_check.accepted:
+                continue
+            num_tokens = sum(len(r.token_ids) for r in group.rollouts)
+            groups.append(
+                NewGroup(
+                    group_id=f"{batch.lease_id}-{group.prompt_index}",
+                    prompt_index=group.prompt_index,
+                    policy_version=batch.policy_version,
+                    group_bytes=convert.group_to_proto(group).SerializeToString(),
+                    num_tokens=num_tokens,
+                    num_rollouts=len(group.rollouts),
+                    state=state,
+                    flops_estimate=2.0 * self.setup.num_parameters * num_tokens,
+                )
+            )
+            hashes.extend(group_check.content_hashes)
+        receipt = Receipt(lease_id=batch.lease_id, batch_hash=batch_hash, verdicts=tuple(verdicts))
+        receipt_bytes = convert.receipt_to_proto(receipt).SerializeToString()
+        submission = NewSubmission(
+            batch_hash=batch_hash,
+            lease_id=batch.lease_id,
+            node_id=node_id,
+            created_ms=now,
+            receipt=receipt_bytes,
+            groups=tuple(groups),
+            verdicts=tuple(
+                NewVerdict(v.prompt_index, v.sample_index, v.accepted, v.reason, v.message) for v in verdicts
+            ),
+            rollout_hashes=tuple(hashes),
+        )
+        return submission, receipt
+
+    @staticmethod
+    def _stored_result(receipt_bytes: bytes) -> SubmitResult:
+        receipt = convert.receipt_from_proto(rollout_pb2.Receipt.FromString(receipt_bytes))
+        return SubmitResult(receipt, receipt_bytes, False)
+
+    def run_counters(self):
+        return self.store.run_counters(self.clock() - self.liveness.stale_after_ms)
+
+    def versions_with_holders(self):
+        return self.store.list_versions(), self.store.num_nodes_holding(self.clock() - self.liveness.offline_after_ms)
+
+    # ---- trainer ----
+
+    def ready_groups(self, max_groups: int, max_staleness: int) -> tuple[list[ReadyGroup], int]:
+        """Ready groups within the staleness bound, oldest first; older ones are marked stale.
+        Returns the groups and the number newly marked stale."""
+        latest = self.latest_policy_version()
+        min_version = max(0, latest - max_staleness)
+        stale = [g.group_id for g in self.store.ready_groups(0, 100_000) if g.policy_version < min_version]
+        num_stale = self.store.mark_stale(stale, self.clock()) if stale else 0
+        groups = []
+        for stored in self.store.ready_groups(min_version, max_groups):
+            prompt = self.prompt(stored.prompt_index)
+            group = convert.group_from_proto(rollout_pb2.RolloutGroup.FromString(stored.group_bytes))
+            groups.append(
+                ReadyGroup(
+                    group_id=stored.group_id,
+                    policy_version=stored.policy_version,
+                    prompt_index=stored.prompt_index,
+                    prompt_token_ids=prompt.prompt_token_ids,
+                    group=group,
+                    node_id=stored.node_id,
+                )
+            )
+        return groups, num_stale
+
+    def ack(self, consumed: Sequence[str], stale: Sequence[str], trainer_step: int):
+        now = self.clock()
+        outcome = self.store.mark_consumed(list(consumed), trainer_step, now)
+        num_stale = self.store.mark_stale(list(stale), now) if stale else 0
+        if outcome.already_consumed:
+            log.error("trainer step %d re-used consumed groups %s", trainer_step, outcome.already_consumed)
+        return outcome, num_stale
+
+
+def _reject_all(batch: RolloutBatch, batch_hash: bytes, reason: RejectReason, message: str) -> Receipt:
+    return Receipt(
+        lease_id=batch.lease_id,
+        batch_hash=batch_hash,
+        verdicts=tuple(
+            RolloutVerdict(g.prompt_index, r.sample_index, False, reason, message)
+            for g in batch.groups
+            for r in g.rollouts
+        ),
+    )
+

@@ -1,0 +1,298 @@
+"""The worker daemon: register, heartbeat, follow the policy, lease, generate, score,
+spool, submit. One asyncio loop; generation runs in a worker thread so heartbeats go on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+from envs import Split, get_task
+from node.client import CoordinatorClient
+from node.config import NodeConfig
+from node.spool import Spool
+from protocol import convert
+from protocol.identity import Identity
+from protocol.proto import rollout_pb2, service_pb2
+from protocol.sampling import derive_sample_seed
+from protocol.types import Rollout, RolloutBatch, RolloutGroup, WorkLease
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+TRAINER_PIN_FILE = "trainer_key_fingerprint"
+MAX_BACKOFF_S = 30.0
+
+
+class TrainerKeyError(ValueError):
+    """The coordinator's trainer key is not the one this node was told to trust."""
+
+
+@dataclass
+class NodeStatus:
+    node_id: str = ""
+    coordinator: str = ""
+    link: str = "connecting"
+    policy_version: int = 0
+    tokens_per_second: float = 0.0
+    num_tokens_generated: int = 0
+    num_rollouts_accepted: int = 0
+    num_rollouts_rejected: int = 0
+    num_batches_spooled: int = 0
+    last_rejection: str = ""
+    last_error: str = ""
+    updated_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+
+
+def read_status(state_dir: Path) -> NodeStatus:
+    path = Path(state_dir).expanduser() / STATUS_FILE
+    try:
+        return NodeStatus(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ValueError(f"no node status at {path}: is a node running with state_dir {state_dir}?") from None
+
+
+def _retryable(error: grpc.aio.AioRpcError) -> bool:
+    return error.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    )
+
+
+class NodeDaemon:
+    def __init__(self, config: NodeConfig, *, model_dir: Path, accept_trainer_key: bool = False):
+        self.config = config
+        self.model_dir = Path(model_dir).expanduser()
+        self.accept_trainer_key = accept_trainer_key
+        self.state_dir = config.state_dir.expanduser()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = Identity.load_or_create(
+            (config.key_file or self.state_dir / "node.key").expanduser()
+        )
+        self.spool = Spool(self.state_dir / "spool")
+        self.status = NodeStatus(node_id=self.identity.key_id, coordinator=config.coordinator)
+        self.stop_event = asyncio.Event()
+        self._backoff_s = 0.5
+
+    # ---- plumbing ----
+
+    def _write_status(self) -> None:
+        self.status.num_batches_spooled = len(self.spool)
+        self.status.updated_ms = time.time_ns() // 1_000_000
+        path = self.state_dir / STATUS_FILE
+        temp = path.with_suffix(".tmp")
+        temp.write_text(json.dumps(asdict(self.status)))
+        temp.replace(path)
+
+    async def _call(self, what: str, make_call):
+        """Run an RPC, retrying with exponential backoff and jitter while the link is down."""
+        while True:
+            try:
+                result = await make_call()
+            except grpc.aio.AioRpcError as error:
+                if not _retryable(error) or self.stop_event.is_set():
+                    raise
+                self.status.link = "reconnecting"
+                self.status.last_error = f"{what}: {error.code().name}: {error.details()}"
+                self._write_status()
+                delay = self._backoff_s * (0.5 + random.random())
+                log.warning("%s failed (%s); retrying in %.1fs", what, error.code().name, delay)
+                self._backoff_s = min(MAX_BACKOFF_S, self._backoff_s * 2)
+                try:
+                    await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+                continue
+            self._backoff_s = 0.5
+            if self.status.link != "connected":
+                self.status.link = "connected"
+                self._write_status()
+            return result
+
+    def _pinned_fingerprint(self, offered: str) -> str:
+        pin_file = self.state_dir / TRAINER_PIN_FILE
+        pinned = self.config.trainer_key_fingerprint or (pin_file.read_text().strip() if pin_file.exists() else "")
+        if not pinned:
+            if not self.accept_trainer_key:
+                raise TrainerKeyError(
+                    f"no trainer key is pinned. The coordinator offers {offered}; if that is the fingerprint the "
+                    "operator published, set trainer_key_fingerprint in the node config or run once with "
+                    "--accept-trainer-key"
+                )
+            pin_file.write_text(offered + "\n")
+            log.warning("pinned trainer key %s on first contact (%s)", offered, pin_file)
+            return offered
+        if pinned != offered:
+            raise TrainerKeyError(
+                f"the coordinator's trainer key is {offered}, but this node trusts only {pinned}: refusing its policies"
+            )
+        return pinned
+
+    # ---- lifecycle ----
+
+    async def run(self) -> None:
+        import torch
+
+        from node.policy_sync import PolicySync
+        from policy.engine import TorchEngine
+        from policy.model import load_model
+        from policy.tokenizer import load_tokenizer
+
+        torch.set_num_threads(self.config.engine.threads)
+        client = CoordinatorClient(self.config.coordinator, self.identity)
+        try:
+            run_info = await self._call("run info", client.run_info)
+            self._pinned_fingerprint(run_info.trainer_key_fingerprint)
+            self.task = get_task(run_info.task)
+            self.run_info = run_info
+            self.tokenizer = load_tokenizer(self.model_dir)
+            model = load_model(self.model_dir, dtype=self.config.engine.dtype, device=self.config.engine.device)
+            self.engine = TorchEngine(
+                model,
+                stop_token_ids={run_info.eos_token_id},
+                max_batch_size=self.config.engine.batch_size,
+                pad_token_id=self.tokenizer.pad_token_id or 0,
+            )
+            self.policy = PolicySync(model, client, run_info, self.config)
+            engine_name = f"torch-{self.config.engine.device}-{self.config.engine.dtype}"
+            response = await self._call(
+                "register",
+                lambda: client.register(
+                    service_pb2.RegisterRequest(
+                        display_name=self.config.display_name,
+                        engine=engine_name,
+                        hardware=f"{self.config.engine.device} x{self.config.engine.threads}",
+                        software_version=_software_version(),
+                    )
+                ),
+            )
+            log.info("registered as node %s with %s", response.node_id, self.config.coordinator)
+            print(f"node id: {response.node_id}", flush=True)
+            self.engine_name = engine_name
+            heartbeat = asyncio.create_task(self._heartbeats(client, response.heartbeat_interval_ms / 1000))
+            try:
+                await self._resend_spool(client)
+                await self._work(client)
+            finally:
+                heartbeat.cancel()
+        finally:
+            self.status.link = "stopped"
+            self._write_status()
+            await client.close()
+
+    async def _heartbeats(self, client: CoordinatorClient, interval_s: float) -> None:
+        while True:
+            try:
+                await client.heartbeat(
+                    service_pb2.HeartbeatRequest(
+                        policy_version=self.status.policy_version,
+                        tokens_per_second=self.status.tokens_per_second,
+                    )
+                )
+                self.status.link = "connected"
+            except grpc.aio.AioRpcError as error:
+                self.status.link = "reconnecting"
+                self.status.last_error = f"heartbeat: {error.code().name}: {error.details()}"
+            self._write_status()
+            await asyncio.sleep(interval_s)
+
+    async def _resend_spool(self, client: CoordinatorClient) -> None:
+        for batch in self.spool.pending():
+            log.info("re-sending spooled batch %s", batch.batch_hash[:16])
+            receipt = await self._call("submit", lambda: client.submit(batch.payload))
+            self._count_receipt(receipt)
+            self.spool.remove(batch)
+        self._write_status()
+
+    async def _work(self, client: CoordinatorClient) -> None:
+        while not self.stop_event.is_set():
+            await self.policy.sync(self._call)
+            self.status.policy_version = self.policy.version
+            reply = await self._call("lease", lambda: client.lease(self.policy.version))
+            if not reply.HasField("lease"):
+                try:
+                    await asyncio.wait_for(self.stop_event.wait(), timeout=reply.retry_after_ms / 1000)
+                except TimeoutError:
+                    pass
+                continue
+            lease = convert.lease_from_proto(reply.lease)
+            if self.stop_event.is_set():
+                await client.release(lease.lease_id)
+                break
+            payload = await asyncio.to_thread(self._generate, lease)
+            spooled = self.spool.put(payload)
+            receipt = await self._call("submit", lambda: client.submit(payload))
+            self._count_receipt(receipt)
+            self.spool.remove(spooled)
+            self._write_status()
+
+    def _count_receipt(self, receipt: rollout_pb2.Receipt) -> None:
+        self.status.num_rollouts_accepted += receipt.num_accepted
+        self.status.num_rollouts_rejected += receipt.num_rejected
+        rejected = [v for v in receipt.verdicts if not v.accepted]
+        if rejected:
+            self.status.last_rejection = rejected[0].message
+            log.warning("%d rollouts rejected: %s", len(rejected), rejected[0].message)
+
+    def _generate(self, lease: WorkLease) -> bytes:
+        from policy.engine import GenerationRequest
+        from policy.scoring import completion_text
+
+        started = time.perf_counter()
+        requests = [
+            GenerationRequest(
+                prompt_token_ids=prompt.prompt_token_ids,
+                sampling=lease.sampling,
+                seed=derive_sample_seed(lease.sampling_seed, position, sample_index),
+            )
+            for position, prompt in enumerate(lease.prompts)
+            for sample_index in range(lease.group_size)
+        ]
+        results = iter(self.engine.generate(requests))
+        groups = []
+        num_tokens = 0
+        for prompt in lease.prompts:
+            problem = self.task.problem(Split.TRAIN, self.run_info.run_seed, prompt.prompt_index)
+            rollouts = []
+            for sample_index in range(lease.group_size):
+                result = next(results)
+                num_tokens += len(result.token_ids)
+                rollouts.append(
+                    Rollout(
+                        sample_index=sample_index,
+                        token_ids=result.token_ids,
+                        sampled_mask=(True,) * len(result.token_ids),
+                        logprobs=result.logprobs,
+                        commitment=result.commitment,
+                        finish_reason=result.finish_reason,
+                        claimed_reward=self.task.reward(problem, completion_text(self.tokenizer, result.token_ids)),
+                    )
+                )
+            groups.append(RolloutGroup(prompt.prompt_index, tuple(rollouts)))
+        elapsed = time.perf_counter() - started
+        self.status.num_tokens_generated += num_tokens
+        rate = num_tokens / elapsed if elapsed > 0 else 0.0
+        self.status.tokens_per_second = rate if not self.status.tokens_per_second else (
+            0.7 * self.status.tokens_per_second + 0.3 * rate
+        )
+        batch = RolloutBatch(
+            lease_id=lease.lease_id, policy_version=lease.policy_version, groups=tuple(groups), engine=self.engine_name
+        )
+        return convert.batch_to_proto(batch).SerializeToString()
+
+
+def _software_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"rollproof {version('rollproof')}"
+    except PackageNotFoundError:
+        return "rollproof (not installed)"
