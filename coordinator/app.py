@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from coordinator.checks import LeaseRejection, LeaseState as CheckedLease, RunFacts, check_lease, check_rollouts
 from coordinator.config import CoordinatorConfig
 from coordinator.scheduler import LeasePlan, Scheduler
+from coordinator.versions import PolicyVersions
 from coordinator.store import (
     DuplicateRolloutError,
     GroupState,
@@ -89,12 +90,14 @@ class Coordinator:
         config: CoordinatorConfig,
         store: Store,
         setup: RunSetup,
+        policy: PolicyVersions,
         *,
         clock: Callable[[], int] = now_ms,
         needs_validation: Callable[[NodeRecord], bool] = lambda node: False,
     ):
         self.config = config
         self.store = store
+        self.policy = policy
         self.setup = setup
         self.clock = clock
         self.needs_validation = needs_validation
@@ -271,10 +274,8 @@ class Coordinator:
     def ready_groups(self, max_groups: int, max_staleness: int) -> tuple[list[ReadyGroup], int]:
         """Ready groups within the staleness bound, oldest first; older ones are marked stale.
         Returns the groups and the number newly marked stale."""
-        latest = self.latest_policy_version()
-        min_version = max(0, latest - max_staleness)
-        stale = [g.group_id for g in self.store.ready_groups(0, 100_000) if g.policy_version < min_version]
-        num_stale = self.store.mark_stale(stale, self.clock()) if stale else 0
+        min_version = max(0, self.latest_policy_version() - max_staleness)
+        num_stale = self.store.mark_stale_below(min_version, self.clock())
         groups = []
         for stored in self.store.ready_groups(min_version, max_groups):
             prompt = self.prompt(stored.prompt_index)
@@ -290,6 +291,11 @@ class Coordinator:
                 )
             )
         return groups, num_stale
+
+    def resume_trainer(self, trainer_step: int) -> int:
+        num_restored = self.store.restore_consumed_after(trainer_step, self.clock())
+        log.warning("trainer resumed at step %d: %d groups consumed after it are ready again", trainer_step, num_restored)
+        return num_restored
 
     def ack(self, consumed: Sequence[str], stale: Sequence[str], trainer_step: int):
         now = self.clock()

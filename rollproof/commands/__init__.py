@@ -5,4 +5,7 @@ COMMAND_MODULES = [
     "rollproof.commands.version",
     "rollproof.commands.keygen",
     "rollproof.commands.config",
+    "rollproof.commands.coordinator",
+    "rollproof.commands.node",
+    "rollproof.commands.trainer",
 ]

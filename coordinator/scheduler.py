@@ -1,0 +1,157 @@
+"""Lease scheduling: which prompts a lease carries, with which sampling seed, until when.
+
+The prompts of lease number n follow from (run seed, n) alone, so a node cannot choose its
+prompts: each epoch walks the training split in the order of a keyed pseudorandom permutation,
+one slice of prompts_per_lease per lease. Prompts of leases that expired or were released are
+leased again first, under their original lease number. The per-node cap on open leases and the
+lease counter are enforced in the store, in the same transaction that stores the lease.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from coordinator.config import CoordinatorConfig
+from coordinator.store import LeaseCapError, LeaseRecord, Store
+from protocol.types import SamplingParams
+
+__all__ = [
+    "LeaseCapError",
+    "LeasePlan",
+    "Scheduler",
+    "keyed_permutation",
+    "new_sampling_seed",
+    "prompt_indices_for_lease",
+]
+
+SAMPLING_SEED_BITS = 63
+_FEISTEL_ROUNDS = 4
+
+
+def keyed_permutation(key: bytes, index: int, size: int) -> int:
+    """The image of index under the pseudorandom permutation of range(size) that key selects:
+    a balanced Feistel network (BLAKE2b rounds) on the smallest even bit width covering size,
+    cycle-walking until the value falls inside range(size)."""
+    if not 0 <= index < size:
+        raise ValueError(f"index {index} is outside range({size})")
+    half_bits = max(1, ((size - 1).bit_length() + 1) // 2)
+    half_mask = (1 << half_bits) - 1
+    value = index
+    while True:
+        left, right = value >> half_bits, value & half_mask
+        for round_number in range(_FEISTEL_ROUNDS):
+            digest = hashlib.blake2b(
+                right.to_bytes(8, "big") + bytes([round_number]), key=key, digest_size=8
+            ).digest()
+            left, right = right, left ^ (int.from_bytes(digest, "big") & half_mask)
+        value = (left << half_bits) | right
+        if value < size:
+            return value
+
+
+def _epoch_key(run_seed: int, epoch: int) -> bytes:
+    return hashlib.blake2b(f"rollproof-prompts:{run_seed}:{epoch}".encode(), digest_size=32).digest()
+
+
+def prompt_indices_for_lease(
+    run_seed: int, lease_number: int, prompts_per_lease: int, num_prompts: int
+) -> tuple[int, ...]:
+    """The prompts of lease lease_number: slice number (lease_number mod leases per epoch) of the
+    epoch's permutation of range(num_prompts). No prompt repeats within a lease or an epoch; the
+    num_prompts mod prompts_per_lease prompts at the end of each epoch's order wait for a later
+    epoch."""
+    if not 1 <= prompts_per_lease <= num_prompts:
+        raise ValueError(f"need 1 <= prompts_per_lease <= num_prompts, got {prompts_per_lease} and {num_prompts}")
+    if lease_number < 0:
+        raise ValueError(f"lease numbers start at 0, got {lease_number}")
+    epoch, slot = divmod(lease_number, num_prompts // prompts_per_lease)
+    key = _epoch_key(run_seed, epoch)
+    first = slot * prompts_per_lease
+    return tuple(keyed_permutation(key, offset, num_prompts) for offset in range(first, first + prompts_per_lease))
+
+
+def new_sampling_seed() -> int:
+    """A fresh, unpredictable 63-bit sampling seed (fits a signed 64-bit column)."""
+    return secrets.randbits(SAMPLING_SEED_BITS)
+
+
+@dataclass(frozen=True)
+class LeasePlan:
+    run_seed: int
+    num_prompts: int
+    prompts_per_lease: int
+    group_size: int
+    sampling: SamplingParams
+    deadline_ms: int
+    max_open_per_node: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.prompts_per_lease <= self.num_prompts:
+            raise ValueError(
+                f"prompts_per_lease ({self.prompts_per_lease}) must be between 1 and the size of the "
+                f"task's training split ({self.num_prompts})"
+            )
+        if self.deadline_ms <= 0 or self.max_open_per_node < 1 or self.group_size < 1:
+            raise ValueError("a lease plan needs deadline_ms > 0, max_open_per_node >= 1 and group_size >= 1")
+
+    @classmethod
+    def from_config(cls, config: CoordinatorConfig, num_prompts: int) -> LeasePlan:
+        run = config.run
+        return cls(
+            run_seed=run.seed,
+            num_prompts=num_prompts,
+            prompts_per_lease=run.prompts_per_lease,
+            group_size=run.group_size,
+            sampling=SamplingParams(
+                temperature=run.sampling.temperature,
+                top_k=run.sampling.top_k,
+                top_p=run.sampling.top_p,
+                max_tokens=run.sampling.max_tokens,
+            ),
+            deadline_ms=round(config.lease.deadline_s * 1000),
+            max_open_per_node=config.lease.max_open_per_node,
+        )
+
+
+class Scheduler:
+    def __init__(self, store: Store, plan: LeasePlan) -> None:
+        self._store = store
+        self._plan = plan
+
+    @property
+    def plan(self) -> LeasePlan:
+        return self._plan
+
+    def expire(self, now_ms: int) -> list[LeaseRecord]:
+        """Expire leases past their deadline; their prompts go to the front of the queue."""
+        return self._store.expire_leases(now_ms)
+
+    def issue(self, node_id: str, policy_version: int, now_ms: int) -> LeaseRecord:
+        """Lease work to node_id: requeued prompts first, else the next lease number's prompts.
+        Raises LeaseCapError when the node already holds max_open_per_node open leases."""
+        self.expire(now_ms)
+        plan = self._plan
+
+        def make_lease(lease_number: int, requeued_prompts: tuple[int, ...] | None) -> LeaseRecord:
+            if requeued_prompts is None:
+                prompts = prompt_indices_for_lease(
+                    plan.run_seed, lease_number, plan.prompts_per_lease, plan.num_prompts
+                )
+            else:
+                prompts = requeued_prompts
+            return LeaseRecord(
+                lease_id=secrets.token_hex(16),
+                node_id=node_id,
+                lease_number=lease_number,
+                prompt_indices=prompts,
+                group_size=plan.group_size,
+                sampling=plan.sampling,
+                sampling_seed=new_sampling_seed(),
+                policy_version=policy_version,
+                created_ms=now_ms,
+                deadline_ms=now_ms + plan.deadline_ms,
+            )
+
+        return self._store.issue_lease(node_id, now_ms, plan.max_open_per_node, make_lease)

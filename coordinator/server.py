@@ -1,0 +1,173 @@
+"""`rollproof coordinator serve`: build the coordinator from its config and run the gRPC
+service, the HTTP server (blobs with Range, later the dashboard) and the housekeeping
+loops until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from coordinator.app import Coordinator, RunSetup
+from coordinator.blobstore import BlobStore
+from coordinator.config import CoordinatorConfig
+from coordinator.gate import Gate
+from coordinator.ratelimit import RateLimiter
+from coordinator.service import AdminServicer, NodeServicer, TrainerServicer
+from coordinator.store import Store, open_store, sqlite_url
+from coordinator.versions import PolicyVersions
+from protocol.envelope import EnvelopeVerifier
+from protocol.identity import public_key_from_key_id
+from protocol.proto import service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS_FILE = "endpoints.json"
+HOUSEKEEPING_INTERVAL_S = 1.0
+SETTLE_WINDOW_MS = 10 * 60 * 1000
+
+
+def trainer_key(config: CoordinatorConfig) -> bytes:
+    if not config.trainer_key_fingerprint:
+        raise ValueError(
+            "trainer_key_fingerprint is not set: put the key id of the trainer's key "
+            "(`rollproof keygen --out trainer.key` prints it) in the coordinator config"
+        )
+    try:
+        return public_key_from_key_id(config.trainer_key_fingerprint)
+    except ValueError as error:
+        raise ValueError(f"trainer_key_fingerprint: {error}") from None
+
+
+def model_directory(config: CoordinatorConfig) -> Path:
+    if config.run.model is None:
+        raise ValueError("run.model is not set: point it at a Hugging Face model directory (`rollproof bootstrap` makes the default one)")
+    return config.run.model.expanduser()
+
+
+def count_parameters(directory: Path) -> int:
+    """Parameters stored in a model directory's safetensors files, read from their headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as weights:
+            for name in weights.keys():
+                shape = weights.get_slice(name).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= dim
+                total += count
+    return total
+
+
+def load_run_setup(config: CoordinatorConfig) -> RunSetup:
+    from transformers import AutoConfig
+
+    from envs import get_task
+    from policy.tokenizer import load_tokenizer
+
+    directory = model_directory(config)
+    tokenizer = load_tokenizer(directory)
+    model_config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {directory} has no EOS token")
+    return RunSetup(
+        task=get_task(config.run.task),
+        tokenizer=tokenizer,
+        model_name=directory.name,
+        vocab_size=model_config.vocab_size,
+        eos_token_id=tokenizer.eos_token_id,
+        num_parameters=count_parameters(directory),
+        trainer_public_key=trainer_key(config),
+    )
+
+
+def open_coordinator_store(config: CoordinatorConfig) -> Store:
+    data_dir = config.data_dir.expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return open_store(config.store.url or sqlite_url(data_dir))
+
+
+@dataclass
+class Endpoints:
+    grpc: str
+    http: str
+
+
+def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> tuple[Coordinator, Gate]:
+    blobs = BlobStore(
+        config.data_dir.expanduser() / "policy", run_id=config.run.run_id, trainer_public_key=setup.trainer_public_key
+    )
+    app = Coordinator(config, store, setup, PolicyVersions(blobs, store, setup.trainer_public_key))
+    gate = Gate(
+        EnvelopeVerifier(window_ms=round(config.server.envelope_window_s * 1000)),
+        RateLimiter(config.server.requests_per_second_per_node, config.server.request_burst_per_node),
+        store.get_node,
+        setup.trainer_public_key,
+        config.operator_token.get_secret_value(),
+    )
+    return app, gate
+
+
+async def _housekeeping(app: Coordinator) -> None:
+    while True:
+        try:
+            expired = await asyncio.to_thread(app.expire_leases)
+            if expired:
+                log.info("%d leases expired; their prompts are leased again", expired)
+            await asyncio.to_thread(app.store.settle_contributions, app.clock() - SETTLE_WINDOW_MS)
+        except Exception:
+            log.exception("housekeeping failed; retrying")
+        await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+
+
+async def serve(config: CoordinatorConfig) -> None:
+    import uvicorn
+
+    from coordinator.blob_http import create_blob_app
+
+    setup = await asyncio.to_thread(load_run_setup, config)
+    store = await asyncio.to_thread(open_coordinator_store, config)
+    app, gate = build(config, setup, store)
+    limit = config.server.max_message_bytes
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    )
+    service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(app, gate), server)
+    service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(app, gate), server)
+    service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app, gate), server)
+    grpc_port = server.add_insecure_port(f"{config.server.host}:{config.server.grpc_port}")
+    http_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    http_socket.bind((config.server.host, config.server.http_port))
+    http = uvicorn.Server(
+        uvicorn.Config(create_blob_app(app.policy.blobs), log_level="warning", lifespan="off")
+    )
+    await server.start()
+    http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
+    housekeeping = asyncio.create_task(_housekeeping(app))
+    endpoints = Endpoints(
+        grpc=f"{config.server.host}:{grpc_port}", http=f"http://{config.server.host}:{http_socket.getsockname()[1]}"
+    )
+    (config.data_dir.expanduser() / ENDPOINTS_FILE).write_text(json.dumps(endpoints.__dict__))
+    log.info("coordinator of run %s on gRPC %s, HTTP %s (%s store)", config.run.run_id, endpoints.grpc, endpoints.http, store.backend)
+    print(f"coordinator grpc={endpoints.grpc} http={endpoints.http}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    housekeeping.cancel()
+    http.should_exit = True
+    await server.stop(grace=5)
+    await http_task
+    store.close()

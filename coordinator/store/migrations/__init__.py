@@ -1,0 +1,1 @@
+"""Alembic migrations of the coordinator's store, run by coordinator.store.migrate."""

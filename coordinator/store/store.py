@@ -1,0 +1,1111 @@
+"""The coordinator's durable store: one implementation over SQLAlchemy Core for SQLite (the
+embedded default: WAL, one file) and PostgreSQL (postgresql+psycopg://).
+
+Every public method is one transaction, and the store is safe to call from many threads at
+once (the service calls it from a thread pool). Times are Unix milliseconds passed in by the
+caller. On SQLite a write transaction starts with BEGIN IMMEDIATE, so writers queue on the
+busy timeout instead of failing on a lock upgrade; readers run beside them (WAL).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    and_,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    make_url,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from coordinator.store import schema
+from coordinator.store.migrate import upgrade_to_head
+from coordinator.store.records import (
+    GROUP_STATE_SOURCES,
+    ConsumeOutcome,
+    Consumption,
+    ContributionTotals,
+    DuplicateRolloutError,
+    GroupState,
+    LeaseCapError,
+    LeaseRecord,
+    LeaseState,
+    MetricsRecord,
+    NewSubmission,
+    NodeKeyMismatchError,
+    NodeRecord,
+    PolicyVersionRecord,
+    RejectionRecord,
+    RejectionSource,
+    RequeuedPrompts,
+    RunCounters,
+    StoredGroup,
+    SubmissionOutcome,
+    SubmissionRecord,
+    UnknownLeaseError,
+    UnknownNodeError,
+    ValidationResult,
+    VersionExistsError,
+    WorkTotals,
+    reputation,
+)
+from protocol.types import Codec, RejectReason, SamplingParams
+
+SQLITE_FILE_NAME = "coordinator.sqlite3"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_WRITE_OPTION = "rollproof_write"
+
+_nodes = schema.Node.__table__
+_counters = schema.Counter.__table__
+_leases = schema.Lease.__table__
+_requeued = schema.RequeuedPromptSet.__table__
+_submissions = schema.Submission.__table__
+_groups = schema.Group.__table__
+_consumptions = schema.GroupConsumption.__table__
+_verdicts = schema.Verdict.__table__
+_rollout_hashes = schema.RolloutHash.__table__
+_validations = schema.ValidationRecord.__table__
+_versions = schema.PolicyVersion.__table__
+_metrics = schema.TrainerMetrics.__table__
+_contributions = schema.Contribution.__table__
+
+# make_lease(lease_number, requeued_prompt_indices or None for a fresh draw) -> the lease to store
+LeaseFactory = Callable[[int, tuple[int, ...] | None], LeaseRecord]
+
+
+def sqlite_url(data_dir: Path) -> str:
+    """The URL of the embedded store: one SQLite file in the coordinator's data directory."""
+    return f"sqlite:///{Path(data_dir).expanduser().resolve() / SQLITE_FILE_NAME}"
+
+
+def open_store(url: str, pool_size: int = 8, sqlite_synchronous: str = "NORMAL") -> Store:
+    """Open (creating if needed) the store at url and migrate its schema to the newest revision.
+
+    sqlite_synchronous: NORMAL (default) keeps every commit across a crash or kill -9 of the
+    process; FULL also across power loss or an OS crash, at one fsync per commit (from well
+    under a millisecond to several on a busy disk)."""
+    if sqlite_synchronous not in ("NORMAL", "FULL"):
+        raise ValueError(f"sqlite_synchronous is NORMAL or FULL, got {sqlite_synchronous!r}")
+    store = Store(_create_engine(url, pool_size, sqlite_synchronous))
+    upgrade_to_head(store._write_engine)
+    return store
+
+
+def _create_engine(url: str, pool_size: int, sqlite_synchronous: str) -> Engine:
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise ValueError(f"the store needs a SQLite file (sqlite:////path/to/{SQLITE_FILE_NAME}), got {url!r}")
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            parsed,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_size=pool_size,
+            max_overflow=2 * pool_size,
+        )
+        event.listen(engine, "connect", functools.partial(_configure_sqlite_connection, sqlite_synchronous))
+        event.listen(engine, "begin", _begin_sqlite_transaction)
+        return engine
+    if backend == "postgresql":
+        if parsed.get_driver_name() != "psycopg":
+            raise ValueError(f"use the psycopg driver for PostgreSQL: postgresql+psycopg://..., got {url!r}")
+        return create_engine(parsed, pool_size=pool_size, max_overflow=2 * pool_size, pool_pre_ping=True)
+    raise ValueError(f"the store runs on SQLite or PostgreSQL, not {backend!r} ({url!r})")
+
+
+def _configure_sqlite_connection(synchronous: str, dbapi_connection: Any, _record: Any) -> None:
+    # SQLAlchemy emits BEGIN itself (see _begin_sqlite_transaction), not the sqlite3 module.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _begin_sqlite_transaction(connection: Connection) -> None:
+    immediate = connection.get_execution_options().get(_WRITE_OPTION, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _node_record(row: Row[Any]) -> NodeRecord:
+    return NodeRecord(
+        node_id=row.node_id,
+        public_key=bytes(row.public_key),
+        display_name=row.display_name,
+        engine=row.engine,
+        hardware=row.hardware,
+        software_version=row.software_version,
+        registered_ms=row.registered_ms,
+        last_seen_ms=row.last_seen_ms,
+        policy_version=row.policy_version,
+        tokens_per_s=row.tokens_per_s,
+        banned=row.banned,
+        ban_reason=row.ban_reason,
+        num_full_checks_passed=row.num_full_checks_passed,
+        num_full_checks_failed=row.num_full_checks_failed,
+        num_strikes=row.num_strikes,
+        reputation=row.reputation,
+        num_rollouts_accepted=row.num_rollouts_accepted,
+        num_rollouts_rejected=row.num_rollouts_rejected,
+    )
+
+
+def _lease_record(row: Row[Any]) -> LeaseRecord:
+    return LeaseRecord(
+        lease_id=row.lease_id,
+        node_id=row.node_id,
+        lease_number=row.lease_number,
+        prompt_indices=tuple(row.prompt_indices),
+        group_size=row.group_size,
+        sampling=SamplingParams(
+            temperature=row.temperature, top_k=row.top_k, top_p=row.top_p, max_tokens=row.max_tokens
+        ),
+        sampling_seed=row.sampling_seed,
+        policy_version=row.policy_version,
+        created_ms=row.created_ms,
+        deadline_ms=row.deadline_ms,
+        state=LeaseState(row.state),
+    )
+
+
+def _lease_row(lease: LeaseRecord) -> dict[str, Any]:
+    return {
+        "lease_id": lease.lease_id,
+        "node_id": lease.node_id,
+        "lease_number": lease.lease_number,
+        "prompt_indices": list(lease.prompt_indices),
+        "group_size": lease.group_size,
+        "temperature": lease.sampling.temperature,
+        "top_k": lease.sampling.top_k,
+        "top_p": lease.sampling.top_p,
+        "max_tokens": lease.sampling.max_tokens,
+        "sampling_seed": lease.sampling_seed,
+        "policy_version": lease.policy_version,
+        "created_ms": lease.created_ms,
+        "deadline_ms": lease.deadline_ms,
+        "state": lease.state.value,
+        "closed_ms": None,
+    }
+
+
+def _group_record(row: Row[Any]) -> StoredGroup:
+    return StoredGroup(
+        group_id=row.group_id,
+        lease_id=row.lease_id,
+        node_id=row.node_id,
+        prompt_index=row.prompt_index,
+        policy_version=row.policy_version,
+        group_bytes=bytes(row.group_bytes),
+        num_tokens=row.num_tokens,
+        num_rollouts=row.num_rollouts,
+        state=GroupState(row.state),
+        verified=row.verified,
+        created_ms=row.created_ms,
+    )
+
+
+def _version_record(row: Row[Any]) -> PolicyVersionRecord:
+    return PolicyVersionRecord(
+        version=row.version,
+        base_version=row.base_version,
+        codec=Codec(row.codec),
+        signed_manifest=bytes(row.signed_manifest),
+        num_bytes=row.num_bytes,
+        full_state_bytes=row.full_state_bytes,
+        created_ms=row.created_ms,
+    )
+
+
+_GROUP_COLUMNS = (
+    _groups.c.group_id,
+    _groups.c.lease_id,
+    _groups.c.node_id,
+    _groups.c.prompt_index,
+    _groups.c.policy_version,
+    _groups.c.group_bytes,
+    _groups.c.num_tokens,
+    _groups.c.num_rollouts,
+    _groups.c.state,
+    _groups.c.verified,
+    _groups.c.created_ms,
+)
+
+
+class Store:
+    """The store's interface. Open it with open_store(url)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._write_engine = engine.execution_options(**{_WRITE_OPTION: True})
+
+    @property
+    def backend(self) -> str:
+        return self._engine.dialect.name
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._engine.begin() as connection:
+            yield connection
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._write_engine.begin() as connection:
+            yield connection
+
+    # ---- nodes ----
+
+    def register_node(
+        self,
+        node_id: str,
+        public_key: bytes,
+        display_name: str,
+        engine: str,
+        hardware: str,
+        software_version: str,
+        now_ms: int,
+    ) -> NodeRecord:
+        """Insert a node, or refresh the self-reported fields of a known one (same key)."""
+        try:
+            return self._register_node(node_id, public_key, display_name, engine, hardware, software_version, now_ms)
+        except IntegrityError:
+            # The node's first registration raced with another (PostgreSQL); now it is known.
+            return self._register_node(node_id, public_key, display_name, engine, hardware, software_version, now_ms)
+
+    def _register_node(
+        self,
+        node_id: str,
+        public_key: bytes,
+        display_name: str,
+        engine: str,
+        hardware: str,
+        software_version: str,
+        now_ms: int,
+    ) -> NodeRecord:
+        with self._write() as connection:
+            existing = connection.execute(
+                select(_nodes.c.public_key).where(_nodes.c.node_id == node_id).with_for_update()
+            ).first()
+            described = {
+                "display_name": display_name,
+                "engine": engine,
+                "hardware": hardware,
+                "software_version": software_version,
+                "last_seen_ms": now_ms,
+            }
+            if existing is None:
+                connection.execute(
+                    insert(_nodes).values(
+                        node_id=node_id,
+                        public_key=public_key,
+                        registered_ms=now_ms,
+                        policy_version=0,
+                        tokens_per_s=0.0,
+                        banned=False,
+                        ban_reason="",
+                        num_full_checks_passed=0,
+                        num_full_checks_failed=0,
+                        num_strikes=0,
+                        reputation=0.0,
+                        num_rollouts_accepted=0,
+                        num_rollouts_rejected=0,
+                        **described,
+                    )
+                )
+            elif bytes(existing.public_key) != public_key:
+                raise NodeKeyMismatchError(f"node {node_id} is registered with a different public key")
+            else:
+                connection.execute(update(_nodes).where(_nodes.c.node_id == node_id).values(**described))
+            return self._get_node(connection, node_id)
+
+    def _get_node(self, connection: Connection, node_id: str, for_update: bool = False) -> NodeRecord:
+        query = select(_nodes).where(_nodes.c.node_id == node_id)
+        row = connection.execute(query.with_for_update() if for_update else query).first()
+        if row is None:
+            raise UnknownNodeError(f"node {node_id} is not registered")
+        return _node_record(row)
+
+    def get_node(self, node_id: str) -> NodeRecord | None:
+        with self._read() as connection:
+            row = connection.execute(select(_nodes).where(_nodes.c.node_id == node_id)).first()
+            return None if row is None else _node_record(row)
+
+    def list_nodes(self) -> list[NodeRecord]:
+        with self._read() as connection:
+            return [_node_record(row) for row in connection.execute(select(_nodes).order_by(_nodes.c.registered_ms))]
+
+    def heartbeat(self, node_id: str, policy_version: int, tokens_per_s: float, now_ms: int) -> NodeRecord:
+        with self._write() as connection:
+            row = connection.execute(
+                update(_nodes)
+                .where(_nodes.c.node_id == node_id)
+                .values(policy_version=policy_version, tokens_per_s=tokens_per_s, last_seen_ms=now_ms)
+                .returning(*_nodes.c)
+            ).first()
+            if row is None:
+                raise UnknownNodeError(f"node {node_id} is not registered; register before heartbeating")
+            return _node_record(row)
+
+    def ban_node(self, node_id: str, reason: str) -> NodeRecord:
+        return self._update_node(node_id, banned=True, ban_reason=reason)
+
+    def unban_node(self, node_id: str) -> NodeRecord:
+        return self._update_node(node_id, banned=False, ban_reason="")
+
+    def _update_node(self, node_id: str, **values: Any) -> NodeRecord:
+        with self._write() as connection:
+            row = connection.execute(
+                update(_nodes).where(_nodes.c.node_id == node_id).values(**values).returning(*_nodes.c)
+            ).first()
+            if row is None:
+                raise UnknownNodeError(f"node {node_id} is not registered")
+            return _node_record(row)
+
+    def record_full_check(self, node_id: str, passed: bool) -> NodeRecord:
+        """Count a full check of the node: a pass raises its reputation, a failure is a strike.
+        The caller bans the node when num_strikes reaches its limit."""
+        with self._write() as connection:
+            node = self._get_node(connection, node_id, for_update=True)
+            num_passed = node.num_full_checks_passed + passed
+            num_failed = node.num_full_checks_failed + (not passed)
+            num_strikes = node.num_strikes + (not passed)
+            row = connection.execute(
+                update(_nodes)
+                .where(_nodes.c.node_id == node_id)
+                .values(
+                    num_full_checks_passed=num_passed,
+                    num_full_checks_failed=num_failed,
+                    num_strikes=num_strikes,
+                    reputation=reputation(num_passed, num_strikes),
+                )
+                .returning(*_nodes.c)
+            ).one()
+            return _node_record(row)
+
+    def num_nodes_holding(self, seen_since_ms: int) -> dict[int, int]:
+        """Policy version -> number of unbanned nodes that reported holding it since seen_since_ms."""
+        with self._read() as connection:
+            rows = connection.execute(
+                select(_nodes.c.policy_version, func.count())
+                .where(_nodes.c.last_seen_ms >= seen_since_ms, _nodes.c.banned.is_(False))
+                .group_by(_nodes.c.policy_version)
+            )
+            return {version: count for version, count in rows}
+
+    # ---- leases ----
+
+    def next_lease_number(self) -> int:
+        """Atomically take the next lease number (0, 1, 2, ...; never repeats, survives restarts)."""
+        with self._write() as connection:
+            return self._next_lease_number(connection)
+
+    def _next_lease_number(self, connection: Connection) -> int:
+        value = connection.execute(
+            update(_counters)
+            .where(_counters.c.name == schema.LEASE_COUNTER)
+            .values(value=_counters.c.value + 1)
+            .returning(_counters.c.value)
+        ).scalar_one()
+        return value - 1
+
+    def create_lease(self, lease: LeaseRecord) -> None:
+        with self._write() as connection:
+            connection.execute(insert(_leases).values(**_lease_row(lease)))
+
+    def issue_lease(
+        self, node_id: str, now_ms: int, max_open_per_node: int, make_lease: LeaseFactory
+    ) -> LeaseRecord:
+        """In one transaction: refuse if the node holds max_open_per_node live leases, take the
+        oldest requeued prompt set (keeping its lease number) or else the next lease number,
+        build the lease with make_lease(lease_number, requeued prompts or None) and store it."""
+        with self._write() as connection:
+            # Locks the node's row on PostgreSQL, so concurrent requests of one node see each other.
+            node = connection.execute(select(_nodes.c.node_id).where(_nodes.c.node_id == node_id).with_for_update())
+            if node.first() is None:
+                raise UnknownNodeError(f"node {node_id} is not registered; register before leasing work")
+            num_open = self._count_open_leases(connection, node_id, now_ms)
+            if num_open >= max_open_per_node:
+                raise LeaseCapError(
+                    f"node {node_id} holds {num_open} open leases (the cap is {max_open_per_node}); "
+                    "submit or release one before asking for more"
+                )
+            requeued = self._take_requeued(connection)
+            if requeued is None:
+                lease = make_lease(self._next_lease_number(connection), None)
+            else:
+                lease = make_lease(requeued.lease_number, requeued.prompt_indices)
+            assert lease.node_id == node_id and lease.state is LeaseState.OPEN, "make_lease built a foreign lease"
+            connection.execute(insert(_leases).values(**_lease_row(lease)))
+            return lease
+
+    def get_lease(self, lease_id: str) -> LeaseRecord | None:
+        with self._read() as connection:
+            row = connection.execute(select(_leases).where(_leases.c.lease_id == lease_id)).first()
+            return None if row is None else _lease_record(row)
+
+    def count_open_leases(self, node_id: str, now_ms: int) -> int:
+        with self._read() as connection:
+            return self._count_open_leases(connection, node_id, now_ms)
+
+    def _count_open_leases(self, connection: Connection, node_id: str, now_ms: int) -> int:
+        return connection.execute(
+            select(func.count()).where(
+                _leases.c.node_id == node_id,
+                _leases.c.state == LeaseState.OPEN.value,
+                _leases.c.deadline_ms > now_ms,
+            )
+        ).scalar_one()
+
+    def close_lease(self, lease_id: str, state: LeaseState, now_ms: int) -> bool:
+        """Close an open lease as submitted or released (a released lease's prompts are requeued).
+        Returns False when the lease was not open any more."""
+        if state not in (LeaseState.SUBMITTED, LeaseState.RELEASED):
+            raise ValueError(f"a lease is closed as submitted or released, not {state}")
+        with self._write() as connection:
+            row = connection.execute(
+                update(_leases)
+                .where(_leases.c.lease_id == lease_id, _leases.c.state == LeaseState.OPEN.value)
+                .values(state=state.value, closed_ms=now_ms)
+                .returning(*_leases.c)
+            ).first()
+            if row is None:
+                if connection.execute(select(_leases.c.lease_id).where(_leases.c.lease_id == lease_id)).first() is None:
+                    raise UnknownLeaseError(f"lease {lease_id} does not exist")
+                return False
+            if state is LeaseState.RELEASED:
+                self._requeue(connection, [_lease_record(row)], now_ms)
+            return True
+
+    def expire_leases(self, now_ms: int) -> list[LeaseRecord]:
+        """Mark every open lease past its deadline expired and requeue its prompts."""
+        with self._write() as connection:
+            rows = connection.execute(
+                update(_leases)
+                .where(_leases.c.state == LeaseState.OPEN.value, _leases.c.deadline_ms <= now_ms)
+                .values(state=LeaseState.EXPIRED.value, closed_ms=now_ms)
+                .returning(*_leases.c)
+            ).all()
+            expired = sorted((_lease_record(row) for row in rows), key=lambda lease: lease.lease_number)
+            self._requeue(connection, expired, now_ms)
+            return expired
+
+    def _requeue(self, connection: Connection, leases: Sequence[LeaseRecord], now_ms: int) -> None:
+        if leases:
+            connection.execute(
+                insert(_requeued),
+                [
+                    {
+                        "lease_number": lease.lease_number,
+                        "prompt_indices": list(lease.prompt_indices),
+                        "source_lease_id": lease.lease_id,
+                        "created_ms": now_ms,
+                    }
+                    for lease in leases
+                ],
+            )
+
+    def take_requeued(self) -> RequeuedPrompts | None:
+        """Remove and return the oldest requeued prompt set, or None when there is none."""
+        with self._write() as connection:
+            return self._take_requeued(connection)
+
+    def _take_requeued(self, connection: Connection) -> RequeuedPrompts | None:
+        row = connection.execute(
+            select(_requeued).order_by(_requeued.c.id).limit(1).with_for_update(skip_locked=True)
+        ).first()
+        if row is None:
+            return None
+        connection.execute(delete(_requeued).where(_requeued.c.id == row.id))
+        return RequeuedPrompts(lease_number=row.lease_number, prompt_indices=tuple(row.prompt_indices))
+
+    def num_requeued(self) -> int:
+        with self._read() as connection:
+            return connection.execute(select(func.count()).select_from(_requeued)).scalar_one()
+
+    # ---- submissions ----
+
+    def record_submission(self, submission: NewSubmission) -> SubmissionOutcome:
+        """Store a checked batch in one transaction: the submission and its receipt, its accepted
+        groups with their (pending) credit, every verdict, the accepted rollouts' content hashes,
+        the node's counters, and the lease closed as submitted. Idempotent: a batch_hash stored
+        before returns the stored receipt and changes nothing. Raises DuplicateRolloutError when a
+        content hash is already stored (then nothing is written)."""
+        if len(set(submission.rollout_hashes)) != len(submission.rollout_hashes):
+            raise ValueError("a submission lists the same rollout content hash twice; reject the copies")
+        try:
+            with self._write() as connection:
+                stored = self._receipt(connection, submission.batch_hash)
+                if stored is not None:
+                    return SubmissionOutcome(receipt=stored, newly_stored=False)
+                if self._seen_rollout_hashes(connection, submission.rollout_hashes):
+                    outcome = self._stored_before(connection, submission)
+                    assert outcome is not None, "rollout hashes seen a moment ago are gone"
+                    return outcome
+                self._insert_submission(connection, submission)
+                return SubmissionOutcome(receipt=submission.receipt, newly_stored=True)
+        except IntegrityError:
+            # A concurrent transaction (PostgreSQL) stored the same batch or rollout first, or
+            # the node is unknown.
+            with self._read() as connection:
+                node = connection.execute(select(_nodes.c.node_id).where(_nodes.c.node_id == submission.node_id))
+                if node.first() is None:
+                    raise UnknownNodeError(f"node {submission.node_id} is not registered") from None
+                outcome = self._stored_before(connection, submission)
+            if outcome is None:
+                raise
+            return outcome
+
+    def _stored_before(self, connection: Connection, submission: NewSubmission) -> SubmissionOutcome | None:
+        """The stored receipt when this batch is stored; DuplicateRolloutError when some of its
+        rollouts are; None when neither. Hashes are read before the receipt: under READ
+        COMMITTED, a concurrent commit of this very batch that made the hashes visible has made
+        its receipt visible too."""
+        seen = self._seen_rollout_hashes(connection, submission.rollout_hashes)
+        stored = self._receipt(connection, submission.batch_hash)
+        if stored is not None:
+            return SubmissionOutcome(receipt=stored, newly_stored=False)
+        if seen:
+            raise DuplicateRolloutError(frozenset(seen))
+        return None
+
+    def _insert_submission(self, connection: Connection, submission: NewSubmission) -> None:
+        num_accepted = sum(verdict.accepted for verdict in submission.verdicts)
+        num_rejected = len(submission.verdicts) - num_accepted
+        now_ms = submission.created_ms
+        submission_id = connection.execute(
+            insert(_submissions)
+            .values(
+                batch_hash=submission.batch_hash,
+                lease_id=submission.lease_id,
+                node_id=submission.node_id,
+                created_ms=now_ms,
+                receipt=submission.receipt,
+                num_accepted=num_accepted,
+                num_rejected=num_rejected,
+            )
+            .returning(_submissions.c.id)
+        ).scalar_one()
+        if submission.groups:
+            connection.execute(
+                insert(_groups),
+                [
+                    {
+                        "group_id": group.group_id,
+                        "submission_id": submission_id,
+                        "lease_id": submission.lease_id,
+                        "node_id": submission.node_id,
+                        "prompt_index": group.prompt_index,
+                        "policy_version": group.policy_version,
+                        "group_bytes": group.group_bytes,
+                        "num_tokens": group.num_tokens,
+                        "num_rollouts": group.num_rollouts,
+                        "state": group.state.value,
+                        "verified": False,
+                        "created_ms": now_ms,
+                        "updated_ms": now_ms,
+                    }
+                    for group in submission.groups
+                ],
+            )
+            connection.execute(
+                insert(_contributions),
+                [
+                    {
+                        "node_id": submission.node_id,
+                        "group_id": group.group_id,
+                        "num_tokens": group.num_tokens,
+                        "num_rollouts": group.num_rollouts,
+                        "flops_estimate": group.flops_estimate,
+                        "created_ms": now_ms,
+                        "settled": False,
+                        "voided": False,
+                    }
+                    for group in submission.groups
+                ],
+            )
+        if submission.verdicts:
+            connection.execute(
+                insert(_verdicts),
+                [
+                    {
+                        "submission_id": submission_id,
+                        "node_id": submission.node_id,
+                        "prompt_index": verdict.prompt_index,
+                        "sample_index": verdict.sample_index,
+                        "accepted": verdict.accepted,
+                        "reason": None if verdict.reason is None else verdict.reason.name,
+                        "message": verdict.message,
+                        "evidence_json": verdict.evidence_json,
+                        "created_ms": now_ms,
+                    }
+                    for verdict in submission.verdicts
+                ],
+            )
+        if submission.rollout_hashes:
+            connection.execute(
+                insert(_rollout_hashes),
+                [
+                    {"content_hash": content_hash, "submission_id": submission_id, "created_ms": now_ms}
+                    for content_hash in submission.rollout_hashes
+                ],
+            )
+        connection.execute(
+            update(_nodes)
+            .where(_nodes.c.node_id == submission.node_id)
+            .values(
+                num_rollouts_accepted=_nodes.c.num_rollouts_accepted + num_accepted,
+                num_rollouts_rejected=_nodes.c.num_rollouts_rejected + num_rejected,
+            )
+        )
+        connection.execute(
+            update(_leases)
+            .where(_leases.c.lease_id == submission.lease_id, _leases.c.state == LeaseState.OPEN.value)
+            .values(state=LeaseState.SUBMITTED.value, closed_ms=now_ms)
+        )
+
+    def get_receipt(self, batch_hash: bytes) -> bytes | None:
+        with self._read() as connection:
+            return self._receipt(connection, batch_hash)
+
+    def _receipt(self, connection: Connection, batch_hash: bytes) -> bytes | None:
+        receipt = connection.execute(
+            select(_submissions.c.receipt).where(_submissions.c.batch_hash == batch_hash)
+        ).scalar_one_or_none()
+        return None if receipt is None else bytes(receipt)
+
+    def seen_rollout_hashes(self, hashes: Iterable[bytes]) -> set[bytes]:
+        """Which of these rollout content hashes are already stored."""
+        with self._read() as connection:
+            return self._seen_rollout_hashes(connection, list(hashes))
+
+    def _seen_rollout_hashes(self, connection: Connection, hashes: Sequence[bytes]) -> set[bytes]:
+        if not hashes:
+            return set()
+        rows = connection.execute(
+            select(_rollout_hashes.c.content_hash).where(_rollout_hashes.c.content_hash.in_(hashes))
+        )
+        return {bytes(content_hash) for (content_hash,) in rows}
+
+    def list_submissions(self, node_id: str, limit: int) -> list[SubmissionRecord]:
+        """The node's newest submissions first."""
+        with self._read() as connection:
+            rows = connection.execute(
+                select(_submissions)
+                .where(_submissions.c.node_id == node_id)
+                .order_by(_submissions.c.id.desc())
+                .limit(limit)
+            )
+            return [
+                SubmissionRecord(
+                    batch_hash=bytes(row.batch_hash),
+                    lease_id=row.lease_id,
+                    node_id=row.node_id,
+                    created_ms=row.created_ms,
+                    num_accepted=row.num_accepted,
+                    num_rejected=row.num_rejected,
+                )
+                for row in rows
+            ]
+
+    def list_rejections(self, node_id: str, limit: int) -> list[RejectionRecord]:
+        """The node's newest rejections first: rejected rollouts and failed full checks."""
+        with self._read() as connection:
+            verdict_rows = connection.execute(
+                select(_verdicts)
+                .where(_verdicts.c.node_id == node_id, _verdicts.c.accepted.is_(False))
+                .order_by(_verdicts.c.id.desc())
+                .limit(limit)
+            ).all()
+            validation_rows = connection.execute(
+                select(_validations, _groups.c.prompt_index)
+                .join(_groups, _groups.c.group_id == _validations.c.group_id)
+                .where(_validations.c.node_id == node_id, _validations.c.passed.is_(False))
+                .order_by(_validations.c.id.desc())
+                .limit(limit)
+            ).all()
+        rejections = [
+            RejectionRecord(
+                node_id=node_id,
+                source=RejectionSource.SUBMISSION,
+                reason=row.reason or "",
+                message=row.message,
+                evidence_json=row.evidence_json,
+                prompt_index=row.prompt_index,
+                sample_index=row.sample_index,
+                created_ms=row.created_ms,
+            )
+            for row in verdict_rows
+        ] + [
+            RejectionRecord(
+                node_id=node_id,
+                source=RejectionSource.VALIDATION,
+                reason=row.check_name,
+                message=f"full check {row.check_name} failed",
+                evidence_json=row.evidence_json,
+                prompt_index=row.prompt_index,
+                sample_index=None,
+                created_ms=row.created_ms,
+            )
+            for row in validation_rows
+        ]
+        rejections.sort(key=lambda rejection: rejection.created_ms, reverse=True)
+        return rejections[:limit]
+
+    # ---- groups ----
+
+    def get_group(self, group_id: str) -> StoredGroup | None:
+        with self._read() as connection:
+            row = connection.execute(select(*_GROUP_COLUMNS).where(_groups.c.group_id == group_id)).first()
+            return None if row is None else _group_record(row)
+
+    def ready_groups(self, min_policy_version: int, limit: int) -> list[StoredGroup]:
+        """Ready groups at min_policy_version or newer, of nodes not banned, oldest first."""
+        with self._read() as connection:
+            rows = connection.execute(
+                select(*_GROUP_COLUMNS)
+                .join(_nodes, _nodes.c.node_id == _groups.c.node_id)
+                .where(
+                    _groups.c.state == GroupState.READY.value,
+                    _groups.c.policy_version >= min_policy_version,
+                    _nodes.c.banned.is_(False),
+                )
+                .order_by(_groups.c.id)
+                .limit(limit)
+            )
+            return [_group_record(row) for row in rows]
+
+    def mark_consumed(self, group_ids: Sequence[str], trainer_step: int, now_ms: int) -> ConsumeOutcome:
+        """Record that the trainer used these ready groups at trainer_step. A group used before is
+        refused and reported (the ledger's primary key forbids a second entry), as is one that
+        is not ready."""
+        unique_ids = list(dict.fromkeys(group_ids))
+        with self._write() as connection:
+            consumed = set(
+                connection.execute(
+                    update(_groups)
+                    .where(_groups.c.group_id.in_(unique_ids), _groups.c.state == GroupState.READY.value)
+                    .values(state=GroupState.CONSUMED.value, updated_ms=now_ms)
+                    .returning(_groups.c.group_id)
+                ).scalars()
+            )
+            if consumed:
+                connection.execute(
+                    insert(_consumptions),
+                    [
+                        {"group_id": group_id, "trainer_step": trainer_step, "consumed_ms": now_ms}
+                        for group_id in consumed
+                    ],
+                )
+            already = set(
+                connection.execute(
+                    select(_consumptions.c.group_id).where(
+                        _consumptions.c.group_id.in_([g for g in unique_ids if g not in consumed])
+                    )
+                ).scalars()
+            )
+        return ConsumeOutcome(
+            consumed=tuple(g for g in unique_ids if g in consumed),
+            already_consumed=tuple(g for g in unique_ids if g in already),
+            refused=tuple(g for g in unique_ids if g not in consumed and g not in already),
+        )
+
+    def list_consumptions(self) -> list[Consumption]:
+        """The consumption ledger, in step order."""
+        with self._read() as connection:
+            rows = connection.execute(
+                select(_consumptions).order_by(_consumptions.c.trainer_step, _consumptions.c.group_id)
+            )
+            return [Consumption(row.group_id, row.trainer_step, row.consumed_ms) for row in rows]
+
+    def mark_stale(self, group_ids: Sequence[str], now_ms: int) -> int:
+        """Ready groups the trainer dropped as too old; returns how many changed."""
+        return self.set_group_state(group_ids, GroupState.STALE, now_ms)
+
+    def mark_stale_below(self, min_policy_version: int, now_ms: int) -> int:
+        """Every ready group generated by a policy older than min_policy_version becomes stale."""
+        with self._write() as connection:
+            return connection.execute(
+                update(_groups)
+                .where(_groups.c.state == GroupState.READY.value, _groups.c.policy_version < min_policy_version)
+                .values(state=GroupState.STALE.value, updated_ms=now_ms)
+            ).rowcount
+
+    def restore_consumed_after(self, trainer_step: int, now_ms: int) -> int:
+        """A trainer resumed from its checkpoint at trainer_step: the weights trained on groups
+        consumed at later steps are gone, so those groups become ready again and leave the
+        ledger (a group is never recorded as consumed twice). Returns how many were restored."""
+        with self._write() as connection:
+            group_ids = list(
+                connection.execute(
+                    delete(_consumptions)
+                    .where(_consumptions.c.trainer_step > trainer_step)
+                    .returning(_consumptions.c.group_id)
+                ).scalars()
+            )
+            if group_ids:
+                connection.execute(
+                    update(_groups)
+                    .where(_groups.c.group_id.in_(group_ids), _groups.c.state == GroupState.CONSUMED.value)
+                    .values(state=GroupState.READY.value, updated_ms=now_ms)
+                )
+            return len(group_ids)
+
+    def set_group_state(self, group_ids: Sequence[str], state: GroupState, now_ms: int) -> int:
+        """Move groups to state from the states GROUP_STATE_SOURCES allows (others are left as
+        they are); returns how many changed. Consuming goes through mark_consumed."""
+        if state is GroupState.CONSUMED or state not in GROUP_STATE_SOURCES:
+            raise ValueError(f"groups cannot be set to {state} here; use mark_consumed for consumed")
+        sources = [source.value for source in GROUP_STATE_SOURCES[state]]
+        with self._write() as connection:
+            return connection.execute(
+                update(_groups)
+                .where(_groups.c.group_id.in_(list(group_ids)), _groups.c.state.in_(sources))
+                .values(state=state.value, updated_ms=now_ms)
+            ).rowcount
+
+    def quarantine_node_groups(self, node_id: str, now_ms: int) -> int:
+        """Quarantine all the node's groups that are neither consumed nor verified by a full check."""
+        sources = [source.value for source in GROUP_STATE_SOURCES[GroupState.QUARANTINED]]
+        with self._write() as connection:
+            return connection.execute(
+                update(_groups)
+                .where(_groups.c.node_id == node_id, _groups.c.state.in_(sources), _groups.c.verified.is_(False))
+                .values(state=GroupState.QUARANTINED.value, updated_ms=now_ms)
+            ).rowcount
+
+    def group_counts(self) -> dict[GroupState, int]:
+        with self._read() as connection:
+            return self._group_counts(connection)
+
+    def _group_counts(self, connection: Connection) -> dict[GroupState, int]:
+        counts = dict.fromkeys(GroupState, 0)
+        for state, count in connection.execute(select(_groups.c.state, func.count()).group_by(_groups.c.state)):
+            counts[GroupState(state)] = count
+        return counts
+
+    # ---- validation ----
+
+    def pending_validation(self, limit: int) -> list[StoredGroup]:
+        """Groups waiting for a full check, oldest first."""
+        with self._read() as connection:
+            rows = connection.execute(
+                select(*_GROUP_COLUMNS)
+                .where(_groups.c.state == GroupState.PENDING_VALIDATION.value)
+                .order_by(_groups.c.id)
+                .limit(limit)
+            )
+            return [_group_record(row) for row in rows]
+
+    def record_validation(
+        self, group_id: str, passed: bool, check_name: str, evidence_json: str, now_ms: int
+    ) -> ValidationResult:
+        """Store a full check's result. A pass marks the group verified (and ready, if it was
+        pending); a failure rejects it. Node-wide consequences are the caller's separate calls."""
+        with self._write() as connection:
+            row = connection.execute(
+                select(_groups.c.node_id, _groups.c.state).where(_groups.c.group_id == group_id)
+            ).first()
+            if row is None:
+                raise ValueError(f"group {group_id} does not exist")
+            result = ValidationResult(group_id, row.node_id, passed, check_name, evidence_json, now_ms)
+            connection.execute(
+                insert(_validations).values(
+                    group_id=group_id,
+                    node_id=row.node_id,
+                    passed=passed,
+                    check_name=check_name,
+                    evidence_json=evidence_json,
+                    created_ms=now_ms,
+                )
+            )
+            target = GroupState.READY if passed else GroupState.REJECTED
+            new_state = target.value if GroupState(row.state) in GROUP_STATE_SOURCES[target] else row.state
+            connection.execute(
+                update(_groups)
+                .where(_groups.c.group_id == group_id)
+                .values(state=new_state, verified=passed, updated_ms=now_ms)
+            )
+            return result
+
+    def list_validations(self, node_id: str, limit: int) -> list[ValidationResult]:
+        """The node's newest full-check results first."""
+        with self._read() as connection:
+            rows = connection.execute(
+                select(_validations)
+                .where(_validations.c.node_id == node_id)
+                .order_by(_validations.c.id.desc())
+                .limit(limit)
+            )
+            return [
+                ValidationResult(
+                    row.group_id, row.node_id, row.passed, row.check_name, row.evidence_json, row.created_ms
+                )
+                for row in rows
+            ]
+
+    # ---- policy versions ----
+
+    def add_version(self, version: PolicyVersionRecord) -> None:
+        try:
+            with self._write() as connection:
+                connection.execute(
+                    insert(_versions).values(
+                        version=version.version,
+                        base_version=version.base_version,
+                        codec=int(version.codec),
+                        signed_manifest=version.signed_manifest,
+                        num_bytes=version.num_bytes,
+                        full_state_bytes=version.full_state_bytes,
+                        created_ms=version.created_ms,
+                    )
+                )
+        except IntegrityError:
+            raise VersionExistsError(f"policy version {version.version} is already published") from None
+
+    def get_version(self, version: int) -> PolicyVersionRecord | None:
+        with self._read() as connection:
+            row = connection.execute(select(_versions).where(_versions.c.version == version)).first()
+            return None if row is None else _version_record(row)
+
+    def latest_version(self) -> PolicyVersionRecord | None:
+        with self._read() as connection:
+            row = connection.execute(select(_versions).order_by(_versions.c.version.desc()).limit(1)).first()
+            return None if row is None else _version_record(row)
+
+    def list_versions(self) -> list[PolicyVersionRecord]:
+        with self._read() as connection:
+            return [_version_record(row) for row in connection.execute(select(_versions).order_by(_versions.c.version))]
+
+    # ---- trainer metrics ----
+
+    def add_metrics(self, step: int, metrics_json: str, now_ms: int) -> None:
+        with self._write() as connection:
+            connection.execute(insert(_metrics).values(step=step, metrics_json=metrics_json, created_ms=now_ms))
+
+    def list_metrics(self, limit: int) -> list[MetricsRecord]:
+        """The newest limit metrics records, in the order they were added."""
+        with self._read() as connection:
+            rows = connection.execute(select(_metrics).order_by(_metrics.c.id.desc()).limit(limit)).all()
+            return [MetricsRecord(row.step, row.metrics_json, row.created_ms) for row in reversed(rows)]
+
+    # ---- contribution ledger ----
+
+    def settle_contributions(self, before_ms: int) -> int:
+        """Settle pending credit created before before_ms, of nodes not banned, whose group is not
+        waiting for, or failed, a full check. Returns how many entries settled."""
+        unsettled_states = [
+            GroupState.PENDING_VALIDATION.value,
+            GroupState.QUARANTINED.value,
+            GroupState.REJECTED.value,
+        ]
+        with self._write() as connection:
+            return connection.execute(
+                update(_contributions)
+                .where(
+                    _contributions.c.settled.is_(False),
+                    _contributions.c.voided.is_(False),
+                    _contributions.c.created_ms < before_ms,
+                    _contributions.c.node_id.in_(select(_nodes.c.node_id).where(_nodes.c.banned.is_(False))),
+                    _contributions.c.group_id.in_(
+                        select(_groups.c.group_id).where(_groups.c.state.not_in(unsettled_states))
+                    ),
+                )
+                .values(settled=True)
+            ).rowcount
+
+    def void_unsettled(self, node_id: str) -> int:
+        """Void all the node's pending credit; returns how many entries were voided."""
+        with self._write() as connection:
+            return connection.execute(
+                update(_contributions)
+                .where(
+                    _contributions.c.node_id == node_id,
+                    _contributions.c.settled.is_(False),
+                    _contributions.c.voided.is_(False),
+                )
+                .values(voided=True)
+            ).rowcount
+
+    def contribution_totals(self, node_id: str | None = None) -> list[ContributionTotals]:
+        """Settled, pending and voided work per node (one node, or all with any entry)."""
+        bucket = case(
+            (_contributions.c.voided.is_(True), "voided"),
+            (_contributions.c.settled.is_(True), "settled"),
+            else_="pending",
+        )
+        query = select(
+            _contributions.c.node_id,
+            bucket.label("bucket"),
+            func.count().label("num_entries"),
+            func.sum(_contributions.c.num_tokens).label("num_tokens"),
+            func.sum(_contributions.c.num_rollouts).label("num_rollouts"),
+            func.sum(_contributions.c.flops_estimate).label("flops_estimate"),
+        ).group_by(_contributions.c.node_id, bucket)
+        if node_id is not None:
+            query = query.where(_contributions.c.node_id == node_id)
+        buckets: dict[str, dict[str, WorkTotals]] = {}
+        with self._read() as connection:
+            for row in connection.execute(query):
+                buckets.setdefault(row.node_id, {})[row.bucket] = WorkTotals(
+                    num_entries=row.num_entries,
+                    num_tokens=int(row.num_tokens),
+                    num_rollouts=int(row.num_rollouts),
+                    flops_estimate=float(row.flops_estimate),
+                )
+        return [
+            ContributionTotals(
+                node_id=node,
+                settled=totals.get("settled", WorkTotals()),
+                pending=totals.get("pending", WorkTotals()),
+                voided=totals.get("voided", WorkTotals()),
+            )
+            for node, totals in sorted(buckets.items())
+        ]
+
+    # ---- run status ----
+
+    def run_counters(self, online_since_ms: int) -> RunCounters:
+        """Counters for the admin status and the dashboard; a node is online when it is not
+        banned and was seen at or after online_since_ms."""
+        with self._read() as connection:
+            num_online, num_accepted, num_rejected = connection.execute(
+                select(
+                    func.count().filter(and_(_nodes.c.last_seen_ms >= online_since_ms, _nodes.c.banned.is_(False))),
+                    func.coalesce(func.sum(_nodes.c.num_rollouts_accepted), 0),
+                    func.coalesce(func.sum(_nodes.c.num_rollouts_rejected), 0),
+                )
+            ).one()
+            last_consumed_step = connection.execute(
+                select(func.coalesce(func.max(_consumptions.c.trainer_step), 0))
+            ).scalar_one()
+            last_metrics_step = connection.execute(select(func.coalesce(func.max(_metrics.c.step), 0))).scalar_one()
+            latest_version = connection.execute(
+                select(func.coalesce(func.max(_versions.c.version), 0))
+            ).scalar_one()
+            return RunCounters(
+                num_nodes_online=num_online,
+                num_rollouts_accepted=int(num_accepted),
+                num_rollouts_rejected=int(num_rejected),
+                num_groups=self._group_counts(connection),
+                trainer_step=max(last_consumed_step, last_metrics_step),
+                latest_policy_version=latest_version,
+            )

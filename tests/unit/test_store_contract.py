@@ -1,0 +1,703 @@
+"""The store's contract, one suite run against every backend: SQLite (a temporary file) and
+PostgreSQL (marked postgres; a fresh schema per test on the local server, skipped when none
+answers)."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import insert
+from sqlalchemy.exc import IntegrityError
+
+from coordinator.store import (
+    DuplicateRolloutError,
+    GroupState,
+    LeaseCapError,
+    LeaseRecord,
+    LeaseState,
+    Liveness,
+    NewGroup,
+    NewSubmission,
+    NewVerdict,
+    NodeKeyMismatchError,
+    PolicyVersionRecord,
+    RejectionSource,
+    SQLITE_FILE_NAME,
+    RequeuedPrompts,
+    Store,
+    UnknownLeaseError,
+    UnknownNodeError,
+    VersionExistsError,
+    open_store,
+    reputation,
+    sqlite_url,
+)
+from coordinator.store.migrate import current_revision, head_revision, upgrade_to_head
+from coordinator.store.schema import GroupConsumption, metadata
+from coordinator.store.store import SQLITE_BUSY_TIMEOUT_MS
+from protocol.types import Codec, NodeState, RejectReason, SamplingParams
+
+POSTGRES_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+LIVENESS = Liveness(stale_after_ms=30_000, offline_after_ms=120_000)
+T0 = 1_700_000_000_000
+
+
+def _postgres_schema_url() -> Iterator[str]:
+    import psycopg
+
+    conninfo = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+    try:
+        admin = psycopg.connect(conninfo, autocommit=True)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"no PostgreSQL server answers at 127.0.0.1:5432 (database test, user postgres): {error}")
+    schema_name = f"rollproof_test_{secrets.token_hex(6)}"
+    with admin:
+        admin.execute(f"CREATE SCHEMA {schema_name}")
+        try:
+            yield f"{POSTGRES_SERVER_URL}?options=-csearch_path%3D{schema_name}"
+        finally:
+            admin.execute(f"DROP SCHEMA {schema_name} CASCADE")
+
+
+@pytest.fixture(params=[pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield sqlite_url(tmp_path)
+    else:
+        yield from _postgres_schema_url()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    opened = open_store(store_url)
+    yield opened
+    opened.close()
+
+
+def _register(store: Store, node_id: str = "node-a", now_ms: int = T0) -> None:
+    store.register_node(node_id, node_id.encode().ljust(32, b"k"), f"{node_id} box", "torch", "cpu x2", "0.1.0", now_ms)
+
+
+def _lease(
+    node_id: str, lease_number: int, prompts: tuple[int, ...], now_ms: int = T0, deadline_ms: int = 60_000
+) -> LeaseRecord:
+    return LeaseRecord(
+        lease_id=f"lease-{node_id}-{lease_number}-{secrets.token_hex(4)}",
+        node_id=node_id,
+        lease_number=lease_number,
+        prompt_indices=prompts,
+        group_size=2,
+        sampling=SamplingParams(temperature=0.7, top_k=5, top_p=0.9, max_tokens=16),
+        sampling_seed=(1 << 63) - 1,
+        policy_version=3,
+        created_ms=now_ms,
+        deadline_ms=now_ms + deadline_ms,
+    )
+
+
+def _fresh_factory(
+    node_id: str, prompts_per_lease: int = 2, deadline_ms: int = 60_000, now_ms: int = T0
+) -> Callable[[int, tuple[int, ...] | None], LeaseRecord]:
+    """Lease number n carries prompts n*k .. n*k+k-1 unless a requeued prompt set is given."""
+
+    def make(lease_number: int, requeued: tuple[int, ...] | None) -> LeaseRecord:
+        first = lease_number * prompts_per_lease
+        prompts = requeued if requeued is not None else tuple(range(first, first + prompts_per_lease))
+        return _lease(node_id, lease_number, prompts, now_ms, deadline_ms)
+
+    return make
+
+
+def _submission(
+    lease: LeaseRecord,
+    batch_hash: bytes,
+    now_ms: int = T0 + 1_000,
+    state: GroupState = GroupState.READY,
+    policy_version: int = 3,
+    hashes: tuple[bytes, ...] | None = None,
+    num_rejected: int = 1,
+) -> NewSubmission:
+    groups = tuple(
+        NewGroup(
+            group_id=f"{lease.lease_id}/{prompt}",
+            prompt_index=prompt,
+            policy_version=policy_version,
+            group_bytes=bytes([prompt % 256]) * 40,
+            num_tokens=100,
+            num_rollouts=2,
+            state=state,
+            flops_estimate=1.5e9,
+        )
+        for prompt in lease.prompt_indices
+    )
+    verdicts = tuple(
+        NewVerdict(prompt, sample, True) for prompt in lease.prompt_indices for sample in range(2)
+    ) + tuple(
+        NewVerdict(
+            lease.prompt_indices[0], 2 + i, False, RejectReason.REWARD_MISMATCH, "claimed 1.0, recomputed 0.0", "{}"
+        )
+        for i in range(num_rejected)
+    )
+    if hashes is None:
+        hashes = tuple(
+            batch_hash + bytes([prompt % 256, sample]) for prompt in lease.prompt_indices for sample in range(2)
+        )
+    return NewSubmission(
+        batch_hash=batch_hash,
+        lease_id=lease.lease_id,
+        node_id=lease.node_id,
+        created_ms=now_ms,
+        receipt=b"receipt:" + batch_hash,
+        groups=groups,
+        verdicts=verdicts,
+        rollout_hashes=hashes,
+    )
+
+
+def _leased_submission(store: Store, node_id: str, batch_hash: bytes, **kwargs) -> tuple[LeaseRecord, NewSubmission]:
+    lease = store.issue_lease(node_id, T0, 100, _fresh_factory(node_id))
+    return lease, _submission(lease, batch_hash, **kwargs)
+
+
+# ---- schema and migrations ----
+
+
+def test_migrations_create_exactly_the_models_tables(store: Store):
+    with store._engine.connect() as connection:
+        assert current_revision(connection) == head_revision()
+        differences = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), metadata)
+    assert differences == []
+
+
+def test_migrations_run_twice_are_a_no_op(store_url: str):
+    first = open_store(store_url)
+    _register(first)
+    first.close()
+    second = open_store(store_url)
+    upgrade_to_head(second._write_engine)
+    with second._engine.connect() as connection:
+        assert current_revision(connection) == head_revision()
+    assert second.get_node("node-a") is not None
+    assert second.next_lease_number() == 0
+    second.close()
+
+
+def test_data_survives_close_and_reopen(store_url: str):
+    first = open_store(store_url)
+    _register(first)
+    lease, submission = _leased_submission(first, "node-a", b"batch-1")
+    first.record_submission(submission)
+    first.add_version(PolicyVersionRecord(1, 0, Codec.KEYFRAME, b"manifest", 10, 20, T0))
+    first.close()
+
+    reopened = open_store(store_url)
+    assert reopened.get_node("node-a").num_rollouts_accepted == 4
+    assert reopened.get_lease(lease.lease_id).state is LeaseState.SUBMITTED
+    assert reopened.get_receipt(b"batch-1") == b"receipt:batch-1"
+    assert len(reopened.ready_groups(0, 10)) == 2
+    assert reopened.latest_version().version == 1
+    assert reopened.next_lease_number() == 1
+    reopened.close()
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path):
+    store = open_store(sqlite_url(tmp_path))
+    with store._engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_BUSY_TIMEOUT_MS
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    store.close()
+    assert [path.name for path in tmp_path.iterdir() if path.suffix == ".sqlite3"] == [SQLITE_FILE_NAME]
+    with pytest.raises(ValueError, match="NORMAL or FULL"):
+        open_store(sqlite_url(tmp_path), sqlite_synchronous="OFF")
+
+
+def test_rejects_unusable_urls(tmp_path: Path):
+    with pytest.raises(ValueError, match="SQLite file"):
+        open_store("sqlite://")
+    with pytest.raises(ValueError, match="psycopg"):
+        open_store("postgresql+psycopg2://postgres@127.0.0.1/test")
+    with pytest.raises(ValueError, match="SQLite or PostgreSQL"):
+        open_store("mysql://localhost/test")
+
+
+# ---- nodes ----
+
+
+def test_register_heartbeat_and_states(store: Store):
+    registered = store.register_node("node-a", b"k" * 32, "alice", "torch", "cpu x2", "0.1.0", T0)
+    assert (registered.registered_ms, registered.last_seen_ms, registered.policy_version) == (T0, T0, 0)
+    assert registered.state(T0 + 29_999, LIVENESS) is NodeState.ONLINE
+    assert registered.state(T0 + 30_000, LIVENESS) is NodeState.STALE
+    assert registered.state(T0 + 120_000, LIVENESS) is NodeState.OFFLINE
+
+    beat = store.heartbeat("node-a", policy_version=4, tokens_per_s=12.5, now_ms=T0 + 50_000)
+    assert (beat.policy_version, beat.tokens_per_s, beat.last_seen_ms) == (4, 12.5, T0 + 50_000)
+
+    again = store.register_node("node-a", b"k" * 32, "alice-2", "vllm", "H200", "0.2.0", T0 + 60_000)
+    assert (again.display_name, again.engine, again.registered_ms, again.policy_version) == ("alice-2", "vllm", T0, 4)
+    with pytest.raises(NodeKeyMismatchError):
+        store.register_node("node-a", b"x" * 32, "mallory", "torch", "cpu", "0.1.0", T0)
+    with pytest.raises(UnknownNodeError):
+        store.heartbeat("node-unknown", 1, 1.0, T0)
+    assert [node.node_id for node in store.list_nodes()] == ["node-a"]
+    assert store.get_node("node-unknown") is None
+
+
+def test_ban_unban_and_full_checks(store: Store):
+    _register(store)
+    banned = store.ban_node("node-a", "failed sampling check")
+    assert banned.banned and banned.ban_reason == "failed sampling check"
+    assert banned.state(T0, LIVENESS) is NodeState.BANNED
+    assert not store.unban_node("node-a").banned
+    with pytest.raises(UnknownNodeError):
+        store.ban_node("node-unknown", "x")
+
+    for _ in range(3):
+        passed = store.record_full_check("node-a", True)
+    assert (passed.num_full_checks_passed, passed.num_strikes) == (3, 0)
+    assert passed.reputation == reputation(3, 0) == 3 / 13
+    failed = store.record_full_check("node-a", False)
+    assert (failed.num_full_checks_passed, failed.num_full_checks_failed, failed.num_strikes) == (3, 1, 1)
+    assert failed.reputation == reputation(3, 1) < passed.reputation
+
+
+def test_nodes_holding_each_version(store: Store):
+    for node_id, version in [("node-a", 1), ("node-b", 2), ("node-c", 2), ("node-d", 2)]:
+        _register(store, node_id)
+        store.heartbeat(node_id, version, 1.0, T0 + 10)
+    store.heartbeat("node-d", 2, 1.0, T0 - 10**6)
+    store.ban_node("node-c", "x")
+    assert store.num_nodes_holding(seen_since_ms=T0) == {1: 1, 2: 1}
+
+
+# ---- leases ----
+
+
+def test_lease_numbers_count_up_and_survive(store: Store):
+    assert [store.next_lease_number() for _ in range(3)] == [0, 1, 2]
+
+
+def test_issue_lease_caps_open_leases_per_node(store: Store):
+    _register(store)
+    first = store.issue_lease("node-a", T0, 2, _fresh_factory("node-a"))
+    second = store.issue_lease("node-a", T0, 2, _fresh_factory("node-a"))
+    assert (first.lease_number, second.lease_number) == (0, 1)
+    assert store.get_lease(first.lease_id) == first
+    assert store.count_open_leases("node-a", T0) == 2
+    with pytest.raises(LeaseCapError, match="cap is 2"):
+        store.issue_lease("node-a", T0, 2, _fresh_factory("node-a"))
+    # a refused request takes no lease number
+    assert store.next_lease_number() == 2
+    with pytest.raises(UnknownNodeError):
+        store.issue_lease("node-unknown", T0, 2, _fresh_factory("node-unknown"))
+    store.close_lease(first.lease_id, LeaseState.SUBMITTED, T0 + 5)
+    assert store.count_open_leases("node-a", T0 + 5) == 1
+    # a lease past its deadline does not count, even before expire_leases ran
+    assert store.count_open_leases("node-a", T0 + 60_000) == 0
+
+
+def test_expired_and_released_leases_are_requeued_first(store: Store):
+    _register(store)
+    _register(store, "node-b")
+    expiring = store.issue_lease("node-a", T0, 5, _fresh_factory("node-a", deadline_ms=1_000))
+    released = store.issue_lease("node-a", T0, 5, _fresh_factory("node-a", deadline_ms=10_000))
+    kept = store.issue_lease("node-a", T0, 5, _fresh_factory("node-a", deadline_ms=10_000))
+
+    assert store.expire_leases(T0 + 999) == []
+    expired = store.expire_leases(T0 + 1_000)
+    assert [lease.lease_id for lease in expired] == [expiring.lease_id]
+    assert expired[0].state is LeaseState.EXPIRED
+    assert store.expire_leases(T0 + 1_000) == []
+    assert store.close_lease(released.lease_id, LeaseState.RELEASED, T0 + 2_000)
+    assert not store.close_lease(released.lease_id, LeaseState.SUBMITTED, T0 + 2_000)
+    assert store.close_lease(kept.lease_id, LeaseState.SUBMITTED, T0 + 2_000)
+    assert store.num_requeued() == 2
+
+    again = store.issue_lease("node-b", T0 + 3_000, 5, _fresh_factory("node-b"))
+    assert (again.lease_number, again.prompt_indices) == (expiring.lease_number, expiring.prompt_indices)
+    assert store.take_requeued() == RequeuedPrompts(released.lease_number, released.prompt_indices)
+    assert store.take_requeued() is None
+    assert store.issue_lease("node-b", T0 + 3_000, 5, _fresh_factory("node-b")).lease_number == 3
+
+    with pytest.raises(UnknownLeaseError):
+        store.close_lease("no-such-lease", LeaseState.SUBMITTED, T0)
+    with pytest.raises(ValueError):
+        store.close_lease(kept.lease_id, LeaseState.EXPIRED, T0)
+
+
+def test_create_lease_stores_a_lease_as_given(store: Store):
+    _register(store)
+    lease = _lease("node-a", 7, (3, 1, 4))
+    store.create_lease(lease)
+    assert store.get_lease(lease.lease_id) == lease
+    assert store.get_lease("missing") is None
+
+
+# ---- submissions ----
+
+
+def test_submission_is_stored_once_and_resends_get_the_same_receipt(store: Store):
+    _register(store)
+    lease, submission = _leased_submission(store, "node-a", b"batch-1")
+    assert store.seen_rollout_hashes(submission.rollout_hashes) == set()
+
+    outcome = store.record_submission(submission)
+    assert outcome.newly_stored and outcome.receipt == b"receipt:batch-1"
+    assert store.get_lease(lease.lease_id).state is LeaseState.SUBMITTED
+    assert store.seen_rollout_hashes([*submission.rollout_hashes, b"other"]) == set(submission.rollout_hashes)
+
+    resent = store.record_submission(NewSubmission(**{**submission.__dict__, "receipt": b"a different receipt"}))
+    assert not resent.newly_stored and resent.receipt == b"receipt:batch-1"
+    node = store.get_node("node-a")
+    assert (node.num_rollouts_accepted, node.num_rollouts_rejected) == (4, 1)
+    assert store.group_counts()[GroupState.READY] == 2
+    assert len(store.list_submissions("node-a", 10)) == 1
+    assert store.get_receipt(b"batch-unknown") is None
+
+
+def test_a_copied_rollout_is_refused_and_nothing_is_written(store: Store):
+    _register(store)
+    _register(store, "node-b")
+    _, original = _leased_submission(store, "node-a", b"batch-1")
+    store.record_submission(original)
+    _, copy = _leased_submission(store, "node-b", b"batch-2", hashes=(original.rollout_hashes[0], b"fresh"))
+    with pytest.raises(DuplicateRolloutError) as raised:
+        store.record_submission(copy)
+    assert raised.value.hashes == {original.rollout_hashes[0]}
+    assert store.get_receipt(b"batch-2") is None
+    assert store.seen_rollout_hashes([b"fresh"]) == set()
+    assert store.get_node("node-b").num_rollouts_accepted == 0
+    lease, doubled = _leased_submission(store, "node-b", b"batch-3", hashes=(b"h", b"h"))
+    with pytest.raises(ValueError, match="twice"):
+        store.record_submission(doubled)
+    assert store.get_lease(lease.lease_id).state is LeaseState.OPEN
+
+
+def test_a_submission_of_an_unknown_node_is_refused(store: Store):
+    _register(store)
+    lease, submission = _leased_submission(store, "node-a", b"batch-1")
+    with pytest.raises(UnknownNodeError):
+        store.record_submission(NewSubmission(**{**submission.__dict__, "node_id": "node-unknown"}))
+    assert store.get_receipt(b"batch-1") is None
+
+
+def test_submissions_and_rejections_for_the_dashboard(store: Store):
+    _register(store)
+    _, first = _leased_submission(store, "node-a", b"batch-1", now_ms=T0 + 1_000, state=GroupState.PENDING_VALIDATION)
+    _, second = _leased_submission(store, "node-a", b"batch-2", now_ms=T0 + 2_000, num_rejected=2)
+    store.record_submission(first)
+    store.record_submission(second)
+    assert [s.batch_hash for s in store.list_submissions("node-a", 10)] == [b"batch-2", b"batch-1"]
+    assert [(s.num_accepted, s.num_rejected) for s in store.list_submissions("node-a", 1)] == [(4, 2)]
+
+    failed_group = first.groups[0].group_id
+    store.record_validation(failed_group, False, "sampling", '{"position": 7}', T0 + 3_000)
+    rejections = store.list_rejections("node-a", 10)
+    assert [r.source for r in rejections] == [RejectionSource.VALIDATION] + [RejectionSource.SUBMISSION] * 3
+    assert rejections[0].reason == "sampling" and rejections[0].evidence_json == '{"position": 7}'
+    assert rejections[1].reason == "REWARD_MISMATCH" and rejections[1].sample_index is not None
+    assert len(store.list_rejections("node-a", 2)) == 2
+    assert store.list_rejections("node-b", 10) == []
+
+
+# ---- groups and the trainer ----
+
+
+def _ids(groups) -> list[str]:
+    return [group.group_id for group in groups]
+
+
+def test_ready_groups_oldest_first_above_a_version_of_nodes_in_good_standing(store: Store):
+    for node_id in ("node-a", "node-b"):
+        _register(store, node_id)
+    _, old = _leased_submission(store, "node-a", b"batch-1", policy_version=1)
+    _, new = _leased_submission(store, "node-a", b"batch-2", policy_version=3)
+    _, other = _leased_submission(store, "node-b", b"batch-3", policy_version=3)
+    _, pending = _leased_submission(store, "node-a", b"batch-4", state=GroupState.PENDING_VALIDATION)
+    for submission in (old, new, other, pending):
+        store.record_submission(submission)
+    assert _ids(store.ready_groups(0, 100)) == _ids(old.groups) + _ids(new.groups) + _ids(other.groups)
+    assert _ids(store.ready_groups(2, 3)) == _ids(new.groups) + _ids(other.groups)[:1]
+    store.ban_node("node-b", "x")
+    assert _ids(store.ready_groups(2, 100)) == _ids(new.groups)
+    stored = store.get_group(new.groups[0].group_id)
+    assert (stored.group_bytes, stored.policy_version, stored.node_id, stored.state) == (
+        new.groups[0].group_bytes, 3, "node-a", GroupState.READY)
+
+
+def test_no_group_is_consumed_twice(store: Store):
+    _register(store)
+    _, submission = _leased_submission(store, "node-a", b"batch-1")
+    _, pending = _leased_submission(store, "node-a", b"batch-2", state=GroupState.PENDING_VALIDATION)
+    store.record_submission(submission)
+    store.record_submission(pending)
+    first, second = (group.group_id for group in submission.groups)
+
+    outcome = store.mark_consumed([first, first], trainer_step=1, now_ms=T0 + 5)
+    assert (outcome.consumed, outcome.already_consumed, outcome.refused) == ((first,), (), ())
+    outcome = store.mark_consumed([first, second, pending.groups[0].group_id, "unknown"], trainer_step=2, now_ms=T0 + 6)
+    assert outcome.consumed == (second,)
+    assert outcome.already_consumed == (first,)
+    assert outcome.refused == (pending.groups[0].group_id, "unknown")
+    assert [(c.group_id, c.trainer_step) for c in store.list_consumptions()] == [(first, 1), (second, 2)]
+    assert store.set_group_state([first], GroupState.QUARANTINED, T0 + 7) == 0
+    assert store.get_group(first).state is GroupState.CONSUMED
+
+    with pytest.raises(IntegrityError), store._write_engine.begin() as connection:
+        connection.execute(insert(GroupConsumption).values(group_id=first, trainer_step=3, consumed_ms=T0))
+
+
+def test_a_resumed_trainer_gets_back_the_groups_of_its_lost_steps(store: Store):
+    _register(store)
+    _, first = _leased_submission(store, "node-a", b"batch-1")
+    _, second = _leased_submission(store, "node-a", b"batch-2")
+    store.record_submission(first)
+    store.record_submission(second)
+    kept, lost = (g.group_id for g in first.groups), (g.group_id for g in second.groups)
+    kept, lost = list(kept), list(lost)
+    store.mark_consumed(kept, trainer_step=4, now_ms=T0)
+    store.mark_consumed(lost, trainer_step=5, now_ms=T0)
+
+    assert store.restore_consumed_after(4, T0 + 1) == 2
+    assert [c.group_id for c in store.list_consumptions()] == sorted(kept)
+    assert all(store.get_group(g).state is GroupState.READY for g in lost)
+    assert store.mark_consumed(lost, trainer_step=5, now_ms=T0 + 2).consumed == tuple(lost)
+    assert sorted(c.trainer_step for c in store.list_consumptions()) == [4, 4, 5, 5]
+    assert store.restore_consumed_after(5, T0 + 3) == 0
+
+
+def test_ready_groups_below_a_version_become_stale(store: Store):
+    _register(store)
+    _, old = _leased_submission(store, "node-a", b"batch-1", policy_version=2)
+    _, new = _leased_submission(store, "node-a", b"batch-2", policy_version=4)
+    store.record_submission(old)
+    store.record_submission(new)
+    assert store.mark_stale_below(3, T0 + 1) == 2
+    assert {store.get_group(g.group_id).state for g in old.groups} == {GroupState.STALE}
+    assert {store.get_group(g.group_id).state for g in new.groups} == {GroupState.READY}
+
+
+def test_group_state_changes_follow_the_allowed_transitions(store: Store):
+    _register(store)
+    _, ready = _leased_submission(store, "node-a", b"batch-1")
+    _, pending = _leased_submission(store, "node-a", b"batch-2", state=GroupState.PENDING_VALIDATION)
+    store.record_submission(ready)
+    store.record_submission(pending)
+    ready_ids = [g.group_id for g in ready.groups]
+    pending_ids = [g.group_id for g in pending.groups]
+
+    assert store.mark_stale([ready_ids[0], pending_ids[0]], T0) == 1
+    assert store.set_group_state(ready_ids, GroupState.READY, T0) == 0
+    assert store.set_group_state(pending_ids[:1], GroupState.READY, T0) == 1
+    assert store.set_group_state([ready_ids[0]], GroupState.REJECTED, T0) == 0
+    with pytest.raises(ValueError):
+        store.set_group_state(ready_ids, GroupState.CONSUMED, T0)
+    with pytest.raises(ValueError):
+        store.set_group_state(ready_ids, GroupState.PENDING_VALIDATION, T0)
+    counts = store.group_counts()
+    assert (counts[GroupState.STALE], counts[GroupState.READY], counts[GroupState.PENDING_VALIDATION]) == (1, 2, 1)
+    assert counts[GroupState.CONSUMED] == counts[GroupState.QUARANTINED] == counts[GroupState.REJECTED] == 0
+
+
+def test_quarantine_takes_the_nodes_unverified_unconsumed_groups(store: Store):
+    for node_id in ("node-a", "node-b"):
+        _register(store, node_id)
+    _, ready = _leased_submission(store, "node-a", b"batch-1")
+    _, pending = _leased_submission(store, "node-a", b"batch-2", state=GroupState.PENDING_VALIDATION)
+    _, other = _leased_submission(store, "node-b", b"batch-3")
+    for submission in (ready, pending, other):
+        store.record_submission(submission)
+    consumed_id, unverified_id = (g.group_id for g in ready.groups)
+    verified_id, pending_id = (g.group_id for g in pending.groups)
+    store.mark_consumed([consumed_id], 1, T0)
+    store.record_validation(verified_id, True, "all", "{}", T0)
+
+    assert store.quarantine_node_groups("node-a", T0 + 1) == 2
+    states = {gid: store.get_group(gid).state for gid in (consumed_id, unverified_id, verified_id, pending_id)}
+    assert states == {
+        consumed_id: GroupState.CONSUMED,
+        unverified_id: GroupState.QUARANTINED,
+        verified_id: GroupState.READY,
+        pending_id: GroupState.QUARANTINED,
+    }
+    assert all(g.state is GroupState.READY for g in map(store.get_group, (g.group_id for g in other.groups)))
+
+
+# ---- validation ----
+
+
+def test_validation_jobs_and_results(store: Store):
+    _register(store)
+    _, pending = _leased_submission(store, "node-a", b"batch-1", state=GroupState.PENDING_VALIDATION)
+    _, ready = _leased_submission(store, "node-a", b"batch-2")
+    store.record_submission(pending)
+    store.record_submission(ready)
+    jobs = store.pending_validation(10)
+    assert [job.group_id for job in jobs] == [g.group_id for g in pending.groups]
+    assert jobs[0].group_bytes == pending.groups[0].group_bytes and not jobs[0].verified
+
+    passed = store.record_validation(jobs[0].group_id, True, "all", '{"max_drift": 0.01}', T0 + 10)
+    assert (passed.node_id, passed.passed) == ("node-a", True)
+    store.record_validation(jobs[1].group_id, False, "commitment", '{"mismatches": 40}', T0 + 11)
+    store.record_validation(ready.groups[0].group_id, True, "all", "{}", T0 + 12)
+    assert store.get_group(jobs[0].group_id).state is GroupState.READY and store.get_group(jobs[0].group_id).verified
+    assert store.get_group(jobs[1].group_id).state is GroupState.REJECTED
+    assert store.get_group(ready.groups[0].group_id).verified
+    assert store.pending_validation(10) == []
+    assert [v.check_name for v in store.list_validations("node-a", 10)] == ["all", "commitment", "all"]
+    with pytest.raises(ValueError):
+        store.record_validation("unknown", True, "all", "{}", T0)
+
+
+# ---- policy versions and metrics ----
+
+
+def test_policy_versions(store: Store):
+    assert store.latest_version() is None
+    keyframe = PolicyVersionRecord(0, 0, Codec.KEYFRAME, b"\x00signed-0", 1_000, 2_000, T0)
+    delta = PolicyVersionRecord(1, 0, Codec.DELTA, b"\x00signed-1", 20, 2_000, T0 + 1)
+    store.add_version(delta)
+    store.add_version(keyframe)
+    assert store.list_versions() == [keyframe, delta]
+    assert store.get_version(1) == delta and store.get_version(2) is None
+    assert store.latest_version() == delta
+    with pytest.raises(VersionExistsError):
+        store.add_version(delta)
+
+
+def test_trainer_metrics(store: Store):
+    for step in range(5):
+        store.add_metrics(step, f'{{"reward": {step / 10}}}', T0 + step)
+    assert [(m.step, m.metrics_json) for m in store.list_metrics(2)] == [(3, '{"reward": 0.3}'), (4, '{"reward": 0.4}')]
+
+
+# ---- contribution ledger ----
+
+
+def test_contributions_settle_after_the_window_and_are_voided_on_failure(store: Store):
+    for node_id in ("node-a", "node-b", "node-c"):
+        _register(store, node_id)
+    _, early = _leased_submission(store, "node-a", b"batch-1", now_ms=T0 + 1_000)
+    _, waiting = _leased_submission(store, "node-a", b"batch-2", now_ms=T0 + 1_000, state=GroupState.PENDING_VALIDATION)
+    _, late = _leased_submission(store, "node-a", b"batch-3", now_ms=T0 + 9_000)
+    _, cheat = _leased_submission(store, "node-b", b"batch-4", now_ms=T0 + 1_000)
+    _, banned = _leased_submission(store, "node-c", b"batch-5", now_ms=T0 + 1_000)
+    for submission in (early, waiting, late, cheat, banned):
+        store.record_submission(submission)
+    store.ban_node("node-c", "x")
+    assert store.void_unsettled("node-b") == 2
+
+    assert store.settle_contributions(before_ms=T0 + 5_000) == 2
+    assert store.settle_contributions(before_ms=T0 + 5_000) == 0
+    totals = {t.node_id: t for t in store.contribution_totals()}
+    assert (totals["node-a"].settled.num_entries, totals["node-a"].settled.num_tokens) == (2, 200)
+    assert totals["node-a"].settled.num_rollouts == 4 and totals["node-a"].settled.flops_estimate == 3e9
+    assert totals["node-a"].pending.num_entries == 4
+    assert totals["node-a"].voided.num_entries == 0
+    assert (totals["node-b"].voided.num_entries, totals["node-b"].pending.num_entries) == (2, 0)
+    assert totals["node-c"].pending.num_entries == 2
+    assert [t.node_id for t in store.contribution_totals("node-b")] == ["node-b"]
+    assert store.void_unsettled("node-a") == 4
+    assert store.contribution_totals("node-a")[0].settled.num_entries == 2
+
+
+# ---- run status ----
+
+
+def test_run_counters(store: Store):
+    empty = store.run_counters(online_since_ms=T0)
+    assert (empty.num_nodes_online, empty.num_rollouts_accepted) == (0, 0)
+    assert (empty.trainer_step, empty.latest_policy_version) == (0, 0)
+    for node_id in ("node-a", "node-b", "node-c"):
+        _register(store, node_id)
+    store.heartbeat("node-c", 0, 0.0, T0 - 100_000)
+    _, submission = _leased_submission(store, "node-a", b"batch-1")
+    store.record_submission(submission)
+    store.mark_consumed([submission.groups[0].group_id], trainer_step=6, now_ms=T0)
+    store.mark_stale([submission.groups[1].group_id], T0)
+    store.add_metrics(7, "{}", T0)
+    store.add_version(PolicyVersionRecord(7, 6, Codec.DELTA, b"m", 1, 2, T0))
+    counters = store.run_counters(online_since_ms=T0 - 30_000)
+    assert (counters.num_nodes_online, counters.num_rollouts_accepted, counters.num_rollouts_rejected) == (2, 4, 1)
+    assert (counters.num_groups[GroupState.CONSUMED], counters.num_groups[GroupState.STALE]) == (1, 1)
+    assert (counters.trainer_step, counters.latest_policy_version) == (7, 7)
+
+
+# ---- concurrency ----
+
+NUM_THREADS = 8
+
+
+def _run_in_threads(function: Callable[[int], object], num_calls: int) -> list:
+    start = threading.Barrier(NUM_THREADS)
+
+    def call(index: int) -> object:
+        if index < NUM_THREADS:
+            start.wait()
+        return function(index)
+
+    with ThreadPoolExecutor(NUM_THREADS) as pool:
+        return list(pool.map(call, range(num_calls)))
+
+
+def test_lease_numbers_are_unique_under_concurrency(store: Store):
+    numbers = _run_in_threads(lambda _: store.next_lease_number(), 80)
+    assert sorted(numbers) == list(range(80))
+
+
+def test_concurrent_first_registrations_of_a_node(store: Store):
+    def register(index: int):
+        return store.register_node("node-a", b"k" * 32, f"box {index}", "torch", "cpu", "0.1.0", T0 + index)
+
+    nodes = _run_in_threads(register, 16)
+    assert len({node.registered_ms for node in nodes}) == 1
+    assert len(store.list_nodes()) == 1
+
+
+def test_concurrent_resends_store_a_batch_once(store: Store):
+    _register(store)
+    _, submission = _leased_submission(store, "node-a", b"batch-1")
+    outcomes = _run_in_threads(lambda _: store.record_submission(submission), 16)
+    assert sum(outcome.newly_stored for outcome in outcomes) == 1
+    assert {outcome.receipt for outcome in outcomes} == {submission.receipt}
+    assert store.get_node("node-a").num_rollouts_accepted == 4
+
+
+def test_concurrent_acks_consume_each_group_once(store: Store):
+    _register(store)
+    group_ids = []
+    for index in range(4):
+        _, submission = _leased_submission(store, "node-a", f"batch-{index}".encode())
+        store.record_submission(submission)
+        group_ids += [group.group_id for group in submission.groups]
+    outcomes = _run_in_threads(lambda step: store.mark_consumed(group_ids, step, T0), 16)
+    consumed = [group_id for outcome in outcomes for group_id in outcome.consumed]
+    assert sorted(consumed) == sorted(group_ids)
+    assert len(store.list_consumptions()) == len(group_ids)
+
+
+def test_concurrent_lease_requests_respect_the_cap_and_the_requeue(store: Store):
+    _register(store)
+    _register(store, "node-b")
+    for _ in range(3):
+        store.issue_lease("node-b", T0, 10, _fresh_factory("node-b", deadline_ms=10))
+    store.expire_leases(T0 + 10)
+
+    def request(_: int) -> LeaseRecord | None:
+        try:
+            return store.issue_lease("node-a", T0 + 20, 5, _fresh_factory("node-a", now_ms=T0 + 20))
+        except LeaseCapError:
+            return None
+
+    leases = [lease for lease in _run_in_threads(request, 16) if lease is not None]
+    assert len(leases) == 5
+    assert sorted(lease.lease_number for lease in leases) == [0, 1, 2, 3, 4]
+    assert store.num_requeued() == 0

@@ -1,0 +1,146 @@
+"""`rollproof trainer run`: stream accepted groups, train, publish, acknowledge, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from protocol.identity import Identity
+from protocol.types import ReadyGroup
+from trainer.checkpoint import TrainerState, list_checkpoints, load_checkpoint, save_checkpoint
+from trainer.config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.2
+
+
+class TrainerKeyMismatchError(ValueError):
+    pass
+
+
+def split_by_staleness(
+    groups: list[ReadyGroup], current_version: int, max_staleness: int
+) -> tuple[list[ReadyGroup], list[ReadyGroup]]:
+    """(fresh, stale): a group is fresh when its policy is at most max_staleness versions old."""
+    fresh = [g for g in groups if current_version - g.policy_version <= max_staleness]
+    stale = [g for g in groups if current_version - g.policy_version > max_staleness]
+    return fresh, stale
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig, *, resume: bool):
+        self.config = config
+        self.resume = resume
+        self.data_dir = config.data_dir.expanduser()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir = self.data_dir / "checkpoints"
+        self.metrics_path = (config.metrics_file or self.data_dir / "metrics.jsonl").expanduser()
+        self.identity = Identity.load_or_create((config.key_file or self.data_dir / "trainer.key").expanduser())
+        self.stop_event = threading.Event()
+
+    def run(self) -> TrainerState:
+        from policy.model import load_model
+        from policy.tokenizer import load_tokenizer
+        from trainer.client import TrainerClient
+        from trainer.publish import PolicyPublisher
+        from trainer.step import make_optimizer, train_step
+
+        config = self.config
+        if config.model is None:
+            raise ValueError("model is not set: point it at the run's model directory")
+        client = TrainerClient(config.coordinator, self.identity)
+        try:
+            run_info = client.run_info()
+            if run_info.trainer_key_fingerprint != self.identity.key_id:
+                raise TrainerKeyMismatchError(
+                    f"the coordinator accepts trainer key {run_info.trainer_key_fingerprint}, "
+                    f"this trainer holds {self.identity.key_id}"
+                )
+            model = load_model(config.model, dtype=config.dtype, device=config.device)
+            pad_token_id = load_tokenizer(config.model.expanduser()).pad_token_id or 0
+            optimizer = make_optimizer(model, config.optimizer)
+            state = TrainerState()
+            checkpoints = list_checkpoints(self.checkpoint_dir)
+            if checkpoints and not self.resume:
+                raise ValueError(f"{self.checkpoint_dir} holds checkpoints: pass --resume, or use another data_dir")
+            if checkpoints:
+                state = load_checkpoint(checkpoints[-1], model, optimizer)
+                reply = client.resume(state.step)
+                log.info(
+                    "resumed at step %d from %s; %d groups consumed after it are ready again",
+                    state.step, checkpoints[-1].name, reply.num_groups_restored,
+                )
+                version = reply.latest_policy_version + 1
+            else:
+                version = run_info.latest_policy_version + 1
+            publisher = PolicyPublisher(self.identity, run_info.run_id, client, keyframe_interval=config.keyframe_interval)
+            publisher.publish_model(version, model)
+            state.latest_published_version = version
+            log.info("published policy version %d", version)
+            temperature = run_info.sampling.temperature or 1.0
+            while not self.stop_event.is_set() and (config.max_steps == 0 or state.step < config.max_steps):
+                waited_s, fresh = self._collect(client, version, state)
+                if not fresh:
+                    continue
+                metrics = train_step(
+                    model, optimizer, fresh,
+                    current_version=version, temperature=temperature, pad_token_id=pad_token_id,
+                    loss_config=config.loss, grad_clip=config.optimizer.grad_clip,
+                )
+                state.step += 1
+                if not metrics.skipped:
+                    version += 1
+                    publish_started = time.perf_counter()
+                    published = publisher.publish_model(version, model)
+                    publish_s = time.perf_counter() - publish_started
+                    state.latest_published_version = version
+                else:
+                    published, publish_s = None, 0.0
+                consumed = [g.group_id for g in fresh]
+                client.ack(state.step, consumed, [])
+                state.consumed_groups[state.step] = consumed
+                record = {
+                    "step": state.step,
+                    "policy_version": version,
+                    "wait_seconds": waited_s,
+                    "publish_seconds": publish_s,
+                    "delta_bytes": published.delta.num_blob_bytes if published and published.delta else 0,
+                    "num_groups_stale_total": state.num_groups_stale,
+                    "time": time.time(),
+                    **metrics.as_dict(),
+                }
+                self._write_metrics(record)
+                client.report_metrics(state.step, json.dumps(record))
+                log.info(
+                    "step %d: reward %.3f, loss %.4f, %d groups, masked %.1f%%, waited %.1fs, version %d",
+                    state.step, metrics.reward_mean, metrics.loss, metrics.num_groups,
+                    100 * metrics.masked_fraction, waited_s, version,
+                )
+                if state.step % config.checkpoint_every == 0:
+                    save_checkpoint(self.checkpoint_dir, model, optimizer, state)
+            save_checkpoint(self.checkpoint_dir, model, optimizer, state)
+            log.info("stopped at step %d, policy version %d", state.step, version)
+            return state
+        finally:
+            client.close()
+
+    def _collect(self, client, version: int, state: TrainerState) -> tuple[float, list[ReadyGroup]]:
+        """Wait until groups_per_step fresh groups are ready; acknowledge stale ones as stale."""
+        started = time.perf_counter()
+        while not self.stop_event.is_set():
+            groups = client.ready_groups(self.config.groups_per_step, self.config.max_staleness)
+            fresh, stale = split_by_staleness(groups, version, self.config.max_staleness)
+            if stale:
+                client.ack(state.step, [], [g.group_id for g in stale])
+                state.num_groups_stale += len(stale)
+            if len(fresh) >= self.config.groups_per_step:
+                return time.perf_counter() - started, fresh
+            self.stop_event.wait(POLL_INTERVAL_S)
+        return time.perf_counter() - started, []
+
+    def _write_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
