@@ -18,7 +18,7 @@ from node.client import CoordinatorClient
 from node.config import NodeConfig
 from node.spool import Spool
 from protocol import convert
-from protocol.identity import Identity
+from protocol.identity import Identity, key_id
 from protocol.proto import rollout_pb2, service_pb2
 from protocol.sampling import derive_sample_seed
 from protocol.types import Rollout, RolloutBatch, RolloutGroup, WorkLease
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 TRAINER_PIN_FILE = "trainer_key_fingerprint"
 MAX_BACKOFF_S = 30.0
+
+
+class _Stopping(Exception):
+    """The daemon was asked to stop while the coordinator could not be reached."""
 
 
 class TrainerKeyError(ValueError):
@@ -98,8 +102,10 @@ class NodeDaemon:
             try:
                 result = await make_call()
             except grpc.aio.AioRpcError as error:
-                if not _retryable(error) or self.stop_event.is_set():
+                if not _retryable(error):
                     raise
+                if self.stop_event.is_set():
+                    raise _Stopping(f"{what}: {error.code().name}") from None
                 self.status.link = "reconnecting"
                 self.status.last_error = f"{what}: {error.code().name}: {error.details()}"
                 self._write_status()
@@ -150,7 +156,7 @@ class NodeDaemon:
         client = CoordinatorClient(self.config.coordinator, self.identity)
         try:
             run_info = await self._call("run info", client.run_info)
-            self._pinned_fingerprint(run_info.trainer_key_fingerprint)
+            self._pinned_fingerprint(key_id(run_info.trainer_public_key))
             self.task = get_task(run_info.task)
             self.run_info = run_info
             self.tokenizer = load_tokenizer(self.model_dir)
@@ -161,7 +167,7 @@ class NodeDaemon:
                 max_batch_size=self.config.engine.batch_size,
                 pad_token_id=self.tokenizer.pad_token_id or 0,
             )
-            self.policy = PolicySync(model, client, run_info, self.config)
+            self.policy = PolicySync(model, client, run_info)
             engine_name = f"torch-{self.config.engine.device}-{self.config.engine.dtype}"
             response = await self._call(
                 "register",
@@ -181,6 +187,9 @@ class NodeDaemon:
             try:
                 await self._resend_spool(client)
                 await self._work(client)
+            except _Stopping as stopping:
+                log.warning("stopping while the coordinator is unreachable (%s); %d spooled batches will be "
+                            "re-sent on restart", stopping, len(self.spool))
             finally:
                 heartbeat.cancel()
         finally:

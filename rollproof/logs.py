@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+_NOISY_LIBRARIES = ("alembic", "httpx", "uvicorn.access")
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -40,3 +41,5 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = False, process_name
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for noisy in _NOISY_LIBRARIES:
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
 _PREFIX = "step-"
 
@@ -47,7 +47,7 @@ def save_checkpoint(
     temp = directory / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, temp / "model.safetensors")
+    save_model(model, str(temp / "model.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, temp / "optimizer.pt")
     (temp / "state.json").write_text(
         json.dumps(
@@ -79,7 +79,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainerState:
     """Restore model, optimizer and RNG from `path` and return the trainer state."""
     path = Path(path)
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(next(model.parameters()).device)))
+    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
     extra = torch.load(path / "optimizer.pt", weights_only=False)
     optimizer.load_state_dict(extra["optimizer"])
     _restore_rng(extra["rng"])
