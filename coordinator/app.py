@@ -51,6 +51,8 @@ from protocol.types import (
 
 log = logging.getLogger(__name__)
 
+MAX_LEASE_ID_CHARS = 64
+
 
 class InvalidRequestError(ValueError):
     """The request is well signed but its content is malformed."""
@@ -167,6 +169,10 @@ class Coordinator:
             raise InvalidRequestError(f"lease {lease_id!r} is not held by {node_id}")
         return self.store.close_lease(lease_id, LeaseState.RELEASED, self.clock())
 
+    def extend_open_leases(self) -> int:
+        """After a restart: leases open when the coordinator stopped get a full deadline again."""
+        return self.store.extend_open_leases(self.clock() + self.scheduler.plan.deadline_ms)
+
     def expire_leases(self) -> int:
         return len(self.scheduler.expire(self.clock()))
 
@@ -198,7 +204,8 @@ class Coordinator:
         except LeaseRejection as rejection:
             log.warning("refused batch of %s: %s", node_id, rejection)
             receipt = _reject_all(batch, batch_hash, rejection.reason, str(rejection))
-            return SubmitResult(receipt, convert.receipt_to_proto(receipt).SerializeToString(), False)
+            outcome = self.store.record_submission(_rejected_submission(node_id, batch, batch_hash, receipt, now))
+            return SubmitResult(receipt, outcome.receipt, outcome.newly_stored)
         extra_seen: set[bytes] = set()
         while True:
             checked = check_rollouts(
@@ -304,6 +311,22 @@ class Coordinator:
         if outcome.already_consumed:
             log.error("trainer step %d re-used consumed groups %s", trainer_step, outcome.already_consumed)
         return outcome, num_stale
+
+
+def _rejected_submission(
+    node_id: str, batch: RolloutBatch, batch_hash: bytes, receipt: Receipt, now: int
+) -> NewSubmission:
+    """A batch refused as a whole: stored for the contributor's record, with no groups."""
+    return NewSubmission(
+        batch_hash=batch_hash,
+        lease_id=batch.lease_id[:MAX_LEASE_ID_CHARS],
+        node_id=node_id,
+        created_ms=now,
+        receipt=convert.receipt_to_proto(receipt).SerializeToString(),
+        groups=(),
+        verdicts=tuple(NewVerdict(v.prompt_index, v.sample_index, False, v.reason, v.message) for v in receipt.verdicts),
+        rollout_hashes=(),
+    )
 
 
 def _reject_all(batch: RolloutBatch, batch_hash: bytes, reason: RejectReason, message: str) -> Receipt:

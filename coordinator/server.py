@@ -136,6 +136,9 @@ async def serve(config: CoordinatorConfig) -> None:
     setup = await asyncio.to_thread(load_run_setup, config)
     store = await asyncio.to_thread(open_coordinator_store, config)
     app, gate = build(config, setup, store)
+    num_extended = await asyncio.to_thread(app.extend_open_leases)
+    if num_extended:
+        log.info("gave %d leases that were open at the last stop a fresh deadline", num_extended)
     limit = config.server.max_message_bytes
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 64 * 1024 * 1024)]

@@ -495,6 +495,16 @@ class Store:
                 self._requeue(connection, [_lease_record(row)], now_ms)
             return True
 
+    def extend_open_leases(self, min_deadline_ms: int) -> int:
+        """Give every open lease at least until min_deadline_ms (after a coordinator restart, so
+        work finished while it was down is not refused as late). Returns how many moved."""
+        with self._write() as connection:
+            return connection.execute(
+                update(_leases)
+                .where(_leases.c.state == LeaseState.OPEN.value, _leases.c.deadline_ms < min_deadline_ms)
+                .values(deadline_ms=min_deadline_ms)
+            ).rowcount
+
     def expire_leases(self, now_ms: int) -> list[LeaseRecord]:
         """Mark every open lease past its deadline expired and requeue its prompts."""
         with self._write() as connection:
@@ -678,7 +688,11 @@ class Store:
         )
         connection.execute(
             update(_leases)
-            .where(_leases.c.lease_id == submission.lease_id, _leases.c.state == LeaseState.OPEN.value)
+            .where(
+                _leases.c.lease_id == submission.lease_id,
+                _leases.c.node_id == submission.node_id,
+                _leases.c.state == LeaseState.OPEN.value,
+            )
             .values(state=LeaseState.SUBMITTED.value, closed_ms=now_ms)
         )
 

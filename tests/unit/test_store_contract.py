@@ -4,6 +4,7 @@ answers)."""
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -331,6 +332,26 @@ def test_expired_and_released_leases_are_requeued_first(store: Store):
         store.close_lease("no-such-lease", LeaseState.SUBMITTED, T0)
     with pytest.raises(ValueError):
         store.close_lease(kept.lease_id, LeaseState.EXPIRED, T0)
+
+
+def test_open_leases_are_extended_after_a_restart(store: Store):
+    _register(store)
+    lease = store.issue_lease("node-a", T0, 10, _fresh_factory("node-a", deadline_ms=1_000))
+    closed = store.issue_lease("node-a", T0, 10, _fresh_factory("node-a", deadline_ms=1_000))
+    store.close_lease(closed.lease_id, LeaseState.RELEASED, T0 + 1)
+    assert store.extend_open_leases(T0 + 50_000) == 1
+    assert store.get_lease(lease.lease_id).deadline_ms == T0 + 50_000
+    assert store.get_lease(closed.lease_id).deadline_ms == T0 + 1_000
+    assert store.extend_open_leases(T0 + 10_000) == 0
+
+
+def test_a_submission_closes_only_a_lease_of_its_own_node(store: Store):
+    _register(store, "node-a")
+    _register(store, "node-b")
+    lease = store.issue_lease("node-a", T0, 10, _fresh_factory("node-a"))
+    foreign = dataclasses.replace(_submission(lease, b"forged"), node_id="node-b", groups=(), rollout_hashes=())
+    store.record_submission(foreign)
+    assert store.get_lease(lease.lease_id).state is LeaseState.OPEN
 
 
 def test_create_lease_stores_a_lease_as_given(store: Store):

@@ -1,0 +1,131 @@
+"""Real processes on loopback for integration tests: a coordinator, nodes, a trainer.
+Every process is started with the real CLI and stopped by its pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protocol.identity import Identity
+
+OPERATOR_TOKEN = "test-operator-token"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill9(self) -> None:
+        os.kill(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=30)
+
+    def terminate(self, timeout_s: float = 60) -> int:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.kill(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout=30)
+        return self.popen.returncode
+
+
+@dataclass
+class Cluster:
+    root: Path
+    model_dir: Path
+    trainer_identity: Identity
+    grpc_port: int = field(default_factory=free_port)
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def coordinator_dir(self) -> Path:
+        return self.root / "coordinator"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+        log_path = self.root / f"{name}.log"
+        handle = open(log_path, "ab")
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "rollproof.cli", *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
+        )
+        handle.close()
+        process = Process(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def start_coordinator(self, *extra: str) -> Process:
+        endpoints = self.coordinator_dir / "endpoints.json"
+        endpoints.unlink(missing_ok=True)
+        process = self.spawn(
+            "coordinator",
+            [
+                "coordinator", "serve",
+                "--data-dir", str(self.coordinator_dir),
+                "--model", str(self.model_dir),
+                "--grpc-port", str(self.grpc_port),
+                "--http-port", "0",
+                "--trainer-key-fingerprint", self.trainer_identity.key_id,
+                *extra,
+            ],
+            env={"ROLLPROOF_COORDINATOR_OPERATOR_TOKEN": OPERATOR_TOKEN},
+        )
+        wait_for(lambda: endpoints.exists() or process.popen.poll() is not None, 120, "the coordinator to listen")
+        assert process.popen.poll() is None, process.log()
+        return process
+
+    def http_address(self) -> str:
+        return json.loads((self.coordinator_dir / "endpoints.json").read_text())["http"]
+
+    def start_node(self, name: str, *extra: str) -> Process:
+        return self.spawn(
+            name,
+            [
+                "node", "run",
+                "--coordinator", self.address,
+                "--model", str(self.model_dir),
+                "--state-dir", str(self.root / name),
+                "--trainer-key-fingerprint", self.trainer_identity.key_id,
+                "--name", name,
+                *extra,
+            ],
+        )
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            process.terminate(timeout_s=30)

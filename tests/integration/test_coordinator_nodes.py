@@ -1,0 +1,118 @@
+"""Coordinator + 2 nodes as real processes on loopback, with crashes (issue 5)."""
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from coordinator.blobstore import BlobStore
+from protocol.identity import Identity
+from tests.integration.cluster import Cluster, wait_for
+
+COORDINATOR_FLAGS = [
+    "--set", "lease.deadline_s=8",
+    "--set", "run.prompts_per_lease=2",
+    "--set", "run.group_size=4",
+    "--set", "run.sampling.max_tokens=12",
+    "--set", "heartbeat_interval_s=1",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from policy.model import create_tiny_model
+
+    directory = tmp_path_factory.mktemp("model")
+    create_tiny_model(directory)
+    return directory
+
+
+def publish_fixed_policy(cluster: Cluster) -> None:
+    """Version 1 of the run, published into the coordinator's blob directory as a trainer would."""
+    from policy.model import load_model
+    from trainer.publish import PolicyPublisher
+
+    blobs = BlobStore(
+        cluster.coordinator_dir / "policy", run_id="demo", trainer_public_key=cluster.trainer_identity.public_key
+    )
+    PolicyPublisher(cluster.trainer_identity, "demo", blobs).publish_model(1, load_model(cluster.model_dir))
+
+
+def query(cluster: Cluster, sql: str, *args):
+    connection = sqlite3.connect(cluster.coordinator_dir / "coordinator.sqlite3", timeout=30)
+    try:
+        return connection.execute(sql, args).fetchall()
+    finally:
+        connection.close()
+
+
+def node_status(cluster: Cluster, name: str) -> dict:
+    path = cluster.root / name / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def accepted_total(cluster: Cluster) -> int:
+    return query(cluster, "SELECT COALESCE(SUM(num_rollouts_accepted), 0) FROM nodes")[0][0]
+
+
+def test_nodes_survive_crashes_of_a_node_and_of_the_coordinator(tmp_path, tiny_model):
+    cluster = Cluster(tmp_path, tiny_model, Identity.generate())
+    try:
+        publish_fixed_policy(cluster)
+        coordinator = cluster.start_coordinator(*COORDINATOR_FLAGS)
+        cluster.start_node("node-1", "--batch-size", "8")
+        cluster.start_node("node-2", "--batch-size", "8")
+        wait_for(lambda: accepted_total(cluster) >= 100, 240, "100 accepted rollouts")
+
+        node_1_id = node_status(cluster, "node-1")["node_id"]
+        open_lease = wait_for(
+            lambda: query(
+                cluster, "SELECT lease_id, lease_number FROM leases WHERE node_id = ? AND state = 'open'", node_1_id
+            ),
+            60,
+            "node-1 to hold a lease",
+            interval_s=0.05,
+        )[0]
+        cluster.processes[1].kill9()
+        lease_id, lease_number = open_lease
+        wait_for(
+            lambda: query(cluster, "SELECT state FROM leases WHERE lease_id = ?", lease_id)[0][0] != "open",
+            60,
+            "the dead node's lease to expire",
+        )
+        assert query(cluster, "SELECT state FROM leases WHERE lease_id = ?", lease_id)[0][0] in ("expired", "submitted")
+        if query(cluster, "SELECT state FROM leases WHERE lease_id = ?", lease_id)[0][0] == "expired":
+            reassigned = wait_for(
+                lambda: query(
+                    cluster,
+                    "SELECT node_id FROM leases WHERE lease_number = ? AND lease_id != ?",
+                    lease_number,
+                    lease_id,
+                ),
+                60,
+                "the expired lease's prompts to be leased again",
+            )
+            assert reassigned[0][0] != node_1_id
+
+        before_crash = accepted_total(cluster)
+        coordinator.kill9()
+        wait_for(lambda: node_status(cluster, "node-2").get("num_batches_spooled", 0) >= 1, 120, "node-2 to spool a batch")
+        cluster.start_coordinator(*COORDINATOR_FLAGS)
+        wait_for(
+            lambda: node_status(cluster, "node-2").get("num_batches_spooled", 1) == 0
+            and accepted_total(cluster) > before_crash,
+            120,
+            "node-2 to re-send its spool",
+        )
+        assert accepted_total(cluster) >= before_crash
+
+        cluster.processes[2].terminate()
+        status = node_status(cluster, "node-2")
+        stored = query(
+            cluster, "SELECT num_rollouts_accepted + num_rollouts_rejected FROM nodes WHERE node_id = ?", status["node_id"]
+        )[0][0]
+        assert stored == status["num_rollouts_accepted"] + status["num_rollouts_rejected"], "a batch counted twice or lost"
+        assert query(cluster, "SELECT COUNT(*) FROM submissions GROUP BY batch_hash HAVING COUNT(*) > 1") == []
+    finally:
+        cluster.stop_all()
