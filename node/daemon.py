@@ -13,15 +13,14 @@ from pathlib import Path
 
 import grpc
 
-from envs import Split, get_task
+from envs import get_task
 from node.client import CoordinatorClient
 from node.config import NodeConfig
 from node.spool import Spool
 from protocol import convert
 from protocol.identity import Identity, key_id
 from protocol.proto import rollout_pb2, service_pb2
-from protocol.sampling import derive_sample_seed
-from protocol.types import Rollout, RolloutBatch, RolloutGroup, WorkLease
+from protocol.types import WorkLease
 
 log = logging.getLogger(__name__)
 
@@ -252,50 +251,19 @@ class NodeDaemon:
             log.warning("%d rollouts rejected: %s", len(rejected), rejected[0].message)
 
     def _generate(self, lease: WorkLease) -> bytes:
-        from policy.engine import GenerationRequest
-        from policy.scoring import completion_text
+        from node.generate import generate_batch
 
         started = time.perf_counter()
-        requests = [
-            GenerationRequest(
-                prompt_token_ids=prompt.prompt_token_ids,
-                sampling=lease.sampling,
-                seed=derive_sample_seed(lease.sampling_seed, position, sample_index),
-            )
-            for position, prompt in enumerate(lease.prompts)
-            for sample_index in range(lease.group_size)
-        ]
-        results = iter(self.engine.generate(requests))
-        groups = []
-        num_tokens = 0
-        for prompt in lease.prompts:
-            problem = self.task.problem(Split.TRAIN, self.run_info.run_seed, prompt.prompt_index)
-            rollouts = []
-            for sample_index in range(lease.group_size):
-                result = next(results)
-                num_tokens += len(result.token_ids)
-                rollouts.append(
-                    Rollout(
-                        sample_index=sample_index,
-                        token_ids=result.token_ids,
-                        sampled_mask=(True,) * len(result.token_ids),
-                        logprobs=result.logprobs,
-                        commitment=result.commitment,
-                        finish_reason=result.finish_reason,
-                        claimed_reward=self.task.reward(problem, completion_text(self.tokenizer, result.token_ids)),
-                    )
-                )
-            groups.append(RolloutGroup(prompt.prompt_index, tuple(rollouts)))
+        generated = generate_batch(
+            self.engine, self.tokenizer, self.task, self.run_info.run_seed, lease, self.engine_name
+        )
         elapsed = time.perf_counter() - started
-        self.status.num_tokens_generated += num_tokens
-        rate = num_tokens / elapsed if elapsed > 0 else 0.0
+        self.status.num_tokens_generated += generated.num_tokens
+        rate = generated.num_tokens / elapsed if elapsed > 0 else 0.0
         self.status.tokens_per_second = rate if not self.status.tokens_per_second else (
             0.7 * self.status.tokens_per_second + 0.3 * rate
         )
-        batch = RolloutBatch(
-            lease_id=lease.lease_id, policy_version=lease.policy_version, groups=tuple(groups), engine=self.engine_name
-        )
-        return convert.batch_to_proto(batch).SerializeToString()
+        return convert.batch_to_proto(generated.batch).SerializeToString()
 
 
 def _software_version() -> str:

@@ -1,0 +1,59 @@
+"""Turning a lease into a signed-ready RolloutBatch: per-sample seeds, generation, scoring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from envs import Split, Task
+from policy.engine import GenerationEngine, GenerationRequest
+from policy.scoring import completion_text
+from protocol.sampling import derive_sample_seed
+from protocol.types import Rollout, RolloutBatch, RolloutGroup, WorkLease
+
+
+@dataclass(frozen=True)
+class GeneratedBatch:
+    batch: RolloutBatch
+    num_tokens: int
+
+
+def generate_batch(
+    engine: GenerationEngine, tokenizer: Any, task: Task, run_seed: int, lease: WorkLease, engine_name: str
+) -> GeneratedBatch:
+    """G completions per leased prompt with the seeds the protocol derives from the lease,
+    each scored by the task's verifier."""
+    requests = [
+        GenerationRequest(
+            prompt_token_ids=prompt.prompt_token_ids,
+            sampling=lease.sampling,
+            seed=derive_sample_seed(lease.sampling_seed, position, sample_index),
+        )
+        for position, prompt in enumerate(lease.prompts)
+        for sample_index in range(lease.group_size)
+    ]
+    results = iter(engine.generate(requests))
+    groups = []
+    num_tokens = 0
+    for prompt in lease.prompts:
+        problem = task.problem(Split.TRAIN, run_seed, prompt.prompt_index)
+        rollouts = []
+        for sample_index in range(lease.group_size):
+            result = next(results)
+            num_tokens += len(result.token_ids)
+            rollouts.append(
+                Rollout(
+                    sample_index=sample_index,
+                    token_ids=result.token_ids,
+                    sampled_mask=(True,) * len(result.token_ids),
+                    logprobs=result.logprobs,
+                    commitment=result.commitment,
+                    finish_reason=result.finish_reason,
+                    claimed_reward=task.reward(problem, completion_text(tokenizer, result.token_ids)),
+                )
+            )
+        groups.append(RolloutGroup(prompt.prompt_index, tuple(rollouts)))
+    batch = RolloutBatch(
+        lease_id=lease.lease_id, policy_version=lease.policy_version, groups=tuple(groups), engine=engine_name
+    )
+    return GeneratedBatch(batch, num_tokens)
