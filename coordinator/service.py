@@ -12,11 +12,13 @@ from collections.abc import Callable
 import grpc
 
 from coordinator.app import Coordinator, InvalidRequestError
+from coordinator.blobstore import BlobStoreError, NoUpdatePathError, UnknownBlobError
 from coordinator.gate import Gate, GateError
 from coordinator.store import GroupState, LeaseCapError, NodeRecord, UnknownNodeError
 from protocol import convert
 from protocol.envelope import method_name
 from protocol.identity import key_id
+from protocol.manifest import MAX_BLOB_BYTES, PolicyUpdateError
 from protocol.proto import rollout_pb2, service_pb2, service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,10 @@ def _guarded(handler: Callable) -> Callable:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except LeaseCapError as error:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except NoUpdatePathError as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except BlobStoreError as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
 
     return wrapper
 
@@ -119,6 +125,28 @@ class NodeServicer(service_pb2_grpc.NodeServiceServicer):
         )
 
     @_guarded
+    async def GetManifest(self, request, context):
+        signed = await asyncio.to_thread(self.app.policy.manifest, request.version or None)
+        return convert.signed_manifest_to_proto(signed)
+
+    @_guarded
+    async def GetUpdatePath(self, request, context):
+        path = await asyncio.to_thread(self.app.policy.update_path, request.from_version or None)
+        return service_pb2.UpdatePath(manifests=[convert.signed_manifest_to_proto(m) for m in path])
+
+    async def FetchBlob(self, request, context):
+        try:
+            chunks = await asyncio.to_thread(self.app.policy.blobs.iter_blob_chunks, request.hash, request.offset)
+        except UnknownBlobError as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except BlobStoreError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        offset = request.offset
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            yield service_pb2.BlobChunk(offset=offset, data=chunk)
+            offset += len(chunk)
+
+    @_guarded
     async def LeaseWork(self, envelope, context):
         caller = await asyncio.to_thread(self.gate.node_caller, envelope, self._method("LeaseWork"))
         request = self.gate.decode(caller.envelope.payload, service_pb2.LeaseRequest)
@@ -148,6 +176,52 @@ class TrainerServicer(service_pb2_grpc.TrainerServiceServicer):
 
     def _method(self, name: str) -> str:
         return method_name("TrainerService", name)
+
+    async def UploadBlob(self, request_iterator, context):
+        header = None
+        received = bytearray()
+        try:
+            async for part in request_iterator:
+                if header is None:
+                    if not part.HasField("header"):
+                        raise InvalidRequestError("an upload starts with a signed header")
+                    header = self.gate.trainer_request(
+                        part.header, self._method("UploadBlob"), service_pb2.BlobUploadHeader
+                    )
+                    if header.size > MAX_BLOB_BYTES:
+                        raise InvalidRequestError(f"blob of {header.size} bytes exceeds the {MAX_BLOB_BYTES}-byte cap")
+                    continue
+                received.extend(part.data)
+                if len(received) > header.size:
+                    raise InvalidRequestError(f"upload is longer than its declared {header.size} bytes")
+            if header is None or len(received) != header.size:
+                raise InvalidRequestError("upload ended before its declared size")
+            stored = await asyncio.to_thread(self.app.policy.blobs.put_blob, header.hash, bytes(received))
+        except GateError as error:
+            await context.abort(error.status, str(error))
+        except (InvalidRequestError, BlobStoreError) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return service_pb2.BlobUploadResponse(hash=header.hash, already_present=not stored)
+
+    @_guarded
+    async def PublishPolicy(self, envelope, context):
+        request = self.gate.trainer_request(envelope, self._method("PublishPolicy"), service_pb2.PublishRequest)
+        try:
+            manifest = await asyncio.to_thread(
+                self.app.policy.publish, convert.signed_manifest_from_proto(request.manifest)
+            )
+        except (PolicyUpdateError, BlobStoreError) as error:
+            raise InvalidRequestError(f"publish refused: {error}") from None
+        log.info("published policy version %d (%s)", manifest.version, manifest.codec.name.lower())
+        return service_pb2.PublishResponse(version=manifest.version)
+
+    @_guarded
+    async def Resume(self, envelope, context):
+        request = self.gate.trainer_request(envelope, self._method("Resume"), service_pb2.ResumeRequest)
+        num_restored = await asyncio.to_thread(self.app.resume_trainer, request.trainer_step)
+        return service_pb2.ResumeResponse(
+            num_groups_restored=num_restored, latest_policy_version=self.app.latest_policy_version()
+        )
 
     async def StreamGroups(self, envelope, context):
         try:
