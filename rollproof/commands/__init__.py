@@ -8,4 +8,5 @@ COMMAND_MODULES = [
     "rollproof.commands.coordinator",
     "rollproof.commands.node",
     "rollproof.commands.trainer",
+    "rollproof.commands.eval",
 ]
