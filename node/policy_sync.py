@@ -7,6 +7,8 @@ import asyncio
 import logging
 from typing import Any
 
+import grpc
+
 from node.client import BlobFetchError, CoordinatorClient
 from policy.weights import NodePolicy
 from protocol.manifest import MissingBaseError, PolicyUpdateError, verify_manifest
@@ -31,7 +33,13 @@ class PolicySync:
         """Move to the latest version if there is a newer one; True when the policy changed.
         `call(what, make_call)` runs an RPC with the daemon's retry policy."""
         changed = False
-        path = await call("update path", lambda: self.client.update_path(self.version))
+        try:
+            path = await call("update path", lambda: self.client.update_path(self.version))
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            log.info("no policy to follow yet: %s", error.details())
+            return False
         while path:
             signed = path.pop(0)
             try:

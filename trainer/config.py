@@ -38,6 +38,8 @@ class TrainerConfig(_Section):
     groups_per_step: int = Field(8, ge=1)
     max_steps: int = Field(0, ge=0, description="0 means run until stopped")
     checkpoint_every: int = Field(10, ge=1)
+    eval_every: int = Field(10, ge=0, description="held-out eval of the published policy every N steps; 0: never")
+    eval_problems: int = Field(100, ge=1)
     keyframe_interval: int = Field(20, ge=1, description="publish a keyframe besides the delta every N versions")
     metrics_file: Path | None = Field(None, description="default: <data_dir>/metrics.jsonl")
     wandb_project: str = ""

@@ -30,6 +30,44 @@ def split_by_staleness(
     return fresh, stale
 
 
+class PublishedPolicyEvaluator:
+    """Held-out reward of the published policy: the bf16 rounding of the trainer's weights."""
+
+    def __init__(self, model, model_dir, run_info, num_problems: int):
+        from envs import get_task
+        from policy.tokenizer import load_tokenizer
+
+        self.model = model
+        self.tokenizer = load_tokenizer(model_dir)
+        self.task = get_task(run_info.task)
+        self.seed = run_info.run_seed
+        self.max_tokens = run_info.sampling.max_tokens
+        self.num_problems = num_problems
+
+    def evaluate(self) -> dict:
+        import torch
+
+        from policy.evaluate import evaluate
+
+        started = time.perf_counter()
+        masters = [p.detach().clone() for p in self.model.parameters()]
+        try:
+            with torch.no_grad():
+                for parameter in self.model.parameters():
+                    parameter.copy_(parameter.to(torch.bfloat16).to(parameter.dtype))
+            result = evaluate(
+                self.model.eval(), self.tokenizer, self.task,
+                num_problems=self.num_problems, seed=self.seed, max_tokens=self.max_tokens,
+            )
+        finally:
+            with torch.no_grad():
+                for parameter, master in zip(self.model.parameters(), masters):
+                    parameter.copy_(master)
+            self.model.train()
+        log.info("held-out reward %.3f (%d problems)", result.mean_reward, result.num_problems)
+        return {"eval_reward": result.mean_reward, "eval_seconds": time.perf_counter() - started}
+
+
 class Trainer:
     def __init__(self, config: TrainerConfig, *, resume: bool):
         self.config = config
@@ -81,6 +119,10 @@ class Trainer:
             state.latest_published_version = version
             log.info("published policy version %d", version)
             temperature = run_info.sampling.temperature or 1.0
+            evaluator = PublishedPolicyEvaluator(model, config.model.expanduser(), run_info, config.eval_problems)
+            if config.eval_every:
+                self._write_metrics({"step": state.step, "policy_version": version, "time": time.time(),
+                                     **evaluator.evaluate()})
             while not self.stop_event.is_set() and (config.max_steps == 0 or state.step < config.max_steps):
                 waited_s, fresh = self._collect(client, version, state)
                 if not fresh:
@@ -103,6 +145,7 @@ class Trainer:
                 client.ack(state.step, consumed, [])
                 state.consumed_groups[state.step] = consumed
                 record = {
+                    **(evaluator.evaluate() if config.eval_every and state.step % config.eval_every == 0 else {}),
                     "step": state.step,
                     "policy_version": version,
                     "wait_seconds": waited_s,

@@ -9,4 +9,5 @@ COMMAND_MODULES = [
     "rollproof.commands.node",
     "rollproof.commands.trainer",
     "rollproof.commands.eval",
+    "rollproof.commands.up",
 ]
