@@ -45,6 +45,13 @@ class LeaseSection(_Section):
     max_open_per_node: int = Field(2, ge=1)
 
 
+class ValidationSection(_Section):
+    enabled: bool = Field(True, description="run the validator inside the coordinator")
+    num_initial_checks: int = Field(20, ge=0, description="a new node's submissions are all checked until it passed this many")
+    floor_rate: float = Field(0.05, gt=0.0, le=1.0, description="the lowest sampling rate, reached with high reputation")
+    max_strikes: int = Field(2, ge=1, description="failed full checks before a node is banned")
+
+
 class StoreSection(_Section):
     url: str = Field("", description="SQLAlchemy URL; empty means SQLite in the data directory")
 
@@ -58,3 +65,4 @@ class CoordinatorConfig(_Section):
     server: ServerSection = ServerSection()
     lease: LeaseSection = LeaseSection()
     store: StoreSection = StoreSection()
+    validation: ValidationSection = ValidationSection()

@@ -21,6 +21,7 @@ from coordinator.gate import Gate
 from coordinator.ratelimit import RateLimiter
 from coordinator.service import AdminServicer, NodeServicer, TrainerServicer
 from coordinator.store import Store, open_store, sqlite_url
+from coordinator.validation import PolicyHistory, SamplingPolicy, Validator
 from coordinator.versions import PolicyVersions
 from protocol.envelope import EnvelopeVerifier
 from protocol.identity import public_key_from_key_id
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 ENDPOINTS_FILE = "endpoints.json"
 HOUSEKEEPING_INTERVAL_S = 1.0
 SETTLE_WINDOW_MS = 10 * 60 * 1000
+VALIDATION_IDLE_S = 0.5
 
 
 def trainer_key(config: CoordinatorConfig) -> bytes:
@@ -101,11 +103,26 @@ class Endpoints:
     http: str
 
 
-def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> tuple[Coordinator, Gate]:
+def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> tuple[Coordinator, Gate, Validator | None]:
     blobs = BlobStore(
         config.data_dir.expanduser() / "policy", run_id=config.run.run_id, trainer_public_key=setup.trainer_public_key
     )
-    app = Coordinator(config, store, setup, PolicyVersions(blobs, store, setup.trainer_public_key))
+    sampling_policy = SamplingPolicy(
+        num_initial_checks=config.validation.num_initial_checks,
+        floor_rate=config.validation.floor_rate,
+        max_strikes=config.validation.max_strikes,
+    )
+    app = Coordinator(
+        config,
+        store,
+        setup,
+        PolicyVersions(blobs, store, setup.trainer_public_key),
+        needs_validation=sampling_policy.needs_validation if config.validation.enabled else (lambda node: False),
+    )
+    validator = None
+    if config.validation.enabled:
+        history = PolicyHistory(blobs, config.run.run_id, setup.trainer_public_key, config.run.max_staleness + 1)
+        validator = Validator(store, history, model_directory(config), app.prompt, sampling_policy, clock=app.clock)
     gate = Gate(
         EnvelopeVerifier(window_ms=round(config.server.envelope_window_s * 1000)),
         RateLimiter(config.server.requests_per_second_per_node, config.server.request_burst_per_node),
@@ -113,7 +130,18 @@ def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> tuple[Coo
         setup.trainer_public_key,
         config.operator_token.get_secret_value(),
     )
-    return app, gate
+    return app, gate, validator
+
+
+async def _validation_loop(validator: Validator) -> None:
+    while True:
+        try:
+            num_decided = await asyncio.to_thread(validator.run_pending)
+        except Exception:
+            log.exception("validation failed; retrying")
+            num_decided = 0
+        if not num_decided:
+            await asyncio.sleep(VALIDATION_IDLE_S)
 
 
 async def _housekeeping(app: Coordinator) -> None:
@@ -135,7 +163,7 @@ async def serve(config: CoordinatorConfig) -> None:
 
     setup = await asyncio.to_thread(load_run_setup, config)
     store = await asyncio.to_thread(open_coordinator_store, config)
-    app, gate = build(config, setup, store)
+    app, gate, validator = build(config, setup, store)
     num_extended = await asyncio.to_thread(app.extend_open_leases)
     if num_extended:
         log.info("gave %d leases that were open at the last stop a fresh deadline", num_extended)
@@ -155,7 +183,9 @@ async def serve(config: CoordinatorConfig) -> None:
     )
     await server.start()
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
-    housekeeping = asyncio.create_task(_housekeeping(app))
+    background = [asyncio.create_task(_housekeeping(app))]
+    if validator is not None:
+        background.append(asyncio.create_task(_validation_loop(validator)))
     endpoints = Endpoints(
         grpc=f"{config.server.host}:{grpc_port}", http=f"http://{config.server.host}:{http_socket.getsockname()[1]}"
     )
@@ -169,7 +199,8 @@ async def serve(config: CoordinatorConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("stopping")
-    housekeeping.cancel()
+    for task in background:
+        task.cancel()
     http.should_exit = True
     await server.stop(grace=5)
     await http_task

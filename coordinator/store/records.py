@@ -65,7 +65,7 @@ class GroupState(enum.StrEnum):
 GROUP_STATE_SOURCES: dict[GroupState, frozenset[GroupState]] = {
     GroupState.READY: frozenset({GroupState.PENDING_VALIDATION}),
     GroupState.CONSUMED: frozenset({GroupState.READY}),
-    GroupState.STALE: frozenset({GroupState.READY}),
+    GroupState.STALE: frozenset({GroupState.READY, GroupState.PENDING_VALIDATION}),
     GroupState.QUARANTINED: frozenset({GroupState.PENDING_VALIDATION, GroupState.READY}),
     GroupState.REJECTED: frozenset({GroupState.PENDING_VALIDATION, GroupState.READY, GroupState.QUARANTINED}),
 }

@@ -515,16 +515,17 @@ def test_group_state_changes_follow_the_allowed_transitions(store: Store):
     ready_ids = [g.group_id for g in ready.groups]
     pending_ids = [g.group_id for g in pending.groups]
 
-    assert store.mark_stale([ready_ids[0], pending_ids[0]], T0) == 1
+    assert store.mark_stale([ready_ids[0], pending_ids[0]], T0) == 2
     assert store.set_group_state(ready_ids, GroupState.READY, T0) == 0
-    assert store.set_group_state(pending_ids[:1], GroupState.READY, T0) == 1
+    assert store.set_group_state(pending_ids[:1], GroupState.READY, T0) == 0
+    assert store.set_group_state(pending_ids[1:], GroupState.READY, T0) == 1
     assert store.set_group_state([ready_ids[0]], GroupState.REJECTED, T0) == 0
     with pytest.raises(ValueError):
         store.set_group_state(ready_ids, GroupState.CONSUMED, T0)
     with pytest.raises(ValueError):
         store.set_group_state(ready_ids, GroupState.PENDING_VALIDATION, T0)
     counts = store.group_counts()
-    assert (counts[GroupState.STALE], counts[GroupState.READY], counts[GroupState.PENDING_VALIDATION]) == (1, 2, 1)
+    assert (counts[GroupState.STALE], counts[GroupState.READY], counts[GroupState.PENDING_VALIDATION]) == (2, 2, 0)
     assert counts[GroupState.CONSUMED] == counts[GroupState.QUARANTINED] == counts[GroupState.REJECTED] == 0
 
 
