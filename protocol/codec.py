@@ -2,26 +2,31 @@
 
 A *bf16 state* maps tensor names to C-contiguous uint16 arrays holding the raw bfloat16
 bits (torch's `tensor.view(torch.int16)`, read as unsigned). This module turns states into
-*payloads* (the uncompressed byte stream of one update) and back; protocol/manifest.py cuts a
-payload into compressed, content-addressed blobs.
+*payloads* (the uncompressed byte stream of one update, made of sections) and back;
+protocol/manifest.py cuts a payload into compressed, content-addressed blobs, ending a zstd
+block at each section boundary so that each section gets its own entropy tables.
 
 Payload layouts (tensors always in manifest order: sorted by name):
 
-* keyframe: for each tensor, its high bytes (bits 15..8 of every element, C order), then
-  its low bytes (bits 7..0). Exactly 2 bytes per element, no headers.
-* delta: for each tensor one record:
-      varint num_changed
-      if num_changed > 0:
-          u8 position_coding            1 = gaps, 2 = bitmap
-          varint num_position_bytes
-          positions                     gaps: per changed flat index i (ascending), the varint
-                                        of i - previous_i - 1 (previous_i = -1 at the start);
-                                        bitmap: ceil(n / 8) bytes, bit i%8 of byte i//8 set
-                                        when element i changed, padding bits zero
-          xor_high[num_changed]         high bytes of new_bits XOR base_bits
-          xor_low[num_changed]          low bytes of the same
-  Varints are unsigned LEB128 in canonical form (no trailing zero groups), at most 9 bytes.
-  Every listed XOR is nonzero, so one new state has exactly one delta payload.
+* keyframe: two sections: the high bytes (bits 15..8) of every element of every tensor (C
+  order, tensor after tensor), then the low bytes (bits 7..0) in the same order. Exactly 2
+  bytes per element, no headers.
+* delta: the positions whose bits changed and the XOR of their new bits with the base bits,
+  in six sections; within each, the tensors with changes follow each other in order:
+      headers       per tensor: varint num_changed; if num_changed > 0: u8 position_coding,
+                    and for GAPS also u8 k (Rice parameter, <= 32) and varint num_quotient_bytes
+      quotients     GAPS tensors: varint(gap >> k) per change
+      remainders    GAPS tensors: ceil(k / 8) byte planes of num_changed bytes, plane j holding
+                    bits 8j..8j+7 of gap & (2**k - 1)
+      bitmaps       BITMAP tensors: ceil(n / 8) bytes, bit i%8 of byte i//8 set when flat
+                    element i changed, padding bits zero
+      xor_high      per change, bits 15..8 of new_bits XOR base_bits
+      xor_low       per change, bits 7..0 of the same
+  gap = i - previous_i - 1 over the ascending changed flat indices i (previous_i = -1 at the
+  start). Splitting gaps Rice-style (k picked per tensor) leaves quotients that are small and
+  geometric and remainders near uniform; grouping like streams lets zstd's entropy coder see
+  each distribution whole. Varints are unsigned LEB128, canonical (no trailing zero groups),
+  at most 9 bytes. Every listed XOR is nonzero, so one new state has exactly one payload.
 
 Applying a delta XORs the listed values into the base, so the result is the new state bit
 for bit, and applying the same changes again restores the base.
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +50,10 @@ BF16State = dict[str, np.ndarray]
 
 STATE_HASH_DOMAIN = b"rollproof/v1/bf16-state\x00"
 MAX_VARINT_BYTES = 9
-_NUM_HASH_THREADS = 4
+MAX_RICE_PARAMETER = 32
+_MAX_DELTA_HEADER_BYTES = 2 * MAX_VARINT_BYTES + 2
+# hashlib releases the GIL on large buffers, so tensors hash in parallel.
+_HASH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="state-hash")
 
 
 class PolicyUpdateError(ValueError):
@@ -67,7 +76,7 @@ class MalformedPayloadError(PolicyUpdateError):
 
 
 class PositionCoding(enum.IntEnum):
-    GAPS = 1
+    GAPS = 1  # Rice-split gaps between changed positions
     BITMAP = 2
 
 
@@ -85,7 +94,7 @@ class TensorChange:
 
 
 def _tensor_digest(bits: np.ndarray) -> bytes:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(bits).astype("<u2", copy=False)).cast("B")).digest()
+    return hashlib.sha256(bits.reshape(-1).astype("<u2", copy=False).data).digest()
 
 
 def state_hash(state: Mapping[str, np.ndarray]) -> bytes:
@@ -97,11 +106,14 @@ def state_hash(state: Mapping[str, np.ndarray]) -> bytes:
                      SHA-256(the element bits as little-endian uint16, C order) )
 
     with all integers big-endian. Per-tensor digests are computed in parallel threads.
+
+    Test vector: {"b": [0x3F80, 0xC000, 0x3F00], "a.weight": [[0x3F80, 0], [0x3F00, 0xC000]],
+    "c": 0x3F80 (0-d)} hashes to
+    6126f0273f599eb802cba267f7b400ca1aab740b5034901b78542237444fa036.
     """
     check_bf16_state(state)
     names = sorted(state, key=lambda name: name.encode())
-    with ThreadPoolExecutor(max_workers=_NUM_HASH_THREADS) as pool:
-        digests = list(pool.map(lambda name: _tensor_digest(state[name]), names))
+    digests = list(_HASH_POOL.map(lambda name: _tensor_digest(state[name]), names))
     outer = hashlib.sha256(STATE_HASH_DOMAIN)
     outer.update(struct.pack(">I", len(names)))
     for name, digest in zip(names, digests):
@@ -146,7 +158,7 @@ def check_state_matches(state: Mapping[str, np.ndarray], specs: Sequence[TensorS
 
 
 def num_elements(spec: TensorSpec) -> int:
-    return int(np.prod(spec.shape, dtype=np.int64)) if spec.shape else 1
+    return math.prod(spec.shape)
 
 
 # ---- varints ----
@@ -214,12 +226,15 @@ def keyframe_payload_size(specs: Sequence[TensorSpec]) -> int:
     return 2 * sum(num_elements(spec) for spec in specs)
 
 
-def iter_keyframe_payload(state: Mapping[str, np.ndarray]) -> Iterator[bytes]:
-    """The keyframe payload of `state`, as consecutive segments (two per tensor)."""
-    for spec in tensor_specs(state):
-        flat = state[spec.name].reshape(-1)
-        yield (flat >> 8).astype(np.uint8).tobytes()
-        yield (flat & 0xFF).astype(np.uint8).tobytes()
+def keyframe_sections(state: Mapping[str, np.ndarray]) -> list[Iterator[bytes]]:
+    """The keyframe payload of `state`: its two sections, each as consecutive pieces."""
+    specs = tensor_specs(state)
+
+    def plane(shift: int) -> Iterator[bytes]:
+        for spec in specs:
+            yield ((state[spec.name].reshape(-1) >> shift) & 0xFF).astype(np.uint8).tobytes()
+
+    return [plane(8), plane(0)]
 
 
 def decode_keyframe_payload(payload: bytes | bytearray | memoryview, specs: Sequence[TensorSpec]) -> BF16State:
@@ -229,89 +244,180 @@ def decode_keyframe_payload(payload: bytes | bytearray | memoryview, specs: Sequ
             f"keyframe payload has {len(payload)} bytes; the tensor list needs exactly {expected_size}"
         )
     data = np.frombuffer(payload, dtype=np.uint8)
+    num_high_bytes = expected_size // 2
     state: BF16State = {}
     offset = 0
     for spec in specs:
         count = num_elements(spec)
         high = data[offset : offset + count]
-        low = data[offset + count : offset + 2 * count]
-        bits = (high.astype(np.uint16) << 8) | low
-        state[spec.name] = bits.reshape(spec.shape)
-        offset += 2 * count
+        low = data[num_high_bytes + offset : num_high_bytes + offset + count]
+        state[spec.name] = ((high.astype(np.uint16) << 8) | low).reshape(spec.shape)
+        offset += count
     return state
 
 
 # ---- deltas ----
 
 
-def _tensor_changes(base_flat: np.ndarray, new_flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def max_delta_payload_size(specs: Sequence[TensorSpec]) -> int:
+    """An upper bound on any valid delta payload's size for these tensors."""
+    return sum(
+        _MAX_DELTA_HEADER_BYTES + (MAX_VARINT_BYTES + MAX_RICE_PARAMETER // 8 + 2) * num_elements(spec)
+        for spec in specs
+    )
+
+
+_DELTA_DATA_SECTIONS = ("quotients", "remainders", "bitmap", "xor_high", "xor_low")
+
+
+@dataclass(frozen=True)
+class _EncodedTensor:
+    header: bytes
+    quotients: bytes = b""
+    remainders: bytes = b""
+    bitmap: bytes = b""
+    xor_high: bytes = b""
+    xor_low: bytes = b""
+
+
+def rice_parameter(gaps: np.ndarray) -> tuple[int, int]:
+    """The Rice parameter k that codes `gaps` (uint64) in the fewest bits, and that length:
+    sum(gap >> k) + len(gaps) * (k + 1). The optimum lies near log2 of the mean gap."""
+    mean_gap = float(gaps.mean()) + 1.0
+    centre = min(int(np.log2(mean_gap)), MAX_RICE_PARAMETER)
+    best_k, best_bits = 0, None
+    for k in range(max(0, centre - 2), min(MAX_RICE_PARAMETER, centre + 2) + 1):
+        bits = int(np.sum(gaps >> np.uint64(k), dtype=np.uint64)) + gaps.size * (k + 1)
+        if best_bits is None or bits < best_bits:
+            best_k, best_bits = k, bits
+    assert best_bits is not None
+    return best_k, best_bits
+
+
+def _encode_tensor(base_flat: np.ndarray, new_flat: np.ndarray) -> _EncodedTensor:
     xor = np.bitwise_xor(base_flat, new_flat)
     flat_indices = np.flatnonzero(xor)
-    return flat_indices, xor[flat_indices]
+    if flat_indices.size == 0:
+        return _EncodedTensor(header=_varint_bytes(0))
+    xor_bits = xor[flat_indices]
+    xor_planes = {
+        "xor_high": (xor_bits >> 8).astype(np.uint8).tobytes(),
+        "xor_low": (xor_bits & 0xFF).astype(np.uint8).tobytes(),
+    }
+    gaps = (np.diff(flat_indices, prepend=-1) - 1).astype(np.uint64)
+    k, _ = rice_parameter(gaps)
+    quotients = encode_varints(gaps >> np.uint64(k)).tobytes()
+    num_bitmap_bytes = (base_flat.size + 7) // 8
+    # Dense changes: one bit per element beats at least a byte per change.
+    if len(quotients) + -(-k // 8) * flat_indices.size > num_bitmap_bytes:
+        changed = np.zeros(base_flat.size, dtype=bool)
+        changed[flat_indices] = True
+        return _EncodedTensor(
+            header=_varint_bytes(flat_indices.size) + bytes([PositionCoding.BITMAP]),
+            bitmap=np.packbits(changed, bitorder="little").tobytes(),
+            **xor_planes,
+        )
+    remainders = gaps & np.uint64((1 << k) - 1)
+    planes = [((remainders >> np.uint64(8 * plane)) & np.uint64(0xFF)).astype(np.uint8) for plane in range(-(-k // 8))]
+    return _EncodedTensor(
+        header=_varint_bytes(flat_indices.size) + bytes([PositionCoding.GAPS, k]) + _varint_bytes(len(quotients)),
+        quotients=quotients,
+        remainders=b"".join(plane.tobytes() for plane in planes),
+        **xor_planes,
+    )
 
 
-def _encode_positions(flat_indices: np.ndarray, count: int) -> tuple[PositionCoding, bytes]:
-    """Gap varints, or a bitmap when that is smaller (changes denser than about 1 in 8)."""
-    gaps = np.diff(flat_indices, prepend=-1) - 1
-    gap_bytes = encode_varints(gaps.astype(np.uint64))
-    num_bitmap_bytes = (count + 7) // 8
-    if gap_bytes.size <= num_bitmap_bytes:
-        return PositionCoding.GAPS, gap_bytes.tobytes()
-    changed = np.zeros(count, dtype=bool)
-    changed[flat_indices] = True
-    return PositionCoding.BITMAP, np.packbits(changed, bitorder="little").tobytes()
-
-
-def iter_delta_payload(base: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray]) -> Iterator[bytes]:
-    """The delta payload taking `base` to `new`, as consecutive segments (one per tensor)."""
+def delta_sections(base: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray]) -> list[Iterator[bytes]]:
+    """The delta payload taking `base` to `new`: its six sections, each as consecutive pieces."""
     specs = tensor_specs(new)
     check_state_matches(base, specs)
     check_bf16_state(base)
+    encoded = [_encode_tensor(base[spec.name].reshape(-1), new[spec.name].reshape(-1)) for spec in specs]
+    return [
+        iter([b"".join(tensor.header for tensor in encoded)]),
+        *(iter([getattr(tensor, section) for tensor in encoded]) for section in _DELTA_DATA_SECTIONS),
+    ]
+
+
+@dataclass(frozen=True)
+class _DeltaHeader:
+    spec: TensorSpec
+    num_changed: int
+    coding: PositionCoding | None = None
+    rice_k: int = 0
+    num_quotient_bytes: int = 0
+
+    @property
+    def num_remainder_bytes(self) -> int:
+        return -(-self.rice_k // 8) * self.num_changed if self.coding == PositionCoding.GAPS else 0
+
+    @property
+    def num_bitmap_bytes(self) -> int:
+        return (num_elements(self.spec) + 7) // 8 if self.coding == PositionCoding.BITMAP else 0
+
+
+def _read_headers(view: memoryview, specs: Sequence[TensorSpec]) -> tuple[list[_DeltaHeader], int]:
+    headers = []
+    offset = 0
     for spec in specs:
-        flat_indices, xor_bits = _tensor_changes(base[spec.name].reshape(-1), new[spec.name].reshape(-1))
-        if flat_indices.size == 0:
-            yield _varint_bytes(0)
+        num_changed, offset = _read_varint(view, offset)
+        if num_changed == 0:
+            headers.append(_DeltaHeader(spec=spec, num_changed=0))
             continue
-        coding, positions = _encode_positions(flat_indices, num_elements(spec))
-        yield b"".join(
-            [
-                _varint_bytes(flat_indices.size),
-                bytes([coding]),
-                _varint_bytes(len(positions)),
-                positions,
-                (xor_bits >> 8).astype(np.uint8).tobytes(),
-                (xor_bits & 0xFF).astype(np.uint8).tobytes(),
-            ]
+        if num_changed > num_elements(spec):
+            raise MalformedPayloadError(f"tensor {spec.name!r}: {num_changed} changes in {num_elements(spec)} elements")
+        if offset >= len(view):
+            raise MalformedPayloadError(f"tensor {spec.name!r}: payload ends before the position coding")
+        coding_value = view[offset]
+        offset += 1
+        if coding_value == PositionCoding.BITMAP:
+            headers.append(_DeltaHeader(spec=spec, num_changed=num_changed, coding=PositionCoding.BITMAP))
+            continue
+        if coding_value != PositionCoding.GAPS:
+            raise MalformedPayloadError(f"tensor {spec.name!r}: unknown position coding {coding_value}")
+        if offset >= len(view) or view[offset] > MAX_RICE_PARAMETER:
+            raise MalformedPayloadError(f"tensor {spec.name!r}: missing or too large Rice parameter")
+        rice_k = view[offset]
+        num_quotient_bytes, offset = _read_varint(view, offset + 1)
+        headers.append(
+            _DeltaHeader(spec, num_changed, PositionCoding.GAPS, rice_k=rice_k, num_quotient_bytes=num_quotient_bytes)
         )
+    return headers, offset
 
 
-def _decode_positions(coding: int, positions: np.ndarray, num_changed: int, count: int, name: str) -> np.ndarray:
-    if coding == PositionCoding.GAPS:
-        gaps = decode_varints(positions)
-        if gaps.size != num_changed:
-            raise MalformedPayloadError(f"tensor {name!r}: {gaps.size} position gaps for {num_changed} changes")
-        if np.any(gaps >= np.uint64(count)):
-            raise MalformedPayloadError(f"tensor {name!r}: a position gap points past the tensor's {count} elements")
-        flat_indices = np.cumsum(gaps + np.uint64(1)) - np.uint64(1)
-        # Each step adds less than 2**63, so a wrap-around would show as a decrease.
-        if np.any(flat_indices[1:] <= flat_indices[:-1]) or flat_indices[-1] >= np.uint64(count):
-            raise MalformedPayloadError(f"tensor {name!r}: positions run past the tensor's {count} elements")
-        return flat_indices.astype(np.int64)
-    if coding == PositionCoding.BITMAP:
-        if positions.size != (count + 7) // 8:
-            raise MalformedPayloadError(
-                f"tensor {name!r}: bitmap has {positions.size} bytes, expected {(count + 7) // 8}"
-            )
-        changed = np.unpackbits(positions, bitorder="little")
-        if np.any(changed[count:]):
-            raise MalformedPayloadError(f"tensor {name!r}: bitmap padding bits must be zero")
-        flat_indices = np.flatnonzero(changed[:count])
-        if flat_indices.size != num_changed:
-            raise MalformedPayloadError(
-                f"tensor {name!r}: bitmap marks {flat_indices.size} positions for {num_changed} changes"
-            )
-        return flat_indices
-    raise MalformedPayloadError(f"tensor {name!r}: unknown position coding {coding}")
+def _decode_gaps(header: _DeltaHeader, quotient_bytes: np.ndarray, remainder_bytes: np.ndarray) -> np.ndarray:
+    name, count, k = header.spec.name, num_elements(header.spec), header.rice_k
+    quotients = decode_varints(quotient_bytes)
+    if quotients.size != header.num_changed:
+        raise MalformedPayloadError(f"tensor {name!r}: {quotients.size} position gaps for {header.num_changed} changes")
+    if np.any(quotients > np.uint64((count - 1) >> k)):
+        raise MalformedPayloadError(f"tensor {name!r}: a position gap points past the tensor's {count} elements")
+    gaps = quotients << np.uint64(k)
+    planes = remainder_bytes.reshape(-1, header.num_changed)
+    for plane_index, plane in enumerate(planes):
+        gaps |= plane.astype(np.uint64) << np.uint64(8 * plane_index)
+    if k % 8 and np.any(planes[-1] >> (k % 8)):
+        raise MalformedPayloadError(f"tensor {name!r}: a Rice remainder has bits above bit {k}")
+    if np.any(gaps >= np.uint64(count)):
+        raise MalformedPayloadError(f"tensor {name!r}: a position gap points past the tensor's {count} elements")
+    flat_indices = np.cumsum(gaps + np.uint64(1)) - np.uint64(1)
+    # Each step adds at most 2**40, so a wrap-around would show as a decrease.
+    if np.any(flat_indices[1:] <= flat_indices[:-1]) or flat_indices[-1] >= np.uint64(count):
+        raise MalformedPayloadError(f"tensor {name!r}: positions run past the tensor's {count} elements")
+    return flat_indices.astype(np.int64)
+
+
+def _decode_bitmap(header: _DeltaHeader, bitmap: np.ndarray) -> np.ndarray:
+    name, count = header.spec.name, num_elements(header.spec)
+    changed = np.unpackbits(bitmap, bitorder="little")
+    if np.any(changed[count:]):
+        raise MalformedPayloadError(f"tensor {name!r}: bitmap padding bits must be zero")
+    flat_indices = np.flatnonzero(changed[:count])
+    if flat_indices.size != header.num_changed:
+        raise MalformedPayloadError(
+            f"tensor {name!r}: bitmap marks {flat_indices.size} positions for {header.num_changed} changes"
+        )
+    return flat_indices
 
 
 def decode_delta_payload(
@@ -320,35 +426,40 @@ def decode_delta_payload(
     """Parse and fully check a delta payload against the manifest's tensor list."""
     view = memoryview(payload).cast("B")
     data = np.frombuffer(view, dtype=np.uint8)
-    changes: list[TensorChange] = []
-    offset = 0
-    for spec in specs:
-        count = num_elements(spec)
-        num_changed, offset = _read_varint(view, offset)
-        if num_changed == 0:
-            continue
-        if num_changed > count:
-            raise MalformedPayloadError(f"tensor {spec.name!r}: {num_changed} changes in {count} elements")
-        if offset >= len(view):
-            raise MalformedPayloadError(f"tensor {spec.name!r}: payload ends before the position coding")
-        coding = view[offset]
-        num_position_bytes, offset = _read_varint(view, offset + 1)
-        end = offset + num_position_bytes + 2 * num_changed
-        if end > len(view):
-            raise MalformedPayloadError(f"tensor {spec.name!r}: payload ends inside the record")
-        flat_indices = _decode_positions(
-            coding, data[offset : offset + num_position_bytes], num_changed, count, spec.name
+    headers, offset = _read_headers(view, specs)
+    section_sizes = [
+        sum(header.num_quotient_bytes for header in headers),
+        sum(header.num_remainder_bytes for header in headers),
+        sum(header.num_bitmap_bytes for header in headers),
+        sum(header.num_changed for header in headers),
+        sum(header.num_changed for header in headers),
+    ]
+    if offset + sum(section_sizes) != len(view):
+        raise MalformedPayloadError(
+            f"delta payload has {len(view)} bytes; its headers describe {offset + sum(section_sizes)}"
         )
-        offset += num_position_bytes
-        xor_high = data[offset : offset + num_changed].astype(np.uint16)
-        xor_low = data[offset + num_changed : end]
-        xor_bits = (xor_high << 8) | xor_low
+    cursors = np.cumsum([offset, *section_sizes[:-1]]).tolist()
+
+    def take(section: int, size: int) -> np.ndarray:
+        start = cursors[section]
+        cursors[section] += size
+        return data[start : start + size]
+
+    changes = []
+    for header in headers:
+        if header.num_changed == 0:
+            continue
+        quotient_bytes = take(0, header.num_quotient_bytes)
+        remainder_bytes = take(1, header.num_remainder_bytes)
+        bitmap = take(2, header.num_bitmap_bytes)
+        if header.coding == PositionCoding.GAPS:
+            flat_indices = _decode_gaps(header, quotient_bytes, remainder_bytes)
+        else:
+            flat_indices = _decode_bitmap(header, bitmap)
+        xor_bits = (take(3, header.num_changed).astype(np.uint16) << 8) | take(4, header.num_changed)
         if not np.all(xor_bits):
-            raise MalformedPayloadError(f"tensor {spec.name!r}: a listed change has a zero XOR")
-        changes.append(TensorChange(name=spec.name, flat_indices=flat_indices, xor_bits=xor_bits))
-        offset = end
-    if offset != len(view):
-        raise MalformedPayloadError(f"{len(view) - offset} bytes left after the last tensor record")
+            raise MalformedPayloadError(f"tensor {header.spec.name!r}: a listed change has a zero XOR")
+        changes.append(TensorChange(name=header.spec.name, flat_indices=flat_indices, xor_bits=xor_bits))
     return changes
 
 

@@ -1,0 +1,61 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from protocol.identity import Identity
+from tests.integration.cluster import Cluster
+from tests.integration.test_coordinator_nodes import publish_fixed_policy
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MARGINS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from policy.model import create_tiny_model
+
+    directory = tmp_path_factory.mktemp("model")
+    create_tiny_model(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory, tiny_model):
+    """A coordinator that fully checks every submission, with a fixed published policy."""
+    cluster = Cluster(tmp_path_factory.mktemp("adversarial"), tiny_model, Identity.generate())
+    publish_fixed_policy(cluster)
+    cluster.start_coordinator(
+        "--set", "validation.num_initial_checks=1000000",
+        "--set", "lease.max_open_per_node=4",
+        "--set", "run.prompts_per_lease=2",
+        "--set", "run.group_size=8",
+        "--set", "run.sampling.max_tokens=32",
+        "--set", "server.max_message_bytes=262144",
+    )
+    yield cluster
+    cluster.stop_all()
+
+
+@pytest.fixture(scope="session")
+def trusted(tiny_model):
+    """The published policy as an honest node holds it: the bf16 rounding of the weights."""
+    from policy.model import load_model
+    from policy.tokenizer import load_tokenizer
+    from policy.weights import export_bf16_state, load_bf16_state
+
+    model = load_model(tiny_model)
+    load_bf16_state(model, export_bf16_state(model))
+    return model, load_tokenizer(tiny_model)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def report_margins():
+    yield
+    if MARGINS:
+        artifacts = REPO_ROOT / "artifacts"
+        artifacts.mkdir(exist_ok=True)
+        (artifacts / "adversarial-margins.json").write_text(json.dumps(MARGINS, indent=2, sort_keys=True))
+        print("\ndetection margins (measured vs allowed):")
+        for attack, margin in sorted(MARGINS.items()):
+            print(f"  {attack}: {margin}")
