@@ -27,6 +27,15 @@ ensure_env() {
     touch "$stamp"
 }
 
+# The dashboard's browser test drives Debian's chromium; it skips when there is none.
+ensure_chromium() {
+    [ -x /usr/bin/chromium ] && return 0
+    command -v apt-get >/dev/null || return 0
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; } >/dev/null 2>&1 \
+        || echo "dev.sh: could not install chromium; the dashboard's browser test will be skipped" >&2
+}
+
 command=${1:-}
 shift || true
 case "$command" in
@@ -36,6 +45,7 @@ case "$command" in
         ;;
     test)
         ensure_env dev
+        ensure_chromium
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)

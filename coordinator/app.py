@@ -156,12 +156,20 @@ class Coordinator:
         )
 
     def lease(self, node_id: str, held_version: int) -> WorkLease | None:
-        """A lease at the latest policy version, or None while the node must first pull it
-        (or no policy has been published yet)."""
+        """A lease at the latest policy version, or None while the node must first pull it, no
+        policy has been published yet, or the backlog of unused groups is full."""
         latest = self.latest_policy_version()
-        if latest == 0 or held_version != latest:
+        if latest == 0 or held_version != latest or self.backlog_full():
             return None
         return self.to_work_lease(self.scheduler.issue(node_id, latest, self.clock()))
+
+    def backlog_full(self) -> bool:
+        """Back-pressure: work the trainer cannot use before it goes stale is not leased."""
+        limit = self.config.run.max_backlog_groups
+        if not limit:
+            return False
+        counts = self.store.group_counts()
+        return counts[GroupState.READY] + counts[GroupState.PENDING_VALIDATION] >= limit
 
     def release(self, node_id: str, lease_id: str) -> bool:
         record = self.store.get_lease(lease_id)

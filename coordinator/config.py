@@ -27,6 +27,9 @@ class RunSection(_Section):
     prompts_per_lease: int = Field(4, ge=1, le=1024)
     num_prompts: int = Field(1_000_000, ge=1, description="training prompts are indices 0..num_prompts-1")
     max_staleness: int = Field(2, ge=0, description="k: groups more than k versions behind are not trained on")
+    max_backlog_groups: int = Field(
+        256, ge=0, description="no new leases while this many groups wait for the trainer (0: no limit)"
+    )
     sampling: SamplingSection = SamplingSection()
 
 

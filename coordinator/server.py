@@ -1,5 +1,5 @@
 """`rollproof coordinator serve`: build the coordinator from its config and run the gRPC
-service, the HTTP server (blobs with Range, later the dashboard) and the housekeeping
+service, the HTTP server (blobs with Range, dashboard, JSON API, /metrics) and the housekeeping
 loops until SIGTERM or SIGINT."""
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ async def _housekeeping(app: Coordinator) -> None:
 async def serve(config: CoordinatorConfig) -> None:
     import uvicorn
 
-    from coordinator.blob_http import create_blob_app
+    from coordinator.dashboard.web import create_http_app
 
     setup = await asyncio.to_thread(load_run_setup, config)
     store = await asyncio.to_thread(open_coordinator_store, config)
@@ -179,7 +179,7 @@ async def serve(config: CoordinatorConfig) -> None:
     http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     http_socket.bind((config.server.host, config.server.http_port))
     http = uvicorn.Server(
-        uvicorn.Config(create_blob_app(app.policy.blobs), log_level="warning", lifespan="off")
+        uvicorn.Config(create_http_app(app), log_level="warning", lifespan="off")
     )
     await server.start()
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]))

@@ -18,6 +18,10 @@ from pathlib import Path
 from protocol.identity import Identity
 
 STARTUP_TIMEOUT_S = 180
+# The embedded run's settings, tuned for the default tiny model on a 2-core machine; flags of the
+# command line come after them and win.
+EMBEDDED_COORDINATOR_SETTINGS = ["run.max_backlog_groups=16"]
+EMBEDDED_TRAINER_SETTINGS = ["optimizer.lr=2e-4", "eval_every=5"]
 REFRESH_S = 1.0
 
 
@@ -29,6 +33,10 @@ def _port_or_free(preferred: int) -> int:
         except OSError:
             sock.bind(("127.0.0.1", 0))
             return sock.getsockname()[1]
+
+
+def as_set_flags(assignments: list[str]) -> list[str]:
+    return [flag for assignment in assignments for flag in ("--set", assignment)]
 
 
 @dataclass
@@ -98,6 +106,7 @@ class Launcher:
                 "--grpc-port", str(self.grpc_port),
                 "--http-port", str(self.http_port),
                 "--trainer-key-fingerprint", self.trainer_identity.key_id,
+                *as_set_flags(EMBEDDED_COORDINATOR_SETTINGS),
                 *o.extra_coordinator,
             ],
             env={"ROLLPROOF_COORDINATOR_OPERATOR_TOKEN": self.operator_token},
@@ -115,6 +124,7 @@ class Launcher:
                 "--model", str(o.model),
                 "--data-dir", str(self.run_dir / "trainer"),
                 "--max-steps", str(o.num_steps),
+                *as_set_flags(EMBEDDED_TRAINER_SETTINGS),
                 *o.extra_trainer,
             ],
         )

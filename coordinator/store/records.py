@@ -299,6 +299,14 @@ class WorkTotals:
 
 
 @dataclass(frozen=True)
+class ContributionBucket:
+    """A node's work that is not voided (settled or pending), created in [start_ms, start_ms + bucket_ms)."""
+
+    start_ms: int
+    work: WorkTotals
+
+
+@dataclass(frozen=True)
 class ContributionTotals:
     node_id: str
     settled: WorkTotals

@@ -38,6 +38,7 @@ from coordinator.store.records import (
     GROUP_STATE_SOURCES,
     ConsumeOutcome,
     Consumption,
+    ContributionBucket,
     ContributionTotals,
     DuplicateRolloutError,
     GroupState,
@@ -1094,6 +1095,38 @@ class Store:
             )
             for node, totals in sorted(buckets.items())
         ]
+
+    def contribution_timeline(self, node_id: str, bucket_ms: int) -> list[ContributionBucket]:
+        """The node's work that is not voided, summed per time bucket of bucket_ms (aligned to
+        multiples of bucket_ms), oldest first; buckets without work are left out."""
+        if bucket_ms < 1:
+            raise ValueError(f"bucket_ms must be at least 1, got {bucket_ms}")
+        bucket = (_contributions.c.created_ms // bucket_ms).label("bucket")
+        query = (
+            select(
+                bucket,
+                func.count().label("num_entries"),
+                func.sum(_contributions.c.num_tokens).label("num_tokens"),
+                func.sum(_contributions.c.num_rollouts).label("num_rollouts"),
+                func.sum(_contributions.c.flops_estimate).label("flops_estimate"),
+            )
+            .where(_contributions.c.node_id == node_id, _contributions.c.voided.is_(False))
+            .group_by(bucket)
+            .order_by(bucket)
+        )
+        with self._read() as connection:
+            return [
+                ContributionBucket(
+                    start_ms=int(row.bucket) * bucket_ms,
+                    work=WorkTotals(
+                        num_entries=row.num_entries,
+                        num_tokens=int(row.num_tokens),
+                        num_rollouts=int(row.num_rollouts),
+                        flops_estimate=float(row.flops_estimate),
+                    ),
+                )
+                for row in connection.execute(query)
+            ]
 
     # ---- run status ----
 

@@ -5,9 +5,11 @@ COMMAND_MODULES = [
     "rollproof.commands.version",
     "rollproof.commands.keygen",
     "rollproof.commands.config",
+    "rollproof.commands.bootstrap",
     "rollproof.commands.coordinator",
     "rollproof.commands.node",
     "rollproof.commands.trainer",
     "rollproof.commands.eval",
     "rollproof.commands.up",
+    "rollproof.commands.admin",
 ]

@@ -26,12 +26,12 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from rollproof.progress import ChildExitedError, watch
-    from rollproof.up import Launcher, UpOptions
+    from rollproof.up import Launcher, UpOptions, as_set_flags
 
     if args.nodes < 1:
         raise ValueError("--nodes must be at least 1")
     data_dir = args.data_dir.expanduser()
-    model = args.model.expanduser() if args.model else _bootstrapped_model(args.task, data_dir)
+    model = args.model.expanduser() if args.model else _bootstrapped_model(args.task)
     run_dir = data_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
     options = UpOptions(
         model=model,
@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
         num_nodes=args.nodes,
         num_steps=args.steps,
         run_dir=run_dir,
-        extra_coordinator=[item for kv in args.coordinator_set for item in ("--set", kv)],
-        extra_trainer=[item for kv in args.trainer_set for item in ("--set", kv)],
+        extra_coordinator=as_set_flags(args.coordinator_set),
+        extra_trainer=as_set_flags(args.trainer_set),
     )
     launcher = Launcher(options)
     failure = None
@@ -66,7 +66,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bootstrapped_model(task: str, data_dir: Path) -> Path:
-    from policy.bootstrap import ensure_bootstrapped
+def _bootstrapped_model(task: str) -> Path:
+    """The default tiny model warmed up on `task`, made on the first run and cached."""
+    from policy.bootstrap import BootstrapSettings, ensure_bootstrapped
 
-    return ensure_bootstrapped(task)
+    print(f"bootstrapping the default model on {task} (cached after the first run) ...", flush=True)
+    result = ensure_bootstrapped(BootstrapSettings(task=task))
+    report = result.report
+    print(f"model {result.directory}: held-out reward {report['eval_reward_after']:.3f} after the warm-up", flush=True)
+    return result.directory

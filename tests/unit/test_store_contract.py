@@ -631,6 +631,26 @@ def test_contributions_settle_after_the_window_and_are_voided_on_failure(store: 
     assert store.contribution_totals("node-a")[0].settled.num_entries == 2
 
 
+def test_contribution_timeline_sums_unvoided_work_per_bucket(store: Store):
+    for node_id in ("node-a", "node-b"):
+        _register(store, node_id)
+    for batch_hash, now_ms in ((b"batch-1", T0 + 1_000), (b"batch-2", T0 + 4_000), (b"batch-3", T0 + 12_000)):
+        _, submission = _leased_submission(store, "node-a", batch_hash, now_ms=now_ms)
+        store.record_submission(submission)
+    _, voided = _leased_submission(store, "node-b", b"batch-4", now_ms=T0 + 1_000)
+    store.record_submission(voided)
+    store.void_unsettled("node-b")
+    store.settle_contributions(before_ms=T0 + 2_000)
+
+    timeline = store.contribution_timeline("node-a", bucket_ms=10_000)
+    assert [bucket.start_ms for bucket in timeline] == [T0, T0 + 10_000]
+    assert [(b.work.num_entries, b.work.num_tokens, b.work.num_rollouts) for b in timeline] == [(4, 400, 8), (2, 200, 4)]
+    assert timeline[0].work.flops_estimate == 6e9
+    assert store.contribution_timeline("node-b", bucket_ms=10_000) == []
+    with pytest.raises(ValueError):
+        store.contribution_timeline("node-a", bucket_ms=0)
+
+
 # ---- run status ----
 
 

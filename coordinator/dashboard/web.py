@@ -1,0 +1,282 @@
+"""The coordinator's HTTP app: policy blobs, the public read-only dashboard, its JSON API
+under /api/v1 (described at /openapi.json), Prometheus /metrics and /health.
+
+Route handlers that read the store are plain functions, so FastAPI runs them in its thread
+pool and the event loop (shared with the gRPC server) never waits on the database. Pages are
+Jinja templates with autoescaping on, so node-supplied text always arrives as text; the
+Content-Security-Policy allows no inline script as a second line of defence."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy.exc import SQLAlchemyError
+
+from coordinator.app import Coordinator
+from coordinator.blob_http import blob_routes
+from coordinator.dashboard.charts import Series, line_chart_svg
+from coordinator.dashboard.prometheus import metrics_registry, render_metrics
+from coordinator.dashboard.views import (
+    DashboardData,
+    NodeDetailView,
+    NodeRow,
+    OverviewView,
+    TrainingPoint,
+    UnknownNodePageError,
+    VersionView,
+)
+
+PACKAGE_DIR = Path(__file__).parent
+MAX_NODE_ID_CHARS = 128
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def format_time(ms: int) -> str:
+    if ms <= 0:
+        return "never"
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def format_iso(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC).isoformat(timespec="seconds")
+
+
+def format_ago(ms: int, now_ms: int) -> str:
+    if ms <= 0:
+        return "never"
+    seconds = max(0, (now_ms - ms) // 1000)
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    if seconds < 172800:
+        return f"{seconds // 3600} h ago"
+    return f"{seconds // 86400} d ago"
+
+
+def format_quantity(value: float | None) -> str:
+    """1234567 -> '1.23 M'; small values keep three significant digits."""
+    if value is None:
+        return "–"
+    for threshold, suffix in ((1e15, " P"), (1e12, " T"), (1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(value) >= threshold:
+            return f"{value / threshold:.3g}{suffix}"
+    return f"{value:.3g}" if value != int(value) else f"{int(value)}"
+
+
+def format_bytes(num_bytes: int) -> str:
+    for threshold, suffix in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if num_bytes >= threshold:
+            return f"{num_bytes / threshold:.2f} {suffix}"
+    return f"{num_bytes} B"
+
+
+def format_percent(fraction: float | None) -> str:
+    return "–" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def format_number(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def reward_chart(points: list[TrainingPoint]) -> str:
+    series = [
+        Series(
+            "reward (train)",
+            tuple((p.step, p.reward_mean) for p in points if p.reward_mean is not None),
+            "train",
+        ),
+        Series("reward (eval)", tuple((p.step, p.eval_reward) for p in points if p.eval_reward is not None), "eval"),
+    ]
+    return line_chart_svg(
+        [s for s in series if s.points] or series[:1],
+        title="Reward over trainer steps",
+        x_label="trainer step",
+        y_label="mean reward",
+        include_y=(0.0, 1.0),
+        chart_id="reward-chart",
+    )
+
+
+def throughput_chart(points: list[TrainingPoint]) -> str:
+    """Tokens per second of the steps that trained (a step skipped for lack of signal has none)."""
+    series = Series(
+        "trainer tokens/s",
+        tuple((p.step, p.tokens_per_second) for p in points if p.tokens_per_second is not None and not p.skipped),
+        "tps",
+    )
+    return line_chart_svg(
+        [series],
+        title="Trainer throughput",
+        x_label="trainer step",
+        y_label="tokens/s",
+        include_y=(0.0,),
+        chart_id="throughput-chart",
+    )
+
+
+def time_unit(span_ms: int) -> tuple[int, str]:
+    """Milliseconds per unit and the unit's name, for an axis spanning span_ms."""
+    if span_ms < 2 * 60_000:
+        return 1000, "seconds"
+    if span_ms < 2 * 3_600_000:
+        return 60_000, "minutes"
+    return 3_600_000, "hours"
+
+
+def contribution_chart(detail: NodeDetailView) -> str:
+    """Cumulative tokens at the end of each bucket, from 0 at registration."""
+    if not detail.contribution:
+        return line_chart_svg([], title="Contribution over time", x_label="", y_label="", chart_id="contribution-chart")
+    origin = detail.registered_ms
+    unit_ms, unit = time_unit(detail.contribution[-1].end_ms - origin)
+    series = Series(
+        "tokens contributed (not voided)",
+        ((0.0, 0),) + tuple(((p.end_ms - origin) / unit_ms, p.cumulative_tokens) for p in detail.contribution),
+        "contribution",
+    )
+    return line_chart_svg(
+        [series],
+        title="Contribution over time",
+        x_label=f"{unit} since registration",
+        y_label="tokens (cumulative)",
+        include_y=(0.0,),
+        chart_id="contribution-chart",
+    )
+
+
+def template_environment() -> Environment:
+    environment = Environment(
+        loader=FileSystemLoader(PACKAGE_DIR / "templates"), autoescape=True, undefined=StrictUndefined
+    )
+    environment.filters.update(
+        time=format_time,
+        iso=format_iso,
+        quantity=format_quantity,
+        bytes=format_bytes,
+        percent=format_percent,
+        number=format_number,
+        pretty_json=lambda value: json.dumps(value, indent=2, sort_keys=True),
+    )
+    return environment
+
+
+def create_http_app(app: Coordinator) -> FastAPI:
+    data = DashboardData(app)
+    registry = metrics_registry(app)
+    templates = template_environment()
+    http = FastAPI(
+        title="rollproof coordinator",
+        summary="Public, read-only view of a rollproof run: overview, leaderboard, nodes, policy versions.",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    http.router.routes.extend(blob_routes(app.policy.blobs))
+    http.mount("/static", StaticFiles(directory=PACKAGE_DIR / "static"), name="static")
+
+    def page(template_name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        overview = data.overview()
+        html = templates.get_template(template_name).render(
+            run=overview.run, overview=overview, now_ms=overview.updated_ms, ago=format_ago, **context
+        )
+        return HTMLResponse(html, status_code=status_code, headers=SECURITY_HEADERS)
+
+    def find_node(node_id: str) -> NodeDetailView:
+        if len(node_id) > MAX_NODE_ID_CHARS:
+            raise HTTPException(404, "no such node")
+        try:
+            return data.node(node_id)
+        except UnknownNodePageError as error:
+            raise HTTPException(404, str(error)) from None
+
+    # ---- JSON API ----
+
+    @http.get("/api/v1/overview", response_model=OverviewView, tags=["api"])
+    def api_overview() -> OverviewView:
+        """Run, trainer step, policy version, node and rollout counts, throughput, latest reward."""
+        return data.overview()
+
+    @http.get("/api/v1/training", response_model=list[TrainingPoint], tags=["api"])
+    def api_training() -> list[TrainingPoint]:
+        """The trainer's per-step metrics (the reward curve), oldest first."""
+        return data.training()
+
+    @http.get("/api/v1/nodes", response_model=list[NodeRow], tags=["api"])
+    def api_nodes() -> list[NodeRow]:
+        """The leaderboard: nodes ranked by verified (settled) contribution."""
+        return data.leaderboard()
+
+    @http.get("/api/v1/nodes/{node_id}", response_model=NodeDetailView, tags=["api"])
+    def api_node(node_id: str) -> NodeDetailView:
+        """One node: submissions, rejections with evidence, contribution over time, credit."""
+        return find_node(node_id)
+
+    @http.get("/api/v1/versions", response_model=list[VersionView], tags=["api"])
+    def api_versions() -> list[VersionView]:
+        """Published policy versions, newest first, with update sizes and holders."""
+        return data.versions()
+
+    # ---- operations ----
+
+    @http.get("/metrics", tags=["operations"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus text exposition of the run's counters."""
+        return Response(render_metrics(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @http.get("/health", tags=["operations"])
+    def health() -> JSONResponse:
+        """200 when the store answers."""
+        try:
+            version = app.latest_policy_version()
+        except SQLAlchemyError as error:
+            return JSONResponse({"status": "unavailable", "error": type(error).__name__}, status_code=503)
+        return JSONResponse({"status": "ok", "store": app.store.backend, "latest_policy_version": version})
+
+    # ---- pages ----
+
+    @http.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def overview_page() -> HTMLResponse:
+        points = data.training()
+        return page(
+            "overview.html",
+            reward_svg=Markup(reward_chart(points)),
+            throughput_svg=Markup(throughput_chart(points)),
+            nodes=data.leaderboard()[:5],
+        )
+
+    @http.get("/leaderboard", response_class=HTMLResponse, include_in_schema=False)
+    def leaderboard_page() -> HTMLResponse:
+        return page("leaderboard.html", nodes=data.leaderboard())
+
+    @http.get("/nodes/{node_id}", response_class=HTMLResponse, include_in_schema=False)
+    def node_page(node_id: str) -> HTMLResponse:
+        try:
+            detail = find_node(node_id)
+        except HTTPException:
+            return page("not_found.html", status_code=404, what="node", missing=node_id[:MAX_NODE_ID_CHARS])
+        return page("node.html", detail=detail, contribution_svg=Markup(contribution_chart(detail)))
+
+    @http.get("/versions", response_class=HTMLResponse, include_in_schema=False)
+    def versions_page() -> HTMLResponse:
+        return page("versions.html", versions=data.versions())
+
+    return http

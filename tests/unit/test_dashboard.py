@@ -1,0 +1,225 @@
+"""The dashboard app against a real Coordinator over a real SQLite store (no processes)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from coordinator.app import Coordinator, RunSetup
+from coordinator.blobstore import BlobStore
+from coordinator.config import CoordinatorConfig
+from coordinator.dashboard.views import contribution_bucket_ms, cumulative, finite_number, submission_status
+from coordinator.dashboard.web import create_http_app, format_quantity, time_unit
+from coordinator.store import GroupState, NewGroup, NewSubmission, NewVerdict, PolicyVersionRecord, open_store, sqlite_url
+from coordinator.versions import PolicyVersions
+from envs import get_task
+from protocol.identity import Identity
+from protocol.manifest import blob_hash
+from protocol.types import Codec, RejectReason
+
+SCRIPT_NAME = "<script>alert(1)</script>"
+EVIL_ENGINE = '"><img src=x onerror=alert(2)>'
+EVIL_MESSAGE = "<b>claimed</b> & recomputed"
+OPERATOR_TOKEN = "operator-secret-token-1234"
+
+
+class Clock:
+    def __init__(self, now_ms: int):
+        self.now_ms = now_ms
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+
+T0 = 1_750_000_000_000
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
+    trainer = Identity.generate()
+    config = CoordinatorConfig(data_dir=tmp_path, operator_token=OPERATOR_TOKEN)
+    store = open_store(sqlite_url(tmp_path))
+    setup = RunSetup(
+        task=get_task("addition"),
+        tokenizer=None,
+        model_name="tiny-test-model",
+        vocab_size=64,
+        eos_token_id=0,
+        num_parameters=1000,
+        trainer_public_key=trainer.public_key,
+    )
+    blobs = BlobStore(tmp_path / "policy", run_id="demo", trainer_public_key=trainer.public_key)
+    app = Coordinator(config, store, setup, PolicyVersions(blobs, store, trainer.public_key), clock=Clock(T0))
+    yield app
+    store.close()
+
+
+def submit(app: Coordinator, node_id: str, index: int, num_rejected: int, message: str = "claimed 1.0, recomputed 0.0"):
+    lease_id = f"lease-{node_id[-8:]}-{index}"
+    groups = (
+        NewGroup(f"{lease_id}-0", index, 1, b"group", 120, 2, GroupState.READY, 2.4e5),
+    )
+    verdicts = (NewVerdict(index, 0, True), NewVerdict(index, 1, True)) + tuple(
+        NewVerdict(index + 1, sample, False, RejectReason.REWARD_MISMATCH, message, '{"claimed": 1.0, "recomputed": 0.0}')
+        for sample in range(num_rejected)
+    )
+    app.store.record_submission(
+        NewSubmission(
+            batch_hash=f"batch-{node_id}-{index}".encode(),
+            lease_id=lease_id,
+            node_id=node_id,
+            created_ms=app.clock() - 1000 * index,
+            receipt=b"receipt",
+            groups=groups,
+            verdicts=verdicts,
+            rollout_hashes=(f"hash-{node_id}-{index}".encode(),),
+        )
+    )
+
+
+@pytest.fixture
+def populated(coordinator: Coordinator) -> dict[str, Identity]:
+    nodes = {"honest": Identity.generate(), "evil": Identity.generate()}
+    coordinator.register(nodes["honest"].key_id, nodes["honest"].public_key, "honest box", "torch", "cpu x2", "0.1.0")
+    coordinator.register(nodes["evil"].key_id, nodes["evil"].public_key, SCRIPT_NAME, EVIL_ENGINE, "cpu", "0.1.0")
+    for index in range(3):
+        submit(coordinator, nodes["honest"].key_id, index, num_rejected=0)
+    submit(coordinator, nodes["evil"].key_id, 0, num_rejected=2, message=EVIL_MESSAGE)
+    coordinator.store.settle_contributions(before_ms=T0 + 1)
+    for step in range(1, 6):
+        metrics = {"step": step, "reward_mean": step / 10, "tokens_per_second": 100.0 * step, "policy_version": step + 1}
+        if step % 2 == 0:
+            metrics["eval_reward"] = step / 20
+        coordinator.store.add_metrics(step, json.dumps(metrics), T0 + step)
+    coordinator.store.add_version(PolicyVersionRecord(1, 0, Codec.KEYFRAME, b"m1", 2_000_000, 2_000_000, T0))
+    coordinator.store.add_version(PolicyVersionRecord(2, 1, Codec.DELTA, b"m2", 20_000, 2_000_000, T0 + 5))
+    coordinator.heartbeat(nodes["honest"].key_id, 2, 55.5)
+    return nodes
+
+
+@pytest.fixture
+def client(coordinator: Coordinator) -> TestClient:
+    return TestClient(create_http_app(coordinator))
+
+
+def test_pages_render_and_node_supplied_strings_are_text(client, populated):
+    evil_id = populated["evil"].key_id
+    for path in ("/", "/leaderboard", f"/nodes/{evil_id}", "/versions"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert "script-src 'self'" in response.headers["content-security-policy"]
+        body = response.text
+        assert "<script>alert" not in body and "<img src=x" not in body and "<b>claimed" not in body, path
+    leaderboard = client.get("/leaderboard").text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in leaderboard
+    assert "&#34;&gt;&lt;img src=x onerror=alert(2)&gt;" in leaderboard
+    node_page = client.get(f"/nodes/{evil_id}").text
+    assert "&lt;b&gt;claimed&lt;/b&gt; &amp; recomputed" in node_page
+    assert "REWARD_MISMATCH" in node_page and "recomputed" in node_page
+
+
+def test_leaderboard_ranks_by_verified_contribution(client, populated):
+    rows = client.get("/api/v1/nodes").json()
+    assert [row["node_id"] for row in rows] == [populated["honest"].key_id, populated["evil"].key_id]
+    honest, evil = rows
+    assert (honest["rank"], honest["settled"]["num_tokens"], honest["acceptance_rate"]) == (1, 360, 1.0)
+    assert (evil["rank"], evil["num_rollouts_rejected"], evil["acceptance_rate"]) == (2, 2, 0.5)
+    assert honest["state"] == "online" and honest["tokens_per_second"] == 55.5
+    assert evil["display_name"] == SCRIPT_NAME
+
+
+def test_node_api_shows_rejections_with_evidence_and_credit(client, populated):
+    detail = client.get(f"/api/v1/nodes/{populated['evil'].key_id}").json()
+    assert [r["reason"] for r in detail["rejections"]] == ["REWARD_MISMATCH", "REWARD_MISMATCH"]
+    assert detail["rejections"][0]["evidence"] == {"claimed": 1.0, "recomputed": 0.0}
+    assert detail["submissions"][0]["status"] == "partly rejected"
+    assert detail["node"]["settled"]["num_tokens"] == 120
+    assert detail["contribution"][-1]["cumulative_tokens"] == 120
+    assert client.get("/api/v1/nodes/nobody").status_code == 404
+    assert client.get("/nodes/nobody").status_code == 404
+
+
+def test_overview_training_and_versions(client, populated):
+    overview = client.get("/api/v1/overview").json()
+    assert (overview["trainer_step"], overview["policy_version"]) == (5, 2)
+    assert (overview["num_nodes"], overview["num_nodes_online"]) == (2, 2)
+    assert (overview["num_rollouts_accepted"], overview["num_rollouts_rejected"]) == (8, 2)
+    assert overview["reward_mean"] == 0.5 and overview["eval_reward"] == 0.2
+    assert overview["run"]["model_name"] == "tiny-test-model"
+    training = client.get("/api/v1/training").json()
+    assert [p["step"] for p in training] == [1, 2, 3, 4, 5]
+    versions = client.get("/api/v1/versions").json()
+    assert [(v["version"], v["codec"], v["ratio_to_full"]) for v in versions] == [(2, "delta", 0.01), (1, "keyframe", 1.0)]
+    assert versions[0]["num_nodes_holding"] == 1
+    page = client.get("/").text
+    reward_chart = re.search(r'<svg id="reward-chart".*?</svg>', page, re.S).group(0)
+    assert reward_chart.count('class="point"') == 5 + 2
+
+
+def test_openapi_describes_the_json_api(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/v1/overview", "/api/v1/training", "/api/v1/nodes", "/api/v1/nodes/{node_id}", "/api/v1/versions"} <= set(paths)
+    assert client.get("/docs").status_code == 404, "the Swagger UI loads scripts from a CDN; it stays off"
+
+
+def test_metrics_parse_and_carry_the_main_counters(client, populated):
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+    assert samples[("rollproof_rollouts_accepted_total", ())] == 8
+    assert samples[("rollproof_rollouts_rejected_total", ())] == 2
+    assert samples[("rollproof_groups", (("state", "ready"),))] == 4
+    assert samples[("rollproof_nodes_online", ())] == 2
+    assert samples[("rollproof_trainer_step", ())] == 5
+    assert samples[("rollproof_policy_version_latest", ())] == 2
+    assert samples[("rollproof_validations_passed_total", ())] == 0
+    assert samples[("rollproof_validations_failed_total", ())] == 0
+    assert samples[("rollproof_contributed_tokens_total", (("credit", "settled"),))] == 480
+
+
+def test_health(client):
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_public_responses_carry_no_secrets(client, populated, coordinator):
+    private_hex = [
+        identity.private_key.private_bytes_raw().hex() for identity in populated.values()
+    ]
+    paths = ["/", "/leaderboard", "/versions", "/api/v1/overview", "/api/v1/nodes", "/api/v1/versions", "/metrics",
+             "/health", "/openapi.json"]
+    paths += [f"/nodes/{i.key_id}" for i in populated.values()] + [f"/api/v1/nodes/{i.key_id}" for i in populated.values()]
+    for path in paths:
+        body = client.get(path).text
+        assert OPERATOR_TOKEN not in body, path
+        assert "PRIVATE KEY" not in body and not any(secret in body for secret in private_hex), path
+
+
+def test_view_helpers():
+    assert finite_number({"a": 1, "b": True, "c": float("nan"), "d": "1"}, "a") == 1.0
+    assert [finite_number({"b": True, "c": float("nan"), "d": "1"}, k) for k in "bcde"] == [None] * 4
+    assert cumulative([3, 0, 2]) == [3, 3, 5]
+    assert [submission_status(2, 0), submission_status(0, 2), submission_status(1, 1)] == [
+        "accepted", "rejected", "partly rejected"
+    ]
+    assert contribution_bucket_ms(0, 60 * 60_000) == 60_000
+    assert contribution_bucket_ms(0, 1000) == 10_000
+    assert [format_quantity(v) for v in (None, 12, 0.5, 1234, 2.5e9)] == ["–", "12", "0.5", "1.23 k", "2.5 G"]
+    assert [time_unit(ms)[1] for ms in (5_000, 30 * 60_000, 5 * 3_600_000)] == ["seconds", "minutes", "hours"]
+
+
+def test_policy_blobs_are_served_with_ranges_beside_the_dashboard(client, coordinator):
+    data = bytes(range(256)) * 4
+    coordinator.policy.blobs.put_blob(blob_hash(data), data)
+    response = client.get(f"/blobs/{blob_hash(data).hex()}", headers={"Range": "bytes=10-19"})
+    assert response.status_code == 206 and response.content == data[10:20]
+    assert client.get(f"/blobs/{'0' * 64}").status_code == 404
