@@ -41,37 +41,20 @@ MAX_NEAR_TIE_FRACTION = 0.05
 
 @dataclass(frozen=True)
 class Tolerances:
-    """What a validator forgives, by the precision a node declares (its engine string)."""
+    """What a validator forgives, by the precision a node declares (its engine string): the
+    protocol's measured presets (protocol/commitment.py, protocol/sampling.py)."""
 
     thresholds: commitment.Thresholds
     max_logprob_drift: float
     logit_tolerance: float
 
+    @classmethod
+    def for_dtype(cls, dtype: str) -> Tolerances:
+        replay = rule.tolerances_for(dtype)
+        return cls(commitment.thresholds_for(dtype), replay.max_logprob_drift, replay.logit_tolerance)
 
-# fp32 nodes replayed by an fp32 validator on the CPU are exact: measured over 256 rollouts at
-# batch sizes 1 and 32 with 1 and 2 threads, 0 mismatches, 0 near-ties, log-prob drift 0, at most
-# 0 exponent mismatches and mantissa error mean 0.008 per chunk, pooled 0.000 / 0.000. Their bounds
-# are tight enough that one layer scaled by 1.003, fp16-rounded weights or bf16 arithmetic fail
-# them (tests/adversarial). bf16 nodes use the protocol's measured bf16 bounds.
-TOLERANCES = {
-    "float32": Tolerances(
-        thresholds=commitment.Thresholds(
-            max_exponent_mismatches=2,
-            max_mantissa_error_mean=0.25,
-            max_mantissa_error_median=1.0,
-            max_pooled_exponent_mismatches=0.03,
-            max_pooled_mantissa_error_mean=0.02,
-            min_pooled_chunks=8,
-        ),
-        max_logprob_drift=1e-3,
-        logit_tolerance=1e-2,
-    ),
-    "bfloat16": Tolerances(
-        thresholds=commitment.Thresholds(),
-        max_logprob_drift=rule.MAX_LOGPROB_DRIFT,
-        logit_tolerance=rule.DEFAULT_LOGIT_TOLERANCE,
-    ),
-}
+
+TOLERANCES = {dtype: Tolerances.for_dtype(dtype) for dtype in ("float32", "bfloat16")}
 
 
 def declared_dtype(engine: str) -> str:

@@ -1,0 +1,1 @@
+"""The model: loading (Hugging Face format, safetensors), tokenizer, forward/prefill, generation engines."""

@@ -1,0 +1,293 @@
+"""The activation commitment (TOPLOC-style; see DESIGN.md, "Activation commitment").
+
+Completion token j was sampled from logits computed from a final hidden state h_j (the last
+decoder layer's output after the final norm, at the position that predicts token j). The states
+of tokens 32c .. 32c+31 form chunk c: a [num_tokens_in_chunk, hidden_size] array in bf16,
+flattened row-major. Of its values, the 128 largest in magnitude (ties: lower flat index first) are
+committed as points (x = flat index, y = the value's bf16 bits) of the interpolating polynomial
+over GF(65497):
+
+    proof = modulus (2 bytes, big-endian) || 128 coefficients, lowest degree first (2 bytes each)
+
+with x reduced modulo `modulus`, the largest integer <= 65497 that keeps the 128 indices distinct.
+That is 258 bytes a chunk; a commitment is the chunks' proofs concatenated. A chunk with fewer than
+128 values (a last chunk of a model with a hidden size below 128 * 32 / num_tokens) commits all of
+them and is shorter. This is byte for byte the encoding of the `toploc` 0.1.6 package (build_proofs_
+bytes with skip_prefill=True, decode_batching_size=32, topk=128) on the same bf16 states; the
+interpolating polynomial of degree < 128 is unique, so any exact interpolation gives its bytes.
+
+Verification re-selects the top-128 of the validator's own states, evaluates the committed
+polynomial there, and compares bf16 exponents (count of mismatches) and, where exponents agree,
+7-bit mantissas (mean and upper median of |difference|), as toploc does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+CHUNK_TOKENS = 32
+TOP_K = 128
+FIELD_PRIME = 65497
+PROOF_HEADER_BYTES = 2
+PROOF_BYTES = PROOF_HEADER_BYTES + 2 * TOP_K
+
+BF16_EXPONENT_MASK = 0x7F80
+BF16_EXPONENT_SHIFT = 7
+BF16_MANTISSA_MASK = 0x007F
+BF16_MAGNITUDE_MASK = 0x7FFF
+NO_MANTISSA_MATCH = float(2**64)
+
+# Thresholds, all "errors": a chunk passes when every statistic is at or below its maximum.
+# Set from measurements on the torch engine (random-init Qwen2 models, hidden 64-128, 2-4 layers;
+# decode vs prefill, batch sizes 1-32, 1-2 threads): an honest fp32 rollout replayed in fp32 shows
+# at most 0 exponent mismatches, mean 0.008, median 0 in every chunk; honest bf16 at most 7
+# mismatches, mean 2.9, median 1 (of 128 points). The bounds leave room above the bf16 worst case
+# and sit far below the TOPLOC authors' cross-GPU thresholds (90 / 10 / 8), which a CPU validator
+# of CPU nodes does not need; a GPU engine validated on another stack may need theirs (pass a
+# Thresholds).
+MAX_EXPONENT_MISMATCHES = 12
+MAX_MANTISSA_ERROR_MEAN = 4.0
+MAX_MANTISSA_ERROR_MEDIAN = 2.0
+# A systematic deviation too small to push one chunk over its bounds (a bf16 -> fp16 precision
+# swap, weights scaled by 1.01) shows in statistics pooled over many chunks, e.g. the verified
+# rollouts of one submission. Measured over ~38 chunks: honest bf16 <= 1.7 exponent mismatches per
+# chunk and pooled mantissa error <= 0.37; a precision swap 5.3-5.7 and 1.3; one layer scaled by
+# 1.01 in bf16 3.5 and 0.89. Fewer than MIN_POOLED_CHUNKS chunks are too few to judge.
+MAX_POOLED_EXPONENT_MISMATCHES = 3.0
+MAX_POOLED_MANTISSA_ERROR_MEAN = 0.75
+MIN_POOLED_CHUNKS = 16
+
+
+class CommitmentError(ValueError):
+    """A commitment that cannot be decoded or does not fit the completion it claims to cover."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_exponent_mismatches: int = MAX_EXPONENT_MISMATCHES
+    max_mantissa_error_mean: float = MAX_MANTISSA_ERROR_MEAN
+    max_mantissa_error_median: float = MAX_MANTISSA_ERROR_MEDIAN
+    max_pooled_exponent_mismatches: float = MAX_POOLED_EXPONENT_MISMATCHES
+    max_pooled_mantissa_error_mean: float = MAX_POOLED_MANTISSA_ERROR_MEAN
+    min_pooled_chunks: int = MIN_POOLED_CHUNKS
+
+
+@dataclass(frozen=True)
+class ChunkProof:
+    modulus: int
+    coefficients: tuple[int, ...]
+
+    def to_bytes(self) -> bytes:
+        words = np.array((self.modulus, *self.coefficients), dtype=">u2")
+        return words.tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ChunkProof:
+        if len(data) < PROOF_HEADER_BYTES + 2 or len(data) % 2:
+            raise CommitmentError(f"a chunk proof is 2 + 2n bytes with n >= 1, got {len(data)} bytes")
+        words = np.frombuffer(data, dtype=">u2").astype(np.int64)
+        modulus = int(words[0])
+        if not 0 < modulus <= FIELD_PRIME:
+            raise CommitmentError(f"chunk proof modulus {modulus} outside (0, {FIELD_PRIME}]")
+        return cls(modulus, tuple(int(c) for c in words[1:]))
+
+
+@dataclass(frozen=True)
+class ChunkCheck:
+    exponent_mismatches: int
+    mantissa_error_mean: float
+    mantissa_error_median: float
+    num_points: int
+
+    def passes(self, thresholds: Thresholds) -> bool:
+        return (self.exponent_mismatches <= thresholds.max_exponent_mismatches
+                and self.mantissa_error_mean <= thresholds.max_mantissa_error_mean
+                and self.mantissa_error_median <= thresholds.max_mantissa_error_median)
+
+
+# When node and validator both compute in fp32 (the CPU demo), honest chunks agree almost exactly
+# (measured: at most 0 exponent mismatches, mean 0.008, pooled 0.0 / 6e-5 over 2256 chunks), so far
+# tighter bounds apply, pooled over as few as 8 chunks. They catch one layer scaled by 1.003
+# (pooled 0.70 / 0.16 on layer 0; a later layer at 1.01 shows 0.25 / 0.11) where the bf16 defaults
+# need 1.03 in fp32 compute.
+FP32_THRESHOLDS = Thresholds(max_exponent_mismatches=2, max_mantissa_error_mean=0.25,
+                             max_mantissa_error_median=1.0, max_pooled_exponent_mismatches=0.1,
+                             max_pooled_mantissa_error_mean=0.05, min_pooled_chunks=8)
+
+
+def thresholds_for(compute_dtype: str) -> Thresholds:
+    """Thresholds for a validator and nodes computing in this dtype ("float32", "bfloat16")."""
+    return FP32_THRESHOLDS if compute_dtype == "float32" else Thresholds()
+
+
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), round to nearest even, as torch's .to(bfloat16)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounding = ((bits >> np.uint64(16)) & np.uint64(1)) + np.uint64(0x7FFF)
+    rounded = ((bits + rounding) >> np.uint64(16)).astype(np.uint16)
+    is_nan = np.isnan(values)
+    return np.where(is_nan, ((bits >> np.uint64(16)) | np.uint64(0x40)).astype(np.uint16), rounded)
+
+
+def top_indices(flat_bits: np.ndarray, num_points: int) -> np.ndarray:
+    """Flat indices of the num_points largest magnitudes, ties to the lower index (int64)."""
+    magnitude = flat_bits.astype(np.int64) & BF16_MAGNITUDE_MASK
+    order = np.lexsort((np.arange(flat_bits.size), -magnitude))
+    return order[:num_points].astype(np.int64)
+
+
+def injective_modulus(x: np.ndarray) -> int:
+    for modulus in range(FIELD_PRIME, 0, -1):
+        if np.unique(x % modulus).size == x.size:
+            return modulus
+    raise AssertionError("modulus 1 is injective on a single point")
+
+
+@cache
+def _field_inverses() -> np.ndarray:
+    """inverse[a] = a^(p-2) mod p for a in [0, p) (inverse[0] = 0, never used)."""
+    base = np.arange(FIELD_PRIME, dtype=np.int64)
+    result = np.ones(FIELD_PRIME, dtype=np.int64)
+    exponent = FIELD_PRIME - 2
+    while exponent:
+        if exponent & 1:
+            result = result * base % FIELD_PRIME
+        base = base * base % FIELD_PRIME
+        exponent >>= 1
+    return result
+
+
+def interpolate(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Coefficients (lowest degree first) of the polynomials through rows of points (x, y), over
+    GF(FIELD_PRIME); x, y: int64 [rows, n] with distinct x per row, all in [0, FIELD_PRIME)."""
+    inverses = _field_inverses()
+    num_points = x.shape[1]
+    divided = y % FIELD_PRIME
+    for order in range(1, num_points):
+        numerator = (divided[:, order:] - divided[:, order - 1:-1]) % FIELD_PRIME
+        denominator = (x[:, order:] - x[:, :-order]) % FIELD_PRIME
+        divided[:, order:] = numerator * inverses[denominator] % FIELD_PRIME
+    coefficients = np.zeros_like(divided)
+    newton_basis = np.zeros_like(divided)
+    newton_basis[:, 0] = 1
+    for i in range(num_points):
+        coefficients = (coefficients + divided[:, i:i + 1] * newton_basis) % FIELD_PRIME
+        shifted = (-x[:, i:i + 1] % FIELD_PRIME) * newton_basis % FIELD_PRIME
+        shifted[:, 1:] += newton_basis[:, :-1]
+        newton_basis = shifted % FIELD_PRIME
+    return coefficients
+
+
+def evaluate(coefficients: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Horner evaluation of one polynomial at points x (int64), over GF(FIELD_PRIME)."""
+    result = np.full(x.shape, coefficients[-1], dtype=np.int64)
+    for coefficient in coefficients[-2::-1]:
+        result = (result * x + coefficient) % FIELD_PRIME
+    return result
+
+
+def proofs_from_points(indices: np.ndarray, values: np.ndarray) -> list[bytes]:
+    """Proof bytes for rows of committed points: indices (flat, int64) and bf16 bits, [rows, n]."""
+    indices = np.asarray(indices, dtype=np.int64)
+    moduli = np.array([injective_modulus(row) for row in indices], dtype=np.int64)
+    coefficients = interpolate(indices % moduli[:, None], np.asarray(values, dtype=np.int64))
+    return [ChunkProof(int(m), tuple(int(c) for c in row)).to_bytes()
+            for m, row in zip(moduli, coefficients)]
+
+
+def chunk_bounds(num_tokens: int) -> list[tuple[int, int]]:
+    return [(start, min(start + CHUNK_TOKENS, num_tokens))
+            for start in range(0, num_tokens, CHUNK_TOKENS)]
+
+
+def commit(hidden_bits: np.ndarray) -> bytes:
+    """The commitment of a completion's final hidden states, bf16 bits [num_tokens, hidden_size]."""
+    hidden_bits = _as_hidden_bits(hidden_bits)
+    proofs = []
+    for start, end in chunk_bounds(hidden_bits.shape[0]):
+        flat = hidden_bits[start:end].reshape(-1)
+        indices = top_indices(flat, min(TOP_K, flat.size))
+        proofs.extend(proofs_from_points(indices[None, :], flat[indices][None, :]))
+    return b"".join(proofs)
+
+
+def split_proofs(commitment: bytes, num_tokens: int, hidden_size: int) -> list[ChunkProof]:
+    """Decode a commitment that claims to cover num_tokens tokens of a model of this hidden size."""
+    proofs = []
+    offset = 0
+    for start, end in chunk_bounds(num_tokens):
+        size = PROOF_HEADER_BYTES + 2 * min(TOP_K, (end - start) * hidden_size)
+        proofs.append(ChunkProof.from_bytes(commitment[offset:offset + size]))
+        offset += size
+    if offset != len(commitment):
+        raise CommitmentError(
+            f"commitment has {len(commitment)} bytes; {num_tokens} tokens of hidden size "
+            f"{hidden_size} need {offset}")
+    return proofs
+
+
+def _as_hidden_bits(hidden_bits: np.ndarray) -> np.ndarray:
+    hidden_bits = np.asarray(hidden_bits)
+    if hidden_bits.dtype != np.uint16 or hidden_bits.ndim != 2:
+        raise CommitmentError(
+            f"hidden states must be bf16 bits, uint16 [num_tokens, hidden_size]; got "
+            f"{hidden_bits.dtype} {hidden_bits.shape}")
+    return hidden_bits
+
+
+def check_chunk(proof: ChunkProof, flat_bits: np.ndarray) -> ChunkCheck:
+    num_points = len(proof.coefficients)
+    indices = top_indices(flat_bits, num_points)
+    committed = evaluate(np.array(proof.coefficients, dtype=np.int64), indices % proof.modulus)
+    recomputed = flat_bits[indices].astype(np.int64)
+    exponents_match = ((committed & BF16_EXPONENT_MASK) == (recomputed & BF16_EXPONENT_MASK))
+    mantissa_errors = np.abs((committed & BF16_MANTISSA_MASK) - (recomputed & BF16_MANTISSA_MASK))
+    matched_errors = np.sort(mantissa_errors[exponents_match])
+    if matched_errors.size == 0:
+        return ChunkCheck(num_points, NO_MANTISSA_MATCH, NO_MANTISSA_MATCH, num_points)
+    return ChunkCheck(int(num_points - exponents_match.sum()), float(matched_errors.mean()),
+                      float(matched_errors[matched_errors.size // 2]), num_points)
+
+
+def verify(commitment: bytes, hidden_bits: np.ndarray) -> list[ChunkCheck]:
+    """Check a commitment against recomputed final hidden states (bf16 bits [num_tokens, hidden])."""
+    hidden_bits = _as_hidden_bits(hidden_bits)
+    num_tokens, hidden_size = hidden_bits.shape
+    proofs = split_proofs(commitment, num_tokens, hidden_size)
+    return [check_chunk(proof, hidden_bits[start:end].reshape(-1))
+            for proof, (start, end) in zip(proofs, chunk_bounds(num_tokens))]
+
+
+def accepts(checks: Sequence[ChunkCheck], thresholds: Thresholds = Thresholds()) -> bool:
+    """Every chunk within the per-chunk bounds (the check of one rollout)."""
+    return all(check.passes(thresholds) for check in checks)
+
+
+@dataclass(frozen=True)
+class PooledCheck:
+    num_chunks: int
+    exponent_mismatches_per_chunk: float
+    mantissa_error_mean: float  # over every exponent-matching point of every chunk
+
+    def passes(self, thresholds: Thresholds) -> bool:
+        """Too few chunks pass: they are no evidence of a systematic deviation."""
+        return (self.num_chunks < thresholds.min_pooled_chunks
+                or (self.exponent_mismatches_per_chunk <= thresholds.max_pooled_exponent_mismatches
+                    and self.mantissa_error_mean <= thresholds.max_pooled_mantissa_error_mean))
+
+
+def pool(checks: Sequence[ChunkCheck]) -> PooledCheck:
+    """Statistics of many chunks together (e.g. all verified rollouts of a submission)."""
+    num_matched = [c.num_points - c.exponent_mismatches for c in checks]
+    total_matched = sum(num_matched)
+    mantissa_error_sum = sum(c.mantissa_error_mean * n for c, n in zip(checks, num_matched) if n)
+    return PooledCheck(
+        num_chunks=len(checks),
+        exponent_mismatches_per_chunk=(sum(c.exponent_mismatches for c in checks) / len(checks)
+                                       if checks else 0.0),
+        mantissa_error_mean=mantissa_error_sum / total_matched if total_matched else 0.0,
+    )

@@ -1,0 +1,165 @@
+"""The activation commitment (protocol/commitment.py)."""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from protocol import commitment
+
+VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "commitment.json").read_text())
+P = commitment.FIELD_PRIME
+
+
+def test_vectors():
+    for case in VECTORS["commit"]:
+        bits = np.array(case["hidden_bf16_bits"], dtype=np.uint16).reshape(case["num_tokens"], case["hidden_size"])
+        assert commitment.commit(bits).hex() == case["commitment_hex"]
+        checks = commitment.verify(commitment.commit(bits), bits)
+        assert all((c.exponent_mismatches, c.mantissa_error_mean, c.mantissa_error_median) == (0, 0.0, 0.0)
+                   for c in checks)
+    points = VECTORS["points"]
+    proof = commitment.proofs_from_points(np.array([points["indices"]]), np.array([points["bf16_bits"]]))[0]
+    assert proof.hex() == points["proof_hex"]
+    assert commitment.ChunkProof.from_bytes(proof).modulus < P  # indices up to 2**22 need a search
+
+
+def naive_interpolate(x: list[int], y: list[int]) -> list[int]:
+    """Lagrange interpolation over GF(P) with Python integers."""
+    coefficients = [0] * len(x)
+    for i, (xi, yi) in enumerate(zip(x, y)):
+        basis = [1]
+        denominator = 1
+        for j, xj in enumerate(x):
+            if j != i:
+                basis = [((basis[k - 1] if k else 0) - xj * (basis[k] if k < len(basis) else 0)) % P
+                         for k in range(len(basis) + 1)]
+                denominator = denominator * (xi - xj) % P
+        scale = yi * pow(denominator, P - 2, P) % P
+        coefficients = [(c + scale * b) % P for c, b in zip(coefficients, basis)]
+    return coefficients
+
+
+def test_interpolation_matches_lagrange_and_evaluates_back():
+    rng = random.Random(0)
+    for num_points in (1, 2, 7, 40):
+        x = rng.sample(range(P), num_points)
+        y = [rng.randrange(65536) for _ in range(num_points)]
+        coefficients = commitment.interpolate(np.array([x]), np.array([y]))[0]
+        assert coefficients.tolist() == naive_interpolate(x, [v % P for v in y])
+        np.testing.assert_array_equal(commitment.evaluate(coefficients, np.array(x)), np.array(y) % P)
+
+
+def test_batched_interpolation_equals_row_by_row():
+    rng = np.random.default_rng(1)
+    x = np.stack([rng.choice(P, 128, replace=False) for _ in range(5)])
+    y = rng.integers(0, 65536, (5, 128))
+    batched = commitment.interpolate(x, y)
+    for row in range(5):
+        np.testing.assert_array_equal(batched[row], commitment.interpolate(x[row:row + 1], y[row:row + 1])[0])
+
+
+def random_hidden_bits(num_tokens: int, hidden_size: int, seed: int = 0) -> np.ndarray:
+    values = np.random.default_rng(seed).standard_normal((num_tokens, hidden_size)).astype(np.float32)
+    return commitment.bf16_bits(values)
+
+
+def test_proof_layout_and_roundtrip():
+    bits = random_hidden_bits(70, 64)
+    data = commitment.commit(bits)
+    assert len(data) == 2 * commitment.PROOF_BYTES + 2 + 2 * 128  # chunks of 32, 32 and 6 tokens
+    proofs = commitment.split_proofs(data, 70, 64)
+    assert [len(p.coefficients) for p in proofs] == [128, 128, 128]
+    assert b"".join(p.to_bytes() for p in proofs) == data
+    assert proofs[0].modulus == P and data[:2] == P.to_bytes(2, "big")
+    short = commitment.commit(random_hidden_bits(1, 64))
+    assert len(short) == 2 + 2 * 64  # a chunk with fewer than 128 values commits all of them
+
+
+def test_top_indices_break_magnitude_ties_by_lower_index():
+    flat = commitment.bf16_bits(np.array([1.0, -3.0, 2.0, 3.0, -2.0, 2.0, 0.5], dtype=np.float32))
+    assert commitment.top_indices(flat, 4).tolist() == [1, 3, 2, 4]
+
+
+def test_bf16_bits_match_torch_rounding():
+    rng = np.random.default_rng(2)
+    values = np.concatenate([rng.standard_normal(100_000).astype(np.float32) * 10,
+                             np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, 3.0e38, 1.00390625, 1.01171875],
+                                      dtype=np.float32)])
+    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(commitment.bf16_bits(values), expected)
+
+
+def test_verify_measures_drift_and_rejects_other_states():
+    bits = random_hidden_bits(64, 64)
+    data = commitment.commit(bits)
+    honest = commitment.verify(data, bits)
+    assert honest == [commitment.ChunkCheck(0, 0.0, 0.0, 128)] * 2 and commitment.accepts(honest)
+    values = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    one_ulp = commitment.verify(data, commitment.bf16_bits(values * (1 + 2**-8)))
+    assert commitment.accepts(one_ulp)
+    assert all(c.mantissa_error_mean <= 1.0 for c in one_ulp)
+    other = commitment.verify(data, random_hidden_bits(64, 64, seed=1))
+    assert not any(c.passes(commitment.Thresholds()) for c in other)
+
+
+def test_malformed_commitments_are_rejected():
+    bits = random_hidden_bits(40, 64)
+    data = commitment.commit(bits)
+    for bad in (data[:-2], data + b"\x00\x00", b""):
+        with pytest.raises(commitment.CommitmentError):
+            commitment.verify(bad, bits)
+    with pytest.raises(commitment.CommitmentError):
+        commitment.verify(b"\x00\x00" + data[2:], bits)  # modulus 0
+    with pytest.raises(commitment.CommitmentError):
+        commitment.verify(data, bits.astype(np.int32))
+
+
+def distinct_magnitude_states(num_tokens: int, hidden_size: int, seed: int) -> torch.Tensor:
+    """bf16 states whose magnitudes are all different, so that the top-128 is unambiguous."""
+    rng = np.random.default_rng(seed)
+    magnitudes = rng.choice(np.arange(0x2000, 0x4800), num_tokens * hidden_size, replace=False)
+    signs = rng.integers(0, 2, num_tokens * hidden_size) << 15
+    bits = (magnitudes | signs).astype(np.uint16).reshape(num_tokens, hidden_size)
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+
+
+def test_byte_compatible_with_toploc():
+    toploc = pytest.importorskip("toploc")
+    for num_tokens, hidden_size, seed in ((32, 64, 0), (75, 40, 1), (33, 200, 2)):
+        states = distinct_magnitude_states(num_tokens, hidden_size, seed)
+        bits = states.view(torch.int16).numpy().view(np.uint16)
+        expected = toploc.build_proofs_bytes([row for row in states], decode_batching_size=32, topk=128,
+                                             skip_prefill=True)
+        assert commitment.commit(bits) == b"".join(expected)
+        for ulps in (1, 5):  # a uniform shift keeps magnitudes distinct; carries change exponents
+            drifted_bits = bits + np.uint16(ulps)
+            drifted = torch.from_numpy(drifted_bits.view(np.int16)).view(torch.bfloat16)
+            toploc_checks = toploc.verify_proofs_bytes(drifted, expected, decode_batching_size=32, topk=128,
+                                                       skip_prefill=True)
+            ours = commitment.verify(commitment.commit(bits), drifted_bits)
+            assert [(c.exponent_mismatches, c.mantissa_error_mean, c.mantissa_error_median) for c in ours] == [
+                (c.exp_mismatches, c.mant_err_mean, c.mant_err_median) for c in toploc_checks]
+
+
+def test_pooled_statistics_weigh_chunks_by_their_matched_points():
+    checks = [commitment.ChunkCheck(8, 2.0, 2.0, 128), commitment.ChunkCheck(0, 0.5, 0.0, 120),
+              commitment.ChunkCheck(4, 1.0, 1.0, 64)]
+    pooled = commitment.pool(checks)
+    assert pooled.num_chunks == 3
+    assert pooled.exponent_mismatches_per_chunk == 4.0
+    assert pooled.mantissa_error_mean == (2.0 * 120 + 0.5 * 120 + 1.0 * 60) / 300
+    thresholds = commitment.Thresholds(min_pooled_chunks=3)
+    assert not pooled.passes(thresholds)
+    assert pooled.passes(commitment.Thresholds(min_pooled_chunks=4))  # too few chunks to judge
+    assert commitment.pool([commitment.ChunkCheck(1, 0.25, 0.0, 128)] * 20).passes(commitment.Thresholds())
+
+
+def test_thresholds_by_compute_dtype():
+    assert commitment.thresholds_for("bfloat16") == commitment.Thresholds()
+    fp32 = commitment.thresholds_for("float32")
+    assert fp32 == commitment.FP32_THRESHOLDS
+    assert fp32.max_pooled_mantissa_error_mean < commitment.Thresholds().max_pooled_mantissa_error_mean

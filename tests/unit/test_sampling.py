@@ -1,0 +1,204 @@
+"""The seeded sampling rule, numpy reference (protocol/sampling.py)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocol import sampling as rule
+from protocol.types import SamplingParams
+
+VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "sampling.json").read_text())
+
+
+def f32(bits: int) -> np.float32:
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
+def test_vectors_derive_sample_seed():
+    for case in VECTORS["derive_sample_seed"]:
+        seed = rule.derive_sample_seed(case["lease_seed"], case["prompt_position"], case["sample_index"])
+        assert seed == case["sample_seed"], case
+
+
+def test_vectors_noise():
+    for case in VECTORS["noise"]:
+        bits = rule.noise_bits(np.array([case["seed"]], dtype=np.uint64), np.array([case["position"]]),
+                               VECTORS["vocab_size"])
+        assert bits[0].tolist() == case["noise_bits"]
+        gumbel = rule.gumbel_from_bits(bits)[0]
+        assert gumbel.view(np.uint32).tolist() == case["gumbel_f32_bits"]
+
+
+def test_vectors_sample():
+    for case in VECTORS["sample"]:
+        logits = np.array(case["logits_f32_bits"], dtype=np.uint32).view(np.float32)
+        params = SamplingParams(case["temperature"], case["top_k"], case["top_p"])
+        sampled = rule.sample_tokens(logits[None], np.uint64(case["seed"]), case["position"], params)
+        assert int(sampled.token_ids[0]) == case["token_id"], case["name"]
+        assert sampled.logprobs.view(np.uint32)[0] == case["logprob_f32_bits"], case["name"]
+        assert sampled.margins.view(np.uint32)[0] == case["margin_f32_bits"], case["name"]
+
+
+def naive_mix32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * rule.MIX_MULTIPLIER_1) % 2**32
+    x ^= x >> 15
+    x = (x * rule.MIX_MULTIPLIER_2) % 2**32
+    return x ^ (x >> 15)
+
+
+def naive_noise_bits(seed: int, position: int, token_id: int) -> int:
+    key0 = naive_mix32(naive_mix32(naive_mix32((seed % 2**32) ^ rule.SEED_DOMAIN) ^ (seed >> 32)) ^ position)
+    key1 = naive_mix32(key0 ^ rule.TOKEN_DOMAIN)
+    return naive_mix32(naive_mix32(token_id ^ key1) ^ key0) >> 8
+
+
+def test_noise_bits_match_python_integers():
+    seeds = [0, 7, 2**63 + 5, 2**64 - 1]
+    for seed in seeds:
+        for position in (0, 1, 2**32 - 1):
+            bits = rule.noise_bits(np.array([seed], dtype=np.uint64), np.array([position]), 50)[0]
+            assert bits.tolist() == [naive_noise_bits(seed, position, t) for t in range(50)]
+
+
+def test_noise_is_a_function_of_seed_position_token_only():
+    seeds = np.array([3, 3, 9, 3], dtype=np.uint64)
+    positions = np.array([0, 1, 0, 0])
+    batch = rule.gumbel_noise(seeds, positions, 100)
+    for row in range(4):
+        alone = rule.gumbel_noise(seeds[row:row + 1], positions[row:row + 1], 100)
+        np.testing.assert_array_equal(batch[row], alone[0])
+    np.testing.assert_array_equal(batch[0], batch[3])
+    assert not np.array_equal(batch[0], batch[1])
+    assert not np.array_equal(batch[0], batch[2])
+
+
+def test_gumbel_noise_statistics():
+    noise = rule.gumbel_noise(np.arange(2000, dtype=np.uint64), np.zeros(2000, dtype=np.int64), 500)
+    assert noise.dtype == np.float32
+    assert abs(noise.mean() - 0.5772156649) < 0.01  # Euler-Mascheroni
+    assert abs(noise.std() - math.pi / math.sqrt(6)) < 0.01
+    bits = rule.noise_bits(np.arange(2000, dtype=np.uint64), np.ones(2000, dtype=np.int64), 500)
+    counts = np.bincount((bits >> np.uint64(20)).ravel().astype(np.int64), minlength=16)
+    expected = bits.size / 16
+    chi_square = ((counts - expected) ** 2 / expected).sum()
+    assert chi_square < 50  # 15 degrees of freedom: p < 1e-5 above 45
+
+
+def test_sampled_frequencies_follow_softmax():
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 3.0], dtype=np.float32)
+    params = SamplingParams(temperature=0.8)
+    num_draws = 20000
+    sampled = rule.sample_tokens(np.broadcast_to(logits, (num_draws, 6)), np.uint64(42),
+                                 np.arange(num_draws), params)
+    frequencies = np.bincount(sampled.token_ids, minlength=6) / num_draws
+    probs = np.exp(logits / 0.8) / np.exp(logits / 0.8).sum()
+    np.testing.assert_allclose(frequencies, probs, atol=4 * np.sqrt(0.25 / num_draws))
+    np.testing.assert_allclose(np.exp(sampled.logprobs), probs[sampled.token_ids], rtol=1e-5)
+
+
+def test_greedy_is_argmax_with_lowest_id_on_ties():
+    logits = np.array([[0.0, 5.0, 1.0, 5.0], [9.0, 1.0, 9.0, 2.0]], dtype=np.float32)
+    sampled = rule.sample_tokens(logits, np.uint64(1), 0, SamplingParams(temperature=0.0))
+    assert sampled.token_ids.tolist() == [1, 0]
+    assert sampled.margins.tolist() == [0.0, 0.0]
+    log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(sampled.logprobs, log_softmax[[0, 1], [1, 0]], rtol=1e-6)
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    logits = np.array([3.0, 2.0, 2.0, 1.0, 0.0], dtype=np.float32)
+    threshold = rule.filter_threshold(logits[None], top_k=2, top_p=1.0)
+    assert threshold.tolist() == [2.0]
+    sampled = rule.sample_tokens(np.broadcast_to(logits, (3000, 5)), np.uint64(5), np.arange(3000),
+                                 SamplingParams(temperature=1.0, top_k=2))
+    assert set(sampled.token_ids.tolist()) == {0, 1, 2}
+    allowed = np.exp(logits[:3]) / np.exp(logits[:3]).sum()
+    np.testing.assert_allclose(np.exp(sampled.logprobs), allowed[sampled.token_ids], rtol=1e-5)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(probs).astype(np.float32)[None]
+    assert rule.filter_threshold(logits, 0, 0.5)[0] == logits[0, 0]
+    assert rule.filter_threshold(logits, 0, 0.79)[0] == logits[0, 1]
+    assert rule.filter_threshold(logits, 0, 0.81)[0] == logits[0, 2]
+    assert rule.filter_threshold(logits, 0, 0.999)[0] == logits[0, 3]
+    assert rule.filter_threshold(logits, 2, 0.95)[0] == logits[0, 1]  # top-p over top-k survivors
+
+
+def test_margin_is_gap_between_top_two_perturbed_scores():
+    logits = np.random.default_rng(0).standard_normal((50, 30)).astype(np.float32)
+    params = SamplingParams(temperature=0.9, top_k=10)
+    sampled = rule.sample_tokens(logits, np.uint64(11), np.arange(50), params)
+    scaled = logits * rule.inverse_temperature(0.9)
+    scores = scaled + rule.gumbel_noise(np.full(50, 11, dtype=np.uint64), np.arange(50), 30)
+    scores[scaled < rule.filter_threshold(scaled, 10, 1.0)[:, None]] = -np.inf
+    top_two = np.sort(scores, axis=1)[:, -2:]
+    np.testing.assert_array_equal(sampled.token_ids, scores.argmax(axis=1))
+    np.testing.assert_array_equal(sampled.margins, top_two[:, 1] - top_two[:, 0])
+    one_allowed = rule.sample_tokens(logits, np.uint64(11), np.arange(50), SamplingParams(1.0, top_k=1))
+    assert np.isinf(one_allowed.margins).all()
+    np.testing.assert_array_equal(one_allowed.token_ids, logits.argmax(axis=1))
+    np.testing.assert_array_equal(one_allowed.logprobs, 0.0)
+
+
+def test_derive_sample_seed_separates_inputs_and_checks_ranges():
+    seeds = {rule.derive_sample_seed(lease, prompt, sample)
+             for lease in (0, 1) for prompt in range(20) for sample in range(20)}
+    assert len(seeds) == 800
+    assert all(0 <= seed < 2**64 for seed in seeds)
+    with pytest.raises(rule.SamplingParamsError):
+        rule.derive_sample_seed(-1, 0, 0)
+    with pytest.raises(rule.SamplingParamsError):
+        rule.derive_sample_seed(0, 2**64, 0)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=-1.0), SamplingParams(top_k=-1),
+                                    SamplingParams(top_p=0.0), SamplingParams(top_p=1.5),
+                                    SamplingParams(temperature=float("nan"))])
+def test_invalid_params_are_rejected(params):
+    with pytest.raises(rule.SamplingParamsError):
+        rule.sample_tokens(np.zeros((1, 4), dtype=np.float32), np.uint64(0), 0, params)
+
+
+def test_check_tokens_exact_near_tie_and_mismatch():
+    rng = np.random.default_rng(3)
+    params = SamplingParams(temperature=0.5)
+    logits = rng.standard_normal((200, 40)).astype(np.float32)
+    positions = np.arange(200)
+    sampled = rule.sample_tokens(logits, np.uint64(8), positions, params)
+    exact = rule.check_tokens(logits, sampled.token_ids, np.uint64(8), positions, params)
+    assert (exact.verdicts == rule.TokenVerdict.EXACT).all()
+    np.testing.assert_array_equal(exact.logprobs, sampled.logprobs)
+
+    row = int(np.argmin(sampled.margins))  # the closest race: make the runner-up win by a hair
+    scores = logits[row] * rule.inverse_temperature(0.5) + rule.gumbel_noise(
+        np.array([8], dtype=np.uint64), positions[row:row + 1], 40)[0]
+    runner_up = int(np.argsort(scores)[-2])
+    for logit_shift, verdict in ((sampled.margins[row] * 0.5 + 0.01, rule.TokenVerdict.NEAR_TIE),
+                                 (sampled.margins[row] * 0.5 + 0.5, rule.TokenVerdict.MISMATCH)):
+        validator_logits = logits.copy()
+        validator_logits[row, runner_up] += logit_shift
+        checks = rule.check_tokens(validator_logits, sampled.token_ids, np.uint64(8), positions, params,
+                                   logit_tolerance=0.05)
+        assert checks.verdicts[row] == verdict
+        assert checks.num_near_ties + checks.num_mismatches == 1
+        assert checks.score_gaps[row] > 0
+
+    wrong = sampled.token_ids.copy()
+    wrong[0] = int(np.argmin(logits[0]))
+    checks = rule.check_tokens(logits, wrong, np.uint64(8), positions, params)
+    assert checks.verdicts.tolist() == [rule.TokenVerdict.MISMATCH] + [rule.TokenVerdict.EXACT] * 199
+    other_seed = rule.check_tokens(logits, sampled.token_ids, np.uint64(9), positions, params)
+    assert other_seed.num_mismatches > 100
+
+
+def test_replay_tolerances_by_compute_dtype():
+    fp32 = rule.tolerances_for("float32")
+    bf16 = rule.tolerances_for("bfloat16")
+    assert bf16 == rule.ReplayTolerances(rule.DEFAULT_LOGIT_TOLERANCE, rule.MAX_LOGPROB_DRIFT)
+    assert fp32.logit_tolerance < bf16.logit_tolerance and fp32.max_logprob_drift < bf16.max_logprob_drift
