@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coordinator.seed import SeedHost  # noqa: E402
-from node.p2p import P2PHost, P2PSettings  # noqa: E402
+from p2p import P2PHost, P2PSettings  # noqa: E402
 from protocol.identity import Identity, verify_signature  # noqa: E402
 from protocol.proto import policy_pb2  # noqa: E402
 

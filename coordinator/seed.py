@@ -6,7 +6,7 @@ from it the blobs no peer holds yet. The seed serves each blob of a version to a
 from those peers, so the seed's egress per version stays near one copy whatever the number of
 nodes. A node that no peer can serve asks again as a last resort, and the seed always answers.
 
-The peer host lives in node/p2p (shared code: the seed speaks the same protocols as a node).
+The peer host lives in p2p (shared code: the seed speaks the same protocols as a node).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from coordinator.blobstore import BlobStore, UnknownBlobError
-from node.p2p import P2PHost, P2PSettings
-from node.p2p.settings import BlobSource, VerifyManifest
+from p2p import P2PHost, P2PSettings
+from p2p.settings import BlobSource, VerifyManifest
 from protocol.identity import Identity
 from protocol.manifest import signed_manifest_from_bytes, verify_manifest
 from protocol.proto import policy_pb2

@@ -34,9 +34,10 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = False, process_name
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonLinesFormatter())
     else:
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler = RichHandler(show_path=False, log_time_format="%H:%M:%S", markup=False, rich_tracebacks=True)
+        handler = RichHandler(console=Console(stderr=True), show_path=False, log_time_format="%H:%M:%S", markup=False, rich_tracebacks=True)
         handler.setFormatter(logging.Formatter(f"[{process_name}] %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from coordinator.seed import SeedHost
-from node.p2p import BlobFetchError, P2PHost, P2PSettings
+from p2p import BlobFetchError, P2PHost, P2PSettings
 from protocol.identity import Identity, verify_signature
 from protocol.proto import policy_pb2
 

@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from node.p2p.scoring import BAN_THRESHOLD, MAX_SCORE, SCORE_DELTAS, PeerEvent, PeerScores, next_score, peers_to_drop
-from node.p2p.throttle import TokenBucket
+from p2p.scoring import BAN_THRESHOLD, MAX_SCORE, SCORE_DELTAS, PeerEvent, PeerScores, next_score, peers_to_drop
+from p2p.throttle import TokenBucket
 
 
 def test_one_corrupt_blob_bans_a_peer_at_once():

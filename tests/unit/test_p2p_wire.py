@@ -5,9 +5,9 @@ from cryptography.hazmat.primitives import serialization
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from node.p2p import wire
-from node.p2p.service import key_pair_from_identity
-from node.p2p.settings import P2PSettings
+from p2p import wire
+from p2p.service import key_pair_from_identity
+from p2p.settings import P2PSettings
 from node.config import P2PSection
 from protocol.identity import Identity
 

@@ -13,9 +13,9 @@ from typing import TypeVar
 
 import trio
 
-from node.p2p.scoring import PeerScores
-from node.p2p.service import EgressCounters, PeerService
-from node.p2p.settings import AnnouncementHandler, BlobSink, BlobSource, OriginFetch, P2PSettings, VerifyManifest
+from p2p.scoring import PeerScores
+from p2p.service import EgressCounters, PeerService
+from p2p.settings import AnnouncementHandler, BlobSink, BlobSource, OriginFetch, P2PSettings, VerifyManifest
 from protocol.identity import Identity
 
 T = TypeVar("T")

@@ -33,10 +33,10 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from node.p2p import wire
-from node.p2p.scoring import PeerEvent, PeerScores, peers_to_drop
-from node.p2p.settings import AnnouncementHandler, BlobSink, BlobSource, OriginFetch, P2PSettings, VerifyManifest
-from node.p2p.throttle import UploadThrottle
+from p2p import wire
+from p2p.scoring import PeerEvent, PeerScores, peers_to_drop
+from p2p.settings import AnnouncementHandler, BlobSink, BlobSource, OriginFetch, P2PSettings, VerifyManifest
+from p2p.throttle import UploadThrottle
 from protocol.identity import Identity
 
 log = logging.getLogger(__name__)
