@@ -4,11 +4,11 @@ from pathlib import Path
 import pytest
 
 from protocol.identity import Identity
+from tests.adversarial.harness import MARGINS
 from tests.integration.cluster import Cluster
 from tests.integration.test_coordinator_nodes import publish_fixed_policy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MARGINS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,9 @@ from protocol.proto import service_pb2
 from protocol.types import RejectReason, RolloutBatch, WorkLease
 from tests.integration.cluster import Cluster
 
+# Attack name → how far past its bound it landed; written to artifacts/ at the end of the session.
+MARGINS: dict[str, dict] = {}
+
 
 class Attacker:
     def __init__(self, cluster: Cluster, model, tokenizer, engine_name: str = "torch-cpu-float32"):

@@ -13,8 +13,8 @@ from protocol.envelope import method_name, seal
 from protocol.identity import Identity
 from protocol.proto import service_pb2
 from protocol.types import FinishReason
-from tests.adversarial.conftest import MARGINS
 from tests.adversarial.harness import (
+    MARGINS,
     Attacker,
     rejected_reasons,
     replace_rollout,
@@ -89,7 +89,7 @@ def int8_linear_weights(model):
 @pytest.mark.parametrize(
     ("attack", "make_model"),
     [
-        ("1-weights-perturbed-1.01", lambda m: perturbed(m, 1.01)),
+        ("1-weights-perturbed-1.02", lambda m: perturbed(m, 1.02)),
         ("2-lower-precision-fp16", fp16_arithmetic),
         ("2-lower-precision-int8-linear", int8_linear_weights),
     ],

@@ -1,0 +1,101 @@
+"""Validation cost (issue 7): validator CPU time per rollout ÷ node generation time per rollout.
+
+One process builds the real coordinator (store, blob store, scheduler, validator) on a temporary
+SQLite file with the tiny model published as version 1, plays an honest fp32 node (leases, the
+torch engine with seeded sampling and commitments, submissions), then lets the validator fully
+check every group: rebuild the policy from the signed update, one batched prefill per group, the
+token rule, log-prob drift, per-chunk and pooled commitments, termination. The baseline is the
+node's own generation time for the same rollouts, measured in the same run.
+
+Prints, last: validation-cost-ratio and floor-load-fraction (validation compute as a fraction of
+node compute when a node has reached the floor sampling rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer leases (under a minute)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    import torch
+
+    from coordinator.blobstore import BlobStore
+    from coordinator.config import CoordinatorConfig
+    from coordinator.server import build, load_run_setup, open_coordinator_store
+    from node.generate import generate_batch
+    from policy.engine import TorchEngine
+    from policy.model import create_tiny_model, load_model
+    from policy.tokenizer import load_tokenizer
+    from policy.weights import export_bf16_state, load_bf16_state
+    from protocol import convert
+    from protocol.identity import Identity
+    from trainer.publish import PolicyPublisher
+
+    torch.set_num_threads(1)
+    num_leases = 4 if args.quick else 16
+    with tempfile.TemporaryDirectory() as temp:
+        root = Path(temp)
+        create_tiny_model(root / "model")
+        trainer = Identity.generate()
+        model = load_model(root / "model")
+        blobs = BlobStore(root / "data" / "policy", run_id="demo", trainer_public_key=trainer.public_key)
+        PolicyPublisher(trainer, "demo", blobs).publish_model(1, model)
+        load_bf16_state(model, export_bf16_state(model))
+        config = CoordinatorConfig.model_validate({
+            "data_dir": str(root / "data"),
+            "trainer_key_fingerprint": trainer.key_id,
+            "run": {"model": str(root / "model"), "group_size": 8, "prompts_per_lease": 4,
+                    "sampling": {"max_tokens": args.max_tokens}},
+            "lease": {"max_open_per_node": num_leases},
+        })
+        setup = load_run_setup(config)
+        store = open_coordinator_store(config)
+        app, _, validator = build(config, setup, store)
+        node = Identity.generate()
+        app.register(node.key_id, node.public_key, "bench", "torch-cpu-float32", "cpu", "bench")
+        tokenizer = load_tokenizer(root / "model")
+        engine = TorchEngine(model, stop_token_ids={tokenizer.eos_token_id}, max_batch_size=32)
+        generation_s = 0.0
+        num_rollouts = num_tokens = 0
+        for _ in range(num_leases):
+            lease = app.lease(node.key_id, 1)
+            started = time.perf_counter()
+            generated = generate_batch(engine, tokenizer, setup.task, config.run.seed, lease, "torch-cpu-float32")
+            generation_s += time.perf_counter() - started
+            num_rollouts += sum(len(g.rollouts) for g in generated.batch.groups)
+            num_tokens += generated.num_tokens
+            result = app.submit(node.key_id, convert.batch_to_proto(generated.batch).SerializeToString())
+            assert result.receipt.num_rejected == 0, result.receipt
+        validator.run_pending(limit=1)  # loads the validator's model and rebuilds the policy once
+        started = time.perf_counter()
+        while validator.run_pending(limit=64):
+            pass
+        validation_s = time.perf_counter() - started
+        results = [r for r in store.list_validations(node.key_id, 10_000)]
+        store.close()
+    assert all(r.passed for r in results), [r.evidence_json for r in results if not r.passed][:2]
+    ratio = validation_s / generation_s
+    floor_rate = config.validation.floor_rate
+    print(json.dumps({
+        "rollouts": num_rollouts, "tokens": num_tokens, "groups_checked": len(results),
+        "generation_ms_per_rollout": round(1000 * generation_s / num_rollouts, 2),
+        "validation_ms_per_rollout": round(1000 * validation_s / num_rollouts, 2),
+    }))
+    print(f"validation-cost-ratio: {ratio:.3f} (target: <= 0.1)")
+    print(f"floor-load-fraction: {floor_rate * ratio:.4f} (validation compute ÷ node compute at the {floor_rate:.0%} floor)")
+
+
+if __name__ == "__main__":
+    main()
