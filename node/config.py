@@ -37,6 +37,7 @@ class NodeConfig(_Section):
     state_dir: Path = Path("~/.rollproof/node")
     key_file: Path | None = Field(None, description="default: <state_dir>/node.key")
     display_name: str = Field("", max_length=64)
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint on 127.0.0.1; 0: off")
     trainer_key_fingerprint: str = Field("", description="key id of the trainer key to trust; required")
     engine: EngineSection = EngineSection()
     p2p: P2PSection = P2PSection()

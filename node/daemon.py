@@ -152,6 +152,10 @@ class NodeDaemon:
         from policy.tokenizer import load_tokenizer
 
         torch.set_num_threads(self.config.engine.threads)
+        if self.config.metrics_port:
+            from node.metrics import serve_metrics
+
+            serve_metrics(self.config.metrics_port, lambda: self.status)
         client = CoordinatorClient(self.config.coordinator, self.identity)
         try:
             run_info = await self._call("run info", client.run_info)

@@ -43,5 +43,6 @@ class TrainerConfig(_Section):
     keyframe_interval: int = Field(20, ge=1, description="publish a keyframe besides the delta every N versions")
     metrics_file: Path | None = Field(None, description="default: <data_dir>/metrics.jsonl")
     wandb_project: str = ""
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint on 127.0.0.1; 0: off")
     optimizer: OptimizerSection = OptimizerSection()
     loss: LossSection = LossSection()

@@ -78,6 +78,18 @@ class Trainer:
         self.metrics_path = (config.metrics_file or self.data_dir / "metrics.jsonl").expanduser()
         self.identity = Identity.load_or_create((config.key_file or self.data_dir / "trainer.key").expanduser())
         self.stop_event = threading.Event()
+        self.prometheus = None
+        if config.metrics_port:
+            from trainer.metrics import serve_metrics
+
+            self.prometheus = serve_metrics(config.metrics_port)
+        self.wandb_run = None
+        if config.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("wandb_project is set but Weights & Biases is not installed: pip install wandb") from None
+            self.wandb_run = wandb.init(project=config.wandb_project, config=config.model_dump(mode="json"))
 
     def run(self) -> TrainerState:
         from policy.model import load_model
@@ -187,3 +199,7 @@ class Trainer:
     def _write_metrics(self, record: dict) -> None:
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.prometheus is not None:
+            self.prometheus.update(record)
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=record["step"])
