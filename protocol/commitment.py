@@ -114,9 +114,11 @@ class ChunkCheck:
 # tighter bounds apply, pooled over as few as 8 chunks. They catch one layer scaled by 1.003
 # (pooled 0.70 / 0.16 on layer 0; a later layer at 1.01 shows 0.25 / 0.11) where the bf16 defaults
 # need 1.03 in fp32 compute.
+# fp16 arithmetic on an fp32 node pools to 0.0-0.13 / 0.06 over a group, hence the 0.02 bound (300x
+# the honest 6e-5).
 FP32_THRESHOLDS = Thresholds(max_exponent_mismatches=2, max_mantissa_error_mean=0.25,
                              max_mantissa_error_median=1.0, max_pooled_exponent_mismatches=0.1,
-                             max_pooled_mantissa_error_mean=0.05, min_pooled_chunks=8)
+                             max_pooled_mantissa_error_mean=0.02, min_pooled_chunks=8)
 
 
 def thresholds_for(compute_dtype: str) -> Thresholds:
