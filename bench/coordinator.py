@@ -77,7 +77,7 @@ def start_coordinator(root: Path, model_dir: Path, trainer: Identity) -> tuple[s
             "--set", "validation.enabled=false", "--set", "run.prompts_per_lease=1",
             "--set", f"run.group_size={GROUP_SIZE}", "--set", f"run.sampling.max_tokens={NUM_TOKENS}",
             "--set", "server.requests_per_second_per_node=100000", "--set", "server.request_burst_per_node=100000",
-            "--set", "lease.max_open_per_node=64",
+            "--set", "lease.max_open_per_node=64", "--set", "run.max_backlog_groups=0",
         ],
         stdout=subprocess.DEVNULL, stderr=open(root / "coordinator.log", "wb"), start_new_session=True,
     )
