@@ -258,15 +258,16 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def build_keyframe(
-    run_id: str, version: int, state: BF16State, *, created_at_ms: int | None = None
+def _build_update(
+    run_id: str, version: int, base_version: int, codec: Codec, sections, zstd_parameters,
+    state: BF16State, created_at_ms: int | None,
 ) -> PolicyUpdate:
-    refs, blobs = compress_payload(keyframe_sections(state), KEYFRAME_ZSTD_PARAMETERS)
+    refs, blobs = compress_payload(sections, zstd_parameters)
     manifest = PolicyManifest(
         run_id=run_id,
         version=version,
-        base_version=version,
-        codec=Codec.KEYFRAME,
+        base_version=base_version,
+        codec=codec,
         tensors=tensor_specs(state),
         blobs=refs,
         state_hash=state_hash(state),
@@ -274,6 +275,15 @@ def build_keyframe(
     )
     check_manifest_structure(manifest)
     return PolicyUpdate(manifest=manifest, blobs=blobs)
+
+
+def build_keyframe(
+    run_id: str, version: int, state: BF16State, *, created_at_ms: int | None = None
+) -> PolicyUpdate:
+    return _build_update(
+        run_id, version, version, Codec.KEYFRAME, keyframe_sections(state), KEYFRAME_ZSTD_PARAMETERS,
+        state, created_at_ms,
+    )
 
 
 def build_delta(
@@ -285,19 +295,10 @@ def build_delta(
     *,
     created_at_ms: int | None = None,
 ) -> PolicyUpdate:
-    refs, blobs = compress_payload(delta_sections(base_state, state), DELTA_ZSTD_PARAMETERS)
-    manifest = PolicyManifest(
-        run_id=run_id,
-        version=version,
-        base_version=base_version,
-        codec=Codec.DELTA,
-        tensors=tensor_specs(state),
-        blobs=refs,
-        state_hash=state_hash(state),
-        created_at_ms=now_ms() if created_at_ms is None else created_at_ms,
+    return _build_update(
+        run_id, version, base_version, Codec.DELTA, delta_sections(base_state, state), DELTA_ZSTD_PARAMETERS,
+        state, created_at_ms,
     )
-    check_manifest_structure(manifest)
-    return PolicyUpdate(manifest=manifest, blobs=blobs)
 
 
 def manifest_bytes(manifest: PolicyManifest) -> bytes:
