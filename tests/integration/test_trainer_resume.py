@@ -1,6 +1,8 @@
 """kill -9 of the trainer mid-run, then --resume (issue 6)."""
 
 import json
+import os
+import signal
 import sqlite3
 
 from protocol.identity import Identity
@@ -9,7 +11,7 @@ from tests.integration.test_coordinator_nodes import tiny_model  # noqa: F401
 
 TRAINER_FLAGS = [
     "--set", "groups_per_step=2",
-    "--set", "checkpoint_every=3",
+    "--set", "checkpoint_every=10",
     "--set", "eval_every=0",
 ]
 
@@ -43,7 +45,8 @@ def test_trainer_killed_and_resumed_trains_no_group_twice(tmp_path, tiny_model):
                                   "--set", "run.sampling.max_tokens=8")
         trainer = cluster.spawn("trainer", trainer_args)
         cluster.start_node("node-1", "--batch-size", "8")
-        wait_for(lambda: max(steps_logged(cluster), default=0) >= 7, 240, "7 trainer steps")
+        wait_for(lambda: max(steps_logged(cluster), default=0) >= 12, 240, "12 trainer steps", interval_s=0.05)
+        os.kill(trainer.popen.pid, signal.SIGSTOP)  # a still picture: checkpoint at 10, steps after it consumed
         trainer.kill9()
         consumed_before = consumptions(cluster)
         last_checkpoint = max(
