@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,7 +16,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from coordinator.checks import LeaseRejection, LeaseState as CheckedLease, RunFacts, check_lease, check_rollouts
+from coordinator.checks import LeaseRejection, LeaseView, RunFacts, check_lease, check_rollouts
 from coordinator.config import CoordinatorConfig
 from coordinator.scheduler import LeasePlan, Scheduler
 from coordinator.versions import PolicyVersions
@@ -37,6 +36,7 @@ from envs import Split, Task
 from policy.scoring import completion_text
 from protocol import commitment, convert
 from protocol.convert import WireFormatError
+from protocol.envelope import now_ms
 from protocol.proto import rollout_pb2
 from protocol.types import (
     LeasedPrompt,
@@ -56,10 +56,6 @@ MAX_LEASE_ID_CHARS = 64
 
 class InvalidRequestError(ValueError):
     """The request is well signed but its content is malformed."""
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def commitment_bytes(num_tokens: int) -> int:
@@ -205,7 +201,7 @@ class Coordinator:
         try:
             lease = check_lease(
                 batch,
-                None if record is None else CheckedLease(self.to_work_lease(record), record.state.value),
+                None if record is None else LeaseView(self.to_work_lease(record), record.state.value),
                 node_id,
                 now,
             )

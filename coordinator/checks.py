@@ -36,12 +36,12 @@ class RunFacts:
 
 
 @dataclass(frozen=True)
-class LeaseState:
+class LeaseView:
     lease: WorkLease
     state: str        # "open", "submitted", "released", "expired"
 
 
-def check_lease(batch: RolloutBatch, lease_state: LeaseState | None, signer_id: str, now_ms: int) -> WorkLease:
+def check_lease(batch: RolloutBatch, lease_state: LeaseView | None, signer_id: str, now_ms: int) -> WorkLease:
     """The lease exists, belongs to the signer, is live, and the batch claims its version."""
     if lease_state is None:
         raise LeaseRejection(RejectReason.UNKNOWN_LEASE, f"lease {batch.lease_id!r} does not exist")

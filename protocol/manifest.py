@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from protocol.codec import (
     state_hash,
     tensor_specs,
 )
+from protocol.envelope import now_ms
 from protocol.identity import Identity, key_id, verify_signature
 from protocol.proto import policy_pb2
 from protocol.types import BlobRef, Codec, PolicyManifest, SignedManifest, TensorSpec
@@ -252,10 +252,6 @@ def read_payload(refs: Sequence[BlobRef], blobs: Mapping[bytes, bytes]) -> bytea
 
 
 # ---- building and signing ----
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _build_update(

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 from policy.weights import export_bf16_state
 from protocol.codec import BF16State, check_bf16_state
 from protocol.identity import Identity
-from protocol.manifest import PolicyUpdate, build_delta, build_keyframe, now_ms, sign_manifest
+from protocol.envelope import now_ms
+from protocol.manifest import PolicyUpdate, build_delta, build_keyframe, sign_manifest
 from protocol.types import PolicyManifest, SignedManifest
 
 DEFAULT_KEYFRAME_INTERVAL = 20

@@ -4,7 +4,7 @@ import pytest
 
 from coordinator.checks import (
     LeaseRejection,
-    LeaseState,
+    LeaseView,
     RunFacts,
     check_lease,
     check_rollouts,
@@ -83,14 +83,14 @@ def test_honest_batch_is_accepted():
     ],
 )
 def test_lease_rejections(state, signer, now, version, reason):
-    lease_state = None if state is None else LeaseState(LEASE, state)
+    lease_state = None if state is None else LeaseView(LEASE, state)
     with pytest.raises(LeaseRejection) as info:
         check_lease(batch(good_group(), version=version), lease_state, signer, now)
     assert info.value.reason == reason
 
 
 def test_live_lease_passes():
-    assert check_lease(batch(good_group()), LeaseState(LEASE, "open"), "node-a", NOW) == LEASE
+    assert check_lease(batch(good_group()), LeaseView(LEASE, "open"), "node-a", NOW) == LEASE
 
 
 def _reason_of_first(b, **kwargs):
