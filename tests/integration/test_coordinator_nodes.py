@@ -16,6 +16,7 @@ COORDINATOR_FLAGS = [
     "--set", "run.group_size=4",
     "--set", "run.sampling.max_tokens=12",
     "--set", "heartbeat_interval_s=1",
+    "--set", "run.max_backlog_groups=0",  # no trainer consumes here: never throttle the nodes
 ]
 
 

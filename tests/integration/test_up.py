@@ -1,0 +1,57 @@
+"""`rollproof up` as a user runs it: starts everything, trains, Ctrl-C stops every child."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.integration.cluster import wait_for
+from tests.integration.test_coordinator_nodes import tiny_model  # noqa: F401
+
+
+def _children_of_run(run_root) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(run_root) in cmdline and "rollproof.cli" in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def test_up_trains_and_ctrl_c_stops_every_child(tmp_path, tiny_model):  # noqa: F811
+    data_dir = tmp_path / "up"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "rollproof.cli", "up", "--model", str(tiny_model), "--data-dir", str(data_dir),
+         "--trainer-set", "groups_per_step=2", "--trainer-set", "eval_problems=10",
+         "--coordinator-set", "run.group_size=4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        def trained_steps():
+            metrics = list(data_dir.glob("runs/*/trainer/metrics.jsonl"))
+            if not metrics:
+                return 0
+            return max((json.loads(line)["step"] for line in metrics[0].read_text().splitlines() if line), default=0)
+
+        wait_for(lambda: trained_steps() >= 2, 240, "two trainer steps")
+        assert len(set(_children_of_run(data_dir)) - {up.pid}) == 4  # coordinator, trainer, two nodes
+        os.kill(up.pid, signal.SIGINT)
+        output, _ = up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    assert up.returncode == 0, output[-3000:]
+    assert "held-out reward of the published policy" in output
+    assert "dashboard" in output
+    time.sleep(0.5)
+    assert _children_of_run(data_dir) == []
+    run_dir = next(data_dir.glob("runs/*"))
+    assert list((run_dir / "trainer" / "checkpoints").glob("step-*")), "the trainer checkpoints when stopped"
