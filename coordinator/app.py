@@ -96,6 +96,7 @@ class Coordinator:
         self.config = config
         self.store = store
         self.policy = policy
+        self.p2p_bootstrap: tuple[str, ...] = ()
         self.setup = setup
         self.clock = clock
         self.needs_validation = needs_validation

@@ -55,6 +55,15 @@ class ValidationSection(_Section):
     max_strikes: int = Field(2, ge=1, description="failed full checks before a node is banned")
 
 
+class P2PSection(_Section):
+    enabled: bool = Field(False, description="run the seed peer: nodes fetch policy blobs from each other")
+    listen: str = "/ip4/127.0.0.1/tcp/0"
+    public_address: str = Field("", description="multiaddr nodes should dial; empty: the listen address")
+    upload_bytes_per_s: int = Field(50 * 1024 * 1024, ge=1)
+    max_concurrent_uploads: int = Field(4, ge=1)
+    max_peers: int = Field(256, ge=1)
+
+
 class StoreSection(_Section):
     url: str = Field("", description="SQLAlchemy URL; empty means SQLite in the data directory")
 
@@ -69,3 +78,4 @@ class CoordinatorConfig(_Section):
     lease: LeaseSection = LeaseSection()
     store: StoreSection = StoreSection()
     validation: ValidationSection = ValidationSection()
+    p2p: P2PSection = P2PSection()

@@ -24,7 +24,7 @@ from coordinator.store import Store, open_store, sqlite_url
 from coordinator.validation import PolicyHistory, SamplingPolicy, Validator
 from coordinator.versions import PolicyVersions
 from protocol.envelope import EnvelopeVerifier
-from protocol.identity import public_key_from_key_id
+from protocol.identity import Identity, public_key_from_key_id
 from protocol.proto import service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def open_coordinator_store(config: CoordinatorConfig) -> Store:
 class Endpoints:
     grpc: str
     http: str
+    p2p: list[str]
 
 
 def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> tuple[Coordinator, Gate, Validator | None]:
@@ -144,6 +145,29 @@ async def _validation_loop(validator: Validator) -> None:
             await asyncio.sleep(VALIDATION_IDLE_S)
 
 
+def start_seed(config: CoordinatorConfig, app: Coordinator):
+    """The seed peer beside the coordinator: announces every published version and serves its
+    blobs to the peer network about once."""
+    from coordinator.seed import SeedHost, blob_source_of, trainer_manifest_verifier
+    from p2p import P2PSettings
+    from protocol.manifest import signed_manifest_to_bytes
+
+    seed = SeedHost(
+        Identity.load_or_create(config.data_dir.expanduser() / "seed.key"),
+        config.run.run_id,
+        blob_source=blob_source_of(app.policy.blobs),
+        verify_manifest=trainer_manifest_verifier(app.setup.trainer_public_key),
+        settings=P2PSettings.from_config(config.p2p),
+    )
+    seed.start()
+    app.p2p_bootstrap = tuple(seed.bootstrap_addrs)
+    app.policy.on_publish.append(lambda signed: seed.publish_version(signed_manifest_to_bytes(signed)))
+    if app.policy.blobs.latest_version() is not None:
+        seed.publish_version(signed_manifest_to_bytes(app.policy.manifest(None)))
+    log.info("seed peer %s on %s", seed.peer_id, ", ".join(seed.bootstrap_addrs))
+    return seed
+
+
 async def _housekeeping(app: Coordinator) -> None:
     while True:
         try:
@@ -181,13 +205,16 @@ async def serve(config: CoordinatorConfig) -> None:
     http = uvicorn.Server(
         uvicorn.Config(create_http_app(app), log_level="warning", lifespan="off")
     )
+    seed = await asyncio.to_thread(start_seed, config, app) if config.p2p.enabled else None
     await server.start()
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
     background = [asyncio.create_task(_housekeeping(app))]
     if validator is not None:
         background.append(asyncio.create_task(_validation_loop(validator)))
     endpoints = Endpoints(
-        grpc=f"{config.server.host}:{grpc_port}", http=f"http://{config.server.host}:{http_socket.getsockname()[1]}"
+        grpc=f"{config.server.host}:{grpc_port}",
+        http=f"http://{config.server.host}:{http_socket.getsockname()[1]}",
+        p2p=list(app.p2p_bootstrap),
     )
     (config.data_dir.expanduser() / ENDPOINTS_FILE).write_text(json.dumps(endpoints.__dict__))
     log.info("coordinator of run %s on gRPC %s, HTTP %s (%s store)", config.run.run_id, endpoints.grpc, endpoints.http, store.backend)
@@ -204,4 +231,6 @@ async def serve(config: CoordinatorConfig) -> None:
     http.should_exit = True
     await server.stop(grace=5)
     await http_task
+    if seed is not None:
+        await asyncio.to_thread(seed.stop)
     store.close()

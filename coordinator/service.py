@@ -60,6 +60,7 @@ def run_info_proto(app: Coordinator) -> service_pb2.RunInfo:
         group_size=config.run.group_size,
         sampling=convert.sampling_to_proto(app.scheduler.plan.sampling),
         run_seed=config.run.seed,
+        p2p_bootstrap=list(app.p2p_bootstrap),
     )
 
 

@@ -4,6 +4,7 @@ per version in the store, for counters and the dashboard."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from coordinator.blobstore import BlobStore, NoUpdatePathError
 from coordinator.store import PolicyVersionRecord, Store
@@ -21,6 +22,7 @@ class PolicyVersions:
         self.blobs = blobs
         self.store = store
         self.trainer_public_key = trainer_public_key
+        self.on_publish: list[Callable[[SignedManifest], None]] = []
         self._record_missing()
 
     def _record(self, signed: SignedManifest, manifest: PolicyManifest, created_ms: int) -> None:
@@ -52,6 +54,8 @@ class PolicyVersions:
         delta and a keyframe of a version are published."""
         manifest = self.blobs.put_version(signed, {})
         self._record(signed, manifest, manifest.created_at_ms)
+        for listener in self.on_publish:
+            listener(signed)
         return manifest
 
     def manifest(self, version: int | None) -> SignedManifest:

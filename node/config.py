@@ -27,6 +27,7 @@ class P2PSection(_Section):
     upload_bytes_per_s: int = Field(50 * 1024 * 1024, ge=1)
     max_concurrent_uploads: int = Field(4, ge=1)
     max_peers: int = Field(16, ge=1)
+    cache_bytes: int = Field(512 * 1024 * 1024, ge=1, description="fetched blobs kept to serve to peers")
     bootstrap: list[str] = Field(
         default_factory=list, description="multiaddrs ending in /p2p/<peer id> of the seed peers beside the coordinator"
     )

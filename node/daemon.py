@@ -83,6 +83,8 @@ class NodeDaemon:
         self.spool = Spool(self.state_dir / "spool")
         self.status = NodeStatus(node_id=self.identity.key_id, coordinator=config.coordinator)
         self.stop_event = asyncio.Event()
+        self.wake = asyncio.Event()  # a verified announcement of a new policy version arrived
+        self.peers = None
         self._backoff_s = 0.5
 
     # ---- plumbing ----
@@ -170,7 +172,8 @@ class NodeDaemon:
                 max_batch_size=self.config.engine.batch_size,
                 pad_token_id=self.tokenizer.pad_token_id or 0,
             )
-            self.policy = PolicySync(model, client, run_info)
+            self.peers = self._start_peers(run_info)
+            self.policy = PolicySync(model, client, run_info, self.peers)
             engine_name = f"torch-{self.config.engine.device}-{self.config.engine.dtype}"
             response = await self._call(
                 "register",
@@ -195,10 +198,41 @@ class NodeDaemon:
                             "re-sent on restart", stopping, len(self.spool))
             finally:
                 heartbeat.cancel()
+                if self.peers is not None:
+                    await asyncio.to_thread(self.peers.stop)
         finally:
             self.status.link = "stopped"
             self._write_status()
             await client.close()
+
+    def _start_peers(self, run_info):
+        """The node's libp2p host (peer id = node id) when p2p is enabled and the run has a seed."""
+        if not self.config.p2p.enabled:
+            return None
+        from p2p import P2PHost, P2PSettings
+        from protocol.manifest import signed_manifest_from_bytes, verify_manifest
+
+        from node.policy_sync import BlobCache
+
+        bootstrap = list(self.config.p2p.bootstrap) or list(run_info.p2p_bootstrap)
+        if not bootstrap:
+            log.warning("p2p is enabled but neither the config nor the coordinator names a seed peer; origin only")
+            return None
+        cache = BlobCache(self.config.p2p.cache_bytes)
+        loop = asyncio.get_running_loop()
+        host = P2PHost(
+            self.identity,
+            run_info.run_id,
+            P2PSettings.from_config(self.config.p2p),
+            blob_source=cache.get,
+            blob_sink=cache.put,
+            verify_manifest=lambda data: verify_manifest(signed_manifest_from_bytes(data), run_info.trainer_public_key),
+            bootstrap=bootstrap,
+            on_announcement=lambda data, manifest, peer: loop.call_soon_threadsafe(self.wake.set),
+        )
+        host.start()
+        log.info("peer host %s on %s", host.peer_id, ", ".join(host.addrs))
+        return host
 
     async def _heartbeats(self, client: CoordinatorClient, interval_s: float) -> None:
         while True:
@@ -230,10 +264,7 @@ class NodeDaemon:
             self.status.policy_version = self.policy.version
             reply = await self._call("lease", lambda: client.lease(self.policy.version))
             if not reply.HasField("lease"):
-                try:
-                    await asyncio.wait_for(self.stop_event.wait(), timeout=reply.retry_after_ms / 1000)
-                except TimeoutError:
-                    pass
+                await self._pause(reply.retry_after_ms / 1000)
                 continue
             lease = convert.lease_from_proto(reply.lease)
             if self.stop_event.is_set():
@@ -245,6 +276,14 @@ class NodeDaemon:
             self._count_receipt(receipt)
             self.spool.remove(spooled)
             self._write_status()
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait until the retry time, a stop, or the announcement of a new version."""
+        self.wake.clear()
+        waits = [asyncio.create_task(self.stop_event.wait()), asyncio.create_task(self.wake.wait())]
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
 
     def _count_receipt(self, receipt: rollout_pb2.Receipt) -> None:
         self.status.num_rollouts_accepted += receipt.num_accepted

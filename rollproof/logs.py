@@ -1,4 +1,4 @@
-"""One logging setup per process: readable lines on a terminal, or JSON lines."""
+"""One logging setup per process: rich lines on a terminal, plain lines elsewhere, or JSON lines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-_NOISY_LIBRARIES = ("alembic", "httpx", "uvicorn.access")
+_NOISY_LIBRARIES = ("alembic", "httpx", "uvicorn.access", "libp2p", "async_service")
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -33,12 +33,19 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = False, process_name
     if json_lines:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonLinesFormatter())
-    else:
+    elif sys.stderr.isatty():
         from rich.console import Console
         from rich.logging import RichHandler
 
-        handler = RichHandler(console=Console(stderr=True), show_path=False, log_time_format="%H:%M:%S", markup=False, rich_tracebacks=True)
+        handler = RichHandler(console=Console(stderr=True), show_path=False, log_time_format="%H:%M:%S",
+                              markup=False, rich_tracebacks=True)
         handler.setFormatter(logging.Formatter(f"[{process_name}] %(name)s: %(message)s"))
+    else:
+        # Files, pipes, journald: one unwrapped line per record, so logs stay greppable.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s [{process_name}] %(name)s: %(message)s", "%H:%M:%S")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -76,6 +76,7 @@ class RunInfo(_message.Message):
     GROUP_SIZE_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     RUN_SEED_FIELD_NUMBER: _builtins.int
+    P2P_BOOTSTRAP_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     task: _builtins.str
     model_name: _builtins.str
@@ -91,6 +92,10 @@ class RunInfo(_message.Message):
     """task problems are task.problem(train, run_seed, prompt_index)"""
     @_builtins.property
     def sampling(self) -> _rollout_pb2.SamplingParams: ...
+    @_builtins.property
+    def p2p_bootstrap(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """multiaddrs (/p2p/<id>) of the seed peer; empty: no peer network"""
+
     def __init__(
         self,
         *,
@@ -106,10 +111,11 @@ class RunInfo(_message.Message):
         group_size: _builtins.int = ...,
         sampling: _rollout_pb2.SamplingParams | None = ...,
         run_seed: _builtins.int = ...,
+        p2p_bootstrap: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eos_token_id", b"eos_token_id", "group_size", b"group_size", "latest_policy_version", b"latest_policy_version", "max_staleness", b"max_staleness", "model_name", b"model_name", "run_id", b"run_id", "run_seed", b"run_seed", "sampling", b"sampling", "task", b"task", "trainer_key_fingerprint", b"trainer_key_fingerprint", "trainer_public_key", b"trainer_public_key", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eos_token_id", b"eos_token_id", "group_size", b"group_size", "latest_policy_version", b"latest_policy_version", "max_staleness", b"max_staleness", "model_name", b"model_name", "p2p_bootstrap", b"p2p_bootstrap", "run_id", b"run_id", "run_seed", b"run_seed", "sampling", b"sampling", "task", b"task", "trainer_key_fingerprint", b"trainer_key_fingerprint", "trainer_public_key", b"trainer_public_key", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
