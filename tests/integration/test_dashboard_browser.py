@@ -95,7 +95,6 @@ def playwright_api():
     return sync_api
 
 
-@pytest.mark.slow
 def test_dashboard_in_a_browser(tmp_path, tiny_model, playwright_api):  # noqa: F811
     trainer_identity = Identity.generate()
     (tmp_path / "trainer").mkdir()
