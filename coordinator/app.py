@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -96,7 +97,11 @@ class Coordinator:
         self.config = config
         self.store = store
         self.policy = policy
+        self.policy.on_publish.append(self._published)
         self.p2p_bootstrap: tuple[str, ...] = ()
+        self._latest_version: int | None = None
+        self._beats: dict[str, tuple[str, int, float, int]] = {}
+        self._beats_lock = threading.Lock()
         self.setup = setup
         self.clock = clock
         self.needs_validation = needs_validation
@@ -111,8 +116,14 @@ class Coordinator:
     # ---- run ----
 
     def latest_policy_version(self) -> int:
-        latest = self.store.latest_version()
-        return 0 if latest is None else latest.version
+        """Read from the store once, then kept current by the publish hook."""
+        if self._latest_version is None:
+            latest = self.store.latest_version()
+            self._latest_version = 0 if latest is None else latest.version
+        return self._latest_version
+
+    def _published(self, signed) -> None:
+        self._latest_version = None
 
     def _build_prompt(self, prompt_index: int) -> LeasedPrompt:
         problem = self.setup.task.problem(Split.TRAIN, self.config.run.seed, prompt_index)
@@ -131,8 +142,17 @@ class Coordinator:
             node_id, public_key, display_name[:64], engine[:64], hardware[:128], software_version[:64], self.clock()
         )
 
-    def heartbeat(self, node_id: str, policy_version: int, tokens_per_s: float) -> NodeRecord:
-        return self.store.heartbeat(node_id, policy_version, max(0.0, float(tokens_per_s)), self.clock())
+    def heartbeat(self, node_id: str, policy_version: int, tokens_per_s: float) -> None:
+        """Liveness is kept in memory and written in batches (flush_heartbeats, every second), so
+        heartbeats from many thousands of nodes cost one transaction a second."""
+        with self._beats_lock:
+            self._beats[node_id] = (node_id, policy_version, max(0.0, float(tokens_per_s)), self.clock())
+
+    def flush_heartbeats(self) -> int:
+        with self._beats_lock:
+            beats, self._beats = list(self._beats.values()), {}
+        self.store.record_heartbeats(beats)
+        return len(beats)
 
     def node_state(self, node: NodeRecord):
         return node.state(self.clock(), self.liveness)

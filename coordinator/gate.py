@@ -5,6 +5,8 @@ decoding. Failures abort the call with a status code and a message that names th
 from __future__ import annotations
 
 import hmac
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -18,6 +20,9 @@ from protocol.envelope import EnvelopeError, EnvelopeVerifier, OpenedEnvelope
 from protocol.proto.envelope_pb2 import SignedEnvelope
 
 RequestT = TypeVar("RequestT", bound=Message)
+
+NODE_CACHE_S = 2.0
+MAX_CACHED_NODES = 100_000
 
 
 class GateError(Exception):
@@ -43,9 +48,31 @@ class Gate:
     ):
         self.verifier = verifier
         self.limiter = limiter
-        self.find_node = find_node
+        self._find_node = find_node
+        self._nodes: dict[str, tuple[NodeRecord, float]] = {}
+        self._nodes_lock = threading.Lock()
         self.trainer_public_key = trainer_public_key
         self.operator_token = operator_token
+
+    def find_node(self, node_id: str) -> NodeRecord | None:
+        """The registered node, cached for NODE_CACHE_S: a ban by the validator reaches the gate
+        within that time (the operator's ban at once, through forget)."""
+        now = time.monotonic()
+        with self._nodes_lock:
+            cached = self._nodes.get(node_id)
+            if cached is not None and cached[1] > now:
+                return cached[0]
+        node = self._find_node(node_id)
+        if node is not None:
+            with self._nodes_lock:
+                if len(self._nodes) >= MAX_CACHED_NODES:
+                    self._nodes.clear()
+                self._nodes[node_id] = (node, now + NODE_CACHE_S)
+        return node
+
+    def forget(self, node_id: str) -> None:
+        with self._nodes_lock:
+            self._nodes.pop(node_id, None)
 
     def _open(self, envelope: SignedEnvelope, method: str, expected_key: bytes | None) -> OpenedEnvelope:
         try:

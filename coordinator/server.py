@@ -174,6 +174,7 @@ async def _housekeeping(app: Coordinator) -> None:
             expired = await asyncio.to_thread(app.expire_leases)
             if expired:
                 log.info("%d leases expired; their prompts are leased again", expired)
+            await asyncio.to_thread(app.flush_heartbeats)
             await asyncio.to_thread(app.store.settle_contributions, app.clock() - SETTLE_WINDOW_MS)
         except Exception:
             log.exception("housekeeping failed; retrying")
@@ -228,6 +229,7 @@ async def serve(config: CoordinatorConfig) -> None:
     log.info("stopping")
     for task in background:
         task.cancel()
+    await asyncio.to_thread(app.flush_heartbeats)
     http.should_exit = True
     await server.stop(grace=5)
     await http_task

@@ -20,6 +20,7 @@ from protocol.envelope import method_name
 from protocol.identity import key_id
 from protocol.manifest import MAX_BLOB_BYTES, PolicyUpdateError
 from protocol.proto import rollout_pb2, service_pb2, service_pb2_grpc
+from protocol.types import NodeState
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,11 @@ class NodeServicer(service_pb2_grpc.NodeServiceServicer):
     async def Heartbeat(self, envelope, context):
         caller = await asyncio.to_thread(self.gate.node_caller, envelope, self._method("Heartbeat"))
         request = self.gate.decode(caller.envelope.payload, service_pb2.HeartbeatRequest)
-        node = await asyncio.to_thread(
-            self.app.heartbeat, caller.envelope.signer_id, request.policy_version, request.tokens_per_second
-        )
+        self.app.heartbeat(caller.envelope.signer_id, request.policy_version, request.tokens_per_second)
         return service_pb2.HeartbeatResponse(
-            latest_policy_version=await asyncio.to_thread(self.app.latest_policy_version),
+            latest_policy_version=self.app.latest_policy_version(),
             server_time_ms=self.app.clock(),
-            state=int(self.app.node_state(node)),
+            state=int(NodeState.ONLINE),
         )
 
     @_guarded
@@ -273,6 +272,7 @@ class AdminServicer(service_pb2_grpc.AdminServiceServicer):
     async def BanNode(self, request, context):
         self.gate.operator(context.invocation_metadata())
         node = await asyncio.to_thread(self.app.store.ban_node, request.node_id, request.reason or "banned by the operator")
+        self.gate.forget(request.node_id)
         log.warning("operator banned %s: %s", node.node_id, node.ban_reason)
         return service_pb2.BanResponse(node=node_status_proto(self.app, node))
 
@@ -280,6 +280,7 @@ class AdminServicer(service_pb2_grpc.AdminServiceServicer):
     async def UnbanNode(self, request, context):
         self.gate.operator(context.invocation_metadata())
         node = await asyncio.to_thread(self.app.store.unban_node, request.node_id)
+        self.gate.forget(request.node_id)
         log.warning("operator unbanned %s", node.node_id)
         return service_pb2.BanResponse(node=node_status_proto(self.app, node))
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Engine,
     Row,
     and_,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -365,6 +366,26 @@ class Store:
             if row is None:
                 raise UnknownNodeError(f"node {node_id} is not registered; register before heartbeating")
             return _node_record(row)
+
+    def record_heartbeats(self, beats: Sequence[tuple[str, int, float, int]]) -> None:
+        """Many heartbeats in one transaction: (node_id, policy_version, tokens_per_s, last_seen_ms).
+        A node's last_seen_ms never moves backwards; unknown nodes are ignored."""
+        if not beats:
+            return
+        with self._write() as connection:
+            connection.execute(
+                update(_nodes)
+                .where(_nodes.c.node_id == bindparam("beat_node_id"), _nodes.c.last_seen_ms <= bindparam("beat_seen_ms"))
+                .values(
+                    policy_version=bindparam("beat_version"),
+                    tokens_per_s=bindparam("beat_tokens_per_s"),
+                    last_seen_ms=bindparam("beat_seen_ms"),
+                ),
+                [
+                    {"beat_node_id": node_id, "beat_version": version, "beat_tokens_per_s": rate, "beat_seen_ms": seen}
+                    for node_id, version, rate, seen in beats
+                ],
+            )
 
     def ban_node(self, node_id: str, reason: str) -> NodeRecord:
         return self._update_node(node_id, banned=True, ban_reason=reason)

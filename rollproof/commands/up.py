@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
     import sys
     import time
 
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         extra_trainer=as_set_flags(args.trainer_set),
     )
     launcher = Launcher(options)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the children like Ctrl-C
     failure = None
     try:
         launcher.start()

@@ -47,7 +47,13 @@ def test_up_trains_and_ctrl_c_stops_every_child(tmp_path, tiny_model):  # noqa: 
         output, _ = up.communicate(timeout=120)
     finally:
         if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
+            os.kill(up.pid, signal.SIGTERM)
+            try:
+                up.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+        for pid in _children_of_run(data_dir):
+            os.kill(pid, signal.SIGKILL)
     assert up.returncode == 0, output[-3000:]
     assert "held-out reward of the published policy" in output
     assert "dashboard" in output

@@ -100,6 +100,7 @@ def populated(coordinator: Coordinator) -> dict[str, Identity]:
     coordinator.store.add_version(PolicyVersionRecord(1, 0, Codec.KEYFRAME, b"m1", 2_000_000, 2_000_000, T0))
     coordinator.store.add_version(PolicyVersionRecord(2, 1, Codec.DELTA, b"m2", 20_000, 2_000_000, T0 + 5))
     coordinator.heartbeat(nodes["honest"].key_id, 2, 55.5)
+    coordinator.flush_heartbeats()
     return nodes
 
 

@@ -252,6 +252,17 @@ def test_register_heartbeat_and_states(store: Store):
     assert store.get_node("node-unknown") is None
 
 
+def test_heartbeats_are_recorded_in_batches(store: Store):
+    _register(store, "node-a")
+    _register(store, "node-b")
+    store.record_heartbeats([("node-a", 3, 7.5, T0 + 100), ("node-b", 2, 1.0, T0 + 50), ("node-unknown", 1, 1.0, T0)])
+    store.record_heartbeats([("node-a", 1, 0.0, T0 + 10)])  # older than what is stored: ignored
+    a, b = store.get_node("node-a"), store.get_node("node-b")
+    assert (a.policy_version, a.tokens_per_s, a.last_seen_ms) == (3, 7.5, T0 + 100)
+    assert (b.policy_version, b.last_seen_ms) == (2, T0 + 50)
+    store.record_heartbeats([])
+
+
 def test_ban_unban_and_full_checks(store: Store):
     _register(store)
     banned = store.ban_node("node-a", "failed sampling check")
