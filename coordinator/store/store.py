@@ -9,7 +9,9 @@ busy timeout instead of failing on a lock upgrade; readers run beside them (WAL)
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -256,6 +258,9 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._write_engine = engine.execution_options(**{_WRITE_OPTION: True})
+        # SQLite takes one writer at a time and makes the others poll with sleeps (its busy
+        # handler); queueing this process's writers on a lock instead wakes the next one at once.
+        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
 
     @property
     def backend(self) -> str:
@@ -271,7 +276,7 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        with self._write_engine.begin() as connection:
+        with self._write_lock, self._write_engine.begin() as connection:
             yield connection
 
     # ---- nodes ----
@@ -529,6 +534,14 @@ class Store:
 
     def expire_leases(self, now_ms: int) -> list[LeaseRecord]:
         """Mark every open lease past its deadline expired and requeue its prompts."""
+        with self._read() as connection:
+            overdue = connection.execute(
+                select(_leases.c.lease_id)
+                .where(_leases.c.state == LeaseState.OPEN.value, _leases.c.deadline_ms <= now_ms)
+                .limit(1)
+            ).first()
+        if overdue is None:
+            return []
         with self._write() as connection:
             rows = connection.execute(
                 update(_leases)
