@@ -1,6 +1,6 @@
 """Trainer checkpoints: model, optimizer, step, RNG state and which groups each step used.
 
-A checkpoint is a directory `step-XXXXXXXX/` written under a temporary name and renamed
+A checkpoint is a directory `step-<step, 8 digits>/` written under a temporary name and renamed
 into place, so a crash mid-write leaves the previous checkpoint as the newest complete one.
 """
 
