@@ -20,6 +20,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A directory with the untrained default tiny model (config, safetensors, tokenizer)."""
+    from policy.model import create_tiny_model
+
+    directory = tmp_path_factory.mktemp("model")
+    create_tiny_model(directory)
+    return directory
+
+
 @pytest.fixture
 def rollproof_command() -> list[str]:
     """The real CLI, run as a subprocess with this interpreter."""

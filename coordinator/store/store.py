@@ -67,7 +67,7 @@ from coordinator.store.records import (
     WorkTotals,
     reputation,
 )
-from protocol.types import Codec, RejectReason, SamplingParams
+from protocol.types import Codec, SamplingParams
 
 SQLITE_FILE_NAME = "coordinator.sqlite3"
 SQLITE_BUSY_TIMEOUT_MS = 30_000

@@ -6,25 +6,15 @@ import pytest
 from protocol.identity import Identity
 from tests.adversarial.harness import MARGINS
 from tests.integration.cluster import Cluster
-from tests.integration.test_coordinator_nodes import publish_fixed_policy
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    from policy.model import create_tiny_model
-
-    directory = tmp_path_factory.mktemp("model")
-    create_tiny_model(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory, tiny_model):
     """A coordinator that fully checks every submission, with a fixed published policy."""
     cluster = Cluster(tmp_path_factory.mktemp("adversarial"), tiny_model, Identity.generate())
-    publish_fixed_policy(cluster)
+    cluster.publish_fixed_policy()
     cluster.start_coordinator(
         "--set", "validation.num_initial_checks=1000000",
         "--set", "lease.max_open_per_node=4",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import sqlite3
 import time
 
 from envs import get_task
@@ -75,24 +74,14 @@ def replace_rollout(batch: RolloutBatch, group_index: int, sample_index: int, **
     return dataclasses.replace(batch, groups=tuple(groups))
 
 
-def query(cluster: Cluster, sql: str, *args):
-    connection = sqlite3.connect(cluster.coordinator_dir / "coordinator.sqlite3", timeout=30)
-    try:
-        return connection.execute(sql, args).fetchall()
-    finally:
-        connection.close()
-
-
 def wait_for_validation(cluster: Cluster, node_id: str, timeout_s: float = 120) -> list[tuple[bool, str, dict]]:
     """The full checks of the node's groups, once no group of it is pending."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        pending = query(
-            cluster, "SELECT COUNT(*) FROM groups WHERE node_id = ? AND state = 'pending_validation'", node_id
+        pending = cluster.query("SELECT COUNT(*) FROM groups WHERE node_id = ? AND state = 'pending_validation'", node_id
         )[0][0]
         if pending == 0:
-            rows = query(
-                cluster, "SELECT passed, check_name, evidence_json FROM validation_results WHERE node_id = ?", node_id
+            rows = cluster.query("SELECT passed, check_name, evidence_json FROM validation_results WHERE node_id = ?", node_id
             )
             return [(bool(passed), check, json.loads(evidence)) for passed, check, evidence in rows]
         time.sleep(0.3)
@@ -101,8 +90,7 @@ def wait_for_validation(cluster: Cluster, node_id: str, timeout_s: float = 120) 
 
 def trainable_groups(cluster: Cluster, node_id: str) -> int:
     """Groups of the node the trainer could use (ready) or used (consumed)."""
-    return query(
-        cluster, "SELECT COUNT(*) FROM groups WHERE node_id = ? AND state IN ('ready', 'consumed')", node_id
+    return cluster.query("SELECT COUNT(*) FROM groups WHERE node_id = ? AND state IN ('ready', 'consumed')", node_id
     )[0][0]
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from protocol.envelope import method_name, seal
-from protocol.identity import Identity
 from protocol.proto import service_pb2
 from protocol.types import FinishReason
 from tests.adversarial.harness import (
@@ -163,8 +162,6 @@ def _garbage_commitment(batch, attacker, lease):
 def _truncate_with_eos(batch, attacker, lease):
     eos = attacker.tokenizer.eos_token_id
     rollout = next(r for r in batch.groups[0].rollouts if r.finish_reason == FinishReason.LENGTH)
-    from policy.engine import TorchEngine  # noqa: F401  (the node re-commits honestly to what it sends)
-
     cut = 5
     tokens = (*rollout.token_ids[:cut], eos)
     commitment = rollout.commitment[: 258]
@@ -396,12 +393,10 @@ def test_repeat_offender_is_banned_and_loses_its_credit(cluster, trusted):
     attacker = run(scenario())
     results = wait_for_validation(cluster, attacker.node_id)
     assert not any(passed for passed, _, _ in results)
-    from tests.adversarial.harness import query
-
-    banned, strikes = query(cluster, "SELECT banned, num_strikes FROM nodes WHERE node_id = ?", attacker.node_id)[0]
+    
+    banned, strikes = cluster.query("SELECT banned, num_strikes FROM nodes WHERE node_id = ?", attacker.node_id)[0]
     assert banned and strikes >= 2
-    assert query(
-        cluster, "SELECT COUNT(*) FROM contributions WHERE node_id = ? AND voided = 0 AND settled = 0", attacker.node_id
+    assert cluster.query("SELECT COUNT(*) FROM contributions WHERE node_id = ? AND voided = 0 AND settled = 0", attacker.node_id
     )[0][0] == 0
     assert trainable_groups(cluster, attacker.node_id) == 0
 

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -125,6 +126,25 @@ class Cluster:
                 *extra,
             ],
         )
+
+    def query(self, sql: str, *args) -> list[tuple]:
+        """Read the coordinator's SQLite store directly (WAL: safe beside the running process)."""
+        connection = sqlite3.connect(self.coordinator_dir / "coordinator.sqlite3", timeout=30)
+        try:
+            return connection.execute(sql, args).fetchall()
+        finally:
+            connection.close()
+
+    def publish_fixed_policy(self) -> None:
+        """Version 1 of the run, written into the coordinator's blob directory as a trainer would."""
+        from coordinator.blobstore import BlobStore
+        from policy.model import load_model
+        from trainer.publish import PolicyPublisher
+
+        blobs = BlobStore(
+            self.coordinator_dir / "policy", run_id="demo", trainer_public_key=self.trainer_identity.public_key
+        )
+        PolicyPublisher(self.trainer_identity, "demo", blobs).publish_model(1, load_model(self.model_dir))
 
     def stop_all(self) -> None:
         for process in reversed(self.processes):

@@ -15,15 +15,14 @@ from node.client import CoordinatorClient
 from protocol.identity import Identity
 from protocol.proto import service_pb2, service_pb2_grpc
 from tests.integration.cluster import OPERATOR_TOKEN, Cluster
-from tests.integration.test_coordinator_nodes import publish_fixed_policy, tiny_model  # noqa: F401
 
 NODE_NAME = "admin-test\x1b[31m-box"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, tiny_model):  # noqa: F811
+def cluster(tmp_path_factory, tiny_model):
     cluster = Cluster(tmp_path_factory.mktemp("admin"), tiny_model, Identity.generate())
-    publish_fixed_policy(cluster)
+    cluster.publish_fixed_policy()
     cluster.start_coordinator()
     yield cluster
     cluster.stop_all()

@@ -1,12 +1,7 @@
 """Coordinator + 2 nodes as real processes on loopback, with crashes (issue 5)."""
 
 import json
-import sqlite3
-from pathlib import Path
 
-import pytest
-
-from coordinator.blobstore import BlobStore
 from protocol.identity import Identity
 from tests.integration.cluster import Cluster, wait_for
 
@@ -20,47 +15,19 @@ COORDINATOR_FLAGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from policy.model import create_tiny_model
-
-    directory = tmp_path_factory.mktemp("model")
-    create_tiny_model(directory)
-    return directory
-
-
-def publish_fixed_policy(cluster: Cluster) -> None:
-    """Version 1 of the run, published into the coordinator's blob directory as a trainer would."""
-    from policy.model import load_model
-    from trainer.publish import PolicyPublisher
-
-    blobs = BlobStore(
-        cluster.coordinator_dir / "policy", run_id="demo", trainer_public_key=cluster.trainer_identity.public_key
-    )
-    PolicyPublisher(cluster.trainer_identity, "demo", blobs).publish_model(1, load_model(cluster.model_dir))
-
-
-def query(cluster: Cluster, sql: str, *args):
-    connection = sqlite3.connect(cluster.coordinator_dir / "coordinator.sqlite3", timeout=30)
-    try:
-        return connection.execute(sql, args).fetchall()
-    finally:
-        connection.close()
-
-
 def node_status(cluster: Cluster, name: str) -> dict:
     path = cluster.root / name / "status.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def accepted_total(cluster: Cluster) -> int:
-    return query(cluster, "SELECT COALESCE(SUM(num_rollouts_accepted), 0) FROM nodes")[0][0]
+    return cluster.query("SELECT COALESCE(SUM(num_rollouts_accepted), 0) FROM nodes")[0][0]
 
 
 def test_nodes_survive_crashes_of_a_node_and_of_the_coordinator(tmp_path, tiny_model):
     cluster = Cluster(tmp_path, tiny_model, Identity.generate())
     try:
-        publish_fixed_policy(cluster)
+        cluster.publish_fixed_policy()
         coordinator = cluster.start_coordinator(*COORDINATOR_FLAGS)
         cluster.start_node("node-1", "--batch-size", "8")
         cluster.start_node("node-2", "--batch-size", "8")
@@ -68,8 +35,7 @@ def test_nodes_survive_crashes_of_a_node_and_of_the_coordinator(tmp_path, tiny_m
 
         node_1_id = node_status(cluster, "node-1")["node_id"]
         open_lease = wait_for(
-            lambda: query(
-                cluster, "SELECT lease_id, lease_number FROM leases WHERE node_id = ? AND state = 'open'", node_1_id
+            lambda: cluster.query("SELECT lease_id, lease_number FROM leases WHERE node_id = ? AND state = 'open'", node_1_id
             ),
             60,
             "node-1 to hold a lease",
@@ -78,16 +44,14 @@ def test_nodes_survive_crashes_of_a_node_and_of_the_coordinator(tmp_path, tiny_m
         cluster.processes[1].kill9()
         lease_id, lease_number = open_lease
         wait_for(
-            lambda: query(cluster, "SELECT state FROM leases WHERE lease_id = ?", lease_id)[0][0] != "open",
+            lambda: cluster.query("SELECT state FROM leases WHERE lease_id = ?", lease_id)[0][0] != "open",
             60,
             "the dead node's lease to expire",
         )
-        assert query(cluster, "SELECT state FROM leases WHERE lease_id = ?", lease_id)[0][0] in ("expired", "submitted")
-        if query(cluster, "SELECT state FROM leases WHERE lease_id = ?", lease_id)[0][0] == "expired":
+        assert cluster.query("SELECT state FROM leases WHERE lease_id = ?", lease_id)[0][0] in ("expired", "submitted")
+        if cluster.query("SELECT state FROM leases WHERE lease_id = ?", lease_id)[0][0] == "expired":
             reassigned = wait_for(
-                lambda: query(
-                    cluster,
-                    "SELECT node_id FROM leases WHERE lease_number = ? AND lease_id != ?",
+                lambda: cluster.query("SELECT node_id FROM leases WHERE lease_number = ? AND lease_id != ?",
                     lease_number,
                     lease_id,
                 ),
@@ -110,10 +74,9 @@ def test_nodes_survive_crashes_of_a_node_and_of_the_coordinator(tmp_path, tiny_m
 
         cluster.processes[2].terminate()
         status = node_status(cluster, "node-2")
-        stored = query(
-            cluster, "SELECT num_rollouts_accepted + num_rollouts_rejected FROM nodes WHERE node_id = ?", status["node_id"]
+        stored = cluster.query("SELECT num_rollouts_accepted + num_rollouts_rejected FROM nodes WHERE node_id = ?", status["node_id"]
         )[0][0]
         assert stored == status["num_rollouts_accepted"] + status["num_rollouts_rejected"], "a batch counted twice or lost"
-        assert query(cluster, "SELECT COUNT(*) FROM submissions GROUP BY batch_hash HAVING COUNT(*) > 1") == []
+        assert cluster.query("SELECT COUNT(*) FROM submissions GROUP BY batch_hash HAVING COUNT(*) > 1") == []
     finally:
         cluster.stop_all()

@@ -19,7 +19,6 @@ from protocol import convert
 from protocol.identity import Identity
 from protocol.proto import service_pb2
 from tests.integration.cluster import OPERATOR_TOKEN, Cluster, wait_for
-from tests.integration.test_coordinator_nodes import publish_fixed_policy, tiny_model  # noqa: F401
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -95,13 +94,13 @@ def playwright_api():
     return sync_api
 
 
-def test_dashboard_in_a_browser(tmp_path, tiny_model, playwright_api):  # noqa: F811
+def test_dashboard_in_a_browser(tmp_path, tiny_model, playwright_api):
     trainer_identity = Identity.generate()
     (tmp_path / "trainer").mkdir()
     trainer_identity.save(tmp_path / "trainer" / "trainer.key")
     cluster = Cluster(tmp_path, tiny_model, trainer_identity)
     try:
-        publish_fixed_policy(cluster)
+        cluster.publish_fixed_policy()
         cluster.start_coordinator(*COORDINATOR_FLAGS)
         cheater_id = submit_inflated_reward(cluster, tiny_model)
         cluster.spawn("trainer", [

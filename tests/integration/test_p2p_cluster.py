@@ -3,13 +3,12 @@ nodes with p2p on follow the policy through each other, announcements included."
 
 from protocol.identity import Identity
 from tests.integration.cluster import Cluster, wait_for
-from tests.integration.test_coordinator_nodes import publish_fixed_policy, query, tiny_model  # noqa: F401
 
 FLAGS = ["--set", "p2p.enabled=true", "--set", "run.group_size=4", "--set", "run.prompts_per_lease=2",
          "--set", "run.sampling.max_tokens=8", "--set", "run.max_backlog_groups=0"]
 
 
-def test_nodes_follow_the_policy_through_the_peer_network(tmp_path, tiny_model):  # noqa: F811
+def test_nodes_follow_the_policy_through_the_peer_network(tmp_path, tiny_model):
     from policy.model import load_model
     from policy.weights import export_bf16_state
     from tests.adversarial.test_attacks import perturbed
@@ -18,12 +17,12 @@ def test_nodes_follow_the_policy_through_the_peer_network(tmp_path, tiny_model):
 
     cluster = Cluster(tmp_path, tiny_model, Identity.generate())
     try:
-        publish_fixed_policy(cluster)
+        cluster.publish_fixed_policy()
         cluster.start_coordinator(*FLAGS)
         nodes = [cluster.start_node(f"peer-{i}", "--set", "p2p.enabled=true", "--batch-size", "8") for i in range(2)]
         for node in nodes:
             wait_for(lambda: "fetched through the peer network" in node.log(), 120, f"{node.name} to use the peers")
-        wait_for(lambda: query(cluster, "SELECT COALESCE(SUM(num_rollouts_accepted), 0) FROM nodes")[0][0] >= 16,
+        wait_for(lambda: cluster.query("SELECT COALESCE(SUM(num_rollouts_accepted), 0) FROM nodes")[0][0] >= 16,
                  120, "accepted rollouts")
 
         model = load_model(tiny_model)

@@ -16,15 +16,14 @@ from protocol.identity import Identity
 from protocol.proto import service_pb2
 from protocol.types import RejectReason, RolloutBatch
 from tests.integration.cluster import Cluster
-from tests.integration.test_coordinator_nodes import publish_fixed_policy, tiny_model  # noqa: F401
 
 LEASE_DEADLINE_S = 3
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, tiny_model):  # noqa: F811
+def cluster(tmp_path_factory, tiny_model):
     cluster = Cluster(tmp_path_factory.mktemp("rejections"), tiny_model, Identity.generate())
-    publish_fixed_policy(cluster)
+    cluster.publish_fixed_policy()
     cluster.start_coordinator(
         "--set", f"lease.deadline_s={LEASE_DEADLINE_S}",
         "--set", "lease.max_open_per_node=8",
@@ -38,7 +37,7 @@ def cluster(tmp_path_factory, tiny_model):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):  # noqa: F811
+def engine(tiny_model):
     from policy.engine import TorchEngine
     from policy.model import load_model
     from policy.tokenizer import load_tokenizer

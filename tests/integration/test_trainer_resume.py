@@ -7,7 +7,6 @@ import sqlite3
 
 from protocol.identity import Identity
 from tests.integration.cluster import Cluster, wait_for
-from tests.integration.test_coordinator_nodes import tiny_model  # noqa: F401
 
 TRAINER_FLAGS = [
     "--set", "groups_per_step=2",
@@ -31,7 +30,7 @@ def consumptions(cluster: Cluster) -> list[tuple[str, int]]:
         connection.close()
 
 
-def test_trainer_killed_and_resumed_trains_no_group_twice(tmp_path, tiny_model):  # noqa: F811
+def test_trainer_killed_and_resumed_trains_no_group_twice(tmp_path, tiny_model):
     identity = Identity.generate()
     (tmp_path / "trainer").mkdir()
     identity.save(tmp_path / "trainer" / "trainer.key")

@@ -8,7 +8,6 @@ import sys
 import time
 
 from tests.integration.cluster import wait_for
-from tests.integration.test_coordinator_nodes import tiny_model  # noqa: F401
 
 
 def _children_of_run(run_root) -> list[int]:
@@ -26,7 +25,7 @@ def _children_of_run(run_root) -> list[int]:
     return pids
 
 
-def test_up_trains_and_ctrl_c_stops_every_child(tmp_path, tiny_model):  # noqa: F811
+def test_up_trains_and_ctrl_c_stops_every_child(tmp_path, tiny_model):
     data_dir = tmp_path / "up"
     up = subprocess.Popen(
         [sys.executable, "-m", "rollproof.cli", "up", "--model", str(tiny_model), "--data-dir", str(data_dir),
