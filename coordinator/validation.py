@@ -33,10 +33,13 @@ log = logging.getLogger(__name__)
 
 # A `stop` must end in an EOS the policy gives at least this probability (log 1e-4).
 MIN_EOS_LOGPROB = math.log(1e-4)
-# Tolerated near-ties per rollout: positions where the top two perturbed scores are closer than
-# the logit tolerance. Honest runs show well under 1%; a bound of 5% of tokens (at least 1) leaves
-# margin while a cherry-picked or edited completion needs mismatches, not near-ties.
-MAX_NEAR_TIE_FRACTION = 0.05
+# Tolerated near-ties per rollout: positions where the claimed token is not the validator's argmax
+# but within the logit tolerance of it. Honest bf16 runs show ~0.7% of tokens (at the bf16 tolerance),
+# so two in a 32-token rollout happen (seen in CI: a bound of 1 banned an honest node). A near-tie gives
+# a cheater no real choice, so the bound only has to stop wholesale abuse: 10% of tokens, at least 4
+# (an honest 32-token rollout exceeds 4 with probability ~3e-6).
+MAX_NEAR_TIE_FRACTION = 0.10
+MIN_NEAR_TIES_ALLOWED = 4
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ def check_rollout(report, rollout, *, logit_tolerance: float, max_logprob_drift:
             **base, "positions": _positions(mismatched), "num_mismatches": int(mismatched.sum()),
             "max_score_gap": float(checks.score_gaps[mismatched].max()), "allowed_score_gap": logit_tolerance,
         })
-    max_near_ties = max(1, int(MAX_NEAR_TIE_FRACTION * num_tokens))
+    max_near_ties = max(MIN_NEAR_TIES_ALLOWED, math.ceil(MAX_NEAR_TIE_FRACTION * num_tokens))
     if checks.num_near_ties > max_near_ties:
         return Verdict(False, "near_ties", {
             **base, "num_near_ties": checks.num_near_ties, "allowed": max_near_ties,
