@@ -42,9 +42,12 @@ def free_port() -> int:
 
 
 def synthetic_batch(lease, reward_of) -> RolloutBatch:
+    """The simulated node's work: one group of the lease's size, whose rollouts share their
+    tokens (so the node scores them once; the coordinator still checks each one)."""
     prompt = lease.prompts[0]
     tokens = tuple(10 + (i * 7 + prompt.prompt_index) % 80 for i in range(NUM_TOKENS))
     num_chunks = -(-NUM_TOKENS // commitment.CHUNK_TOKENS)
+    reward = reward_of(prompt, tokens)
     rollouts = tuple(
         Rollout(
             sample_index=i,
@@ -53,7 +56,7 @@ def synthetic_batch(lease, reward_of) -> RolloutBatch:
             logprobs=tuple(-0.5 for _ in range(NUM_TOKENS)),
             commitment=bytes(commitment.PROOF_BYTES * num_chunks),
             finish_reason=FinishReason.LENGTH,
-            claimed_reward=reward_of(prompt, tokens),
+            claimed_reward=reward,
         )
         for i in range(lease.group_size)
     )

@@ -4,7 +4,7 @@ Same random-init Qwen2-style model, batch, prompt lengths and completion lengths
 every sample runs to max_tokens) for both. The engine samples by the seeded rule and builds
 activation commitments; the baseline is plain `generate(do_sample=True)`. The validator replays
 every engine rollout: one batched prefill, the token-by-token rule check, the log-probability
-drift and the commitment verification.
+drift and the commitment verification, all batched over the rollouts.
 
 Prints, last: throughput-ratio-vs-hf-generate and prefill-cost-ratio (validator replay cost per
 rollout / generation cost per rollout).
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from engine_vllm import print_vllm_throughput
 from policy.engine import GenerationRequest, TorchEngine
 from policy.prefill import ClaimedRollout, prefill, replay
 from protocol import sampling as rule
@@ -33,6 +34,13 @@ def build_model(hidden_size: int, num_layers: int, vocab_size: int) -> Qwen2ForC
                          num_key_value_heads=max(1, hidden_size // 128), max_position_embeddings=2048,
                          tie_word_embeddings=True, initializer_range=0.1)
     return Qwen2ForCausalLM(config).eval()
+
+
+def forward_flops(model: Qwen2ForCausalLM, num_positions: int, num_logit_rows: int) -> float:
+    """Matmul FLOPs of a forward pass: 2 per weight of the decoder layers per position, and of the
+    output embeddings per row of logits (attention scores are negligible at these lengths)."""
+    layer_weights = sum(p.numel() for p in model.get_decoder().layers.parameters())
+    return 2.0 * (layer_weights * num_positions + model.get_output_embeddings().weight.numel() * num_logit_rows)
 
 
 def best_times(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -103,9 +111,17 @@ def main() -> None:
     print(f"validator prefill forward only: {prefill_seconds / batch_size * 1e3:.2f} ms/rollout")
     print(f"validator replay (prefill + rule + drift + commitment): {replay_seconds / batch_size * 1e3:.2f} "
           f"ms/rollout; generation {engine_seconds / batch_size * 1e3:.2f} ms/rollout")
+    # Generation runs prompt + max_tokens - 1 positions per rollout and max_tokens rows of logits; so does
+    # the validator's prefill: the same FLOPs, so its cost ratio is bounded by how much faster than
+    # decoding a full forward pass runs, not by less work.
+    flops = forward_flops(model, sum(len(p) + max_tokens - 1 for p in prompts), num_tokens)
+    print(f"forward FLOPs: {flops / 1e9:.2f} G for generation and for prefill alike (ratio 1.00); "
+          f"achieved: generation {flops / engine_seconds / 1e9:.1f} GFLOP/s, prefill "
+          f"{flops / prefill_seconds / 1e9:.1f} GFLOP/s")
     print(f"near-ties tolerated in replay: {sum(r.token_checks.num_near_ties for r in reports)} of {num_tokens}")
     print(f"throughput-ratio-vs-hf-generate: {hf_seconds / engine_seconds:.3f} (target: >= 0.95)")
     print(f"prefill-cost-ratio: {replay_seconds / engine_seconds:.3f} (target: <= 0.1)")
+    print_vllm_throughput(model, requests, engine_seconds, max(repeats, 5))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from coordinator.store import (
     NodeRecord,
     Store,
 )
-from envs import Split, Task
+from envs import Problem, Split, Task
 from policy.scoring import completion_text
 from protocol import commitment, convert
 from protocol.convert import WireFormatError
@@ -92,7 +92,7 @@ class Coordinator:
         policy: PolicyVersions,
         *,
         clock: Callable[[], int] = now_ms,
-        needs_validation: Callable[[NodeRecord], bool] = lambda node: False,
+        needs_validation: Callable[[NodeRecord | None], bool] | None = None,
     ):
         self.config = config
         self.store = store
@@ -111,6 +111,7 @@ class Coordinator:
         self.facts = RunFacts(
             vocab_size=setup.vocab_size, eos_token_id=setup.eos_token_id, commitment_bytes=commitment_bytes
         )
+        self._problem = lru_cache(maxsize=65536)(self._build_problem)
         self._prompt = lru_cache(maxsize=65536)(self._build_prompt)
 
     # ---- run ----
@@ -125,8 +126,11 @@ class Coordinator:
     def _published(self, signed) -> None:
         self._latest_version = None
 
+    def _build_problem(self, prompt_index: int) -> Problem:
+        return self.setup.task.problem(Split.TRAIN, self.config.run.seed, prompt_index)
+
     def _build_prompt(self, prompt_index: int) -> LeasedPrompt:
-        problem = self.setup.task.problem(Split.TRAIN, self.config.run.seed, prompt_index)
+        problem = self._problem(prompt_index)
         token_ids = tuple(self.setup.tokenizer.encode(problem.prompt))
         return LeasedPrompt(prompt_index=prompt_index, prompt_text=problem.prompt, prompt_token_ids=token_ids)
 
@@ -185,8 +189,7 @@ class Coordinator:
         limit = self.config.run.max_backlog_groups
         if not limit:
             return False
-        counts = self.store.group_counts()
-        return counts[GroupState.READY] + counts[GroupState.PENDING_VALIDATION] >= limit
+        return self.store.count_groups((GroupState.READY, GroupState.PENDING_VALIDATION)) >= limit
 
     def release(self, node_id: str, lease_id: str) -> bool:
         record = self.store.get_lease(lease_id)
@@ -204,20 +207,25 @@ class Coordinator:
     # ---- submissions ----
 
     def _reward(self, prompt: LeasedPrompt, rollout: Rollout) -> float:
-        problem = self.setup.task.problem(Split.TRAIN, self.config.run.seed, prompt.prompt_index)
         sampled = [t for t, m in zip(rollout.token_ids, rollout.sampled_mask) if m]
-        return self.setup.task.reward(problem, completion_text(self.setup.tokenizer, sampled))
+        completion = completion_text(self.setup.tokenizer, sampled)
+        return self.setup.task.reward(self._problem(prompt.prompt_index), completion)
 
     def submit(self, node_id: str, payload: bytes) -> SubmitResult:
         batch_hash = hashlib.sha256(payload).digest()
-        stored = self.store.get_receipt(batch_hash)
-        if stored is not None:
-            return self._stored_result(stored)
         try:
-            batch = convert.batch_from_proto(rollout_pb2.RolloutBatch.FromString(payload))
+            message = rollout_pb2.RolloutBatch.FromString(payload)
+            batch = convert.batch_from_proto(message)
         except (DecodeError, WireFormatError) as error:
             raise InvalidRequestError(f"malformed RolloutBatch: {error}") from None
+        # Accepted groups are stored as the node's own messages, less any field the protocol lacks.
+        message.DiscardUnknownFields()
         record = self.store.get_lease(batch.lease_id)
+        if record is None or record.state is not LeaseState.OPEN or record.node_id != node_id:
+            # Storing a batch closes its node's lease, so only then can this be a re-send.
+            stored = self.store.get_receipt(batch_hash)
+            if stored is not None:
+                return self._stored_result(stored)
         now = self.clock()
         try:
             lease = check_lease(
@@ -231,29 +239,32 @@ class Coordinator:
             receipt = _reject_all(batch, batch_hash, rejection.reason, str(rejection))
             outcome = self.store.record_submission(_rejected_submission(node_id, batch, batch_hash, receipt, now))
             return SubmitResult(receipt, outcome.receipt, outcome.newly_stored)
-        extra_seen: set[bytes] = set()
+        # Copies of stored rollouts are found by the write, which refuses the submission with
+        # their hashes; the batch is then checked again with those marked as duplicates.
+        copies: set[bytes] = set()
         while True:
             checked = check_rollouts(
-                batch,
-                lease,
-                self.facts,
-                reward_of=self._reward,
-                already_seen=lambda hashes: self.store.seen_rollout_hashes(hashes) | (set(hashes) & extra_seen),
+                batch, lease, self.facts, reward_of=self._reward, already_seen=copies.intersection
             )
-            submission, receipt = self._submission(node_id, batch, batch_hash, checked, now)
+            submission, receipt = self._submission(node_id, batch, message, batch_hash, checked, now)
             try:
                 outcome = self.store.record_submission(submission)
             except DuplicateRolloutError as duplicate:
-                # Another submission stored some of these rollouts between the check and the write.
-                extra_seen |= duplicate.hashes
+                copies |= duplicate.hashes
                 continue
             if not outcome.newly_stored:
                 return self._stored_result(outcome.receipt)
             return SubmitResult(receipt, outcome.receipt, True)
 
-    def _submission(self, node_id, batch: RolloutBatch, batch_hash: bytes, checked, now: int):
-        node = self.store.get_node(node_id)
-        state = GroupState.PENDING_VALIDATION if self.needs_validation(node) else GroupState.READY
+    def _group_state(self, node_id: str) -> GroupState:
+        if self.needs_validation is not None and self.needs_validation(self.store.get_node(node_id)):
+            return GroupState.PENDING_VALIDATION
+        return GroupState.READY
+
+    def _submission(
+        self, node_id, batch: RolloutBatch, message: rollout_pb2.RolloutBatch, batch_hash: bytes, checked, now: int
+    ):
+        state = self._group_state(node_id)
         groups, verdicts, hashes = [], [], []
         for group_check in checked:
             group = batch.groups[group_check.group_index]
@@ -266,7 +277,7 @@ class Coordinator:
                     group_id=f"{batch.lease_id}-{group.prompt_index}",
                     prompt_index=group.prompt_index,
                     policy_version=batch.policy_version,
-                    group_bytes=convert.group_to_proto(group).SerializeToString(),
+                    group_bytes=message.groups[group_check.group_index].SerializeToString(),
                     num_tokens=num_tokens,
                     num_rollouts=len(group.rollouts),
                     state=state,

@@ -49,7 +49,9 @@ class LeaseSection(_Section):
 
 
 class ValidationSection(_Section):
-    enabled: bool = Field(True, description="run the validator inside the coordinator")
+    enabled: bool = Field(True, description="fully check a sample of submissions")
+    in_process: bool = Field(True, description="run a validator inside the coordinator; false: only `rollproof validator run` processes check")
+    lease_s: float = Field(300.0, gt=0, description="how long a validator holds the groups it took before another one gets them")
     num_initial_checks: int = Field(20, ge=0, description="a new node's submissions are all checked until it passed this many")
     floor_rate: float = Field(0.05, gt=0.0, le=1.0, description="the lowest sampling rate, reached with high reputation")
     max_strikes: int = Field(2, ge=1, description="failed full checks before a node is banned")

@@ -129,9 +129,9 @@ class Scheduler:
         return self._store.expire_leases(now_ms)
 
     def issue(self, node_id: str, policy_version: int, now_ms: int) -> LeaseRecord:
-        """Lease work to node_id: requeued prompts first, else the next lease number's prompts.
-        Raises LeaseCapError when the node already holds max_open_per_node open leases."""
-        self.expire(now_ms)
+        """Lease work to node_id: requeued prompts first (the store expires overdue leases in the
+        same transaction, so their prompts come back at once), else the next lease number's
+        prompts. Raises LeaseCapError when the node already holds max_open_per_node open leases."""
         plan = self._plan
 
         def make_lease(lease_number: int, requeued_prompts: tuple[int, ...] | None) -> LeaseRecord:

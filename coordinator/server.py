@@ -21,11 +21,12 @@ from coordinator.gate import Gate
 from coordinator.ratelimit import RateLimiter
 from coordinator.service import AdminServicer, NodeServicer, TrainerServicer
 from coordinator.store import Store, open_store, sqlite_url
-from coordinator.validation import PolicyHistory, SamplingPolicy, Validator
+from coordinator.validation import GroupChecker, PolicyHistory, SamplingPolicy, ValidationQueue, Validator
+from coordinator.validator_service import ValidatorServicer
 from coordinator.versions import PolicyVersions
 from protocol.envelope import EnvelopeVerifier
 from protocol.identity import Identity, public_key_from_key_id
-from protocol.proto import service_pb2_grpc
+from protocol.proto import service_pb2_grpc, validation_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,15 @@ class Endpoints:
     p2p: list[str]
 
 
-def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> tuple[Coordinator, Gate, Validator | None]:
+@dataclass
+class Built:
+    app: Coordinator
+    gate: Gate
+    validation: ValidationQueue | None  # None when validation is disabled
+    validator: Validator | None  # the one inside the coordinator, when validation.in_process
+
+
+def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> Built:
     blobs = BlobStore(
         config.data_dir.expanduser() / "policy", run_id=config.run.run_id, trainer_public_key=setup.trainer_public_key
     )
@@ -118,12 +127,15 @@ def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> tuple[Coo
         store,
         setup,
         PolicyVersions(blobs, store, setup.trainer_public_key),
-        needs_validation=sampling_policy.needs_validation if config.validation.enabled else (lambda node: False),
+        needs_validation=sampling_policy.needs_validation if config.validation.enabled else None,
     )
-    validator = None
+    queue = validator = None
     if config.validation.enabled:
+        queue = ValidationQueue(store, app.prompt, sampling_policy, clock=app.clock,
+                                lease_ms=round(config.validation.lease_s * 1000))
+    if queue is not None and config.validation.in_process:
         history = PolicyHistory(blobs, config.run.run_id, setup.trainer_public_key, config.run.max_staleness + 1)
-        validator = Validator(store, history, model_directory(config), app.prompt, sampling_policy, clock=app.clock)
+        validator = Validator(queue, GroupChecker(history, model_directory(config)))
     gate = Gate(
         EnvelopeVerifier(window_ms=round(config.server.envelope_window_s * 1000)),
         RateLimiter(config.server.requests_per_second_per_node, config.server.request_burst_per_node),
@@ -131,7 +143,7 @@ def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> tuple[Coo
         setup.trainer_public_key,
         config.operator_token.get_secret_value(),
     )
-    return app, gate, validator
+    return Built(app, gate, queue, validator)
 
 
 async def _validation_loop(validator: Validator) -> None:
@@ -188,7 +200,8 @@ async def serve(config: CoordinatorConfig) -> None:
 
     setup = await asyncio.to_thread(load_run_setup, config)
     store = await asyncio.to_thread(open_coordinator_store, config)
-    app, gate, validator = build(config, setup, store)
+    built = build(config, setup, store)
+    app, gate, validator = built.app, built.gate, built.validator
     num_extended = await asyncio.to_thread(app.extend_open_leases)
     if num_extended:
         log.info("gave %d leases that were open at the last stop a fresh deadline", num_extended)
@@ -199,6 +212,8 @@ async def serve(config: CoordinatorConfig) -> None:
     service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(app, gate), server)
     service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(app, gate), server)
     service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app, gate), server)
+    if built.validation is not None:
+        validation_pb2_grpc.add_ValidatorServiceServicer_to_server(ValidatorServicer(built.validation, gate), server)
     grpc_port = server.add_insecure_port(f"{config.server.host}:{config.server.grpc_port}")
     http_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -6,6 +6,9 @@ once, and checks every rollout: each token against the seeded sampling rule (nea
 tolerated up to a bound), the reported log-probabilities within a drift, the activation
 commitment per chunk and pooled over the group, and termination. The prompt is the
 coordinator's, never the node's.
+
+Validators take that work from the coordinator's ValidationQueue under leases: the one inside the
+coordinator, and any number of `rollproof validator run` processes (coordinator/validator_worker.py).
 """
 
 from __future__ import annotations
@@ -14,20 +17,22 @@ import json
 import logging
 import math
 import secrets
+import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from coordinator.blobstore import BlobStore, NoUpdatePathError
+from coordinator.blobstore import NoUpdatePathError
 from coordinator.store import GroupState, NodeRecord, Store, StoredGroup
 from protocol import commitment, convert
 from protocol import sampling as rule
 from protocol.codec import BF16State
 from protocol.manifest import apply_update, open_update, verify_manifest
-from protocol.proto import rollout_pb2
-from protocol.types import FinishReason, LeasedPrompt
+from protocol.proto import rollout_pb2, validation_pb2
+from protocol.types import FinishReason, LeasedPrompt, Rollout, SamplingParams, SignedManifest
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,8 @@ MIN_EOS_LOGPROB = math.log(1e-4)
 # (an honest 32-token rollout exceeds 4 with probability ~3e-6).
 MAX_NEAR_TIE_FRACTION = 0.10
 MIN_NEAR_TIES_ALLOWED = 4
+# How long a validator holds the groups it took before they are handed to another one.
+DEFAULT_VALIDATION_LEASE_MS = 5 * 60 * 1000
 
 
 @dataclass(frozen=True)
@@ -99,12 +106,30 @@ class Verdict:
     def evidence_json(self) -> str:
         return json.dumps(self.evidence, sort_keys=True)
 
+    @classmethod
+    def from_parts(cls, passed: bool, check: str, evidence_json: str) -> Verdict:
+        """A verdict as a remote validator reports it."""
+        evidence = json.loads(evidence_json) if evidence_json else {}
+        if not check or not isinstance(evidence, dict):
+            raise ValueError("a verdict needs a check name and a JSON object of evidence")
+        return cls(passed, check, evidence)
+
+
+class PolicySource(Protocol):
+    """Where signed updates come from: the coordinator's blob store, or the coordinator over gRPC."""
+
+    def update_path(self, from_version: int | None) -> list[SignedManifest]:
+        """Raises NoUpdatePathError when there is nothing to apply."""
+        ...
+
+    def read_blob(self, blob_hash: bytes) -> bytes: ...
+
 
 class PolicyHistory:
-    """bf16 states of the last `num_versions` policy versions, rebuilt from the blob store by
-    applying the same signed updates a node applies."""
+    """bf16 states of the last `num_versions` policy versions, rebuilt by applying the same signed
+    updates a node applies (checked against the trainer's key)."""
 
-    def __init__(self, blobs: BlobStore, run_id: str, trainer_public_key: bytes, num_versions: int):
+    def __init__(self, blobs: PolicySource, run_id: str, trainer_public_key: bytes, num_versions: int):
         self.blobs = blobs
         self.run_id = run_id
         self.trainer_public_key = trainer_public_key
@@ -152,6 +177,8 @@ def check_rollout(report, rollout, *, logit_tolerance: float, max_logprob_drift:
     checks = report.token_checks
     num_tokens = len(rollout.token_ids)
     base = {"sample_index": rollout.sample_index, "num_tokens": num_tokens}
+    if report.commitment_error is not None:
+        return Verdict(False, "commitment", {**base, "error": report.commitment_error})
     mismatched = checks.verdicts == rule.TokenVerdict.MISMATCH
     if mismatched.any():
         return Verdict(False, "sampling", {
@@ -189,26 +216,47 @@ def check_rollout(report, rollout, *, logit_tolerance: float, max_logprob_drift:
                                  "max_logprob_drift": float(drift.max(initial=0.0))})
 
 
-class Validator:
-    """Runs the full checks on pending groups and applies the consequences."""
+@dataclass(frozen=True)
+class GroupJob:
+    """Everything a validator needs to fully check one stored group, assembled by the coordinator:
+    the prompt, sampling parameters and seeds come from its lease, never from the node."""
 
-    def __init__(
-        self,
-        store: Store,
-        history: PolicyHistory,
-        model_dir,
-        prompt_of,
-        policy: SamplingPolicy,
-        *,
-        clock,
-        tolerances: dict[str, Tolerances] = TOLERANCES,
-    ):
-        self.store = store
+    group_id: str
+    node_id: str
+    policy_version: int
+    dtype: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    seeds: tuple[int, ...]  # one per rollout, in order
+    rollouts: tuple[Rollout, ...]
+
+
+def job_to_proto(job: GroupJob) -> validation_pb2.ValidationJob:
+    return validation_pb2.ValidationJob(
+        group_id=job.group_id, node_id=job.node_id, policy_version=job.policy_version, dtype=job.dtype,
+        prompt_token_ids=job.prompt_token_ids, sampling=convert.sampling_to_proto(job.sampling), seeds=job.seeds,
+        group=rollout_pb2.RolloutGroup(rollouts=[convert.rollout_to_proto(r) for r in job.rollouts]),
+    )
+
+
+def job_from_proto(message: validation_pb2.ValidationJob) -> GroupJob:
+    if message.dtype not in TOLERANCES:
+        raise ValueError(f"validation job {message.group_id}: unknown dtype {message.dtype!r}")
+    rollouts = tuple(convert.rollout_from_proto(r) for r in message.group.rollouts)
+    if len(message.seeds) != len(rollouts):
+        raise ValueError(f"validation job {message.group_id}: {len(message.seeds)} seeds for {len(rollouts)} rollouts")
+    return GroupJob(message.group_id, message.node_id, message.policy_version, message.dtype,
+                    tuple(message.prompt_token_ids), convert.sampling_from_proto(message.sampling),
+                    tuple(message.seeds), rollouts)
+
+
+class GroupChecker:
+    """The full checks of groups on the trusted model: a validator's whole computation, the same
+    inside the coordinator and in a `rollproof validator run` process."""
+
+    def __init__(self, history: PolicyHistory, model_dir, tolerances: dict[str, Tolerances] = TOLERANCES):
         self.history = history
         self.model_dir = model_dir
-        self.prompt_of = prompt_of
-        self.policy = policy
-        self.clock = clock
         self.tolerances = tolerances
         self._models: dict[str, tuple[Any, int | None]] = {}
 
@@ -224,71 +272,120 @@ class Validator:
         self._models[dtype] = (model, version)
         return model
 
-    def validate(self, group: StoredGroup, engine: str) -> Verdict:
+    def check(self, jobs: Sequence[GroupJob]) -> list[Verdict]:
+        """One verdict per job. Groups of one version and precision are replayed together: one
+        batched prefill over all their rollouts."""
         from policy.prefill import ClaimedRollout, replay
 
-        state = self.history.state(group.policy_version)
-        if state is None:
-            return Verdict(False, "version_unavailable", {"policy_version": group.policy_version})
+        verdicts: list[Verdict | None] = [None] * len(jobs)
+        buckets: dict[tuple[int, str], list[int]] = {}
+        for index, job in enumerate(jobs):
+            buckets.setdefault((job.policy_version, job.dtype), []).append(index)
+        for (version, dtype), indices in sorted(buckets.items()):
+            state = self.history.state(version)
+            if state is None:
+                for index in indices:
+                    verdicts[index] = Verdict(False, "version_unavailable", {"policy_version": version})
+                continue
+            tolerances = self.tolerances[dtype]
+            claimed = [ClaimedRollout(jobs[i].prompt_token_ids, r.token_ids, r.logprobs, r.commitment,
+                                      jobs[i].sampling, seed)
+                       for i in indices for r, seed in zip(jobs[i].rollouts, jobs[i].seeds)]
+            reports = replay(self._model(dtype, version, state), claimed, tolerances.logit_tolerance)
+            offset = 0
+            for index in indices:
+                num_rollouts = len(jobs[index].rollouts)
+                verdicts[index] = group_verdict(jobs[index], reports[offset:offset + num_rollouts], tolerances)
+                offset += num_rollouts
+        assert all(v is not None for v in verdicts)
+        return verdicts  # type: ignore[return-value]
+
+
+def group_verdict(job: GroupJob, reports, tolerances: Tolerances) -> Verdict:
+    """Every rollout's checks in order, then the commitment statistics pooled over the group."""
+    chunk_checks = []
+    for report, rollout in zip(reports, job.rollouts):
+        verdict = check_rollout(
+            report, rollout, logit_tolerance=tolerances.logit_tolerance,
+            max_logprob_drift=tolerances.max_logprob_drift, thresholds=tolerances.thresholds,
+        )
+        if not verdict.passed:
+            return verdict
+        chunk_checks.extend(report.commitment_checks)
+    pooled = commitment.pool(chunk_checks)
+    if not pooled.passes(tolerances.thresholds):
+        return Verdict(False, "commitment_pooled", {
+            "num_chunks": pooled.num_chunks,
+            "exponent_mismatches_per_chunk": pooled.exponent_mismatches_per_chunk,
+            "mantissa_error_mean": pooled.mantissa_error_mean,
+            "allowed": {"exponent_mismatches_per_chunk": tolerances.thresholds.max_pooled_exponent_mismatches,
+                        "mantissa_error_mean": tolerances.thresholds.max_pooled_mantissa_error_mean},
+        })
+    return Verdict(True, "all", {"num_rollouts": len(job.rollouts), "num_chunks": pooled.num_chunks,
+                                 "dtype": job.dtype})
+
+
+class ValidationQueue:
+    """Hands groups waiting for a full check to validators under leases, and applies verdicts.
+
+    A lease lives in memory only: the store's group state is the durable part, so a group whose
+    validator died (or that was leased before a coordinator restart) is handed out again once its
+    lease runs out. A verdict is applied only while its group is still pending, whoever sends it,
+    so a late, repeated or concurrent report changes nothing."""
+
+    def __init__(self, store: Store, prompt_of: Callable[[int], LeasedPrompt], policy: SamplingPolicy, *,
+                 clock: Callable[[], int], lease_ms: int = DEFAULT_VALIDATION_LEASE_MS):
+        self.store = store
+        self.prompt_of = prompt_of
+        self.policy = policy
+        self.clock = clock
+        self.lease_ms = lease_ms
+        self._leases: dict[str, tuple[str, int]] = {}  # group id -> (validator id, deadline ms)
+        self._lock = threading.Lock()
+
+    def take(self, validator_id: str, max_groups: int) -> tuple[list[GroupJob], int]:
+        """Up to max_groups pending groups that no live lease holds, leased to this validator;
+        and the lease deadline (ms)."""
+        with self._lock:
+            now = self.clock()
+            self._leases = {g: lease for g, lease in self._leases.items() if lease[1] > now}
+            deadline = now + self.lease_ms
+            groups = [g for g in self.store.pending_validation(max_groups + len(self._leases))
+                      if g.group_id not in self._leases][:max_groups]
+            for group in groups:
+                self._leases[group.group_id] = (validator_id, deadline)
+        return [self._job(group) for group in groups], deadline
+
+    def _job(self, group: StoredGroup) -> GroupJob:
         lease = self.store.get_lease(group.lease_id)
-        prompt: LeasedPrompt = self.prompt_of(group.prompt_index)
+        assert lease is not None, "a stored group's lease is stored"
         position = lease.prompt_indices.index(group.prompt_index)
         rollouts = convert.group_from_proto(rollout_pb2.RolloutGroup.FromString(group.group_bytes)).rollouts
-        dtype = declared_dtype(engine)
-        tolerances = self.tolerances[dtype]
-        model = self._model(dtype, group.policy_version, state)
-        claimed = [
-            ClaimedRollout(
-                prompt_token_ids=prompt.prompt_token_ids,
-                token_ids=r.token_ids,
-                logprobs=r.logprobs,
-                commitment=r.commitment,
-                sampling=lease.sampling,
-                seed=rule.derive_sample_seed(lease.sampling_seed, position, r.sample_index),
-            )
-            for r in rollouts
-        ]
-        try:
-            reports = replay(model, claimed, tolerances.logit_tolerance)
-        except commitment.CommitmentError as error:
-            return Verdict(False, "commitment", {"error": str(error)})
-        chunk_checks = []
-        for report, rollout in zip(reports, rollouts):
-            verdict = check_rollout(
-                report, rollout, logit_tolerance=tolerances.logit_tolerance,
-                max_logprob_drift=tolerances.max_logprob_drift, thresholds=tolerances.thresholds,
-            )
-            if not verdict.passed:
-                return verdict
-            chunk_checks.extend(report.commitment_checks)
-        pooled = commitment.pool(chunk_checks)
-        if not pooled.passes(tolerances.thresholds):
-            return Verdict(False, "commitment_pooled", {
-                "num_chunks": pooled.num_chunks,
-                "exponent_mismatches_per_chunk": pooled.exponent_mismatches_per_chunk,
-                "mantissa_error_mean": pooled.mantissa_error_mean,
-                "allowed": {"exponent_mismatches_per_chunk": tolerances.thresholds.max_pooled_exponent_mismatches,
-                            "mantissa_error_mean": tolerances.thresholds.max_pooled_mantissa_error_mean},
-            })
-        return Verdict(True, "all", {"num_rollouts": len(rollouts), "num_chunks": pooled.num_chunks, "dtype": dtype})
+        node = self.store.get_node(group.node_id)
+        return GroupJob(
+            group_id=group.group_id, node_id=group.node_id, policy_version=group.policy_version,
+            dtype=declared_dtype(node.engine if node is not None else ""),
+            prompt_token_ids=tuple(self.prompt_of(group.prompt_index).prompt_token_ids),
+            sampling=lease.sampling,
+            seeds=tuple(rule.derive_sample_seed(lease.sampling_seed, position, r.sample_index) for r in rollouts),
+            rollouts=rollouts,
+        )
 
-    def run_pending(self, limit: int = 64) -> int:
-        """Validate up to `limit` pending groups; returns how many were decided."""
-        groups = self.store.pending_validation(limit)
-        for group in groups:
-            current = self.store.get_group(group.group_id)
-            if current is None or current.state is not GroupState.PENDING_VALIDATION:
-                continue  # quarantined by a failure of another group of its node: one strike per failure
-            engine = self._engine_of(group)
-            verdict = self.validate(group, engine)
+    def report(self, group_id: str, verdict: Verdict) -> bool:
+        """Apply a verdict and its consequences; False when the group no longer waits for one."""
+        with self._lock:
+            self._leases.pop(group_id, None)
+            group = self.store.get_group(group_id)
+            if group is None or group.state is not GroupState.PENDING_VALIDATION:
+                return False  # decided already, or quarantined by another failure of its node
             now = self.clock()
             if verdict.check == "version_unavailable":
-                self.store.set_group_state([group.group_id], GroupState.STALE, now)
-                continue
-            self.store.record_validation(group.group_id, verdict.passed, verdict.check, verdict.evidence_json, now)
+                self.store.set_group_state([group_id], GroupState.STALE, now)
+                return True
+            self.store.record_validation(group_id, verdict.passed, verdict.check, verdict.evidence_json, now)
             node = self.store.record_full_check(group.node_id, verdict.passed)
             if verdict.passed:
-                continue
+                return True
             num_quarantined = self.store.quarantine_node_groups(group.node_id, now)
             num_voided = self.store.void_unsettled(group.node_id)
             log.warning(
@@ -297,8 +394,21 @@ class Validator:
             )
             if node.num_strikes >= self.policy.max_strikes and not node.banned:
                 self.store.ban_node(group.node_id, f"failed {node.num_strikes} full checks; last: {verdict.check}")
-        return len(groups)
+            return True
 
-    def _engine_of(self, group: StoredGroup) -> str:
-        node = self.store.get_node(group.node_id)
-        return node.engine if node is not None else ""
+
+class Validator:
+    """The validator inside the coordinator: takes work from the queue like any other."""
+
+    VALIDATOR_ID = "in-process"
+
+    def __init__(self, queue: ValidationQueue, checker: GroupChecker):
+        self.queue = queue
+        self.checker = checker
+
+    def run_pending(self, limit: int = 64) -> int:
+        """Check up to `limit` pending groups; returns how many were taken."""
+        jobs, _ = self.queue.take(self.VALIDATOR_ID, limit)
+        for job, verdict in zip(jobs, self.checker.check(jobs)):
+            self.queue.report(job.group_id, verdict)
+        return len(jobs)

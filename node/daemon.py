@@ -148,9 +148,8 @@ class NodeDaemon:
     async def run(self) -> None:
         import torch
 
+        from node.generate import build_engine
         from node.policy_sync import PolicySync
-        from policy.engine import TorchEngine
-        from policy.model import load_model
         from policy.tokenizer import load_tokenizer
 
         torch.set_num_threads(self.config.engine.threads)
@@ -165,16 +164,13 @@ class NodeDaemon:
             self.task = get_task(run_info.task)
             self.run_info = run_info
             self.tokenizer = load_tokenizer(self.model_dir)
-            model = load_model(self.model_dir, dtype=self.config.engine.dtype, device=self.config.engine.device)
-            self.engine = TorchEngine(
-                model,
-                stop_token_ids={run_info.eos_token_id},
-                max_batch_size=self.config.engine.batch_size,
-                pad_token_id=self.tokenizer.pad_token_id or 0,
+            self.engine, model, engine_name = build_engine(
+                self.config.engine, self.model_dir, {run_info.eos_token_id}, self.tokenizer.pad_token_id or 0
             )
             self.peers = self._start_peers(run_info)
             self.policy = PolicySync(model, client, run_info, self.peers)
-            engine_name = f"torch-{self.config.engine.device}-{self.config.engine.dtype}"
+            if self.config.engine.kind == "vllm":
+                self.engine.follow(self.policy.node_policy)
             response = await self._call(
                 "register",
                 lambda: client.register(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from envs import Split, Task
+from node.config import EngineSection
 from policy.engine import GenerationEngine, GenerationRequest
 from policy.scoring import completion_text
 from protocol.sampling import derive_sample_seed
@@ -16,6 +19,25 @@ from protocol.types import Rollout, RolloutBatch, RolloutGroup, WorkLease
 class GeneratedBatch:
     batch: RolloutBatch
     num_tokens: int
+
+
+def build_engine(config: EngineSection, model_dir: Path, stop_token_ids: Collection[int],
+                 pad_token_id: int) -> tuple[GenerationEngine, Any, str]:
+    """The engine `config.kind` selects, the torch module the node's policy applies updates to
+    (NodePolicy), and the engine's name as the node registers it."""
+    name = f"{config.kind}-{config.device}-{config.dtype}"
+    if config.kind == "vllm":
+        from policy.vllm_engine import VllmEngine
+
+        engine = VllmEngine(model_dir, stop_token_ids, max_batch_size=config.batch_size, dtype=config.dtype,
+                            device=config.device)
+        return engine, engine.policy_model, name
+    from policy.engine import TorchEngine
+    from policy.model import load_model
+
+    model = load_model(model_dir, dtype=config.dtype, device=config.device)
+    engine = TorchEngine(model, stop_token_ids, max_batch_size=config.batch_size, pad_token_id=pad_token_id)
+    return engine, model, name
 
 
 def generate_batch(

@@ -22,6 +22,9 @@ from protocol.types import FinishReason, SamplingParams
 
 DEFAULT_MAX_BATCH_SIZE = 32
 _INDEX_BITS = 32  # top-k keys: magnitude bits above the (complemented) flat index
+# On an accelerator, whether every row has finished is read back (a host sync) only every this many
+# steps; the extra steps after the last row finished change no result.
+_DONE_CHECK_INTERVAL = 8
 
 
 class EngineRequestError(ValueError):
@@ -58,24 +61,23 @@ def bf16_bits(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
 
 
-def chunk_points(chunk_bits: torch.Tensor, num_points: int) -> tuple[np.ndarray, np.ndarray]:
+def chunk_points(chunk_bits: torch.Tensor, num_points: int,
+                 num_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-magnitude points of flattened chunks [rows, n] (ties: lower index), as the numpy
-    reference protocol.commitment.top_indices selects them: (indices, bf16 bits), [rows, k]."""
+    reference protocol.commitment.top_indices selects them: (indices, bf16 bits), [rows, k], on the
+    chunks' device. A row with num_values[row] < n holds a shorter chunk in its first values: only
+    they are candidates, and a row with fewer than num_points of them fills the rest with others
+    (callers keep the first num_values[row] points of such rows, which are its own)."""
     flat_size = chunk_bits.shape[1]
     if flat_size > 2**_INDEX_BITS:
         raise EngineRequestError(f"a commitment chunk of {flat_size} values is too large")
     index = torch.arange(flat_size, dtype=torch.int64, device=chunk_bits.device)
     keys = ((chunk_bits & commitment.BF16_MAGNITUDE_MASK).to(torch.int64) << _INDEX_BITS) | (
         2**_INDEX_BITS - 1 - index)
-    indices = keys.topk(num_points, dim=1, sorted=False).indices
-    values = chunk_bits.gather(1, indices)
-    return indices.cpu().numpy(), values.cpu().numpy()
-
-
-def chunk_proofs(chunk_bits: torch.Tensor) -> list[bytes]:
-    """Proof bytes for rows of flattened chunk states (bf16 bits, int32 [rows, n])."""
-    indices, values = chunk_points(chunk_bits, min(commitment.TOP_K, chunk_bits.shape[1]))
-    return commitment.proofs_from_points(indices, values)
+    if num_values is not None:
+        keys = torch.where(index[None, :] < num_values[:, None], keys, -1 - index)
+    indices = keys.topk(num_points, dim=1, sorted=num_values is not None).indices
+    return indices, chunk_bits.gather(1, indices)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int,
@@ -93,25 +95,46 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int,
 
 
 class _CommitmentBuilder:
-    """Final hidden states of the current chunk of every row; proofs as chunks complete."""
+    """Final hidden states of the current chunk of every row. A chunk's points are selected on the
+    device when the chunk closes; the proofs of all chunks are interpolated together at the end, so
+    decoding never waits for the host."""
 
     def __init__(self, num_rows: int, hidden_size: int, device: torch.device):
         self.buffer = torch.zeros((num_rows, commitment.CHUNK_TOKENS, hidden_size),
                                   dtype=torch.int32, device=device)
-        self.proofs: list[list[bytes]] = [[] for _ in range(num_rows)]
+        self.hidden_size = hidden_size
+        self.closed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def add(self, step: int, hidden: torch.Tensor) -> None:
         self.buffer[:, step % commitment.CHUNK_TOKENS] = bf16_bits(hidden)
 
-    def close_chunks(self, rows: Sequence[int], num_tokens: int) -> None:
-        """Rows whose chunk ends with their num_tokens-th token (the same count for all rows)."""
-        if not rows:
-            return
-        filled = num_tokens - (num_tokens - 1) // commitment.CHUNK_TOKENS * commitment.CHUNK_TOKENS
-        row_index = torch.tensor(rows, dtype=torch.int64, device=self.buffer.device)
-        chunks = self.buffer[row_index, :filled].reshape(len(rows), -1)
-        for row, proof in zip(rows, chunk_proofs(chunks)):
-            self.proofs[row].append(proof)
+    def close_chunks(self, num_tokens: int, lengths: torch.Tensor) -> None:
+        """Close, after the num_tokens-th step, the chunk of every row with a token in the window
+        of steps that ends there (a multiple of CHUNK_TOKENS, or the last step). A row that finished
+        inside the window closes a partial chunk: its slots were not overwritten since, as writes
+        wrap around only after the window ends."""
+        window_start = (num_tokens - 1) // commitment.CHUNK_TOKENS * commitment.CHUNK_TOKENS
+        rows = torch.nonzero(lengths > window_start)[:, 0]
+        filled = (lengths[rows] - window_start).clamp(max=commitment.CHUNK_TOKENS)
+        num_values = filled * self.hidden_size
+        chunks = self.buffer[rows].flatten(1)
+        num_points = num_values.clamp(max=commitment.TOP_K)
+        indices, values = chunk_points(chunks, min(commitment.TOP_K, chunks.shape[1]), num_values)
+        self.closed.append((rows, num_points, indices, values))
+
+    def proofs(self, num_rows: int) -> list[bytes]:
+        """Each row's commitment: its chunks' proofs in order."""
+        rows, num_points, indices, values = (torch.cat(parts).cpu().numpy() for parts in zip(*self.closed))
+        proofs = [b""] * len(rows)
+        for size in np.unique(num_points):
+            chunks = np.flatnonzero(num_points == size)
+            for chunk, proof in zip(chunks, commitment.proofs_from_points(indices[chunks, :size],
+                                                                          values[chunks, :size])):
+                proofs[chunk] = proof
+        commitments: list[list[bytes]] = [[] for _ in range(num_rows)]
+        for row, proof in zip(rows, proofs):
+            commitments[row].append(proof)
+        return [b"".join(parts) for parts in commitments]
 
 
 class TorchEngine:
@@ -149,10 +172,9 @@ class TorchEngine:
         num_rows = len(requests)
         rows = sampling.RowSampling.build([r.sampling for r in requests],
                                           [r.seed for r in requests], device)
-        max_tokens = [r.sampling.max_tokens for r in requests]
         input_ids, attention_mask, position_ids = left_pad(
             [r.prompt_token_ids for r in requests], self.pad_token_id, device)
-        num_steps = max(max_tokens)
+        num_steps = max(r.sampling.max_tokens for r in requests)
         prompt_width = attention_mask.shape[1]
         attention_mask = torch.cat(
             [attention_mask, attention_mask.new_ones((num_rows, num_steps))], dim=1)
@@ -163,9 +185,11 @@ class TorchEngine:
                               use_cache=True).last_hidden_state[:, -1]
         builder = _CommitmentBuilder(num_rows, hidden.shape[-1], device)
         step_tokens, step_logprobs, step_margins = [], [], []
-        lengths = [0] * num_rows
-        stopped = [False] * num_rows
-        active = list(range(num_rows))
+        max_tokens = torch.tensor([r.sampling.max_tokens for r in requests], dtype=torch.int64, device=device)
+        lengths = torch.zeros(num_rows, dtype=torch.int64, device=device)
+        stopped = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        done_check_interval = 1 if device.type == "cpu" else _DONE_CHECK_INTERVAL
         for step in range(num_steps):
             logits = self.lm_head(hidden)
             sampled = sampling.sample(logits, positions[step].expand(num_rows), rows)
@@ -173,19 +197,16 @@ class TorchEngine:
             step_tokens.append(sampled.token_ids)
             step_logprobs.append(sampled.logprobs)
             step_margins.append(sampled.margins)
-            is_stop = torch.isin(sampled.token_ids, self.stop_token_ids).tolist()
-            closing, still_active = [], []
-            for row in active:
-                lengths[row] = step + 1
-                stopped[row] = is_stop[row]
-                done = is_stop[row] or step + 1 == max_tokens[row]
-                if done or (step + 1) % commitment.CHUNK_TOKENS == 0:
-                    closing.append(row)
-                if not done:
-                    still_active.append(row)
-            builder.close_chunks(closing, step + 1)
-            active = still_active
-            if not active:
+            is_stop = torch.isin(sampled.token_ids, self.stop_token_ids)
+            active = ~finished
+            lengths = torch.where(active, step + 1, lengths)
+            stopped |= active & is_stop
+            finished |= is_stop | (max_tokens == step + 1)
+            last_step = step + 1 == num_steps or (
+                (step + 1) % done_check_interval == 0 and bool(finished.all()))
+            if (step + 1) % commitment.CHUNK_TOKENS == 0 or last_step:
+                builder.close_chunks(step + 1, lengths)
+            if last_step:
                 break
             position_ids = position_ids[:, -1:] + 1
             hidden = self.decoder(input_ids=sampled.token_ids[:, None],
@@ -195,13 +216,14 @@ class TorchEngine:
         tokens = torch.stack(step_tokens, dim=1).cpu().tolist()
         logprobs = torch.stack(step_logprobs, dim=1).cpu().tolist()
         margins = torch.stack(step_margins, dim=1).cpu().tolist()
+        commitments = builder.proofs(num_rows)
         return [
             GenerationResult(
-                token_ids=tuple(tokens[row][:lengths[row]]),
-                logprobs=tuple(logprobs[row][:lengths[row]]),
-                margins=tuple(margins[row][:lengths[row]]),
-                finish_reason=FinishReason.STOP if stopped[row] else FinishReason.LENGTH,
-                commitment=b"".join(builder.proofs[row]),
+                token_ids=tuple(tokens[row][:length]),
+                logprobs=tuple(logprobs[row][:length]),
+                margins=tuple(margins[row][:length]),
+                finish_reason=FinishReason.STOP if is_stopped else FinishReason.LENGTH,
+                commitment=commitments[row],
             )
-            for row in range(num_rows)
+            for row, (length, is_stopped) in enumerate(zip(lengths.tolist(), stopped.tolist()))
         ]

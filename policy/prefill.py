@@ -1,5 +1,12 @@
 """Validator side: one forward pass over prompt + completion on the trusted model, and the replay
-of a rollout against it (sampling rule, log-probability drift, activation commitment)."""
+of rollouts against it (sampling rule, log-probability drift, activation commitment), batched over
+every rollout it is given.
+
+The forward pass runs each distinct prompt once: rollouts of a group share their prompt, so its
+states are computed for the group and its cache is copied to the group's rows before their
+completions run. Rollouts are packed into passes of at most `max_batch_tokens` padded positions,
+sorted by length so that little of a pass is padding.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +15,85 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
-from policy.engine import bf16_bits, left_pad
+from policy import sampling
+from policy.engine import bf16_bits, chunk_points, left_pad
 from protocol import commitment
 from protocol import sampling as rule
 from protocol.types import SamplingParams
 
+DEFAULT_MAX_BATCH_TOKENS = 16384  # padded positions in one forward pass
+_MAX_CHECK_VALUES = 2**24  # logits [tokens, vocab] held at once by the token check
+
 
 class PrefillError(ValueError):
     """A prompt/completion pair that cannot be prefilled."""
+
+
+@torch.inference_mode()
+def completion_states(model: PreTrainedModel, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      pad_token_id: int = 0,
+                      max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[torch.Tensor]:
+    """For each (prompt, completion) pair, the final hidden states that produced the logits of its
+    completion tokens ([num_completion_tokens, hidden_size]: the state at the position before each
+    token)."""
+    for prompt, completion in pairs:
+        if not prompt or not completion:
+            raise PrefillError("prefill needs a non-empty prompt and a non-empty completion")
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for index, (prompt, _) in enumerate(pairs):
+        by_prompt.setdefault(tuple(prompt), []).append(index)
+    groups = sorted(by_prompt.items(),
+                    key=lambda item: len(item[0]) + max(len(pairs[i][1]) for i in item[1]))
+    states: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+    batch: list[tuple[tuple[int, ...], list[int]]] = []
+    num_rows = width = 0
+    for prompt, members in groups:
+        group_width = len(prompt) + max(len(pairs[i][1]) for i in members)
+        if batch and (num_rows + len(members)) * max(width, group_width) > max_batch_tokens:
+            _prefill_groups(model, pairs, batch, pad_token_id, states)
+            batch, num_rows, width = [], 0, 0
+        batch.append((prompt, members))
+        num_rows += len(members)
+        width = max(width, group_width)
+    if batch:
+        _prefill_groups(model, pairs, batch, pad_token_id, states)
+    return states
+
+
+def _prefill_groups(model: PreTrainedModel, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                    groups: Sequence[tuple[tuple[int, ...], list[int]]], pad_token_id: int,
+                    states: list[torch.Tensor]) -> None:
+    """One pass over the distinct prompts, then one over the completions of their rollouts
+    (right-padded after the shared prompt cache; pads come last, so causal attention keeps them
+    from every real position)."""
+    device = model.device
+    decoder = model.get_decoder()
+    input_ids, prompt_mask, position_ids = left_pad([prompt for prompt, _ in groups], pad_token_id, device)
+    cache = DynamicCache(config=model.config)
+    prompt_states = decoder(input_ids=input_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                            past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    members = [(group, index) for group, (_, indices) in enumerate(groups) for index in indices]
+    width = max(len(pairs[index][1]) for _, index in members) - 1
+    if width == 0:
+        for group, index in members:
+            states[index] = prompt_states[group][None]
+        return
+    rows = torch.tensor([group for group, _ in members], dtype=torch.int64, device=device)
+    cache.batch_select_indices(rows)
+    tokens = torch.full((len(members), width), pad_token_id, dtype=torch.int64)
+    for row, (_, index) in enumerate(members):
+        completion = pairs[index][1][:-1]
+        tokens[row, :len(completion)] = torch.tensor(completion, dtype=torch.int64)
+    prompt_lengths = torch.tensor([len(groups[group][0]) for group, _ in members], dtype=torch.int64)
+    completion_positions = prompt_lengths[:, None] + torch.arange(width, dtype=torch.int64)[None, :]
+    attention_mask = torch.cat([prompt_mask[rows], prompt_mask.new_ones((len(members), width))], dim=1)
+    hidden = decoder(input_ids=tokens.to(device), attention_mask=attention_mask,
+                     position_ids=completion_positions.to(device), past_key_values=cache,
+                     use_cache=True).last_hidden_state
+    for row, (group, index) in enumerate(members):
+        states[index] = torch.cat([prompt_states[group][None], hidden[row, :len(pairs[index][1]) - 1]])
 
 
 @dataclass(frozen=True)
@@ -32,29 +108,19 @@ class PrefillOutput:
 @torch.inference_mode()
 def prefill(model: PreTrainedModel, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
             pad_token_id: int = 0) -> list[PrefillOutput]:
-    """Prefill (prompt, completion) pairs in one left-padded batch."""
-    for prompt, completion in pairs:
-        if not prompt or not completion:
-            raise PrefillError("prefill needs a non-empty prompt and a non-empty completion")
-    # The last completion token's own state predicts nothing that was sampled: leave it out.
-    sequences = [list(prompt) + list(completion[:-1]) for prompt, completion in pairs]
-    input_ids, attention_mask, position_ids = left_pad(sequences, pad_token_id, model.device)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False).last_hidden_state
-    outputs = []
-    for row, (_, completion) in enumerate(pairs):
-        states = hidden[row, hidden.shape[1] - len(completion):]
-        logits = model.get_output_embeddings()(states).to(torch.float32)
-        outputs.append(PrefillOutput(logits.cpu().numpy(),
-                                     bf16_bits(states).to(torch.uint16).cpu().numpy()))
-    return outputs
+    """Logits and final hidden states of (prompt, completion) pairs, as numpy arrays."""
+    states = completion_states(model, pairs, pad_token_id)
+    logits = model.get_output_embeddings()(torch.cat(states)).to(torch.float32)
+    return [PrefillOutput(row_logits.cpu().numpy(), bf16_bits(row_states).to(torch.uint16).cpu().numpy())
+            for row_logits, row_states in zip(logits.split([len(s) for s in states]), states)]
 
 
 @dataclass(frozen=True)
 class ReplayReport:
     token_checks: rule.TokenChecks
     logprob_drift: np.ndarray  # |claimed - recomputed| per token
-    commitment_checks: list[commitment.ChunkCheck]
+    commitment_checks: list[commitment.ChunkCheck]  # empty when the commitment cannot be decoded
+    commitment_error: str | None = None  # why the commitment cannot be decoded
 
     @property
     def max_logprob_drift(self) -> float:
@@ -64,6 +130,7 @@ class ReplayReport:
                thresholds: commitment.Thresholds = commitment.Thresholds()) -> bool:
         return (self.token_checks.num_mismatches == 0
                 and self.max_logprob_drift <= max_logprob_drift
+                and self.commitment_error is None
                 and commitment.accepts(self.commitment_checks, thresholds))
 
 
@@ -77,18 +144,90 @@ class ClaimedRollout:
     seed: int
 
 
+@torch.inference_mode()
 def replay(model: PreTrainedModel, rollouts: Sequence[ClaimedRollout],
            logit_tolerance: float = rule.DEFAULT_LOGIT_TOLERANCE,
            pad_token_id: int = 0) -> list[ReplayReport]:
-    """Re-run rollouts by one batched prefill and check them token by token."""
-    outputs = prefill(model, [(r.prompt_token_ids, r.token_ids) for r in rollouts], pad_token_id)
+    """Re-run rollouts by batched prefill and check them token by token, all rollouts together."""
+    if not rollouts:
+        return []
+    states = completion_states(model, [(r.prompt_token_ids, r.token_ids) for r in rollouts], pad_token_id)
+    lengths = [len(r.token_ids) for r in rollouts]
+    token_checks = _check_tokens(model, rollouts, torch.cat(states), lengths, logit_tolerance)
+    commitment_results = _check_commitments(rollouts, states)
     reports = []
-    for rollout, output in zip(rollouts, outputs):
-        num_tokens = len(rollout.token_ids)
-        checks = rule.check_tokens(output.logits, np.array(rollout.token_ids),
-                                   np.uint64(rollout.seed), np.arange(num_tokens),
-                                   rollout.sampling, logit_tolerance)
+    for rollout, checks, (chunk_checks, error) in zip(rollouts, token_checks, commitment_results):
         drift = np.abs(np.array(rollout.logprobs, dtype=np.float32) - checks.logprobs)
-        reports.append(ReplayReport(checks, drift,
-                                    commitment.verify(rollout.commitment, output.hidden_bits)))
+        reports.append(ReplayReport(checks, drift, chunk_checks, error))
     return reports
+
+
+def _check_tokens(model: PreTrainedModel, rollouts: Sequence[ClaimedRollout], states: torch.Tensor,
+                  lengths: Sequence[int], logit_tolerance: float) -> list[rule.TokenChecks]:
+    """The rule check of every token of every rollout, in blocks of bounded logits size."""
+    device = states.device
+    lm_head = model.get_output_embeddings()
+    per_rollout = sampling.RowSampling.build([r.sampling for r in rollouts], [r.seed for r in rollouts], device)
+    owner = torch.repeat_interleave(torch.arange(len(rollouts), device=device),
+                                    torch.tensor(lengths, device=device))
+    positions = torch.cat([torch.arange(n, dtype=torch.int64, device=device) for n in lengths])
+    token_ids = torch.tensor([t for r in rollouts for t in r.token_ids], dtype=torch.int64, device=device)
+    vocab_size = lm_head.weight.shape[0]
+    block = max(1, _MAX_CHECK_VALUES // vocab_size)
+    parts = []
+    for start in range(0, len(token_ids), block):
+        end = start + block
+        logits = lm_head(states[start:end]).to(torch.float32)
+        parts.append(sampling.check_tokens(logits, token_ids[start:end], positions[start:end],
+                                           per_rollout.select(owner[start:end]), logit_tolerance))
+    verdicts, logprobs, gaps = (torch.cat(values).cpu().numpy() for values in zip(
+        *((p.verdicts, p.logprobs, p.score_gaps) for p in parts)))
+    splits = np.cumsum(lengths)[:-1]
+    return [rule.TokenChecks(v, lp, g) for v, lp, g in zip(np.split(verdicts, splits), np.split(logprobs, splits),
+                                                            np.split(gaps, splits))]
+
+
+def _check_commitments(rollouts: Sequence[ClaimedRollout], states: Sequence[torch.Tensor]
+                       ) -> list[tuple[list[commitment.ChunkCheck], str | None]]:
+    """Per rollout: its chunk checks, or the reason its commitment cannot be decoded. The points of
+    every chunk of every rollout are selected in one pass and checked in one pass."""
+    hidden_size = states[0].shape[1]
+    proofs: list[list[commitment.ChunkProof] | None] = []
+    errors: list[str | None] = []
+    for rollout, rollout_states in zip(rollouts, states):
+        try:
+            proofs.append(commitment.split_proofs(rollout.commitment, len(rollout_states), hidden_size))
+            errors.append(None)
+        except commitment.CommitmentError as error:
+            proofs.append(None)
+            errors.append(str(error))
+    chunk_rows, chunk_owner, num_filled = [], [], []
+    offset = 0
+    for index, rollout_states in enumerate(states):
+        if proofs[index] is not None:
+            for start, end in commitment.chunk_bounds(len(rollout_states)):
+                chunk_rows.append(offset + start + np.minimum(np.arange(commitment.CHUNK_TOKENS), end - start - 1))
+                chunk_owner.append(index)
+                num_filled.append(end - start)
+        offset += len(rollout_states)
+    results: list[tuple[list[commitment.ChunkCheck], str | None]] = [([], error) for error in errors]
+    if not chunk_rows:
+        return results
+    bits = bf16_bits(torch.cat(list(states)))
+    device = bits.device
+    chunks = bits[torch.as_tensor(np.stack(chunk_rows), device=device)].flatten(1)
+    num_values = torch.tensor(num_filled, dtype=torch.int64, device=device) * hidden_size
+    indices, values = (t.cpu().numpy() for t in chunk_points(
+        chunks, min(commitment.TOP_K, chunks.shape[1]), num_values))
+    chunk_proofs = [proof for rollout_proofs in proofs if rollout_proofs is not None for proof in rollout_proofs]
+    num_points = np.array([len(proof.coefficients) for proof in chunk_proofs])
+    checks: list[commitment.ChunkCheck | None] = [None] * len(chunk_proofs)
+    for size in np.unique(num_points):
+        selected = np.flatnonzero(num_points == size)
+        for chunk, check in zip(selected, commitment.check_points(
+                [chunk_proofs[c] for c in selected], indices[selected, :size], values[selected, :size])):
+            checks[chunk] = check
+    for owner, check in zip(chunk_owner, checks):
+        assert check is not None
+        results[owner][0].append(check)
+    return results

@@ -102,6 +102,40 @@ def _filter_threshold(scaled: torch.Tensor, rows: RowSampling) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class _Scored:
+    scores: torch.Tensor  # perturbed scores (raw logits at T = 0), -inf outside the allowed set
+    scaled: torch.Tensor  # logits * float32(1 / T) (raw logits at T = 0)
+    allowed: torch.Tensor
+    threshold: torch.Tensor  # filter threshold per row (-inf without filters, and at T = 0)
+    noise: torch.Tensor
+    greedy: torch.Tensor
+    inverse_t: torch.Tensor  # float32 [rows], 1 at T = 0
+
+
+def _score(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling) -> _Scored:
+    logits = logits.to(torch.float32)
+    greedy = rows.temperature == 0.0
+    inverse_t = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, rows.temperature)).to(torch.float32)
+    scaled = logits * inverse_t[:, None]
+    minus_inf = torch.full((logits.shape[0],), -torch.inf, dtype=scaled.dtype, device=scaled.device)
+    if rows.uses_top_k or rows.uses_top_p:
+        threshold = torch.where(greedy, minus_inf, _filter_threshold(scaled, rows))
+        allowed = scaled >= threshold[:, None]
+    else:
+        threshold = minus_inf
+        allowed = torch.ones_like(scaled, dtype=torch.bool)
+    noise = gumbel_noise(rows.seed_lo, rows.seed_hi, positions, logits.shape[1])
+    perturbed = torch.where(allowed, scaled + noise, -torch.inf)
+    scores = torch.where(greedy[:, None], logits, perturbed)
+    return _Scored(scores, scaled, allowed, threshold, noise, greedy, inverse_t)
+
+
+def _log_softmax_at(scaled: torch.Tensor, allowed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    log_norm = torch.logsumexp(torch.where(allowed, scaled, -torch.inf), dim=1)
+    return scaled.gather(1, token_ids[:, None])[:, 0] - log_norm
+
+
+@dataclass(frozen=True)
 class SampledTokens:
     token_ids: torch.Tensor  # int64 [rows]
     logprobs: torch.Tensor  # float32 [rows]
@@ -110,21 +144,41 @@ class SampledTokens:
 
 def sample(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling) -> SampledTokens:
     """One step of the rule for logits [rows, vocab] at per-row positions (int64 [rows])."""
-    logits = logits.to(torch.float32)
-    greedy = rows.temperature == 0.0
-    inverse_t = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, rows.temperature))
-    scaled = logits * inverse_t.to(torch.float32)[:, None]
-    allowed = greedy[:, None].expand_as(scaled)
-    if rows.uses_top_k or rows.uses_top_p:
-        allowed = allowed | (scaled >= _filter_threshold(scaled, rows)[:, None])
-    else:
-        allowed = torch.ones_like(allowed)
-    noise = gumbel_noise(rows.seed_lo, rows.seed_hi, positions, logits.shape[1])
-    perturbed = torch.where(allowed, scaled + noise, -torch.inf)
-    scores = torch.where(greedy[:, None], logits, perturbed)
-    token_ids = scores.argmax(dim=1)
-    top_two = scores.topk(2, dim=1).values
+    scored = _score(logits, positions, rows)
+    token_ids = scored.scores.argmax(dim=1)
+    top_two = scored.scores.topk(2, dim=1).values
     margins = torch.where(torch.isneginf(top_two[:, 1]), torch.inf, top_two[:, 0] - top_two[:, 1])
-    log_norm = torch.logsumexp(torch.where(allowed, scaled, -torch.inf), dim=1)
-    logprobs = scaled.gather(1, token_ids[:, None])[:, 0] - log_norm
-    return SampledTokens(token_ids, logprobs, margins)
+    return SampledTokens(token_ids, _log_softmax_at(scored.scaled, scored.allowed, token_ids), margins)
+
+
+@dataclass(frozen=True)
+class TokenChecks:
+    """As protocol.sampling.TokenChecks, one row per checked token (torch tensors)."""
+
+    verdicts: torch.Tensor  # int8, protocol.sampling.TokenVerdict values
+    logprobs: torch.Tensor  # float32
+    score_gaps: torch.Tensor  # float32
+
+
+def check_tokens(logits: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor, rows: RowSampling,
+                 logit_tolerance: float) -> TokenChecks:
+    """protocol.sampling.check_tokens for rows with their own seed, position and parameters: the
+    same verdicts and score gaps bit for bit; log-probabilities within float32 rounding."""
+    scored = _score(logits, positions, rows)
+    vocab_size = scored.scores.shape[1]
+    if bool(((token_ids < 0) | (token_ids >= vocab_size)).any()):
+        raise rule.SamplingParamsError(f"token ids must be in [0, {vocab_size})")
+    claim = token_ids[:, None]
+    best = scored.scores.argmax(dim=1)
+    tolerance = torch.tensor(logit_tolerance, dtype=torch.float32, device=logits.device) * scored.inverse_t
+    claimed_scaled = scored.scaled.gather(1, claim)[:, 0]
+    claimed = torch.where(scored.greedy, scored.scores.gather(1, claim)[:, 0],
+                          claimed_scaled + scored.noise.gather(1, claim)[:, 0])
+    is_best = best == token_ids
+    score_gaps = torch.where(is_best, 0.0, scored.scores.gather(1, best[:, None])[:, 0] - claimed)
+    near_filter = claimed_scaled >= scored.threshold - tolerance
+    verdicts = torch.where(is_best, int(rule.TokenVerdict.EXACT),
+                           torch.where((score_gaps <= tolerance) & near_filter, int(rule.TokenVerdict.NEAR_TIE),
+                                       int(rule.TokenVerdict.MISMATCH))).to(torch.int8)
+    allowed_with_claim = scored.allowed.scatter(1, claim, True)
+    return TokenChecks(verdicts, _log_softmax_at(scored.scaled, allowed_with_claim, token_ids), score_gaps)

@@ -255,6 +255,32 @@ def check_chunk(proof: ChunkProof, flat_bits: np.ndarray) -> ChunkCheck:
                       float(matched_errors[matched_errors.size // 2]), num_points)
 
 
+def check_points(proofs: Sequence[ChunkProof], indices: np.ndarray, recomputed: np.ndarray) -> list[ChunkCheck]:
+    """check_chunk for many chunks at once, each with the points the validator selected from its
+    own states as top_indices does: flat indices and their bf16 bits, [chunks, n] with n the
+    number of coefficients of every proof."""
+    indices = np.asarray(indices, dtype=np.int64)
+    recomputed = np.asarray(recomputed, dtype=np.int64)
+    num_chunks, num_points = indices.shape
+    if num_chunks == 0:
+        return []
+    coefficients = np.array([proof.coefficients for proof in proofs], dtype=np.int64)
+    assert coefficients.shape == indices.shape, "a proof per chunk, a coefficient per point"
+    x = indices % np.array([proof.modulus for proof in proofs], dtype=np.int64)[:, None]
+    committed = np.repeat(coefficients[:, -1:], num_points, axis=1)
+    for degree in range(num_points - 2, -1, -1):
+        committed = (committed * x + coefficients[:, degree:degree + 1]) % FIELD_PRIME
+    exponents_match = (committed & BF16_EXPONENT_MASK) == (recomputed & BF16_EXPONENT_MASK)
+    mantissa_errors = np.abs((committed & BF16_MANTISSA_MASK) - (recomputed & BF16_MANTISSA_MASK))
+    num_matched = exponents_match.sum(axis=1)
+    matched_sorted = np.sort(np.where(exponents_match, mantissa_errors, np.iinfo(np.int64).max), axis=1)
+    sums = np.where(exponents_match, mantissa_errors, 0).sum(axis=1)
+    medians = matched_sorted[np.arange(num_chunks), np.minimum(num_matched // 2, num_points - 1)]
+    return [ChunkCheck(num_points - int(matched), float(total) / int(matched), float(median), num_points)
+            if matched else ChunkCheck(num_points, NO_MANTISSA_MATCH, NO_MANTISSA_MATCH, num_points)
+            for matched, total, median in zip(num_matched, sums, medians)]
+
+
 def verify(commitment: bytes, hidden_bits: np.ndarray) -> list[ChunkCheck]:
     """Check a commitment against recomputed final hidden states (bf16 bits [num_tokens, hidden])."""
     hidden_bits = _as_hidden_bits(hidden_bits)

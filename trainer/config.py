@@ -32,8 +32,12 @@ class TrainerConfig(_Section):
     data_dir: Path = Path("~/.rollproof/trainer")
     key_file: Path | None = Field(None, description="policy signing key; default: <data_dir>/trainer.key")
     model: Path | None = Field(None, description="HF model directory; unset means the default tiny model")
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = Field(
+        "cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="under torchrun, cuda means each process's LOCAL_RANK GPU"
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="weights and compute; under torchrun, compute only (float32 master weights)"
+    )
     max_staleness: int = Field(2, ge=0)
     groups_per_step: int = Field(8, ge=1)
     max_steps: int = Field(0, ge=0, description="0 means run until stopped")

@@ -5,15 +5,25 @@ Every public method is one transaction, and the store is safe to call from many 
 once (the service calls it from a thread pool). Times are Unix milliseconds passed in by the
 caller. On SQLite a write transaction starts with BEGIN IMMEDIATE, so writers queue on the
 busy timeout instead of failing on a lock upgrade; readers run beside them (WAL).
+
+Group commit (SQLite): the two writes on every node's path, record_submission and
+issue_lease, go to one writer thread that commits all the requests queued while its previous
+transaction ran in one transaction, each applied as if alone and in arrival order; a caller
+returns when the transaction holding its request has committed. Should that transaction fail,
+each of its requests is committed alone, so one bad request fails only itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +79,12 @@ from coordinator.store.records import (
 )
 from protocol.types import Codec, SamplingParams
 
+log = logging.getLogger(__name__)
+
 SQLITE_FILE_NAME = "coordinator.sqlite3"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _WRITE_OPTION = "rollproof_write"
+_ONE_STATEMENT_OPTION = "rollproof_one_statement"
 
 _nodes = schema.Node.__table__
 _counters = schema.Counter.__table__
@@ -89,6 +102,82 @@ _contributions = schema.Contribution.__table__
 
 # make_lease(lease_number, requeued_prompt_indices or None for a fresh draw) -> the lease to store
 LeaseFactory = Callable[[int, tuple[int, ...] | None], LeaseRecord]
+
+MAX_GROUP_COMMIT = 512  # requests in one group-commit transaction at most
+_OPEN_UNTIL_BUILT = 2**63 - 1  # the deadline a lease granted in this transaction counts with
+
+# Statements on the hot path, built once.
+_SELECT_RECEIPTS = select(_submissions.c.batch_hash, _submissions.c.receipt).where(
+    _submissions.c.batch_hash.in_(bindparam("batch_hashes", expanding=True))
+)
+_SELECT_RECEIPT = select(_submissions.c.receipt).where(_submissions.c.batch_hash == bindparam("batch_hash"))
+_SELECT_SEEN_HASHES = select(_rollout_hashes.c.content_hash).where(
+    _rollout_hashes.c.content_hash.in_(bindparam("content_hashes", expanding=True))
+)
+_SELECT_LEASE = select(_leases).where(_leases.c.lease_id == bindparam("lease_id"))
+_SELECT_NODE = select(_nodes).where(_nodes.c.node_id == bindparam("node_id"))
+_SELECT_OPEN_LEASE_DEADLINES = select(_leases.c.node_id, _leases.c.deadline_ms).where(
+    _leases.c.node_id.in_(bindparam("node_ids", expanding=True)), _leases.c.state == LeaseState.OPEN.value
+)
+_LOCK_NODES = (
+    select(_nodes.c.node_id)
+    .where(_nodes.c.node_id.in_(bindparam("node_ids", expanding=True)))
+    .order_by(_nodes.c.node_id)
+    .with_for_update()
+)
+_EXPIRE_LEASES = (
+    update(_leases)
+    .where(_leases.c.state == LeaseState.OPEN.value, _leases.c.deadline_ms <= bindparam("expire_at_ms"))
+    .values(state=LeaseState.EXPIRED.value, closed_ms=bindparam("expire_at_ms"))
+    .returning(*_leases.c)
+)
+_TAKE_LEASE_NUMBERS = (
+    update(_counters)
+    .where(_counters.c.name == schema.LEASE_COUNTER)
+    .values(value=_counters.c.value + bindparam("num_taken"))
+    .returning(_counters.c.value)
+)
+_SELECT_OLDEST_REQUEUED = (
+    select(_requeued).order_by(_requeued.c.id).limit(bindparam("num_wanted")).with_for_update(skip_locked=True)
+)
+_DELETE_REQUEUED = delete(_requeued).where(_requeued.c.id.in_(bindparam("requeued_ids", expanding=True)))
+_COUNT_GROUPS_IN_STATES = select(func.count()).where(_groups.c.state.in_(bindparam("states", expanding=True)))
+_INSERT_LEASES = insert(_leases)
+_INSERT_SUBMISSIONS = insert(_submissions).returning(_submissions.c.id, sort_by_parameter_order=True)
+_INSERT_GROUPS = insert(_groups)
+_INSERT_CONTRIBUTIONS = insert(_contributions)
+_INSERT_VERDICTS = insert(_verdicts)
+_INSERT_ROLLOUT_HASHES = insert(_rollout_hashes)
+_UPDATE_NODE_COUNTS = (
+    update(_nodes)
+    .where(_nodes.c.node_id == bindparam("counted_node_id"))
+    .values(
+        num_rollouts_accepted=_nodes.c.num_rollouts_accepted + bindparam("num_newly_accepted"),
+        num_rollouts_rejected=_nodes.c.num_rollouts_rejected + bindparam("num_newly_rejected"),
+    )
+)
+_CLOSE_SUBMITTED_LEASE = (
+    update(_leases)
+    .where(
+        _leases.c.lease_id == bindparam("submitted_lease_id"),
+        _leases.c.node_id == bindparam("submitter_id"),
+        _leases.c.state == LeaseState.OPEN.value,
+    )
+    .values(state=LeaseState.SUBMITTED.value, closed_ms=bindparam("submitted_ms"))
+)
+
+
+@dataclass(frozen=True)
+class _LeaseRequest:
+    node_id: str
+    now_ms: int
+    max_open_per_node: int
+    make_lease: LeaseFactory
+
+
+# A write request and its answer: the outcome, or the exception the caller raises.
+_Request = NewSubmission | _LeaseRequest
+_Answer = SubmissionOutcome | LeaseRecord | Exception
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -144,8 +233,10 @@ def _configure_sqlite_connection(synchronous: str, dbapi_connection: Any, _recor
 
 
 def _begin_sqlite_transaction(connection: Connection) -> None:
-    immediate = connection.get_execution_options().get(_WRITE_OPTION, False)
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    options = connection.get_execution_options()
+    if options.get(_ONE_STATEMENT_OPTION, False):
+        return  # a single statement is a transaction of its own
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if options.get(_WRITE_OPTION, False) else "BEGIN")
 
 
 def _node_record(row: Row[Any]) -> NodeRecord:
@@ -258,15 +349,32 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._write_engine = engine.execution_options(**{_WRITE_OPTION: True})
+        self._one_statement_engine = engine.execution_options(**{_ONE_STATEMENT_OPTION: True})
+        sqlite = engine.dialect.name == "sqlite"
         # SQLite takes one writer at a time and makes the others poll with sleeps (its busy
         # handler); queueing this process's writers on a lock instead wakes the next one at once.
-        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        self._write_lock = threading.Lock() if sqlite else contextlib.nullcontext()
+        self._requests: queue.SimpleQueue[tuple[_Request, Future[_Answer]] | None] | None = None
+        self._requests_lock = threading.Lock()
+        self._group_writer: threading.Thread | None = None
+        if sqlite:
+            self._requests = queue.SimpleQueue()
+            self._group_writer = threading.Thread(target=self._write_groups, name="store-group-commit", daemon=True)
+            self._group_writer.start()
 
     @property
     def backend(self) -> str:
         return self._engine.dialect.name
 
     def close(self) -> None:
+        """Commit the requests already queued, then close."""
+        with self._requests_lock:
+            group_writer, self._group_writer = self._group_writer, None
+            if group_writer is not None:
+                assert self._requests is not None
+                self._requests.put(None)
+        if group_writer is not None:
+            group_writer.join()
         self._engine.dispose()
 
     @contextmanager
@@ -275,9 +383,92 @@ class Store:
             yield connection
 
     @contextmanager
+    def _read_one(self) -> Iterator[Connection]:
+        """For a read of one statement, which needs no BEGIN on SQLite."""
+        with self._one_statement_engine.connect() as connection:
+            yield connection
+
+    @contextmanager
     def _write(self) -> Iterator[Connection]:
         with self._write_lock, self._write_engine.begin() as connection:
             yield connection
+
+    # ---- group commit ----
+
+    def _commit(self, request: _Request) -> SubmissionOutcome | LeaseRecord:
+        """Commit one request: with the others queued beside it on SQLite, alone on PostgreSQL
+        (whose writers run side by side). Returns after the commit."""
+        if self._requests is None:
+            answer = self._commit_alone(request)
+        else:
+            answered: Future[_Answer] = Future()
+            with self._requests_lock:
+                if self._group_writer is None:
+                    raise RuntimeError("the store is closed")
+                self._requests.put((request, answered))
+            answer = answered.result()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def _write_groups(self) -> None:
+        """The group-commit thread: takes everything queued, commits it, answers, repeats."""
+        assert self._requests is not None
+        stopping = False
+        while not stopping:
+            first = self._requests.get()
+            if first is None:
+                return
+            group = [first]
+            while len(group) < MAX_GROUP_COMMIT:
+                try:
+                    queued = self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                if queued is None:
+                    stopping = True
+                    break
+                group.append(queued)
+            answers = self._commit_group([request for request, _ in group])
+            for (_, answered), answer in zip(group, answers, strict=True):
+                answered.set_result(answer)
+
+    def _commit_group(self, requests: Sequence[_Request]) -> list[_Answer]:
+        if len(requests) > 1:
+            try:
+                with self._write() as connection:
+                    return self._apply(connection, requests)
+            except Exception:
+                # Each request is committed alone below, and one that fails gets its own error.
+                log.warning("a group commit of %d requests failed; committing each alone", len(requests),
+                            exc_info=True)
+        return [self._commit_alone(request) for request in requests]
+
+    def _commit_alone(self, request: _Request) -> _Answer:
+        try:
+            if isinstance(request, NewSubmission):
+                return self._record_alone(request)
+            with self._write() as connection:
+                return self._apply(connection, [request])[0]
+        except Exception as error:
+            return error  # the caller raises it
+
+    def _apply(self, connection: Connection, requests: Sequence[_Request]) -> list[_Answer]:
+        """Answer requests in one transaction. Submissions go first: they close leases, which
+        frees room under the lease cap for the lease requests beside them."""
+        answers: list[_Answer | None] = [None] * len(requests)
+        submissions = [index for index, request in enumerate(requests) if isinstance(request, NewSubmission)]
+        lease_requests = [index for index, request in enumerate(requests) if isinstance(request, _LeaseRequest)]
+        if submissions:
+            outcomes = self._record_submissions(connection, [requests[index] for index in submissions])
+            for index, outcome in zip(submissions, outcomes, strict=True):
+                answers[index] = outcome
+        if lease_requests:
+            leases = self._issue_leases(connection, [requests[index] for index in lease_requests])
+            for index, lease in zip(lease_requests, leases, strict=True):
+                answers[index] = lease
+        assert all(answer is not None for answer in answers), "a request was left without an answer"
+        return answers  # type: ignore[return-value]
 
     # ---- nodes ----
 
@@ -352,8 +543,8 @@ class Store:
         return _node_record(row)
 
     def get_node(self, node_id: str) -> NodeRecord | None:
-        with self._read() as connection:
-            row = connection.execute(select(_nodes).where(_nodes.c.node_id == node_id)).first()
+        with self._read_one() as connection:
+            row = connection.execute(_SELECT_NODE, {"node_id": node_id}).first()
             return None if row is None else _node_record(row)
 
     def list_nodes(self) -> list[NodeRecord]:
@@ -443,16 +634,11 @@ class Store:
     def next_lease_number(self) -> int:
         """Atomically take the next lease number (0, 1, 2, ...; never repeats, survives restarts)."""
         with self._write() as connection:
-            return self._next_lease_number(connection)
+            return self._take_lease_numbers(connection, 1)
 
-    def _next_lease_number(self, connection: Connection) -> int:
-        value = connection.execute(
-            update(_counters)
-            .where(_counters.c.name == schema.LEASE_COUNTER)
-            .values(value=_counters.c.value + 1)
-            .returning(_counters.c.value)
-        ).scalar_one()
-        return value - 1
+    def _take_lease_numbers(self, connection: Connection, count: int) -> int:
+        """Take count consecutive lease numbers; returns the first."""
+        return connection.execute(_TAKE_LEASE_NUMBERS, {"num_taken": count}).scalar_one() - count
 
     def create_lease(self, lease: LeaseRecord) -> None:
         with self._write() as connection:
@@ -461,46 +647,74 @@ class Store:
     def issue_lease(
         self, node_id: str, now_ms: int, max_open_per_node: int, make_lease: LeaseFactory
     ) -> LeaseRecord:
-        """In one transaction: refuse if the node holds max_open_per_node live leases, take the
-        oldest requeued prompt set (keeping its lease number) or else the next lease number,
-        build the lease with make_lease(lease_number, requeued prompts or None) and store it."""
-        with self._write() as connection:
-            # Locks the node's row on PostgreSQL, so concurrent requests of one node see each other.
-            node = connection.execute(select(_nodes.c.node_id).where(_nodes.c.node_id == node_id).with_for_update())
-            if node.first() is None:
-                raise UnknownNodeError(f"node {node_id} is not registered; register before leasing work")
-            num_open = self._count_open_leases(connection, node_id, now_ms)
-            if num_open >= max_open_per_node:
-                raise LeaseCapError(
-                    f"node {node_id} holds {num_open} open leases (the cap is {max_open_per_node}); "
+        """In one transaction: expire the leases past their deadline at now_ms (their prompts are
+        requeued), refuse if the node holds max_open_per_node live leases, take the oldest
+        requeued prompt set (keeping its lease number) or else the next lease number, build the
+        lease with make_lease(lease_number, requeued prompts or None) and store it."""
+        return self._commit(_LeaseRequest(node_id, now_ms, max_open_per_node, make_lease))
+
+    def _issue_leases(
+        self, connection: Connection, requests: Sequence[_LeaseRequest]
+    ) -> list[LeaseRecord | Exception]:
+        """issue_lease for each request in turn, in one transaction: a lease or the refusal."""
+        self._expire(connection, max(request.now_ms for request in requests))
+        node_ids = sorted({request.node_id for request in requests})
+        # Locks the nodes' rows on PostgreSQL, so concurrent requests of one node see each other.
+        known = set(connection.execute(_LOCK_NODES, {"node_ids": node_ids}).scalars())
+        open_deadlines: dict[str, list[int]] = {node_id: [] for node_id in node_ids}
+        for node_id, deadline_ms in connection.execute(_SELECT_OPEN_LEASE_DEADLINES, {"node_ids": node_ids}):
+            open_deadlines[node_id].append(deadline_ms)
+        results: list[LeaseRecord | Exception | None] = [None] * len(requests)
+        granted: list[int] = []
+        for index, request in enumerate(requests):
+            if request.node_id not in known:
+                results[index] = UnknownNodeError(
+                    f"node {request.node_id} is not registered; register before leasing work"
+                )
+                continue
+            deadlines = open_deadlines[request.node_id]
+            num_open = sum(deadline_ms > request.now_ms for deadline_ms in deadlines)
+            if num_open >= request.max_open_per_node:
+                results[index] = LeaseCapError(
+                    f"node {request.node_id} holds {num_open} open leases (the cap is {request.max_open_per_node}); "
                     "submit or release one before asking for more"
                 )
-            requeued = self._take_requeued(connection)
-            if requeued is None:
-                lease = make_lease(self._next_lease_number(connection), None)
+                continue
+            deadlines.append(_OPEN_UNTIL_BUILT)
+            granted.append(index)
+        requeued = self._take_requeued(connection, len(granted))
+        num_fresh = len(granted) - len(requeued)
+        first_fresh = self._take_lease_numbers(connection, num_fresh) if num_fresh else 0
+        leases = []
+        for position, index in enumerate(granted):
+            request = requests[index]
+            if position < len(requeued):
+                lease = request.make_lease(requeued[position].lease_number, requeued[position].prompt_indices)
             else:
-                lease = make_lease(requeued.lease_number, requeued.prompt_indices)
-            assert lease.node_id == node_id and lease.state is LeaseState.OPEN, "make_lease built a foreign lease"
-            connection.execute(insert(_leases).values(**_lease_row(lease)))
-            return lease
+                lease = request.make_lease(first_fresh + position - len(requeued), None)
+            assert lease.node_id == request.node_id, "make_lease built a foreign lease"
+            assert lease.state is LeaseState.OPEN, "make_lease built a lease that is not open"
+            leases.append(lease)
+            results[index] = lease
+        if leases:
+            connection.execute(_INSERT_LEASES, [_lease_row(lease) for lease in leases])
+        assert all(result is not None for result in results), "a lease request was left without an answer"
+        return results  # type: ignore[return-value]
 
     def get_lease(self, lease_id: str) -> LeaseRecord | None:
-        with self._read() as connection:
-            row = connection.execute(select(_leases).where(_leases.c.lease_id == lease_id)).first()
+        with self._read_one() as connection:
+            row = connection.execute(_SELECT_LEASE, {"lease_id": lease_id}).first()
             return None if row is None else _lease_record(row)
 
     def count_open_leases(self, node_id: str, now_ms: int) -> int:
         with self._read() as connection:
-            return self._count_open_leases(connection, node_id, now_ms)
-
-    def _count_open_leases(self, connection: Connection, node_id: str, now_ms: int) -> int:
-        return connection.execute(
-            select(func.count()).where(
-                _leases.c.node_id == node_id,
-                _leases.c.state == LeaseState.OPEN.value,
-                _leases.c.deadline_ms > now_ms,
-            )
-        ).scalar_one()
+            return connection.execute(
+                select(func.count()).where(
+                    _leases.c.node_id == node_id,
+                    _leases.c.state == LeaseState.OPEN.value,
+                    _leases.c.deadline_ms > now_ms,
+                )
+            ).scalar_one()
 
     def close_lease(self, lease_id: str, state: LeaseState, now_ms: int) -> bool:
         """Close an open lease as submitted or released (a released lease's prompts are requeued).
@@ -543,15 +757,13 @@ class Store:
         if overdue is None:
             return []
         with self._write() as connection:
-            rows = connection.execute(
-                update(_leases)
-                .where(_leases.c.state == LeaseState.OPEN.value, _leases.c.deadline_ms <= now_ms)
-                .values(state=LeaseState.EXPIRED.value, closed_ms=now_ms)
-                .returning(*_leases.c)
-            ).all()
-            expired = sorted((_lease_record(row) for row in rows), key=lambda lease: lease.lease_number)
-            self._requeue(connection, expired, now_ms)
-            return expired
+            return self._expire(connection, now_ms)
+
+    def _expire(self, connection: Connection, now_ms: int) -> list[LeaseRecord]:
+        rows = connection.execute(_EXPIRE_LEASES, {"expire_at_ms": now_ms}).all()
+        expired = sorted((_lease_record(row) for row in rows), key=lambda lease: lease.lease_number)
+        self._requeue(connection, expired, now_ms)
+        return expired
 
     def _requeue(self, connection: Connection, leases: Sequence[LeaseRecord], now_ms: int) -> None:
         if leases:
@@ -571,16 +783,17 @@ class Store:
     def take_requeued(self) -> RequeuedPrompts | None:
         """Remove and return the oldest requeued prompt set, or None when there is none."""
         with self._write() as connection:
-            return self._take_requeued(connection)
+            taken = self._take_requeued(connection, 1)
+        return taken[0] if taken else None
 
-    def _take_requeued(self, connection: Connection) -> RequeuedPrompts | None:
-        row = connection.execute(
-            select(_requeued).order_by(_requeued.c.id).limit(1).with_for_update(skip_locked=True)
-        ).first()
-        if row is None:
-            return None
-        connection.execute(delete(_requeued).where(_requeued.c.id == row.id))
-        return RequeuedPrompts(lease_number=row.lease_number, prompt_indices=tuple(row.prompt_indices))
+    def _take_requeued(self, connection: Connection, limit: int) -> list[RequeuedPrompts]:
+        """Remove and return up to limit requeued prompt sets, oldest first."""
+        if not limit:
+            return []
+        rows = connection.execute(_SELECT_OLDEST_REQUEUED, {"num_wanted": limit}).all()
+        if rows:
+            connection.execute(_DELETE_REQUEUED, {"requeued_ids": [row.id for row in rows]})
+        return [RequeuedPrompts(row.lease_number, tuple(row.prompt_indices)) for row in rows]
 
     def num_requeued(self) -> int:
         with self._read() as connection:
@@ -589,24 +802,20 @@ class Store:
     # ---- submissions ----
 
     def record_submission(self, submission: NewSubmission) -> SubmissionOutcome:
-        """Store a checked batch in one transaction: the submission and its receipt, its accepted
-        groups with their (pending) credit, every verdict, the accepted rollouts' content hashes,
+        """Store a checked batch in one transaction: the submission and its receipt (which lists
+        every verdict), its accepted groups with their (pending) credit, the verdicts of rejected
+        rollouts (for the contributor's record), the accepted rollouts' content hashes,
         the node's counters, and the lease closed as submitted. Idempotent: a batch_hash stored
         before returns the stored receipt and changes nothing. Raises DuplicateRolloutError when a
-        content hash is already stored (then nothing is written)."""
+        content hash is already stored (then nothing is written). Returns once committed."""
         if len(set(submission.rollout_hashes)) != len(submission.rollout_hashes):
             raise ValueError("a submission lists the same rollout content hash twice; reject the copies")
+        return self._commit(submission)
+
+    def _record_alone(self, submission: NewSubmission) -> SubmissionOutcome | Exception:
         try:
             with self._write() as connection:
-                stored = self._receipt(connection, submission.batch_hash)
-                if stored is not None:
-                    return SubmissionOutcome(receipt=stored, newly_stored=False)
-                if self._seen_rollout_hashes(connection, submission.rollout_hashes):
-                    outcome = self._stored_before(connection, submission)
-                    assert outcome is not None, "rollout hashes seen a moment ago are gone"
-                    return outcome
-                self._insert_submission(connection, submission)
-                return SubmissionOutcome(receipt=submission.receipt, newly_stored=True)
+                return self._record_submissions(connection, [submission])[0]
         except IntegrityError:
             # A concurrent transaction (PostgreSQL) stored the same batch or rollout first, or
             # the node is unknown.
@@ -618,6 +827,37 @@ class Store:
             if outcome is None:
                 raise
             return outcome
+
+    def _record_submissions(
+        self, connection: Connection, submissions: Sequence[NewSubmission]
+    ) -> list[SubmissionOutcome | DuplicateRolloutError]:
+        """record_submission for each submission in turn, in one transaction: an outcome, or the
+        DuplicateRolloutError of a submission that wrote nothing."""
+        receipts = {
+            bytes(batch_hash): bytes(receipt)
+            for batch_hash, receipt in connection.execute(
+                _SELECT_RECEIPTS, {"batch_hashes": [submission.batch_hash for submission in submissions]}
+            )
+        }
+        seen = self._seen_rollout_hashes(connection, [h for s in submissions for h in s.rollout_hashes])
+        results: list[SubmissionOutcome | DuplicateRolloutError] = []
+        new = []
+        for submission in submissions:
+            stored = receipts.get(submission.batch_hash)
+            if stored is not None:
+                results.append(SubmissionOutcome(receipt=stored, newly_stored=False))
+                continue
+            copied = seen.intersection(submission.rollout_hashes)
+            if copied:
+                results.append(DuplicateRolloutError(frozenset(copied)))
+                continue
+            receipts[submission.batch_hash] = submission.receipt
+            seen.update(submission.rollout_hashes)
+            new.append(submission)
+            results.append(SubmissionOutcome(receipt=submission.receipt, newly_stored=True))
+        if new:
+            self._insert_submissions(connection, new)
+        return results
 
     def _stored_before(self, connection: Connection, submission: NewSubmission) -> SubmissionOutcome | None:
         """The stored receipt when this batch is stored; DuplicateRolloutError when some of its
@@ -632,30 +872,36 @@ class Store:
             raise DuplicateRolloutError(frozenset(seen))
         return None
 
-    def _insert_submission(self, connection: Connection, submission: NewSubmission) -> None:
-        num_accepted = sum(verdict.accepted for verdict in submission.verdicts)
-        num_rejected = len(submission.verdicts) - num_accepted
-        now_ms = submission.created_ms
-        submission_id = connection.execute(
-            insert(_submissions)
-            .values(
-                batch_hash=submission.batch_hash,
-                lease_id=submission.lease_id,
-                node_id=submission.node_id,
-                created_ms=now_ms,
-                receipt=submission.receipt,
-                num_accepted=num_accepted,
-                num_rejected=num_rejected,
-            )
-            .returning(_submissions.c.id)
-        ).scalar_one()
-        if submission.groups:
+    def _insert_submissions(self, connection: Connection, submissions: Sequence[NewSubmission]) -> None:
+        """Insert new submissions with everything they bring, a few statements for all of them."""
+        num_accepted = [sum(verdict.accepted for verdict in submission.verdicts) for submission in submissions]
+        inserted_ids = connection.execute(
+            _INSERT_SUBMISSIONS,
+            [
+                {
+                    "batch_hash": submission.batch_hash,
+                    "lease_id": submission.lease_id,
+                    "node_id": submission.node_id,
+                    "created_ms": submission.created_ms,
+                    "receipt": submission.receipt,
+                    "num_accepted": accepted,
+                    "num_rejected": len(submission.verdicts) - accepted,
+                }
+                for submission, accepted in zip(submissions, num_accepted)
+            ],
+        ).scalars()
+        submission_ids = {
+            submission.batch_hash: submission_id
+            for submission, submission_id in zip(submissions, inserted_ids, strict=True)
+        }
+        groups = [(submission, group) for submission in submissions for group in submission.groups]
+        if groups:
             connection.execute(
-                insert(_groups),
+                _INSERT_GROUPS,
                 [
                     {
                         "group_id": group.group_id,
-                        "submission_id": submission_id,
+                        "submission_id": submission_ids[submission.batch_hash],
                         "lease_id": submission.lease_id,
                         "node_id": submission.node_id,
                         "prompt_index": group.prompt_index,
@@ -665,14 +911,14 @@ class Store:
                         "num_rollouts": group.num_rollouts,
                         "state": group.state.value,
                         "verified": False,
-                        "created_ms": now_ms,
-                        "updated_ms": now_ms,
+                        "created_ms": submission.created_ms,
+                        "updated_ms": submission.created_ms,
                     }
-                    for group in submission.groups
+                    for submission, group in groups
                 ],
             )
             connection.execute(
-                insert(_contributions),
+                _INSERT_CONTRIBUTIONS,
                 [
                     {
                         "node_id": submission.node_id,
@@ -680,65 +926,71 @@ class Store:
                         "num_tokens": group.num_tokens,
                         "num_rollouts": group.num_rollouts,
                         "flops_estimate": group.flops_estimate,
-                        "created_ms": now_ms,
+                        "created_ms": submission.created_ms,
                         "settled": False,
                         "voided": False,
                     }
-                    for group in submission.groups
+                    for submission, group in groups
                 ],
             )
-        if submission.verdicts:
-            connection.execute(
-                insert(_verdicts),
-                [
-                    {
-                        "submission_id": submission_id,
-                        "node_id": submission.node_id,
-                        "prompt_index": verdict.prompt_index,
-                        "sample_index": verdict.sample_index,
-                        "accepted": verdict.accepted,
-                        "reason": None if verdict.reason is None else verdict.reason.name,
-                        "message": verdict.message,
-                        "evidence_json": verdict.evidence_json,
-                        "created_ms": now_ms,
-                    }
-                    for verdict in submission.verdicts
-                ],
-            )
-        if submission.rollout_hashes:
-            connection.execute(
-                insert(_rollout_hashes),
-                [
-                    {"content_hash": content_hash, "submission_id": submission_id, "created_ms": now_ms}
-                    for content_hash in submission.rollout_hashes
-                ],
-            )
+        verdicts = [
+            {
+                "submission_id": submission_ids[submission.batch_hash],
+                "node_id": submission.node_id,
+                "prompt_index": verdict.prompt_index,
+                "sample_index": verdict.sample_index,
+                "accepted": verdict.accepted,
+                "reason": None if verdict.reason is None else verdict.reason.name,
+                "message": verdict.message,
+                "evidence_json": verdict.evidence_json,
+                "created_ms": submission.created_ms,
+            }
+            for submission in submissions
+            for verdict in submission.verdicts
+            if not verdict.accepted
+        ]
+        if verdicts:
+            connection.execute(_INSERT_VERDICTS, verdicts)
+        rollout_hashes = [
+            {
+                "content_hash": content_hash,
+                "submission_id": submission_ids[submission.batch_hash],
+                "created_ms": submission.created_ms,
+            }
+            for submission in submissions
+            for content_hash in submission.rollout_hashes
+        ]
+        if rollout_hashes:
+            connection.execute(_INSERT_ROLLOUT_HASHES, rollout_hashes)
+        counts: dict[str, tuple[int, int]] = {}
+        for submission, accepted in zip(submissions, num_accepted):
+            node_accepted, node_rejected = counts.get(submission.node_id, (0, 0))
+            counts[submission.node_id] = (node_accepted + accepted, node_rejected + len(submission.verdicts) - accepted)
         connection.execute(
-            update(_nodes)
-            .where(_nodes.c.node_id == submission.node_id)
-            .values(
-                num_rollouts_accepted=_nodes.c.num_rollouts_accepted + num_accepted,
-                num_rollouts_rejected=_nodes.c.num_rollouts_rejected + num_rejected,
-            )
+            _UPDATE_NODE_COUNTS,
+            [
+                {"counted_node_id": node_id, "num_newly_accepted": accepted, "num_newly_rejected": rejected}
+                for node_id, (accepted, rejected) in counts.items()
+            ],
         )
         connection.execute(
-            update(_leases)
-            .where(
-                _leases.c.lease_id == submission.lease_id,
-                _leases.c.node_id == submission.node_id,
-                _leases.c.state == LeaseState.OPEN.value,
-            )
-            .values(state=LeaseState.SUBMITTED.value, closed_ms=now_ms)
+            _CLOSE_SUBMITTED_LEASE,
+            [
+                {
+                    "submitted_lease_id": submission.lease_id,
+                    "submitter_id": submission.node_id,
+                    "submitted_ms": submission.created_ms,
+                }
+                for submission in submissions
+            ],
         )
 
     def get_receipt(self, batch_hash: bytes) -> bytes | None:
-        with self._read() as connection:
+        with self._read_one() as connection:
             return self._receipt(connection, batch_hash)
 
     def _receipt(self, connection: Connection, batch_hash: bytes) -> bytes | None:
-        receipt = connection.execute(
-            select(_submissions.c.receipt).where(_submissions.c.batch_hash == batch_hash)
-        ).scalar_one_or_none()
+        receipt = connection.execute(_SELECT_RECEIPT, {"batch_hash": batch_hash}).scalar_one_or_none()
         return None if receipt is None else bytes(receipt)
 
     def seen_rollout_hashes(self, hashes: Iterable[bytes]) -> set[bytes]:
@@ -749,9 +1001,7 @@ class Store:
     def _seen_rollout_hashes(self, connection: Connection, hashes: Sequence[bytes]) -> set[bytes]:
         if not hashes:
             return set()
-        rows = connection.execute(
-            select(_rollout_hashes.c.content_hash).where(_rollout_hashes.c.content_hash.in_(hashes))
-        )
+        rows = connection.execute(_SELECT_SEEN_HASHES, {"content_hashes": list(hashes)})
         return {bytes(content_hash) for (content_hash,) in rows}
 
     def list_submissions(self, node_id: str, limit: int) -> list[SubmissionRecord]:
@@ -944,6 +1194,13 @@ class Store:
     def group_counts(self) -> dict[GroupState, int]:
         with self._read() as connection:
             return self._group_counts(connection)
+
+    def count_groups(self, states: Iterable[GroupState]) -> int:
+        """How many groups are in any of these states: an index range, not the whole table."""
+        with self._read_one() as connection:
+            return connection.execute(
+                _COUNT_GROUPS_IN_STATES, {"states": [state.value for state in states]}
+            ).scalar_one()
 
     def _group_counts(self, connection: Connection) -> dict[GroupState, int]:
         counts = dict.fromkeys(GroupState, 0)

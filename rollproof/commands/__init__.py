@@ -12,4 +12,5 @@ COMMAND_MODULES = [
     "rollproof.commands.eval",
     "rollproof.commands.up",
     "rollproof.commands.admin",
+    "rollproof.commands.validator",
 ]

@@ -75,11 +75,15 @@ class Cluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+    def spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, launcher: tuple[str, ...] = ()
+    ) -> Process:
+        """`rollproof ARGS` as a child process; `launcher`: interpreter arguments before the
+        CLI module (e.g. torchrun's `-m torch.distributed.run ...`)."""
         log_path = self.root / f"{name}.log"
         handle = open(log_path, "ab")
         popen = subprocess.Popen(
-            [sys.executable, "-m", "rollproof.cli", *args],
+            [sys.executable, *launcher, "-m", "rollproof.cli", *args],
             stdout=handle,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

@@ -163,3 +163,21 @@ def test_thresholds_by_compute_dtype():
     fp32 = commitment.thresholds_for("float32")
     assert fp32 == commitment.FP32_THRESHOLDS
     assert fp32.max_pooled_mantissa_error_mean < commitment.Thresholds().max_pooled_mantissa_error_mean
+
+
+def test_check_points_equals_check_chunk_on_many_chunks():
+    """The batched check (points selected by the caller as top_indices does) against the reference,
+    on honest, drifted and unrelated states, with full and short chunks."""
+    for num_tokens, hidden_size in ((70, 64), (33, 3)):
+        bits = random_hidden_bits(num_tokens, hidden_size)
+        proofs = commitment.split_proofs(commitment.commit(bits), num_tokens, hidden_size)
+        for other in (bits, bits + np.uint16(1), random_hidden_bits(num_tokens, hidden_size, seed=3)):
+            reference = commitment.verify(commitment.commit(bits), other)
+            for size in {len(p.coefficients) for p in proofs}:
+                chosen = [i for i, p in enumerate(proofs) if len(p.coefficients) == size]
+                flats = [other[start:end].reshape(-1)
+                         for start, end in (commitment.chunk_bounds(num_tokens)[i] for i in chosen)]
+                indices = np.stack([commitment.top_indices(flat, size) for flat in flats])
+                values = np.stack([flat[row] for flat, row in zip(flats, indices)])
+                batched = commitment.check_points([proofs[i] for i in chosen], indices, values)
+                assert batched == [reference[i] for i in chosen]

@@ -177,3 +177,36 @@ def test_commitment_rejects_a_bf16_to_fp16_swap(model, honest):
     result = rejections(model, requests, node.generate(requests), validator=copy.deepcopy(model).to(torch.bfloat16))
     assert not result.pooled.passes(commitment.Thresholds())
     assert result.replay_rate > 0.0
+
+
+def test_commitments_of_rows_that_end_at_any_step_equal_the_reference(model):
+    """Rows ending inside a chunk, on a chunk boundary and one token past it, in one batch: their
+    partial chunks are closed later than they end, from states that must not have been overwritten."""
+    lengths = (1, 2, 31, 32, 33, 40, 64, 65, 70)
+    requests = [GenerationRequest((5, 9, 13 + i), SamplingParams(1.0, max_tokens=n), seed=i)
+                for i, n in enumerate(lengths)]
+    results = TorchEngine(model, [], max_batch_size=len(requests)).generate(requests)
+    outputs = prefill(model, [(q.prompt_token_ids, r.token_ids) for q, r in zip(requests, results)])
+    for length, result, output in zip(lengths, results, outputs):
+        assert len(result.token_ids) == length
+        assert commitment.commit(output.hidden_bits) == result.commitment
+
+
+def test_replay_of_groups_sharing_prompts_in_one_batch(model):
+    """Groups of several samples per prompt (the prompt runs once per group), prompts of different
+    lengths, in one replay; a broken commitment fails its own rollout only."""
+    requests = [GenerationRequest(prompt, SamplingParams(1.0, max_tokens=40), rule.derive_sample_seed(3, g, s))
+                for g, prompt in enumerate([(5, 9), (7, 8, 9, 10, 11, 12, 13), (20,)]) for s in range(4)]
+    results = TorchEngine(model, [STOP_TOKEN], max_batch_size=5).generate(requests)
+    claimed = claims(requests, results)
+    claimed[5] = dataclasses.replace(claimed[5], commitment=claimed[5].commitment[:-2])
+    reports = replay(model, claimed, rule.FP32_LOGIT_TOLERANCE)
+    for index, report in enumerate(reports):
+        if index == 5:
+            assert report.commitment_error is not None and not report.passes()
+        else:
+            assert report.commitment_error is None
+            assert report.passes(rule.FP32_MAX_LOGPROB_DRIFT, commitment.FP32_THRESHOLDS)
+            assert report.token_checks.num_near_ties == 0
+    alone = replay(model, claimed[4:8], rule.FP32_LOGIT_TOLERANCE)
+    assert [r.commitment_checks for r in alone] == [r.commitment_checks for r in reports[4:8]]

@@ -109,3 +109,34 @@ def test_row_sampling_rejects_bad_inputs():
         rows_for([2**64], [SamplingParams()], "cpu")
     with pytest.raises(rule.SamplingParamsError):
         rows_for([1], [SamplingParams(top_p=0.0)], "cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_check_tokens_equals_the_reference_row_by_row(device):
+    """Claims that are the argmax, near-ties at several distances, filtered-out tokens and random
+    tokens, over mixed parameters: the same verdicts and score gaps bit for bit."""
+    rng = np.random.default_rng(5)
+    num_rows, vocab_size, tolerance = 240, 200, 0.3
+    logits = (rng.standard_normal((num_rows, vocab_size)) * 3).astype(np.float32)
+    params = [MIXED_PARAMS[row % len(MIXED_PARAMS)] for row in range(num_rows)]
+    seeds = [rule.derive_sample_seed(7, row // 4, row % 4) for row in range(num_rows)]
+    positions = rng.integers(0, 10_000, num_rows)
+    rows = rows_for(seeds, params, device)
+    sampled = sampling.sample(torch.from_numpy(logits).to(device), torch.from_numpy(positions).to(device), rows)
+    claims = sampled.token_ids.cpu().numpy().copy()
+    for row in range(0, num_rows, 3):  # move the claimed token's score just below or above the best
+        other = (claims[row] + 1 + row % 5) % vocab_size
+        logits[row, other] = logits[row, claims[row]] - np.float32(0.05 * (row % 9))
+        claims[row] = other
+    claims[1::5] = rng.integers(0, vocab_size, len(claims[1::5]))
+    checks = sampling.check_tokens(torch.from_numpy(logits).to(device), torch.from_numpy(claims).to(device),
+                                   torch.from_numpy(positions).to(device), rows, tolerance)
+    verdicts = set()
+    for row in range(num_rows):
+        reference = rule.check_tokens(logits[row:row + 1], claims[row:row + 1], np.uint64(seeds[row]),
+                                      positions[row:row + 1], params[row], tolerance)
+        assert checks.verdicts[row].item() == reference.verdicts[0], row
+        np.testing.assert_array_equal(checks.score_gaps[row].cpu().numpy(), reference.score_gaps[0])
+        assert abs(checks.logprobs[row].item() - reference.logprobs[0]) <= 2e-6 * (1 + abs(reference.logprobs[0]))
+        verdicts.add(int(reference.verdicts[0]))
+    assert verdicts == {int(v) for v in rule.TokenVerdict}

@@ -538,6 +538,9 @@ def test_group_state_changes_follow_the_allowed_transitions(store: Store):
     counts = store.group_counts()
     assert (counts[GroupState.STALE], counts[GroupState.READY], counts[GroupState.PENDING_VALIDATION]) == (2, 2, 0)
     assert counts[GroupState.CONSUMED] == counts[GroupState.QUARANTINED] == counts[GroupState.REJECTED] == 0
+    assert store.count_groups([GroupState.READY, GroupState.PENDING_VALIDATION]) == 2
+    assert store.count_groups([GroupState.STALE, GroupState.READY]) == 4
+    assert store.count_groups([]) == 0
 
 
 def test_quarantine_takes_the_nodes_unverified_unconsumed_groups(store: Store):
@@ -754,3 +757,71 @@ def test_concurrent_lease_requests_respect_the_cap_and_the_requeue(store: Store)
     assert len(leases) == 5
     assert sorted(lease.lease_number for lease in leases) == [0, 1, 2, 3, 4]
     assert store.num_requeued() == 0
+
+
+def test_concurrent_submissions_keep_the_rules_of_one_at_a_time(store: Store):
+    """Submissions written together (on SQLite in one group-commit transaction) behave as if
+    written one by one: a resend gets the stored receipt, and of two submissions sharing a
+    rollout exactly one is stored while the other is refused whole."""
+    _register(store)
+    originals = [_leased_submission(store, "node-a", f"batch-{index}".encode())[1] for index in range(NUM_THREADS)]
+    # each odd submission copies the first rollout of the even one before it
+    submissions = [
+        submission
+        if index % 2 == 0
+        else dataclasses.replace(
+            submission, rollout_hashes=(originals[index - 1].rollout_hashes[0], *submission.rollout_hashes[1:])
+        )
+        for index, submission in enumerate(originals)
+    ]
+
+    def submit(index: int) -> object:
+        try:
+            return store.record_submission(submissions[index % NUM_THREADS])
+        except DuplicateRolloutError as refused:
+            return refused
+
+    answers = _run_in_threads(submit, 2 * NUM_THREADS)
+    stored = []
+    for index, submission in enumerate(submissions):
+        own = [answers[index], answers[index + NUM_THREADS]]
+        if store.get_receipt(submission.batch_hash) is None:
+            assert all(isinstance(answer, DuplicateRolloutError) for answer in own)
+            continue
+        stored.append(submission)
+        assert sorted(answer.newly_stored for answer in own) == [False, True]
+        assert {answer.receipt for answer in own} == {submission.receipt}
+    assert sorted(index // 2 for index, s in enumerate(submissions) if s in stored) == list(range(NUM_THREADS // 2))
+    assert store.get_node("node-a").num_rollouts_accepted == 4 * len(stored)
+    assert len(store.list_submissions("node-a", 100)) == len(stored)
+    all_hashes = [h for submission in submissions for h in submission.rollout_hashes]
+    assert store.seen_rollout_hashes(all_hashes) == {h for submission in stored for h in submission.rollout_hashes}
+
+
+def test_a_failing_request_among_concurrent_ones_fails_alone(store: Store):
+    _register(store)
+    leased = [_leased_submission(store, "node-a", f"batch-{index}".encode()) for index in range(NUM_THREADS)]
+
+    def request(index: int) -> object:
+        try:
+            if index % 4 == 0:
+                return store.record_submission(dataclasses.replace(leased[index][1], node_id="node-unknown"))
+            if index % 4 == 1:
+                return store.issue_lease("node-unknown", T0, 100, _fresh_factory("node-unknown"))
+            if index % 4 == 2:
+                return store.record_submission(leased[index][1])
+            return store.issue_lease("node-a", T0, 100, _fresh_factory("node-a"))
+        except UnknownNodeError as refused:
+            return refused
+
+    answers = _run_in_threads(request, NUM_THREADS)
+    for index, answer in enumerate(answers):
+        if index % 4 in (0, 1):
+            assert isinstance(answer, UnknownNodeError)
+        elif index % 4 == 2:
+            assert answer.newly_stored and store.get_lease(leased[index][0].lease_id).state is LeaseState.SUBMITTED
+        else:
+            assert store.get_lease(answer.lease_id) == answer
+    assert {s.batch_hash for s in store.list_submissions("node-a", 100)} == {
+        leased[index][1].batch_hash for index in range(NUM_THREADS) if index % 4 == 2
+    }

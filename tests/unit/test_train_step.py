@@ -68,3 +68,25 @@ def test_uninformative_batch_leaves_the_model_alone():
     assert metrics.skipped and metrics.num_groups_uninformative == 1
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_shards_partition_the_batch_and_an_empty_shard_trains_on_nothing():
+    from trainer.batch import build_batch
+    from trainer.step import shard_batch
+
+    model = _model()
+    groups = [
+        _group(model, [1, 2], [[5, 6], [7], [8, 9, 10]], [1.0, 0.0, 0.5]),
+        _group(model, [3], [[4], [5, 5], [6]], [0.0, 1.0, 0.0]),
+    ]
+    batch = build_batch(groups, pad_token_id=0)
+    assert shard_batch(batch, 0, 1) is batch
+    for world_size in (2, 4):
+        shards = [shard_batch(batch, rank, world_size) for rank in range(world_size)]
+        for field in ("input_ids", "attention_mask", "target_ids", "loss_mask", "old_logprobs", "advantages", "rewards"):
+            assert torch.equal(torch.cat([getattr(s, field) for s in shards]), getattr(batch, field)), field
+        assert sum(s.num_loss_tokens for s in shards) == batch.num_loss_tokens
+    starved = [shard_batch(batch, rank, 8) for rank in range(8)]
+    assert [s.input_ids.shape[0] for s in starved] == [1] * 8
+    assert [s.num_loss_tokens for s in starved[6:]] == [0, 0]
+    assert torch.equal(starved[7].input_ids, batch.input_ids[:1])

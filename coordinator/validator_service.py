@@ -1,0 +1,51 @@
+"""The gRPC side of validation work: `rollproof validator run` processes take leased groups and
+report verdicts, with the operator token (validators are the operator's, hence trusted)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from coordinator.gate import Gate, GateError
+from coordinator.validation import ValidationQueue, Verdict, job_to_proto
+from protocol.proto import validation_pb2, validation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_GROUPS_PER_TAKE = 256
+
+
+class ValidatorServicer(validation_pb2_grpc.ValidatorServiceServicer):
+    def __init__(self, queue: ValidationQueue, gate: Gate):
+        self.queue = queue
+        self.gate = gate
+
+    async def _authorize(self, context) -> None:
+        try:
+            self.gate.operator(context.invocation_metadata())
+        except GateError as error:
+            await context.abort(error.status, str(error))
+
+    async def TakeValidation(self, request, context):
+        await self._authorize(context)
+        if not request.validator_id or not 1 <= request.max_groups <= MAX_GROUPS_PER_TAKE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"need a validator_id and 1 <= max_groups <= {MAX_GROUPS_PER_TAKE}")
+        jobs, deadline_ms = await asyncio.to_thread(self.queue.take, request.validator_id, request.max_groups)
+        return validation_pb2.ValidationWork(jobs=[job_to_proto(job) for job in jobs], deadline_ms=deadline_ms)
+
+    async def ReportValidation(self, request, context):
+        await self._authorize(context)
+        try:
+            verdicts = [(v.group_id, Verdict.from_parts(v.passed, v.check, v.evidence_json)) for v in request.verdicts]
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        num_applied = 0
+        for group_id, verdict in verdicts:
+            num_applied += await asyncio.to_thread(self.queue.report, group_id, verdict)
+        if num_applied:
+            log.info("validator %s: %d verdicts applied", request.validator_id, num_applied)
+        return validation_pb2.ReportValidationResponse(
+            num_applied=num_applied, num_ignored=len(request.verdicts) - num_applied)
