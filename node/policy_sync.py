@@ -1,5 +1,7 @@
 """Following the policy: fetch the update path, check every manifest and blob, apply in
-place. On any failure the node keeps the policy it has and says why."""
+place. On any failure the node keeps the policy it has and says why. Every
+`full_check_interval` deltas the node rehashes its whole state (a delta's result is not
+rehashed: protocol/manifest.py); a mismatch sends it through the keyframe path."""
 
 from __future__ import annotations
 
@@ -17,10 +19,19 @@ from p2p.service import BlobFetchError as PeerFetchError
 
 from node.client import BlobFetchError, CoordinatorClient
 from policy.weights import NodePolicy
-from protocol.manifest import MissingBaseError, PolicyUpdateError, verify_manifest
+from protocol.manifest import (
+    BaseStateMismatchError,
+    MissingBaseError,
+    PolicyUpdateError,
+    StateHashMismatchError,
+    verify_manifest,
+)
 from protocol.proto import service_pb2
 
 log = logging.getLogger(__name__)
+
+# Rehashing 2 bytes per weight costs about what applying 20 deltas does.
+DEFAULT_FULL_CHECK_INTERVAL = 20
 
 
 class BlobCache:
@@ -48,12 +59,18 @@ class BlobCache:
 
 
 class PolicySync:
-    def __init__(self, model: Any, client: CoordinatorClient, run_info: service_pb2.RunInfo, peers=None):
+    def __init__(
+        self, model: Any, client: CoordinatorClient, run_info: service_pb2.RunInfo, peers=None, *,
+        full_check_interval: int = DEFAULT_FULL_CHECK_INTERVAL,
+    ):
         """peers: a started p2p.P2PHost to fetch blobs from other nodes first, or None."""
+        if full_check_interval < 1:
+            raise ValueError("full_check_interval must be at least 1")
         self.client = client
         self.peers = peers
         self.trainer_public_key = run_info.trainer_public_key
         self.node_policy = NodePolicy(model, run_id=run_info.run_id, trainer_public_key=run_info.trainer_public_key)
+        self.full_check_interval = full_check_interval
         self.last_error = ""
 
     @property
@@ -64,6 +81,27 @@ class PolicySync:
     async def sync(self, call) -> bool:
         """Move to the latest version if there is a newer one; True when the policy changed.
         `call(what, make_call)` runs an RPC with the daemon's retry policy."""
+        changed = await self._follow(call)
+        if self.node_policy.num_unchecked_deltas >= self.full_check_interval and not await self._state_intact():
+            changed = await self._follow(call) or changed
+        return changed
+
+    async def _state_intact(self) -> bool:
+        """Rehash the full state; False (and the version forgotten) if it lost its hash."""
+        try:
+            await asyncio.to_thread(self.node_policy.check_state_hash)
+        except StateHashMismatchError as error:
+            self.last_error = f"{type(error).__name__}: {error}"
+            log.error("%s", error)
+            return False
+        return True
+
+    def _refused(self, error: Exception, changed: bool) -> bool:
+        self.last_error = f"{type(error).__name__}: {error}"
+        log.error("policy update refused, keeping version %d: %s", self.version, error)
+        return changed
+
+    async def _follow(self, call) -> bool:
         changed = False
         try:
             path = await call("update path", lambda: self.client.update_path(self.version))
@@ -79,13 +117,15 @@ class PolicySync:
                 blobs = await self._fetch(manifest)
                 await asyncio.to_thread(self.node_policy.apply, signed, blobs)
             except MissingBaseError as error:
+                # A delta made against other contents of this node's version: the keyframe
+                # path helps only if this node's own state lost its hash.
+                if isinstance(error, BaseStateMismatchError) and await self._state_intact():
+                    return self._refused(error, changed)
                 log.warning("%s; fetching the keyframe path", error)
                 path = await call("update path", lambda: self.client.update_path(0))
                 continue
             except (PolicyUpdateError, BlobFetchError) as error:
-                self.last_error = f"{type(error).__name__}: {error}"
-                log.error("policy update refused, keeping version %d: %s", self.version, error)
-                return changed
+                return self._refused(error, changed)
             log.info("policy version %d applied (%s)", manifest.version, manifest.codec.name.lower())
             changed = True
         return changed

@@ -1,7 +1,8 @@
 """The weight codec: bf16 policy states, their hash, keyframes and sparse deltas.
 
-A *bf16 state* maps tensor names to C-contiguous uint16 arrays holding the raw bfloat16
-bits (torch's `tensor.view(torch.int16)`, read as unsigned). This module turns states into
+A *bf16 state* maps tensor names to uint16 arrays holding the raw bfloat16 bits (torch's
+`tensor.view(torch.int16)`, read as unsigned); a node's may be strided views into its
+model's weights. This module turns states into
 *payloads* (the uncompressed byte stream of one update, made of sections) and back;
 protocol/manifest.py cuts a payload into compressed, content-addressed blobs, ending a zstd
 block at each section boundary so that each section gets its own entropy tables.
@@ -38,22 +39,30 @@ import enum
 import hashlib
 import math
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from protocol.types import TensorSpec
 
 BF16State = dict[str, np.ndarray]
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 STATE_HASH_DOMAIN = b"rollproof/v1/bf16-state\x00"
 MAX_VARINT_BYTES = 9
 MAX_RICE_PARAMETER = 32
 _MAX_DELTA_HEADER_BYTES = 2 * MAX_VARINT_BYTES + 2
-# hashlib releases the GIL on large buffers, so tensors hash in parallel.
-_HASH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="state-hash")
+_SCATTER_ROUND = 16384
+# Below this many changes a tensor is decoded and applied in the calling thread: handing it to
+# a pool thread would cost more than it saves.
+_MIN_PARALLEL_CHANGES = 16384
+# hashlib and numpy release the GIL on large buffers, so tensors hash, and large changes decode
+# and apply, in parallel threads.
+_TENSOR_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bf16-tensors")
 
 
 class PolicyUpdateError(ValueError):
@@ -94,7 +103,7 @@ class TensorChange:
 
 
 def _tensor_digest(bits: np.ndarray) -> bytes:
-    return hashlib.sha256(bits.reshape(-1).astype("<u2", copy=False).data).digest()
+    return hashlib.sha256(np.ascontiguousarray(bits.reshape(-1), dtype="<u2").data).digest()
 
 
 def state_hash(state: Mapping[str, np.ndarray]) -> bytes:
@@ -113,7 +122,7 @@ def state_hash(state: Mapping[str, np.ndarray]) -> bytes:
     """
     check_bf16_state(state)
     names = sorted(state, key=lambda name: name.encode())
-    digests = list(_HASH_POOL.map(lambda name: _tensor_digest(state[name]), names))
+    digests = list(_TENSOR_POOL.map(lambda name: _tensor_digest(state[name]), names))
     outer = hashlib.sha256(STATE_HASH_DOMAIN)
     outer.update(struct.pack(">I", len(names)))
     for name, digest in zip(names, digests):
@@ -132,8 +141,6 @@ def check_bf16_state(state: Mapping[str, np.ndarray]) -> None:
     for name, bits in state.items():
         if not isinstance(bits, np.ndarray) or bits.dtype != np.uint16:
             raise StateLayoutError(f"tensor {name!r}: a bf16 state holds uint16 arrays of raw bits, got {bits!r:.80}")
-        if not bits.flags.c_contiguous:
-            raise StateLayoutError(f"tensor {name!r}: array must be C-contiguous")
 
 
 def tensor_specs(state: Mapping[str, np.ndarray]) -> tuple[TensorSpec, ...]:
@@ -385,26 +392,51 @@ def _read_headers(view: memoryview, specs: Sequence[TensorSpec]) -> tuple[list[_
     return headers, offset
 
 
+def _decode_quotients(header: _DeltaHeader, quotient_bytes: np.ndarray) -> tuple[np.ndarray, int]:
+    """The Rice quotients of a GAPS tensor, and the largest."""
+    name, count = header.spec.name, num_elements(header.spec)
+    max_quotient = int(quotient_bytes.max(initial=0))
+    # The usual case (k near log2 of the mean gap): every varint is a single byte.
+    quotients = quotient_bytes
+    if quotient_bytes.size != header.num_changed or max_quotient >= 0x80:
+        quotients = decode_varints(quotient_bytes)
+        if quotients.size != header.num_changed:
+            raise MalformedPayloadError(
+                f"tensor {name!r}: {quotients.size} position gaps for {header.num_changed} changes"
+            )
+        max_quotient = int(quotients.max())
+    if max_quotient > (count - 1) >> header.rice_k:
+        raise MalformedPayloadError(f"tensor {name!r}: a position gap points past the tensor's {count} elements")
+    return quotients, max_quotient
+
+
 def _decode_gaps(header: _DeltaHeader, quotient_bytes: np.ndarray, remainder_bytes: np.ndarray) -> np.ndarray:
     name, count, k = header.spec.name, num_elements(header.spec), header.rice_k
-    quotients = decode_varints(quotient_bytes)
-    if quotients.size != header.num_changed:
-        raise MalformedPayloadError(f"tensor {name!r}: {quotients.size} position gaps for {header.num_changed} changes")
-    if np.any(quotients > np.uint64((count - 1) >> k)):
-        raise MalformedPayloadError(f"tensor {name!r}: a position gap points past the tensor's {count} elements")
-    gaps = quotients << np.uint64(k)
+    quotients, max_quotient = _decode_quotients(header, quotient_bytes)
     planes = remainder_bytes.reshape(-1, header.num_changed)
-    for plane_index, plane in enumerate(planes):
-        gaps |= plane.astype(np.uint64) << np.uint64(8 * plane_index)
-    if k % 8 and np.any(planes[-1] >> (k % 8)):
+    if k % 8 and planes[-1].max() >> (k % 8):
         raise MalformedPayloadError(f"tensor {name!r}: a Rice remainder has bits above bit {k}")
-    if np.any(gaps >= np.uint64(count)):
+    # The step from one changed position to the next, gap + 1 = (quotient << k | remainder) + 1,
+    # is at most max_step: it is computed in the narrowest type that holds that (usually
+    # uint16, a quarter of the memory traffic of int64), then summed into int64 positions.
+    max_step = ((max_quotient << k) | ((1 << k) - 1)) + 1
+    step_type = np.uint16 if max_step < 1 << 16 else np.uint32 if max_step < 1 << 32 else np.int64
+    steps = quotients.astype(step_type)
+    steps <<= k
+    for plane_index, plane in enumerate(planes):
+        steps |= plane if plane_index == 0 else plane.astype(step_type) << (8 * plane_index)
+    steps += 1
+    if max_step > count and steps.max() > count:
         raise MalformedPayloadError(f"tensor {name!r}: a position gap points past the tensor's {count} elements")
-    flat_indices = np.cumsum(gaps + np.uint64(1)) - np.uint64(1)
-    # Each step adds at most 2**40, so a wrap-around would show as a decrease.
-    if np.any(flat_indices[1:] <= flat_indices[:-1]) or flat_indices[-1] >= np.uint64(count):
+    steps[0] -= 1  # the first position is the first gap itself
+    flat_indices = np.cumsum(steps, dtype=np.int64)
+    # Every step is at most count, so the sum stays below num_changed * count; only past
+    # 2**63 could it wrap around, which would show as a decrease.
+    if header.num_changed * count >= 2**63 and np.any(flat_indices[1:] <= flat_indices[:-1]):
         raise MalformedPayloadError(f"tensor {name!r}: positions run past the tensor's {count} elements")
-    return flat_indices.astype(np.int64)
+    if flat_indices[-1] >= count:
+        raise MalformedPayloadError(f"tensor {name!r}: positions run past the tensor's {count} elements")
+    return flat_indices
 
 
 def _decode_bitmap(header: _DeltaHeader, bitmap: np.ndarray) -> np.ndarray:
@@ -445,25 +477,58 @@ def decode_delta_payload(
         cursors[section] += size
         return data[start : start + size]
 
-    changes = []
-    for header in headers:
-        if header.num_changed == 0:
-            continue
-        quotient_bytes = take(0, header.num_quotient_bytes)
-        remainder_bytes = take(1, header.num_remainder_bytes)
-        bitmap = take(2, header.num_bitmap_bytes)
+    def decode(job: tuple[_DeltaHeader, list[np.ndarray]]) -> TensorChange:
+        header, (quotient_bytes, remainder_bytes, bitmap, xor_high, xor_low) = job
         if header.coding == PositionCoding.GAPS:
             flat_indices = _decode_gaps(header, quotient_bytes, remainder_bytes)
         else:
             flat_indices = _decode_bitmap(header, bitmap)
-        xor_bits = (take(3, header.num_changed).astype(np.uint16) << 8) | take(4, header.num_changed)
+        xor_bits = (xor_high.astype(np.uint16) << 8) | xor_low
         if not np.all(xor_bits):
             raise MalformedPayloadError(f"tensor {header.spec.name!r}: a listed change has a zero XOR")
-        changes.append(TensorChange(name=header.spec.name, flat_indices=flat_indices, xor_bits=xor_bits))
-    return changes
+        return TensorChange(name=header.spec.name, flat_indices=flat_indices, xor_bits=xor_bits)
+
+    jobs = [
+        (header, [take(0, header.num_quotient_bytes), take(1, header.num_remainder_bytes),
+                  take(2, header.num_bitmap_bytes), take(3, header.num_changed), take(4, header.num_changed)])
+        for header in headers
+        if header.num_changed
+    ]
+    return _map_over_tensors(decode, jobs, [header.num_changed for header, _ in jobs])
 
 
 def apply_changes_in_place(state: Mapping[str, np.ndarray], changes: Sequence[TensorChange]) -> None:
-    """XOR `changes` into `state`. Applying the same changes twice restores the state."""
+    """XOR `changes` into `state`. Applying the same changes twice restores the state.
+
+    The state's arrays may be strided views (e.g. the high halves of float32 weights) as long
+    as they flatten without a copy."""
+    flat_arrays = {}
     for change in changes:
-        state[change.name].reshape(-1)[change.flat_indices] ^= change.xor_bits
+        try:
+            flat_arrays[change.name] = state[change.name].reshape(-1, copy=False)
+        except ValueError:
+            raise StateLayoutError(f"tensor {change.name!r}: its array cannot be updated in place") from None
+
+    def apply(change: TensorChange) -> None:
+        flat = flat_arrays[change.name]
+        # A round at a time, so that the cache lines the gather brings in are still there for
+        # the scatter: twice as fast as one gather and one scatter over the whole tensor.
+        for start in range(0, change.flat_indices.size, _SCATTER_ROUND):
+            positions = change.flat_indices[start : start + _SCATTER_ROUND]
+            flat[positions] ^= change.xor_bits[start : start + _SCATTER_ROUND]
+
+    _map_over_tensors(apply, changes, [change.flat_indices.size for change in changes])
+
+
+def _map_over_tensors(
+    function: Callable[[_Item], _Result], items: Sequence[_Item], num_changes: Sequence[int]
+) -> list[_Result]:
+    """`function` of each item, in order: items with many changes in pool threads, the others
+    meanwhile in this one."""
+    futures = {
+        index: _TENSOR_POOL.submit(function, item)
+        for index, (item, count) in enumerate(zip(items, num_changes))
+        if count >= _MIN_PARALLEL_CHANGES
+    }
+    inline = {index: function(item) for index, item in enumerate(items) if index not in futures}
+    return [futures[index].result() if index in futures else inline[index] for index in range(len(items))]

@@ -78,6 +78,7 @@ def manifest_to_proto(manifest: types.PolicyManifest) -> policy_pb2.PolicyManife
         blobs=[blob_ref_to_proto(b) for b in manifest.blobs],
         state_hash=manifest.state_hash,
         created_at_ms=manifest.created_at_ms,
+        base_state_hash=manifest.base_state_hash,
     )
 
 
@@ -91,6 +92,7 @@ def manifest_from_proto(message: policy_pb2.PolicyManifest) -> types.PolicyManif
         blobs=tuple(blob_ref_from_proto(b) for b in message.blobs),
         state_hash=message.state_hash,
         created_at_ms=message.created_at_ms,
+        base_state_hash=message.base_state_hash,
     )
 
 

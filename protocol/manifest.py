@@ -10,8 +10,22 @@ A node pins the trainer's public key and opens an update with `open_update`, whi
 in this order: signer, signature, manifest structure, run, version (no replay of an older
 version), base (a delta applies only to the version it was made against), tensor layout,
 every blob's size and hash, decompression bounded by the declared sizes, payload layout.
-`apply_update` then builds the new bf16 state and checks its hash; on any failure the
-current state is left as it was and a PolicyUpdateError subclass says why.
+`apply_update` then builds the new bf16 state; on any failure the current state is left as
+it was and a PolicyUpdateError subclass says why.
+
+What the state hash checks, and when. Every manifest carries `state_hash`, the hash of the
+full state it results in (codec.state_hash), whatever its codec; a delta also carries
+`base_state_hash`, the state_hash of the state it was made against. A keyframe's decoded
+state is hashed in full and must match. A delta is bound to its base by content: it applies
+only when `base_state_hash` equals the hash of the state the node holds, which the node knows
+without hashing (it is the `state_hash` of the update that brought it there). Its result is
+then fixed: the payload is authenticated byte for byte (blob hashes in the signed manifest),
+it has exactly one decoding, and XOR application is deterministic, so the node takes the
+manifest's `state_hash` as its new state's hash without rehashing 2 bytes per weight (the
+cost that dominated applying a delta). What this defers is the detection of a bug on either
+side or of local memory corruption: a node rehashes its full state now and then
+(policy/weights.py NodePolicy.check_state_hash), and whenever it adopts a state from its
+own disk.
 """
 
 from __future__ import annotations
@@ -55,6 +69,9 @@ MAX_BLOB_UNCOMPRESSED_BYTES = 4 * 1024 * 1024
 MAX_BLOB_BYTES = MAX_BLOB_UNCOMPRESSED_BYTES + (MAX_BLOB_UNCOMPRESSED_BYTES >> 8) + 1024
 MAX_ZSTD_WINDOW_BYTES = 8 * 1024 * 1024
 MAX_STATE_ELEMENTS = 1 << 40
+# A delta's payload (a few MiB) is cut finer than the cap so that a node decompresses its
+# blobs in parallel; the zstd tables each blob restarts cost ~0.03%.
+DELTA_BLOB_UNCOMPRESSED_BYTES = 1024 * 1024
 KEYFRAME_ZSTD_PARAMETERS = zstandard.ZstdCompressionParameters.from_level(3)
 # Delta payloads are small, skewed streams: zstd's optimal parser (btopt) with a small search
 # codes them near their entropy, where the fast levels lose 0.5 bit per symbol to short matches.
@@ -114,6 +131,13 @@ class DecompressedSizeError(PolicyUpdateError):
 
 class MalformedBlobError(PolicyUpdateError):
     code = "malformed_blob"
+
+
+class BaseStateMismatchError(MissingBaseError):
+    """A delta made against other contents than the state the node holds under that version
+    (e.g. a trainer that restarted from an older checkpoint and republished the version)."""
+
+    code = "base_state"
 
 
 class StateHashMismatchError(PolicyUpdateError):
@@ -255,10 +279,10 @@ def read_payload(refs: Sequence[BlobRef], blobs: Mapping[bytes, bytes]) -> bytea
 
 
 def _build_update(
-    run_id: str, version: int, base_version: int, codec: Codec, sections, zstd_parameters,
-    state: BF16State, created_at_ms: int | None,
+    run_id: str, version: int, base_version: int, codec: Codec, sections, zstd_parameters, chunk_size: int,
+    state: BF16State, base_state_hash: bytes, created_at_ms: int | None,
 ) -> PolicyUpdate:
-    refs, blobs = compress_payload(sections, zstd_parameters)
+    refs, blobs = compress_payload(sections, zstd_parameters, chunk_size=chunk_size)
     manifest = PolicyManifest(
         run_id=run_id,
         version=version,
@@ -268,6 +292,7 @@ def _build_update(
         blobs=refs,
         state_hash=state_hash(state),
         created_at_ms=now_ms() if created_at_ms is None else created_at_ms,
+        base_state_hash=base_state_hash,
     )
     check_manifest_structure(manifest)
     return PolicyUpdate(manifest=manifest, blobs=blobs)
@@ -278,7 +303,7 @@ def build_keyframe(
 ) -> PolicyUpdate:
     return _build_update(
         run_id, version, version, Codec.KEYFRAME, keyframe_sections(state), KEYFRAME_ZSTD_PARAMETERS,
-        state, created_at_ms,
+        MAX_BLOB_UNCOMPRESSED_BYTES, state, b"", created_at_ms,
     )
 
 
@@ -289,11 +314,15 @@ def build_delta(
     base_state: BF16State,
     state: BF16State,
     *,
+    base_state_hash: bytes | None = None,
     created_at_ms: int | None = None,
 ) -> PolicyUpdate:
+    """The delta taking `base_state` to `state`. `base_state_hash`: state_hash(base_state),
+    when the caller already has it (a publisher does: it is the previous manifest's)."""
     return _build_update(
         run_id, version, base_version, Codec.DELTA, delta_sections(base_state, state), DELTA_ZSTD_PARAMETERS,
-        state, created_at_ms,
+        DELTA_BLOB_UNCOMPRESSED_BYTES, state, state_hash(base_state) if base_state_hash is None else base_state_hash,
+        created_at_ms,
     )
 
 
@@ -351,6 +380,12 @@ def check_manifest_structure(manifest: PolicyManifest) -> None:
         raise MalformedManifestError(f"the tensors hold more than {MAX_STATE_ELEMENTS} elements")
     if len(manifest.state_hash) != HASH_BYTES:
         raise MalformedManifestError(f"state_hash has {len(manifest.state_hash)} bytes, expected {HASH_BYTES}")
+    expected_base_hash_bytes = HASH_BYTES if manifest.codec == Codec.DELTA else 0
+    if len(manifest.base_state_hash) != expected_base_hash_bytes:
+        raise MalformedManifestError(
+            f"base_state_hash has {len(manifest.base_state_hash)} bytes; a {manifest.codec.name.lower()} needs "
+            f"{expected_base_hash_bytes}"
+        )
     for index, ref in enumerate(manifest.blobs):
         if len(ref.hash) != HASH_BYTES:
             raise MalformedManifestError(f"blobs[{index}].hash has {len(ref.hash)} bytes, expected {HASH_BYTES}")
@@ -438,22 +473,42 @@ def open_update(
     )
 
 
-def apply_update(state: BF16State | None, update: OpenedUpdate) -> BF16State:
-    """The state after `update`, with its hash checked. A delta is applied to `state` in
-    place (and undone if the hash does not match); a keyframe leaves `state` untouched."""
-    if update.keyframe_state is not None:
-        new_state = update.keyframe_state
-    else:
-        if state is None:
-            raise MissingBaseError("a delta needs a base state; fetch the keyframe path instead")
-        check_state_matches(state, update.manifest.tensors)
-        apply_changes_in_place(state, update.changes)
-        new_state = state
-    if state_hash(new_state) != update.manifest.state_hash:
-        if update.keyframe_state is None:
-            apply_changes_in_place(new_state, update.changes)
+def check_keyframe_state(update: OpenedUpdate) -> BF16State:
+    """A keyframe's decoded state, once its full hash matches the manifest's."""
+    assert update.keyframe_state is not None
+    if state_hash(update.keyframe_state) != update.manifest.state_hash:
         raise StateHashMismatchError(
-            f"the state after version {update.manifest.version} does not have the hash its manifest declares"
+            f"the keyframe of version {update.manifest.version} does not have the state hash its manifest declares"
         )
-    return new_state
+    return update.keyframe_state
+
+
+def check_delta_base(state: BF16State | None, held_state_hash: bytes | None, update: OpenedUpdate) -> BF16State:
+    """`state`, once shown to be the delta's base: same tensors, and `held_state_hash` (the
+    hash of `state` the caller knows; None: hashed here) equal to the manifest's base_state_hash."""
+    if state is None:
+        raise MissingBaseError("a delta needs a base state; fetch the keyframe path instead")
+    check_state_matches(state, update.manifest.tensors)
+    if held_state_hash is None:
+        held_state_hash = state_hash(state)
+    if held_state_hash != update.manifest.base_state_hash:
+        raise BaseStateMismatchError(
+            f"delta to version {update.manifest.version} was made against other contents than this node's version "
+            f"{update.manifest.base_version}; fetch the update path (newest keyframe, then deltas) instead"
+        )
+    return state
+
+
+def apply_update(
+    state: BF16State | None, update: OpenedUpdate, *, held_state_hash: bytes | None = None
+) -> BF16State:
+    """The state after `update`, whose hash is then the manifest's state_hash (see the module
+    docstring). A keyframe's state is hashed in full and `state` left untouched; a delta is
+    checked against its base (`held_state_hash`: the hash of `state` if known, else it is
+    computed) and applied to `state` in place."""
+    if update.keyframe_state is not None:
+        return check_keyframe_state(update)
+    base = check_delta_base(state, held_state_hash, update)
+    apply_changes_in_place(base, update.changes)
+    return base
 

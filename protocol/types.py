@@ -74,6 +74,7 @@ class PolicyManifest:
     blobs: tuple[BlobRef, ...]
     state_hash: bytes
     created_at_ms: int
+    base_state_hash: bytes = b""
 
 
 @dataclass(frozen=True)

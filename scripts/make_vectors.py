@@ -1,8 +1,9 @@
-"""Write the protocol test vectors: tests/vectors/sampling.json and tests/vectors/commitment.json.
+"""Write the protocol test vectors: tests/vectors/sampling.json, commitment.json and policy.json.
 
-The vectors pin the numpy reference (protocol/sampling.py, protocol/commitment.py); other
-implementations check themselves against them. Regenerating must not change a committed vector
-unless the rule itself changes: tests/unit/test_sampling.py and test_commitment.py recompute them.
+The vectors pin the numpy reference (protocol/sampling.py, protocol/commitment.py, the weight
+codec and manifests of protocol/codec.py and protocol/manifest.py); other implementations check
+themselves against them. Regenerating must not change a committed vector unless the rule itself
+changes: tests/unit/test_sampling.py, test_commitment.py and test_manifest.py recompute them.
 
 Floats are stored as their IEEE bit patterns (float32 as uint32) so that nothing is lost in JSON.
 """
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol import commitment
+from protocol import codec, commitment, manifest
 from protocol import sampling as rule
-from protocol.types import SamplingParams
+from protocol.identity import Identity
+from protocol.types import BlobRef, Codec, PolicyManifest, SamplingParams
 
 VECTORS_DIR = Path(__file__).resolve().parent.parent / "tests" / "vectors"
 VOCAB_SIZE = 16
@@ -91,6 +93,35 @@ def commitment_vectors() -> dict:
             "commit": hidden_cases, "points": points_case}
 
 
+def policy_vectors() -> dict:
+    """Two versions of a tiny policy: their state hashes, keyframe and delta payloads (before
+    zstd, whose output may differ between library versions), and the signed manifest of the
+    delta, whose blob list is given rather than compressed here."""
+    rng = np.random.default_rng(20260103)
+    shapes = {"model.embed.weight": (6, 8), "model.norm.weight": (8,), "scale": ()}
+    base = {name: rng.integers(0, 1 << 16, size=shape).astype(np.uint16) for name, shape in shapes.items()}
+    new = {name: bits.copy() for name, bits in base.items()}
+    new["model.embed.weight"].reshape(-1)[[0, 5, 6, 40, 47]] ^= np.array([1, 2, 0x8000, 0x7F, 3], dtype=np.uint16)
+    new["model.norm.weight"][:7] ^= 1  # dense: a bitmap
+    payload = b"".join(b"".join(section) for section in codec.delta_sections(base, new))
+    delta = PolicyManifest(
+        run_id="vector-run", version=8, base_version=7, codec=Codec.DELTA, tensors=codec.tensor_specs(new),
+        blobs=(BlobRef(hash=manifest.blob_hash(b"the delta's one blob"), size=97, uncompressed_size=len(payload)),),
+        state_hash=codec.state_hash(new), created_at_ms=1767225600000, base_state_hash=codec.state_hash(base),
+    )
+    trainer = Identity.from_seed(bytes(range(32)))
+    signed = manifest.sign_manifest(trainer, delta)
+    return {"description": "protocol/codec.py and protocol/manifest.py vectors; bf16 states as uint16 bits in C order",
+            "states": [{name: {"shape": list(bits.shape), "bits": bits.ravel().tolist()}
+                        for name, bits in state.items()} for state in (base, new)],
+            "state_hashes_hex": [codec.state_hash(base).hex(), codec.state_hash(new).hex()],
+            "keyframe_payload_hex": b"".join(b"".join(s) for s in codec.keyframe_sections(base)).hex(),
+            "delta_payload_hex": payload.hex(),
+            "trainer_seed_hex": bytes(range(32)).hex(),
+            "delta_manifest_hex": signed.manifest_bytes.hex(),
+            "delta_signature_hex": signed.signature.hex()}
+
+
 def _compact_number_lists(text: str) -> str:
     return re.sub(r"\[[\d,\s-]+\]",
                   lambda match: "[" + ", ".join(match.group(0)[1:-1].split()).replace(",,", ",") + "]",
@@ -103,7 +134,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, vectors in (("sampling.json", sampling_vectors()),
-                          ("commitment.json", commitment_vectors())):
+                          ("commitment.json", commitment_vectors()),
+                          ("policy.json", policy_vectors())):
         (args.out_dir / name).write_text(_compact_number_lists(json.dumps(vectors, indent=1)) + "\n")
         print(f"wrote {args.out_dir / name}")
 

@@ -3,7 +3,9 @@
 The published policy is the bf16 rounding of the trainer's weights (policy/weights.py).
 Version n goes out as a delta against version n-1; every `keyframe_interval` versions, and
 for the first version, also as a keyframe, so that nodes in step download the small delta
-and late joiners start from a recent keyframe. A sink takes the signed manifest and its
+and late joiners start from a recent keyframe. A delta names the hash of its base state
+(`base_state_hash`, see protocol/manifest.py): the previous manifest's state_hash, which the
+publisher keeps, so each state is hashed once. A sink takes the signed manifest and its
 blobs: the coordinator's policy store (coordinator/blobstore.py BlobStore has this shape and
 serves as the local sink in one-process runs and tests), or a client that uploads the blobs
 and then the manifest over gRPC.
@@ -68,6 +70,7 @@ class PolicyPublisher:
         self.clock_ms = clock_ms
         self._version: int | None = None
         self._state: BF16State | None = None
+        self._state_hash: bytes | None = None  # of _state, once a manifest declared it
 
     @property
     def version(self) -> int | None:
@@ -77,7 +80,7 @@ class PolicyPublisher:
     def resume(self, version: int, state: BF16State) -> None:
         """Continue after a restart: `state` is what version `version` published."""
         check_bf16_state(state)
-        self._version, self._state = version, state
+        self._version, self._state, self._state_hash = version, state, None
 
     def publish_model(self, version: int, model: Any) -> PublishedVersion:
         """Publish the bf16 rounding of `model`'s parameters as `version`."""
@@ -94,14 +97,19 @@ class PolicyPublisher:
         if self._state is not None:
             assert self._version is not None
             delta = self._send(
-                build_delta(self.run_id, version, self._version, self._state, state, created_at_ms=created_at_ms)
+                build_delta(
+                    self.run_id, version, self._version, self._state, state,
+                    base_state_hash=self._state_hash, created_at_ms=created_at_ms,
+                )
             )
         keyframe = None
         if delta is None or version % self.keyframe_interval == 0:
             keyframe = self._send(
                 build_keyframe(self.run_id, version, state, created_at_ms=created_at_ms)
             )
-        self._version, self._state = version, state
+        published = delta or keyframe
+        assert published is not None
+        self._version, self._state, self._state_hash = version, state, published.manifest.state_hash
         return PublishedVersion(version=version, delta=delta, keyframe=keyframe)
 
     def _send(self, update: PolicyUpdate) -> PublishedUpdate:

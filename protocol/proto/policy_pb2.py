@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotocol/proto/policy.proto\x12\x0crollproof.v1\"M\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.rollproof.v1.DType\"@\n\x07\x42lobRef\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x19\n\x11uncompressed_size\x18\x03 \x01(\x04\"\xe7\x01\n\x0ePolicyManifest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\"\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x13.rollproof.v1.Codec\x12)\n\x07tensors\x18\x05 \x03(\x0b\x32\x18.rollproof.v1.TensorSpec\x12$\n\x05\x62lobs\x18\x06 \x03(\x0b\x32\x15.rollproof.v1.BlobRef\x12\x12\n\nstate_hash\x18\x07 \x01(\x0c\x12\x15\n\rcreated_at_ms\x18\x08 \x01(\x03\"P\n\x0eSignedManifest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x19\n\x11signer_public_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c*C\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43ODEC_KEYFRAME\x10\x01\x12\x0f\n\x0b\x43ODEC_DELTA\x10\x02*.\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nDTYPE_BF16\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotocol/proto/policy.proto\x12\x0crollproof.v1\"M\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.rollproof.v1.DType\"@\n\x07\x42lobRef\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x19\n\x11uncompressed_size\x18\x03 \x01(\x04\"\x80\x02\n\x0ePolicyManifest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\"\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x13.rollproof.v1.Codec\x12)\n\x07tensors\x18\x05 \x03(\x0b\x32\x18.rollproof.v1.TensorSpec\x12$\n\x05\x62lobs\x18\x06 \x03(\x0b\x32\x15.rollproof.v1.BlobRef\x12\x12\n\nstate_hash\x18\x07 \x01(\x0c\x12\x15\n\rcreated_at_ms\x18\x08 \x01(\x03\x12\x17\n\x0f\x62\x61se_state_hash\x18\t \x01(\x0c\"P\n\x0eSignedManifest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\x12\x19\n\x11signer_public_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c*C\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43ODEC_KEYFRAME\x10\x01\x12\x0f\n\x0b\x43ODEC_DELTA\x10\x02*.\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nDTYPE_BF16\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.proto.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=506
-  _globals['_CODEC']._serialized_end=573
-  _globals['_DTYPE']._serialized_start=575
-  _globals['_DTYPE']._serialized_end=621
+  _globals['_CODEC']._serialized_start=531
+  _globals['_CODEC']._serialized_end=598
+  _globals['_DTYPE']._serialized_start=600
+  _globals['_DTYPE']._serialized_end=646
   _globals['_TENSORSPEC']._serialized_start=45
   _globals['_TENSORSPEC']._serialized_end=122
   _globals['_BLOBREF']._serialized_start=124
   _globals['_BLOBREF']._serialized_end=188
   _globals['_POLICYMANIFEST']._serialized_start=191
-  _globals['_POLICYMANIFEST']._serialized_end=422
-  _globals['_SIGNEDMANIFEST']._serialized_start=424
-  _globals['_SIGNEDMANIFEST']._serialized_end=504
+  _globals['_POLICYMANIFEST']._serialized_end=447
+  _globals['_SIGNEDMANIFEST']._serialized_start=449
+  _globals['_SIGNEDMANIFEST']._serialized_end=529
 # @@protoc_insertion_point(module_scope)

@@ -123,6 +123,7 @@ class PolicyManifest(_message.Message):
     BLOBS_FIELD_NUMBER: _builtins.int
     STATE_HASH_FIELD_NUMBER: _builtins.int
     CREATED_AT_MS_FIELD_NUMBER: _builtins.int
+    BASE_STATE_HASH_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     version: _builtins.int
     base_version: _builtins.int
@@ -131,6 +132,8 @@ class PolicyManifest(_message.Message):
     state_hash: _builtins.bytes
     """hash of the full resulting bf16 state"""
     created_at_ms: _builtins.int
+    base_state_hash: _builtins.bytes
+    """delta: state_hash of the state it applies to; empty for a keyframe"""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -146,10 +149,11 @@ class PolicyManifest(_message.Message):
         blobs: _abc.Iterable[Global___BlobRef] | None = ...,
         state_hash: _builtins.bytes = ...,
         created_at_ms: _builtins.int = ...,
+        base_state_hash: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "blobs", b"blobs", "codec", b"codec", "created_at_ms", b"created_at_ms", "run_id", b"run_id", "state_hash", b"state_hash", "tensors", b"tensors", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_state_hash", b"base_state_hash", "base_version", b"base_version", "blobs", b"blobs", "codec", b"codec", "created_at_ms", b"created_at_ms", "run_id", b"run_id", "state_hash", b"state_hash", "tensors", b"tensors", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -103,11 +103,19 @@ def test_state_hash_matches_naive_reference_and_sees_names_shapes_bits():
         assert codec.state_hash(variant) != reference
 
 
-def test_states_must_be_uint16_contiguous():
+def test_states_are_uint16_and_may_be_strided_views():
     with pytest.raises(StateLayoutError, match="uint16"):
         codec.state_hash({"w": np.zeros(3, dtype=np.float32)})
-    with pytest.raises(StateLayoutError, match="contiguous"):
-        codec.state_hash({"w": np.zeros((4, 4), dtype=np.uint16).T})
+    bits = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    assert codec.state_hash({"w": bits.T}) == codec.state_hash({"w": bits.T.copy()})
+    # The high halves of float32 weights: a strided view that updates them in place.
+    weights = (np.arange(12, dtype=np.uint32) << 16).view(np.float32).reshape(3, 4)
+    high_halves = weights.reshape(-1).view(np.uint16)[1::2].reshape(3, 4)
+    change = codec.TensorChange("w", np.array([1, 10]), np.array([0x3F80, 0x0001], dtype=np.uint16))
+    codec.apply_changes_in_place({"w": high_halves}, [change])
+    assert weights.view(np.uint32).reshape(-1)[[1, 10]].tolist() == [(1 ^ 0x3F80) << 16, (10 ^ 1) << 16]
+    with pytest.raises(StateLayoutError, match="cannot be updated in place"):
+        codec.apply_changes_in_place({"w": bits.T}, [change])
 
 
 def joined(sections):
@@ -145,6 +153,25 @@ def test_delta_chain_reproduces_every_version_bit_for_bit():
         held = decode_onto(held, joined(codec.delta_sections(base, new)), specs)
         for name in new:
             np.testing.assert_array_equal(held[name], new[name])
+
+
+def test_tensors_with_many_changes_decode_and_apply_in_threads_alike():
+    rng = np.random.default_rng(7)
+    base = random_bf16_state(rng, {"big.gaps": (1000, 500), "big.bitmap": (300, 400), "small": (30,)})
+    new = perturb(rng, base, 0.05)
+    new["big.bitmap"] = perturb(rng, {"w": base["big.bitmap"]}, 0.5)["w"]
+    specs = codec.tensor_specs(new)
+    payload = joined(codec.delta_sections(base, new))
+    changes = codec.decode_delta_payload(payload, specs)
+    assert sum(change.flat_indices.size >= codec._MIN_PARALLEL_CHANGES for change in changes) == 2
+    held = decode_onto(base, payload, specs)
+    for name in new:
+        np.testing.assert_array_equal(held[name], new[name])
+    num_changed = sum(change.flat_indices.size for change in changes)
+    zero_xor = bytearray(payload)
+    zero_xor[-2 * num_changed] = zero_xor[-num_changed] = 0  # the first change of "big.bitmap"
+    with pytest.raises(MalformedPayloadError, match="'big.bitmap': a listed change has a zero XOR"):
+        codec.decode_delta_payload(bytes(zero_xor), specs)
 
 
 def test_applying_changes_twice_restores_the_base():
@@ -226,6 +253,28 @@ def test_hand_made_delta_payloads(payload, flat_indices):
     (change,) = codec.decode_delta_payload(payload, SPECS_ONE)
     np.testing.assert_array_equal(change.flat_indices, flat_indices)
     np.testing.assert_array_equal(change.xor_bits, [1, 1])
+
+
+@pytest.mark.parametrize("k, largest_gap", [(0, 100), (0, 200), (3, 1 << 20), (9, 1 << 33), (17, 1 << 20)])
+def test_gaps_decode_alike_with_one_and_many_byte_quotients_and_any_step_width(k, largest_gap):
+    """Quotients below 128 take a one-byte fast path, larger ones the general varint decoder;
+    steps between positions are summed from uint16, uint32 or int64 as their size needs."""
+    rng = np.random.default_rng(k)
+    gaps = np.concatenate([rng.geometric(0.1, size=500) - 1, [0, largest_gap, 5]]).astype(np.uint64)
+    rng.shuffle(gaps)
+    flat_indices = np.cumsum(gaps + np.uint64(1)) - np.uint64(1)
+    count = int(flat_indices[-1]) + 1 + int(rng.integers(0, 50))
+    remainders = gaps & np.uint64((1 << k) - 1)
+    planes = [((remainders >> np.uint64(8 * j)) & np.uint64(0xFF)).astype(np.uint8) for j in range(-(-k // 8))]
+    quotients = naive_varints(gaps >> np.uint64(k))
+    xor_bits = rng.integers(1, 1 << 16, size=gaps.size)
+    payload = gaps_payload(gaps.size, k, quotients, b"".join(p.tobytes() for p in planes), xor_bits)
+    (change,) = codec.decode_delta_payload(payload, (codec.TensorSpec(name="w", shape=(count,)),))
+    np.testing.assert_array_equal(change.flat_indices, flat_indices.astype(np.int64))
+    np.testing.assert_array_equal(change.xor_bits, xor_bits)
+    too_short = (codec.TensorSpec(name="w", shape=(int(flat_indices[-1]),)),)
+    with pytest.raises(MalformedPayloadError, match="past the tensor"):
+        codec.decode_delta_payload(payload, too_short)
 
 
 def test_delta_needs_matching_layouts():

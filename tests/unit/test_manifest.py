@@ -1,4 +1,6 @@
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from protocol import codec, manifest
 from protocol.codec import MalformedPayloadError
 from protocol.identity import Identity
 from protocol.manifest import (
+    BaseStateMismatchError,
     BlobHashError,
     BlobSizeError,
     DecompressedSizeError,
@@ -25,6 +28,7 @@ from protocol.proto import policy_pb2
 from protocol.types import BlobRef, Codec, PolicyManifest, SignedManifest, TensorSpec
 from tests.unit.test_codec import perturb, random_bf16_state
 
+VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "policy.json").read_text())
 RUN = "run-a"
 TRAINER = Identity.from_seed(bytes(range(32)))
 SHAPES = {"embed": (300, 64), "layer.0.weight": (64, 200), "norm": (64,)}
@@ -44,11 +48,12 @@ def versions():
 
 
 class Node:
-    """What a node holds: a version and its bf16 state."""
+    """What a node holds: a version, its bf16 state and that state's hash."""
 
     def __init__(self):
         self.version = None
         self.state = None
+        self.state_hash = None
 
     def apply(self, signed, blobs):
         update = manifest.open_update(
@@ -59,8 +64,8 @@ class Node:
             current_version=self.version,
             current_specs=None if self.state is None else codec.tensor_specs(self.state),
         )
-        self.state = manifest.apply_update(self.state, update)
-        self.version = update.manifest.version
+        self.state = manifest.apply_update(self.state, update, held_state_hash=self.state_hash)
+        self.version, self.state_hash = update.manifest.version, update.manifest.state_hash
 
     def fingerprint(self):
         return self.version, None if self.state is None else codec.state_hash(self.state)
@@ -86,11 +91,14 @@ def node_at_v1(versions):
 
 def test_keyframe_then_delta_chain_is_bit_exact(versions, node_at_v1):
     for version, (base, new) in enumerate(zip(versions, versions[1:]), start=2):
-        signed, blobs, _ = delta(base, new, version, version - 1)
+        signed, blobs, update = delta(base, new, version, version - 1)
+        assert update.manifest.base_state_hash == codec.state_hash(base)
+        assert update.manifest.state_hash == codec.state_hash(new)
         node_at_v1.apply(signed, blobs)
         assert node_at_v1.version == version
         for name in new:
             np.testing.assert_array_equal(node_at_v1.state[name], new[name])
+        assert node_at_v1.state_hash == codec.state_hash(node_at_v1.state)
 
 
 def test_keyframe_is_smaller_than_raw_and_blobs_are_capped(versions):
@@ -186,20 +194,39 @@ def test_wrong_run(versions, node_at_v1):
     expect_refused(node_at_v1, WrongRunError, manifest.sign_manifest(TRAINER, update.manifest), blob_map(update))
 
 
-def test_wrong_state_hash_leaves_the_state_untouched(versions, node_at_v1):
-    update = manifest.build_delta(RUN, 2, 1, versions[0], versions[1])
-    lying = dataclasses.replace(update.manifest, state_hash=bytes(32))
-    expect_refused(node_at_v1, StateHashMismatchError, manifest.sign_manifest(TRAINER, lying), blob_map(update))
+def test_keyframe_with_a_wrong_state_hash_leaves_the_state_untouched(versions, node_at_v1):
     update = manifest.build_keyframe(RUN, 5, versions[3])
     lying = dataclasses.replace(update.manifest, state_hash=bytes(32))
     expect_refused(node_at_v1, StateHashMismatchError, manifest.sign_manifest(TRAINER, lying), blob_map(update))
+
+
+def test_delta_made_against_other_contents_of_the_base_version(versions, node_at_v1):
+    """A trainer that restarted from an older checkpoint republishes version 1 differently:
+    its delta to version 2 names the right base version but not the node's base contents."""
+    signed, blobs, _ = delta(versions[2], versions[1], 2, 1)
+    expect_refused(node_at_v1, BaseStateMismatchError, signed, blobs, "other contents")
+    assert issubclass(BaseStateMismatchError, MissingBaseError)
+    unknown_hash = Node()
+    unknown_hash.version, unknown_hash.state = node_at_v1.version, node_at_v1.state
+    expect_refused(unknown_hash, BaseStateMismatchError, signed, blobs)
+
+
+def test_a_delta_result_is_not_rehashed_but_binds_the_next_delta(versions, node_at_v1):
+    """A delta's state_hash is taken as signed (its result is fixed by base and payload); a
+    wrong one is caught by the next full hash, or by the next delta's base_state_hash."""
+    update = manifest.build_delta(RUN, 2, 1, versions[0], versions[1])
+    lying = dataclasses.replace(update.manifest, state_hash=bytes(32))
+    node_at_v1.apply(manifest.sign_manifest(TRAINER, lying), blob_map(update))
+    assert codec.state_hash(node_at_v1.state) != node_at_v1.state_hash
+    signed, blobs, _ = delta(versions[1], versions[2], 3, 2)
+    expect_refused(node_at_v1, BaseStateMismatchError, signed, blobs)
 
 
 def signed_delta_with_blob(blob, uncompressed_size, tensors=(TensorSpec(name="w", shape=(100_000,)),)):
     ref = BlobRef(hash=manifest.blob_hash(blob), size=len(blob), uncompressed_size=uncompressed_size)
     bogus = PolicyManifest(
         run_id=RUN, version=2, base_version=1, codec=Codec.DELTA, tensors=tensors,
-        blobs=(ref,), state_hash=bytes(32), created_at_ms=0,
+        blobs=(ref,), state_hash=bytes(32), created_at_ms=0, base_state_hash=bytes(32),
     )
     return manifest.sign_manifest(TRAINER, bogus), {ref.hash: blob}
 
@@ -244,6 +271,8 @@ def test_signed_but_malformed_payload():
         ({"run_id": ""}, "run_id"),
         ({"base_version": 0}, "keyframe has base_version == version"),
         ({"codec": Codec.DELTA, "base_version": 1}, "must be below"),
+        ({"codec": Codec.DELTA, "base_version": 0}, "a delta needs 32"),
+        ({"base_state_hash": bytes(32)}, "a keyframe needs 0"),
         ({"tensors": (TensorSpec("b", (2,)), TensorSpec("a", (2,)))}, "sorted"),
         ({"tensors": (TensorSpec("a", (2,)), TensorSpec("a", (2,)))}, "unique"),
         ({"tensors": (TensorSpec("a", (1 << 30, 1 << 20)),)}, "more than"),
@@ -275,3 +304,29 @@ def test_unparseable_manifest_bytes_are_malformed():
     )
     with pytest.raises(MalformedManifestError, match="does not decode"):
         manifest.verify_manifest(signed, TRAINER.public_key)
+
+
+def test_vectors():
+    """Trainer and node compute the same payloads, hashes and manifest bytes."""
+    base, new = (
+        {name: np.array(tensor["bits"], dtype=np.uint16).reshape(tensor["shape"]) for name, tensor in state.items()}
+        for state in VECTORS["states"]
+    )
+    assert [codec.state_hash(base).hex(), codec.state_hash(new).hex()] == VECTORS["state_hashes_hex"]
+    keyframe_payload = b"".join(b"".join(section) for section in codec.keyframe_sections(base))
+    assert keyframe_payload.hex() == VECTORS["keyframe_payload_hex"]
+    delta_payload = b"".join(b"".join(section) for section in codec.delta_sections(base, new))
+    assert delta_payload.hex() == VECTORS["delta_payload_hex"]
+    held = {name: bits.copy() for name, bits in base.items()}
+    codec.apply_changes_in_place(held, codec.decode_delta_payload(delta_payload, codec.tensor_specs(new)))
+    assert codec.state_hash(held) == codec.state_hash(new)
+
+    trainer = Identity.from_seed(bytes.fromhex(VECTORS["trainer_seed_hex"]))
+    serialized = bytes.fromhex(VECTORS["delta_manifest_hex"])
+    signed = SignedManifest(serialized, trainer.public_key, bytes.fromhex(VECTORS["delta_signature_hex"]))
+    delta_manifest = manifest.verify_manifest(signed, trainer.public_key)
+    assert delta_manifest.base_state_hash == codec.state_hash(base)
+    assert delta_manifest.state_hash == codec.state_hash(new)
+    assert delta_manifest.tensors == codec.tensor_specs(new)
+    assert manifest.manifest_bytes(delta_manifest) == serialized
+    assert manifest.sign_manifest(trainer, delta_manifest) == signed

@@ -5,11 +5,18 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from policy.weights import NodePolicy, bf16_bits, export_bf16_state, load_bf16_state, model_tensor_specs
+from policy.weights import (
+    NodePolicy,
+    bf16_bits,
+    export_bf16_state,
+    load_bf16_state,
+    model_tensor_specs,
+    shared_bits,
+)
 from protocol import codec, manifest
 from protocol.codec import StateLayoutError
 from protocol.identity import Identity
-from protocol.manifest import BlobHashError, MissingBaseError, StateHashMismatchError
+from protocol.manifest import BaseStateMismatchError, BlobHashError, MissingBaseError, StateHashMismatchError
 
 RUN = "run-weights"
 TRAINER = Identity.from_seed(bytes([3]) * 32)
@@ -118,6 +125,40 @@ def test_node_follows_keyframe_and_deltas_in_place(versions, make_model):
         assert_model_holds(model, versions[version - 1])
         assert codec.state_hash(node.state) == codec.state_hash(versions[version - 1])
     assert {name: parameter.data_ptr() for name, parameter in model.named_parameters()} == parameters_before
+    node.check_state_hash()
+
+
+def test_state_shares_memory_with_bfloat16_and_float32_weights():
+    for dtype in (torch.bfloat16, torch.float32):
+        weight = torch.tensor([[1.0, -2.5, 3.0], [0.5, 0.0, -1.0]], dtype=dtype)
+        bits = shared_bits(weight)
+        assert bits.shape == (2, 3)
+        np.testing.assert_array_equal(bits, bf16_bits(weight))
+        bits[0, 1] = 0x4000  # bf16 2.0
+        assert weight[0, 1].item() == 2.0
+    assert shared_bits(torch.zeros(3, dtype=torch.float64)) is None
+    assert shared_bits(torch.zeros(3, 2).t()) is None
+
+
+def test_full_state_check_catches_a_lying_manifest_and_local_corruption(versions):
+    model = tiny_qwen2(seed=5)
+    node = NodePolicy(model, run_id=RUN, trainer_public_key=TRAINER.public_key)
+    node.apply(*signed_keyframe(versions[0], 1))
+    update = manifest.build_delta(RUN, 2, 1, versions[0], versions[1])
+    lying = manifest.sign_manifest(TRAINER, dataclasses.replace(update.manifest, state_hash=bytes(32)))
+    node.apply(lying, blob_map(update))
+    assert node.num_unchecked_deltas == 1
+    with pytest.raises(StateHashMismatchError, match="fetch the keyframe path"):
+        node.check_state_hash()
+    assert node.version is None
+    node.apply(*signed_keyframe(versions[1], 2))
+    node.check_state_hash()
+    assert node.num_unchecked_deltas == 0
+
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 4] *= 2
+    with pytest.raises(StateHashMismatchError):
+        node.check_state_hash()
 
 
 def test_refused_updates_leave_model_and_state_untouched(versions):
@@ -133,10 +174,13 @@ def test_refused_updates_leave_model_and_state_untouched(versions):
     with pytest.raises(BlobHashError):
         node.apply(signed, {**blobs, first: bytes(flipped)})
 
-    update = manifest.build_delta(RUN, 2, 1, versions[0], versions[1])
+    update = manifest.build_keyframe(RUN, 2, versions[1])
     lying = manifest.sign_manifest(TRAINER, dataclasses.replace(update.manifest, state_hash=bytes(32)))
     with pytest.raises(StateHashMismatchError):
         node.apply(lying, blob_map(update))
+
+    with pytest.raises(BaseStateMismatchError):
+        node.apply(*signed_delta(versions[2], versions[1], 2))
 
     with pytest.raises(MissingBaseError):
         node.apply(*signed_delta(versions[1], versions[2], 3))

@@ -1,0 +1,63 @@
+import asyncio
+
+import torch
+
+from coordinator.blobstore import BlobStore
+from node.policy_sync import PolicySync
+from protocol import manifest
+from protocol.proto import service_pb2
+from tests.unit.test_weights import RUN, TRAINER, assert_model_holds, blob_map, tiny_qwen2, trainer_versions
+from trainer.publish import PolicyPublisher
+
+
+class StoreClient:
+    """The coordinator's two policy calls, answered from its blob store."""
+
+    def __init__(self, store: BlobStore):
+        self.store = store
+
+    async def update_path(self, from_version: int):
+        return self.store.update_path(from_version or None)
+
+    async def fetch_blob(self, blob_hash: bytes, size: int) -> bytes:
+        return self.store.read_blob(blob_hash)
+
+
+async def direct(what, make_call):
+    return await make_call()
+
+
+def following(tmp_path, **kwargs):
+    store = BlobStore(tmp_path / "policy", run_id=RUN, trainer_public_key=TRAINER.public_key)
+    model = tiny_qwen2(seed=5)
+    run_info = service_pb2.RunInfo(run_id=RUN, trainer_public_key=TRAINER.public_key)
+    return store, model, PolicySync(model, StoreClient(store), run_info, **kwargs)
+
+
+def test_a_node_whose_state_lost_its_hash_recovers_through_a_keyframe(tmp_path):
+    versions = trainer_versions(3)
+    store, model, sync = following(tmp_path, full_check_interval=2)
+    publisher = PolicyPublisher(TRAINER, RUN, store, keyframe_interval=3)
+    for version, state in enumerate(versions[:2], start=1):
+        publisher.publish(version, state)
+        assert asyncio.run(sync.sync(direct)) and sync.version == version
+    assert sync.node_policy.num_unchecked_deltas == 1
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[1, 2] *= -1
+    publisher.publish(3, versions[2])
+    assert asyncio.run(sync.sync(direct)) and sync.version == 3
+    assert "StateHashMismatchError" in sync.last_error
+    assert sync.node_policy.num_unchecked_deltas == 0
+    assert_model_holds(model, versions[2])
+
+
+def test_a_delta_against_other_contents_is_refused_when_the_node_state_is_intact(tmp_path):
+    versions = trainer_versions(3)
+    store, model, sync = following(tmp_path)
+    PolicyPublisher(TRAINER, RUN, store).publish(1, versions[0])
+    asyncio.run(sync.sync(direct))
+    forked = manifest.build_delta(RUN, 2, 1, versions[2], versions[1])
+    store.put_version(manifest.sign_manifest(TRAINER, forked.manifest), blob_map(forked))
+    assert not asyncio.run(sync.sync(direct))
+    assert sync.version == 1 and "BaseStateMismatchError" in sync.last_error
+    assert_model_holds(model, versions[0])
