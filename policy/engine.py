@@ -47,6 +47,15 @@ class GenerationResult:
     commitment: bytes
 
 
+def check_requests(requests: Sequence[GenerationRequest]) -> None:
+    """Refuse requests no engine can serve, naming the problem."""
+    for request in requests:
+        if not request.prompt_token_ids:
+            raise EngineRequestError("a prompt needs at least one token")
+        if request.sampling.max_tokens < 1:
+            raise EngineRequestError(f"max_tokens must be >= 1, got {request.sampling.max_tokens}")
+
+
 @runtime_checkable
 class GenerationEngine(Protocol):
     name: str
@@ -156,11 +165,7 @@ class TorchEngine:
         self.pad_token_id = pad_token_id
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        for request in requests:
-            if not request.prompt_token_ids:
-                raise EngineRequestError("a prompt needs at least one token")
-            if request.sampling.max_tokens < 1:
-                raise EngineRequestError(f"max_tokens must be >= 1, got {request.sampling.max_tokens}")
+        check_requests(requests)
         results: list[GenerationResult] = []
         for start in range(0, len(requests), self.max_batch_size):
             results.extend(self._generate_batch(requests[start:start + self.max_batch_size]))

@@ -34,7 +34,14 @@ from typing import Any, Protocol
 import torch
 
 from policy import sampling
-from policy.engine import EngineRequestError, GenerationRequest, GenerationResult, bf16_bits, chunk_points
+from policy.engine import (
+    EngineRequestError,
+    GenerationRequest,
+    GenerationResult,
+    bf16_bits,
+    check_requests,
+    chunk_points,
+)
 from policy.model import ModelLoadError, check_model_directory, torch_dtype
 from policy.weights import bf16_tensor
 from protocol import commitment
@@ -247,11 +254,8 @@ class VllmEngine:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.inputs import TokensPrompt
 
+        check_requests(requests)
         for request in requests:
-            if not request.prompt_token_ids:
-                raise EngineRequestError("a prompt needs at least one token")
-            if request.sampling.max_tokens < 1:
-                raise EngineRequestError(f"max_tokens must be >= 1, got {request.sampling.max_tokens}")
             if len(request.prompt_token_ids) + request.sampling.max_tokens > self.max_model_len:
                 raise EngineRequestError(
                     f"a prompt of {len(request.prompt_token_ids)} tokens and max_tokens "
