@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import compress
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -207,8 +208,7 @@ class Coordinator:
     # ---- submissions ----
 
     def _reward(self, prompt: LeasedPrompt, rollout: Rollout) -> float:
-        sampled = [t for t, m in zip(rollout.token_ids, rollout.sampled_mask) if m]
-        completion = completion_text(self.setup.tokenizer, sampled)
+        completion = completion_text(self.setup.tokenizer, list(compress(rollout.token_ids, rollout.sampled_mask)))
         return self.setup.task.reward(self._problem(prompt.prompt_index), completion)
 
     def submit(self, node_id: str, payload: bytes) -> SubmitResult:

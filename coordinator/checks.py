@@ -13,6 +13,7 @@ import math
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import compress
 
 from protocol.types import FinishReason, LeasedPrompt, RejectReason, Rollout, RolloutBatch, RolloutVerdict, WorkLease
 
@@ -72,20 +73,30 @@ def rollout_content_hash(lease: WorkLease, prompt_index: int, rollout: Rollout) 
     return hashlib.sha256(b"rollproof/v1/rollout\x00" + header + tokens).digest()
 
 
+def _logprobs_problem(logprobs: tuple[float, ...]) -> bool:
+    """Whether any log-probability is NaN, infinite or positive (min/max/isnan run in C)."""
+    return bool(logprobs) and (
+        max(logprobs) > 0.0 or min(logprobs) == -math.inf or any(map(math.isnan, logprobs))
+    )
+
+
 def _schema_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts) -> tuple[RejectReason, str] | None:
+    """The rollout's first schema or bounds problem, or None. Each pass over the tokens is a
+    C-level builtin (sum, max, compress, count): these run on every rollout of every submission."""
+    token_ids = rollout.token_ids
     num_sampled = sum(rollout.sampled_mask)
-    if not facts.multi_turn and num_sampled != len(rollout.token_ids):
+    if not facts.multi_turn and num_sampled != len(token_ids):
         return RejectReason.SCHEMA, "single-turn task: every completion token must be marked as sampled"
     if num_sampled == 0:
         return RejectReason.SCHEMA, "the completion has no sampled token"
     if num_sampled > lease.sampling.max_tokens:
         return RejectReason.TOO_LONG, f"{num_sampled} sampled tokens, max_tokens is {lease.sampling.max_tokens}"
-    bad = [t for t in rollout.token_ids if t >= facts.vocab_size]
-    if bad:
-        return RejectReason.TOKEN_OUT_OF_VOCAB, f"token id {bad[0]} is outside the vocabulary of {facts.vocab_size}"
+    if token_ids and max(token_ids) >= facts.vocab_size:
+        first_bad = next(t for t in token_ids if t >= facts.vocab_size)
+        return RejectReason.TOKEN_OUT_OF_VOCAB, f"token id {first_bad} is outside the vocabulary of {facts.vocab_size}"
     if len(rollout.logprobs) != num_sampled:
         return RejectReason.SCHEMA, f"{len(rollout.logprobs)} log-probabilities for {num_sampled} sampled tokens"
-    if not all(math.isfinite(lp) and lp <= 0.0 for lp in rollout.logprobs):
+    if _logprobs_problem(rollout.logprobs):
         return RejectReason.SCHEMA, "log-probabilities must be finite and ≤ 0"
     expected_commitment = facts.commitment_bytes(num_sampled)
     if len(rollout.commitment) != expected_commitment:
@@ -93,12 +104,12 @@ def _schema_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts) -> tupl
             RejectReason.COMMITMENT_MISMATCH,
             f"commitment has {len(rollout.commitment)} bytes, expected {expected_commitment} for {num_sampled} tokens",
         )
-    sampled = [t for t, m in zip(rollout.token_ids, rollout.sampled_mask) if m]
-    eos_positions = [i for i, t in enumerate(sampled) if t == facts.eos_token_id]
+    sampled = tuple(compress(token_ids, rollout.sampled_mask))
+    num_eos = sampled.count(facts.eos_token_id)
     if rollout.finish_reason == FinishReason.STOP:
-        if eos_positions != [len(sampled) - 1]:
+        if num_eos != 1 or sampled[-1] != facts.eos_token_id:
             return RejectReason.FINISH_REASON_INCONSISTENT, "finish reason 'stop' needs exactly one EOS, at the end"
-    elif eos_positions:
+    elif num_eos:
         return RejectReason.FINISH_REASON_INCONSISTENT, "an EOS was sampled but the finish reason is not 'stop'"
     elif num_sampled != lease.sampling.max_tokens:
         return (

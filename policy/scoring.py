@@ -33,7 +33,8 @@ def decodes_through_backend(tokenizer: Any) -> bool:
 def completion_text(tokenizer: Any, token_ids: Sequence[int]) -> str:
     """The completion as text: special tokens (the final EOS among them) are dropped.
     Calls the Rust backend directly where that is transformers' own decode path (2/3 of the
-    cost of `decode` is its Python layers); any other tokenizer goes through `decode`."""
+    cost of `decode` is its Python layers; for a list of Python ints `decode` passes it on
+    unchanged); any other tokenizer goes through `decode`."""
     if decodes_through_backend(tokenizer):
         return tokenizer.backend_tokenizer.decode(list(token_ids), skip_special_tokens=True)
     return tokenizer.decode(list(token_ids), skip_special_tokens=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from protocol import types
 from protocol.proto import policy_pb2, rollout_pb2, service_pb2
 
@@ -26,11 +28,7 @@ def _enum_from_proto(enum_cls, value: int, field_name: str):
 
 def pack_mask(mask: tuple[bool, ...]) -> bytes:
     """One bit per token, least significant bit first."""
-    packed = bytearray(math.ceil(len(mask) / 8))
-    for index, bit in enumerate(mask):
-        if bit:
-            packed[index // 8] |= 1 << (index % 8)
-    return bytes(packed)
+    return np.packbits(np.fromiter(mask, dtype=bool, count=len(mask)), bitorder="little").tobytes()
 
 
 def unpack_mask(packed: bytes, num_tokens: int) -> tuple[bool, ...]:
@@ -38,10 +36,10 @@ def unpack_mask(packed: bytes, num_tokens: int) -> tuple[bool, ...]:
         raise WireFormatError(
             f"sampled_mask: {len(packed)} bytes for {num_tokens} tokens, expected {math.ceil(num_tokens / 8)}"
         )
-    mask = tuple(bool(packed[i // 8] >> (i % 8) & 1) for i in range(num_tokens))
     if num_tokens % 8 and packed[-1] >> (num_tokens % 8):
         raise WireFormatError("sampled_mask: padding bits past the last token must be zero")
-    return mask
+    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=num_tokens, bitorder="little")
+    return tuple(bits.view(bool).tolist())
 
 
 # ---- policy ----

@@ -1,4 +1,7 @@
+import collections
 import dataclasses
+import math
+import random
 
 import pytest
 
@@ -6,6 +9,7 @@ from coordinator.checks import (
     LeaseRejection,
     LeaseView,
     RunFacts,
+    _schema_problem,
     check_lease,
     check_rollouts,
 )
@@ -148,3 +152,74 @@ def test_content_hash_depends_on_the_lease_seed():
     a = check_rollouts(batch(good_group()), LEASE, FACTS, reward_of=reward_of, already_seen=lambda h: set())
     b = check_rollouts(batch(good_group()), other_lease, FACTS, reward_of=reward_of, already_seen=lambda h: set())
     assert set(a[0].content_hashes).isdisjoint(b[0].content_hashes)
+
+
+def _naive_schema_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts):
+    """Reference: the checks written out as plain loops over the tokens."""
+    num_sampled = sum(rollout.sampled_mask)
+    if not facts.multi_turn and num_sampled != len(rollout.token_ids):
+        return RejectReason.SCHEMA, "single-turn task: every completion token must be marked as sampled"
+    if num_sampled == 0:
+        return RejectReason.SCHEMA, "the completion has no sampled token"
+    if num_sampled > lease.sampling.max_tokens:
+        return RejectReason.TOO_LONG, f"{num_sampled} sampled tokens, max_tokens is {lease.sampling.max_tokens}"
+    bad = [t for t in rollout.token_ids if t >= facts.vocab_size]
+    if bad:
+        return RejectReason.TOKEN_OUT_OF_VOCAB, f"token id {bad[0]} is outside the vocabulary of {facts.vocab_size}"
+    if len(rollout.logprobs) != num_sampled:
+        return RejectReason.SCHEMA, f"{len(rollout.logprobs)} log-probabilities for {num_sampled} sampled tokens"
+    if not all(math.isfinite(lp) and lp <= 0.0 for lp in rollout.logprobs):
+        return RejectReason.SCHEMA, "log-probabilities must be finite and ≤ 0"
+    expected_commitment = facts.commitment_bytes(num_sampled)
+    if len(rollout.commitment) != expected_commitment:
+        return (
+            RejectReason.COMMITMENT_MISMATCH,
+            f"commitment has {len(rollout.commitment)} bytes, expected {expected_commitment} for {num_sampled} tokens",
+        )
+    sampled = [t for t, m in zip(rollout.token_ids, rollout.sampled_mask) if m]
+    eos_positions = [i for i, t in enumerate(sampled) if t == facts.eos_token_id]
+    if rollout.finish_reason == FinishReason.STOP:
+        if eos_positions != [len(sampled) - 1]:
+            return RejectReason.FINISH_REASON_INCONSISTENT, "finish reason 'stop' needs exactly one EOS, at the end"
+    elif eos_positions:
+        return RejectReason.FINISH_REASON_INCONSISTENT, "an EOS was sampled but the finish reason is not 'stop'"
+    elif num_sampled != lease.sampling.max_tokens:
+        return (
+            RejectReason.FINISH_REASON_INCONSISTENT,
+            f"finish reason 'length' after {num_sampled} tokens, max_tokens is {lease.sampling.max_tokens}",
+        )
+    if not (0.0 <= rollout.claimed_reward <= 1.0):
+        return RejectReason.SCHEMA, f"claimed reward {rollout.claimed_reward} is outside [0, 1]"
+    return None
+
+
+def _random_rollout(rng: random.Random, facts: RunFacts) -> Rollout:
+    num_tokens = rng.choice([0, 1, 2, 3, 4, 5])
+    tokens = tuple(rng.choice([EOS, 0, 3, 7, facts.vocab_size - 1, facts.vocab_size, 2**32 - 1]) for _ in range(num_tokens))
+    mask = tuple(rng.random() < 0.8 for _ in range(num_tokens))
+    num_logprobs = sum(mask) + rng.choice([0, 0, 0, -1, 1])
+    special = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-9, -1e308]
+    logprobs = tuple(rng.choice(special) if rng.random() < 0.15 else -rng.random() for _ in range(max(0, num_logprobs)))
+    num_commitment = facts.commitment_bytes(sum(mask)) + rng.choice([0, 0, 0, 1])
+    return Rollout(
+        sample_index=0,
+        token_ids=tokens,
+        sampled_mask=mask,
+        logprobs=logprobs,
+        commitment=b"\x00" * num_commitment,
+        finish_reason=rng.choice(list(FinishReason)),
+        claimed_reward=rng.choice([0.0, 1.0, 0.5, -0.1, 1.5, math.nan]),
+    )
+
+
+@pytest.mark.parametrize("multi_turn", [False, True])
+def test_schema_check_matches_the_naive_reference(multi_turn):
+    facts = dataclasses.replace(FACTS, multi_turn=multi_turn)
+    rng = random.Random(5)
+    problems = collections.Counter()
+    for _ in range(5000):
+        r = _random_rollout(rng, facts)
+        expected = _naive_schema_problem(r, LEASE, facts)
+        assert _schema_problem(r, LEASE, facts) == expected, r
+        problems[expected[1].split(" ")[0] if expected else None] += 1
+    assert len(problems) >= 8, problems   # the random rollouts reach most of the checks

@@ -87,6 +87,9 @@ def test_mask_packing(num_tokens):
     packed = convert.pack_mask(mask)
     assert len(packed) == (num_tokens + 7) // 8
     assert convert.unpack_mask(packed, num_tokens) == mask
+    assert packed == bytes(
+        sum(mask[i] << (i % 8) for i in range(start, min(start + 8, num_tokens))) for start in range(0, num_tokens, 8)
+    )
 
 
 def test_mask_of_wrong_length_or_with_padding_bits_is_refused():
