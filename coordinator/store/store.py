@@ -833,13 +833,15 @@ class Store:
     ) -> list[SubmissionOutcome | DuplicateRolloutError]:
         """record_submission for each submission in turn, in one transaction: an outcome, or the
         DuplicateRolloutError of a submission that wrote nothing."""
+        # Hashes before receipts, as in _stored_before: under READ COMMITTED a concurrent commit of
+        # the same batch whose hashes this sees has made its receipt visible to the next statement.
+        seen = self._seen_rollout_hashes(connection, [h for s in submissions for h in s.rollout_hashes])
         receipts = {
             bytes(batch_hash): bytes(receipt)
             for batch_hash, receipt in connection.execute(
                 _SELECT_RECEIPTS, {"batch_hashes": [submission.batch_hash for submission in submissions]}
             )
         }
-        seen = self._seen_rollout_hashes(connection, [h for s in submissions for h in s.rollout_hashes])
         results: list[SubmissionOutcome | DuplicateRolloutError] = []
         new = []
         for submission in submissions:

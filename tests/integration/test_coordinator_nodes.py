@@ -33,7 +33,7 @@ def test_nodes_survive_crashes_of_a_node_and_of_the_coordinator(tmp_path, tiny_m
         cluster.start_node("node-2", "--batch-size", "8")
         wait_for(lambda: accepted_total(cluster) >= 100, 240, "100 accepted rollouts")
 
-        node_1_id = node_status(cluster, "node-1")["node_id"]
+        node_1_id = wait_for(lambda: node_status(cluster, "node-1").get("node_id"), 60, "node-1 to write its status")
         open_lease = wait_for(
             lambda: cluster.query("SELECT lease_id, lease_number FROM leases WHERE node_id = ? AND state = 'open'", node_1_id
             ),

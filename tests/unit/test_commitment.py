@@ -181,3 +181,13 @@ def test_check_points_equals_check_chunk_on_many_chunks():
                 values = np.stack([flat[row] for flat, row in zip(flats, indices)])
                 batched = commitment.check_points([proofs[i] for i in chosen], indices, values)
                 assert batched == [reference[i] for i in chosen]
+
+
+def test_pool_tolerates_one_exponent_flip_but_not_two():
+    clean = commitment.ChunkCheck(0, 0.0, 0.0, 128)
+    flipped = commitment.ChunkCheck(1, 0.0, 0.0, 128)
+    for num_chunks in range(8, 12):
+        one_flip = commitment.pool([flipped] + [clean] * (num_chunks - 1))
+        two_flips = commitment.pool([flipped] * 2 + [clean] * (num_chunks - 2))
+        assert one_flip.passes(commitment.FP32_THRESHOLDS)
+        assert not two_flips.passes(commitment.FP32_THRESHOLDS)
