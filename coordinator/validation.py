@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from coordinator.blobstore import NoUpdatePathError
-from coordinator.store import GroupState, NodeRecord, Store, StoredGroup
+from coordinator.store import GroupState, NodeRecord, Store, StoredGroup, ValidationResult
 from protocol import commitment, convert
 from protocol import sampling as rule
 from protocol.codec import BF16State
@@ -371,30 +371,44 @@ class ValidationQueue:
             rollouts=rollouts,
         )
 
-    def report(self, group_id: str, verdict: Verdict) -> bool:
-        """Apply a verdict and its consequences; False when the group no longer waits for one."""
+    def report(self, verdicts: Sequence[tuple[str, Verdict]]) -> int:
+        """Apply (group id, verdict) pairs and their consequences, the checks' results in one store
+        transaction; returns how many applied (a group that no longer waits for a verdict,
+        decided already or quarantined by another failure of its node, is skipped)."""
         with self._lock:
-            self._leases.pop(group_id, None)
-            group = self.store.get_group(group_id)
-            if group is None or group.state is not GroupState.PENDING_VALIDATION:
-                return False  # decided already, or quarantined by another failure of its node
+            for group_id, _ in verdicts:
+                self._leases.pop(group_id, None)
             now = self.clock()
-            if verdict.check == "version_unavailable":
-                self.store.set_group_state([group_id], GroupState.STALE, now)
-                return True
-            self.store.record_validation(group_id, verdict.passed, verdict.check, verdict.evidence_json, now)
-            node = self.store.record_full_check(group.node_id, verdict.passed)
-            if verdict.passed:
-                return True
-            num_quarantined = self.store.quarantine_node_groups(group.node_id, now)
-            num_voided = self.store.void_unsettled(group.node_id)
-            log.warning(
-                "node %s failed the %s check (%s); %d groups quarantined, %d credits voided, strike %d",
-                group.node_id, verdict.check, verdict.evidence_json, num_quarantined, num_voided, node.num_strikes,
-            )
-            if node.num_strikes >= self.policy.max_strikes and not node.banned:
-                self.store.ban_node(group.node_id, f"failed {node.num_strikes} full checks; last: {verdict.check}")
-            return True
+            unavailable = [group_id for group_id, verdict in verdicts if verdict.check == "version_unavailable"]
+            # Failures first: their nodes' other groups still waiting, in this batch too, are
+            # quarantined before a pass could mark them verified.
+            checked = sorted(((group_id, verdict.passed, verdict.check, verdict.evidence_json)
+                              for group_id, verdict in verdicts if verdict.check != "version_unavailable"),
+                             key=lambda result: result[1])
+            still_pending = [group_id for group_id in unavailable
+                             if (group := self.store.get_group(group_id)) is not None
+                             and group.state is GroupState.PENDING_VALIDATION]
+            num_applied = self.store.set_group_state(still_pending, GroupState.STALE, now) if still_pending else 0
+            num_failed = sum(not passed for _, passed, _, _ in checked)
+            for batch in (checked[:num_failed], checked[num_failed:]):
+                for outcome in self.store.record_validations(batch, now):
+                    if outcome is None:
+                        continue
+                    num_applied += 1
+                    result, node = outcome
+                    if not result.passed:
+                        self._punish(result, node, now)
+            return num_applied
+
+    def _punish(self, result: ValidationResult, node: NodeRecord, now: int) -> None:
+        num_quarantined = self.store.quarantine_node_groups(node.node_id, now)
+        num_voided = self.store.void_unsettled(node.node_id)
+        log.warning(
+            "node %s failed the %s check (%s); %d groups quarantined, %d credits voided, strike %d",
+            node.node_id, result.check_name, result.evidence_json, num_quarantined, num_voided, node.num_strikes,
+        )
+        if node.num_strikes >= self.policy.max_strikes and not node.banned:
+            self.store.ban_node(node.node_id, f"failed {node.num_strikes} full checks; last: {result.check_name}")
 
 
 class Validator:
@@ -409,6 +423,6 @@ class Validator:
     def run_pending(self, limit: int = 64) -> int:
         """Check up to `limit` pending groups; returns how many were taken."""
         jobs, _ = self.queue.take(self.VALIDATOR_ID, limit)
-        for job, verdict in zip(jobs, self.checker.check(jobs)):
-            self.queue.report(job.group_id, verdict)
+        if jobs:
+            self.queue.report([(job.group_id, verdict) for job, verdict in zip(jobs, self.checker.check(jobs))])
         return len(jobs)

@@ -42,9 +42,7 @@ class ValidatorServicer(validation_pb2_grpc.ValidatorServiceServicer):
             verdicts = [(v.group_id, Verdict.from_parts(v.passed, v.check, v.evidence_json)) for v in request.verdicts]
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        num_applied = 0
-        for group_id, verdict in verdicts:
-            num_applied += await asyncio.to_thread(self.queue.report, group_id, verdict)
+        num_applied = await asyncio.to_thread(self.queue.report, verdicts)
         if num_applied:
             log.info("validator %s: %d verdicts applied", request.validator_id, num_applied)
         return validation_pb2.ReportValidationResponse(

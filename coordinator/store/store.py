@@ -602,22 +602,25 @@ class Store:
         """Count a full check of the node: a pass raises its reputation, a failure is a strike.
         The caller bans the node when num_strikes reaches its limit."""
         with self._write() as connection:
-            node = self._get_node(connection, node_id, for_update=True)
-            num_passed = node.num_full_checks_passed + passed
-            num_failed = node.num_full_checks_failed + (not passed)
-            num_strikes = node.num_strikes + (not passed)
-            row = connection.execute(
-                update(_nodes)
-                .where(_nodes.c.node_id == node_id)
-                .values(
-                    num_full_checks_passed=num_passed,
-                    num_full_checks_failed=num_failed,
-                    num_strikes=num_strikes,
-                    reputation=reputation(num_passed, num_strikes),
-                )
-                .returning(*_nodes.c)
-            ).one()
-            return _node_record(row)
+            return self._count_full_check(connection, node_id, passed)
+
+    def _count_full_check(self, connection: Connection, node_id: str, passed: bool) -> NodeRecord:
+        node = self._get_node(connection, node_id, for_update=True)
+        num_passed = node.num_full_checks_passed + passed
+        num_failed = node.num_full_checks_failed + (not passed)
+        num_strikes = node.num_strikes + (not passed)
+        row = connection.execute(
+            update(_nodes)
+            .where(_nodes.c.node_id == node_id)
+            .values(
+                num_full_checks_passed=num_passed,
+                num_full_checks_failed=num_failed,
+                num_strikes=num_strikes,
+                reputation=reputation(num_passed, num_strikes),
+            )
+            .returning(*_nodes.c)
+        ).one()
+        return _node_record(row)
 
     def num_nodes_holding(self, seen_since_ms: int) -> dict[int, int]:
         """Policy version -> number of unbanned nodes that reported holding it since seen_since_ms."""
@@ -1234,25 +1237,59 @@ class Store:
             ).first()
             if row is None:
                 raise ValueError(f"group {group_id} does not exist")
-            result = ValidationResult(group_id, row.node_id, passed, check_name, evidence_json, now_ms)
-            connection.execute(
-                insert(_validations).values(
-                    group_id=group_id,
-                    node_id=row.node_id,
-                    passed=passed,
-                    check_name=check_name,
-                    evidence_json=evidence_json,
-                    created_ms=now_ms,
-                )
+            return self._insert_validation(connection, group_id, row.node_id, GroupState(row.state),
+                                           passed, check_name, evidence_json, now_ms)
+
+    def record_validations(
+        self, results: Sequence[tuple[str, bool, str, str]], now_ms: int
+    ) -> list[tuple[ValidationResult, NodeRecord] | None]:
+        """(group_id, passed, check_name, evidence_json) of full checks, stored in one transaction
+        for the groups still pending validation: each as record_validation stores it, with its
+        node's full check counted as record_full_check counts it. In input order; None for a group
+        that no longer waits (decided already, quarantined, or unknown). Nodes are locked in id
+        order, so concurrent reporters cannot deadlock on PostgreSQL."""
+        with self._write() as connection:
+            rows = connection.execute(
+                select(_groups.c.group_id, _groups.c.node_id, _groups.c.state)
+                .where(_groups.c.group_id.in_([group_id for group_id, *_ in results]))
+            ).all()
+            groups = {row.group_id: (row.node_id, GroupState(row.state)) for row in rows}
+            outcomes: dict[int, tuple[ValidationResult, NodeRecord]] = {}
+            waiting = [i for i, (group_id, *_) in enumerate(results)
+                       if groups.get(group_id, (None, None))[1] is GroupState.PENDING_VALIDATION]
+            for index in sorted(waiting, key=lambda i: (groups[results[i][0]][0], results[i][0])):
+                group_id, passed, check_name, evidence_json = results[index]
+                node_id, state = groups[group_id]
+                if state is not GroupState.PENDING_VALIDATION:
+                    continue  # listed twice: recorded once
+                groups[group_id] = (node_id, GroupState.READY if passed else GroupState.REJECTED)
+                result = self._insert_validation(connection, group_id, node_id, state, passed, check_name,
+                                                 evidence_json, now_ms)
+                outcomes[index] = (result, self._count_full_check(connection, node_id, passed))
+            return [outcomes.get(index) for index in range(len(results))]
+
+    def _insert_validation(
+        self, connection: Connection, group_id: str, node_id: str, state: GroupState, passed: bool,
+        check_name: str, evidence_json: str, now_ms: int,
+    ) -> ValidationResult:
+        connection.execute(
+            insert(_validations).values(
+                group_id=group_id,
+                node_id=node_id,
+                passed=passed,
+                check_name=check_name,
+                evidence_json=evidence_json,
+                created_ms=now_ms,
             )
-            target = GroupState.READY if passed else GroupState.REJECTED
-            new_state = target.value if GroupState(row.state) in GROUP_STATE_SOURCES[target] else row.state
-            connection.execute(
-                update(_groups)
-                .where(_groups.c.group_id == group_id)
-                .values(state=new_state, verified=passed, updated_ms=now_ms)
-            )
-            return result
+        )
+        target = GroupState.READY if passed else GroupState.REJECTED
+        new_state = target if state in GROUP_STATE_SOURCES[target] else state
+        connection.execute(
+            update(_groups)
+            .where(_groups.c.group_id == group_id)
+            .values(state=new_state.value, verified=passed, updated_ms=now_ms)
+        )
+        return ValidationResult(group_id, node_id, passed, check_name, evidence_json, now_ms)
 
     def list_validations(self, node_id: str, limit: int) -> list[ValidationResult]:
         """The node's newest full-check results first."""

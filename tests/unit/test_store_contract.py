@@ -593,6 +593,33 @@ def test_validation_jobs_and_results(store: Store):
         store.record_validation("unknown", True, "all", "{}", T0)
 
 
+
+def test_record_validations_of_a_batch(store: Store):
+    _register(store)
+    _, pending = _leased_submission(store, "node-a", b"batch-1", state=GroupState.PENDING_VALIDATION)
+    _, ready = _leased_submission(store, "node-a", b"batch-2")
+    store.record_submission(pending)
+    store.record_submission(ready)
+    first, second = (g.group_id for g in pending.groups)
+    outcomes = store.record_validations([
+        (first, True, "all", "{}"),
+        (ready.groups[0].group_id, True, "all", "{}"),  # not pending validation: skipped
+        (second, False, "sampling", '{"position": 3}'),
+        ("unknown", True, "all", "{}"),
+        (first, False, "all", "{}"),  # listed twice: recorded once, as first listed
+    ], T0 + 10)
+    assert [o is None for o in outcomes] == [False, True, False, True, True]
+    (passed, node_after_pass), (failed, node_after_fail) = outcomes[0], outcomes[2]
+    assert (passed.group_id, passed.passed, failed.check_name) == (first, True, "sampling")
+    assert node_after_fail.num_full_checks_passed == 1 and node_after_fail.num_strikes == 1
+    assert node_after_pass.num_full_checks_passed == 1
+    assert store.get_group(first).state is GroupState.READY and store.get_group(first).verified
+    assert store.get_group(second).state is GroupState.REJECTED
+    assert store.get_node("node-a").num_full_checks_failed == 1
+    assert sorted(v.check_name for v in store.list_validations("node-a", 10)) == ["all", "sampling"]
+    assert store.record_validations([], T0) == []
+
+
 # ---- policy versions and metrics ----
 
 
