@@ -49,7 +49,7 @@ class ArmResult:
 def run_arm(model: Path, task: str, max_staleness: int, args: argparse.Namespace, run_dir: Path) -> ArmResult:
     trainer_settings = [
         f"max_staleness={max_staleness}", f"eval_every={args.eval_every}", f"eval_problems={args.eval_problems}",
-        f"groups_per_step={args.groups_per_step}",
+        *([f"groups_per_step={args.groups_per_step}"] if args.groups_per_step else []),
     ]
     launcher = Launcher(UpOptions(
         model=model, task=task, num_nodes=args.nodes, num_steps=0, run_dir=run_dir,
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--gain", type=float, default=0.1, help="target = first held-out reward + gain")
     parser.add_argument("--budget-s", type=float, help="training seconds per arm (default 600, quick 8)")
-    parser.add_argument("--groups-per-step", type=int, default=16)
+    parser.add_argument("--groups-per-step", type=int, help="default: the embedded run's (rollproof.up)")
     parser.add_argument("--eval-every", type=int, help="trainer steps between evaluations (default 5, quick 2)")
     parser.add_argument("--eval-problems", type=int, help="held-out problems per evaluation (default 200, quick 30)")
     parser.add_argument("--startup-timeout-s", type=float, default=120)
@@ -127,7 +127,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rollproof-bench-rl-") as scratch:
         arms = {k: run_arm(args.model, args.task, k, args, Path(scratch) / f"k{k}") for k in (2, 0)}
     async_arm, sync_arm = arms[2], arms[0]
-    print(f"model {args.model}, task {args.task}, {args.nodes} nodes, {args.groups_per_step} groups a step, "
+    print(f"model {args.model}, task {args.task}, {args.nodes} nodes, {args.groups_per_step or 'embedded'} groups a step, "
           f"target = first held-out reward + {args.gain}, budget {args.budget_s:.0f} s an arm")
     for arm in (async_arm, sync_arm):
         print(describe(arm))

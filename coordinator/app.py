@@ -78,6 +78,20 @@ class RunSetup:
 
 
 @dataclass(frozen=True)
+class LeaseWait:
+    """No lease now: why, and when the node should ask again."""
+
+    reason: str
+    retry_after_ms: int
+
+
+# A node that must pull a newer version asks again at once, after pulling it; a full backlog drains at
+# the trainer's pace, a fraction of a second a step on the embedded run.
+BACKLOG_RETRY_MS = 250
+NO_POLICY_RETRY_MS = 1000
+
+
+@dataclass(frozen=True)
 class SubmitResult:
     receipt: Receipt
     receipt_bytes: bytes
@@ -177,13 +191,19 @@ class Coordinator:
             deadline_ms=record.deadline_ms,
         )
 
-    def lease(self, node_id: str, held_version: int) -> WorkLease | None:
-        """A lease at the latest policy version, or None while the node must first pull it, no
-        policy has been published yet, or the backlog of unused groups is full."""
+    def lease(self, node_id: str, held_version: int) -> WorkLease | LeaseWait:
+        """A lease at the policy version the node holds, when that is the latest or at most
+        k − 1 versions behind it (k = run.max_staleness: its groups stay usable for at least one
+        more trainer step, and a node that finishes just as the trainer publishes need not wait
+        for the pull); otherwise why not and when to ask again."""
         latest = self.latest_policy_version()
-        if latest == 0 or held_version != latest or self.backlog_full():
-            return None
-        return self.to_work_lease(self.scheduler.issue(node_id, latest, self.clock()))
+        if latest == 0:
+            return LeaseWait("no policy has been published yet", NO_POLICY_RETRY_MS)
+        if not latest - max(0, self.config.run.max_staleness - 1) <= held_version <= latest:
+            return LeaseWait(f"pull policy version {latest} first (held: {held_version})", 0)
+        if self.backlog_full():
+            return LeaseWait("the backlog of groups for the trainer is full", BACKLOG_RETRY_MS)
+        return self.to_work_lease(self.scheduler.issue(node_id, held_version, self.clock()))
 
     def backlog_full(self) -> bool:
         """Back-pressure: work the trainer cannot use before it goes stale is not leased."""

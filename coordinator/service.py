@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import grpc
 
-from coordinator.app import Coordinator, InvalidRequestError
+from coordinator.app import Coordinator, InvalidRequestError, LeaseWait
 from coordinator.blobstore import BlobStoreError, NoUpdatePathError, UnknownBlobError
 from coordinator.gate import Gate, GateError
 from coordinator.store import GroupState, LeaseCapError, NodeRecord, UnknownNodeError
@@ -155,8 +155,8 @@ class NodeServicer(service_pb2_grpc.NodeServiceServicer):
         caller = self.gate.node_caller(envelope, self._method("LeaseWork"))
         request = self.gate.decode(caller.envelope.payload, service_pb2.LeaseRequest)
         lease = self.app.lease(caller.envelope.signer_id, request.policy_version)
-        if lease is None:
-            return service_pb2.LeaseResponse(retry_after_ms=1000)
+        if isinstance(lease, LeaseWait):
+            return service_pb2.LeaseResponse(retry_after_ms=lease.retry_after_ms, wait_reason=lease.reason)
         return service_pb2.LeaseResponse(lease=convert.lease_to_proto(lease))
 
     @_guarded

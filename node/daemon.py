@@ -50,6 +50,7 @@ class NodeStatus:
     num_batches_spooled: int = 0
     last_rejection: str = ""
     last_error: str = ""
+    waiting_for: str = ""  # why the coordinator gave no lease the last time it gave none
     updated_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
 
 
@@ -260,8 +261,10 @@ class NodeDaemon:
             self.status.policy_version = self.policy.version
             reply = await self._call("lease", lambda: client.lease(self.policy.version))
             if not reply.HasField("lease"):
+                self.status.waiting_for = reply.wait_reason
                 await self._pause(reply.retry_after_ms / 1000)
                 continue
+            self.status.waiting_for = ""
             lease = convert.lease_from_proto(reply.lease)
             if self.stop_event.is_set():
                 await client.release(lease.lease_id)

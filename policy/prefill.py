@@ -217,15 +217,20 @@ def _check_commitments(rollouts: Sequence[ClaimedRollout], states: Sequence[torc
     device = bits.device
     chunks = bits[torch.as_tensor(np.stack(chunk_rows), device=device)].flatten(1)
     num_values = torch.tensor(num_filled, dtype=torch.int64, device=device) * hidden_size
+    # One point past the top k: the largest magnitude left out, where the cut lies.
     indices, values = (t.cpu().numpy() for t in chunk_points(
-        chunks, min(commitment.TOP_K, chunks.shape[1]), num_values))
+        chunks, min(commitment.TOP_K + 1, chunks.shape[1]), num_values))
     chunk_proofs = [proof for rollout_proofs in proofs if rollout_proofs is not None for proof in rollout_proofs]
     num_points = np.array([len(proof.coefficients) for proof in chunk_proofs])
+    has_cut = np.array(num_filled) * hidden_size > num_points
+    cuts = np.where(has_cut, values[np.arange(len(num_points)), np.minimum(num_points, values.shape[1] - 1)]
+                    & commitment.BF16_MAGNITUDE_MASK, commitment.NO_CUT)
     checks: list[commitment.ChunkCheck | None] = [None] * len(chunk_proofs)
     for size in np.unique(num_points):
         selected = np.flatnonzero(num_points == size)
         for chunk, check in zip(selected, commitment.check_points(
-                [chunk_proofs[c] for c in selected], indices[selected, :size], values[selected, :size])):
+                [chunk_proofs[c] for c in selected], indices[selected, :size], values[selected, :size],
+                cuts[selected])):
             checks[chunk] = check
     for owner, check in zip(chunk_owner, checks):
         assert check is not None

@@ -372,7 +372,10 @@ class LeaseResponse(_message.Message):
 
     LEASE_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    WAIT_REASON_FIELD_NUMBER: _builtins.int
     retry_after_ms: _builtins.int
+    wait_reason: _builtins.str
+    """why there is no lease, when there is none"""
     @_builtins.property
     def lease(self) -> _rollout_pb2.WorkLease:
         """absent when there is no work now"""
@@ -382,10 +385,11 @@ class LeaseResponse(_message.Message):
         *,
         lease: _rollout_pb2.WorkLease | None = ...,
         retry_after_ms: _builtins.int = ...,
+        wait_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "retry_after_ms", b"retry_after_ms", "wait_reason", b"wait_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

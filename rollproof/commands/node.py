@@ -80,6 +80,7 @@ def show_status(args: argparse.Namespace) -> int:
         ("rollouts accepted / rejected", f"{status.num_rollouts_accepted} / {status.num_rollouts_rejected}"),
         ("batches spooled", str(status.num_batches_spooled)),
         ("last rejection", status.last_rejection or "-"),
+        ("waiting for", status.waiting_for or "-"),
         ("last error", status.last_error or "-"),
     ]
     for key, value in rows:

@@ -97,13 +97,37 @@ def test_verify_measures_drift_and_rejects_other_states():
     bits = random_hidden_bits(64, 64)
     data = commitment.commit(bits)
     honest = commitment.verify(data, bits)
-    assert honest == [commitment.ChunkCheck(0, 0.0, 0.0, 128)] * 2 and commitment.accepts(honest)
+    assert all(c.exponent_mismatches == 0 and c.mantissa_error_mean == 0.0 for c in honest)
+    assert all(100 <= c.num_points < 128 for c in honest)  # points at the cut are not scored
+    assert commitment.accepts(honest)
     values = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     one_ulp = commitment.verify(data, commitment.bf16_bits(values * (1 + 2**-8)))
     assert commitment.accepts(one_ulp)
     assert all(c.mantissa_error_mean <= 1.0 for c in one_ulp)
     other = commitment.verify(data, random_hidden_bits(64, 64, seed=1))
     assert not any(c.passes(commitment.Thresholds()) for c in other)
+
+
+def test_a_swap_at_the_top_k_cut_is_not_scored():
+    """A value at the cut that the node rounds just below the largest left-out value and the
+    validator just above it: each picks a different top 128, and the validator reads the node's
+    polynomial at an index the node never committed. Not scored, it costs nothing; every other
+    point is still checked exactly."""
+    validator_bits = random_hidden_bits(8, 64).reshape(-1)
+    ranked = commitment.top_indices(validator_bits, 129)
+    last_in, first_out = ranked[127], ranked[128]
+    cut = int(validator_bits[first_out]) & commitment.BF16_MAGNITUDE_MASK
+    node_bits = validator_bits.copy()
+    node_bits[last_in] = (validator_bits[last_in] & 0x8000) | (cut - 1)
+    validator_bits[last_in] = (validator_bits[last_in] & 0x8000) | (cut + 1)
+    assert last_in not in commitment.top_indices(node_bits, 128)
+    proof = commitment.split_proofs(commitment.commit(node_bits.reshape(8, 64)), 8, 64)[0]
+    check = commitment.check_chunk(proof, validator_bits)
+    assert check.exponent_mismatches == 0 and check.mantissa_error_mean == 0.0 and check.num_points < 128
+    tampered = node_bits.copy()
+    tampered[ranked[0]] ^= 0x0100  # a top value off by an exponent step: still caught
+    tampered_proof = commitment.split_proofs(commitment.commit(tampered.reshape(8, 64)), 8, 64)[0]
+    assert commitment.check_chunk(tampered_proof, validator_bits).exponent_mismatches == 1
 
 
 def test_malformed_commitments_are_rejected():
@@ -177,9 +201,12 @@ def test_check_points_equals_check_chunk_on_many_chunks():
                 chosen = [i for i, p in enumerate(proofs) if len(p.coefficients) == size]
                 flats = [other[start:end].reshape(-1)
                          for start, end in (commitment.chunk_bounds(num_tokens)[i] for i in chosen)]
-                indices = np.stack([commitment.top_indices(flat, size) for flat in flats])
+                candidates = [commitment.top_indices(flat, size + 1) for flat in flats]
+                indices = np.stack([row[:size] for row in candidates])
                 values = np.stack([flat[row] for flat, row in zip(flats, indices)])
-                batched = commitment.check_points([proofs[i] for i in chosen], indices, values)
+                cuts = np.array([int(flat[row[size]]) & commitment.BF16_MAGNITUDE_MASK if row.size > size
+                                 else commitment.NO_CUT for flat, row in zip(flats, candidates)])
+                batched = commitment.check_points([proofs[i] for i in chosen], indices, values, cuts)
                 assert batched == [reference[i] for i in chosen]
 
 

@@ -80,16 +80,24 @@ def test_hash_stream_is_reproducible_and_in_range() -> None:
 
 def test_addition_problem_format_and_verifier() -> None:
     task = AdditionTask()
-    problem = Problem(prompt="12+345=", answer="357", key="12+345=")
-    assert task.reward(problem, "357") == 1.0
-    assert task.reward(problem, " 357\n") == 1.0
-    assert task.reward(problem, "358") == 0.0
-    assert task.reward(problem, "3570") == 0.0
-    assert task.reward(problem, "357+1") == 0.0
+    problem = Problem(prompt="012+345=", answer="0357", key="012+345=")
+    for right in ("0357", "357", " 357\n", "00357"):
+        assert task.reward(problem, right) == 1.0, right
+    for wrong in ("358", "3570", "357+1", "", "-357", "3 57", "３５７"):
+        assert task.reward(problem, wrong) == 0.0, wrong
+    for generated in task.problems(Split.TRAIN, seed=0, num_problems=100):
+        left, right = generated.prompt.removesuffix("=").split("+")
+        assert len(left) == len(right) == task.max_digits
+        assert len(generated.answer) == task.max_digits + 1
+        assert int(generated.answer) == int(left) + int(right)
+
+
+def test_addition_without_fixed_width_writes_numbers_plainly() -> None:
+    task = AdditionTask(fixed_width=False)
     for generated in task.problems(Split.TRAIN, seed=0, num_problems=100):
         left, right = generated.prompt.removesuffix("=").split("+")
         assert generated.answer == str(int(left) + int(right))
-        assert all(1 <= len(operand) <= task.max_digits for operand in (left, right))
+        assert all(1 <= len(operand) <= task.max_digits and str(int(operand)) == operand for operand in (left, right))
 
 
 def test_reverse_verifier_gives_partial_credit_by_position() -> None:

@@ -1,0 +1,41 @@
+"""The full checks of one replayed rollout (coordinator.validation.check_rollout) on made-up
+replay reports: the termination rule."""
+
+import math
+
+import numpy as np
+
+from coordinator.validation import MIN_EOS_LOGPROB, TOLERANCES, check_rollout
+from policy.prefill import ReplayReport
+from protocol import commitment
+from protocol.sampling import TokenChecks, TokenVerdict
+from protocol.types import FinishReason, Rollout
+
+EOS = 2
+
+
+def _verdict(last_token_verdict: TokenVerdict, eos_logprob: float, finish_reason=FinishReason.STOP):
+    logprobs = np.array([-0.1, -0.2, eos_logprob], dtype=np.float32)
+    report = ReplayReport(
+        token_checks=TokenChecks(np.array([TokenVerdict.EXACT, TokenVerdict.EXACT, last_token_verdict]), logprobs,
+                                 np.zeros(3, dtype=np.float32)),
+        logprob_drift=np.zeros(3, dtype=np.float32),
+        commitment_checks=[commitment.ChunkCheck(0, 0.0, 0.0, 128)],
+    )
+    rollout = Rollout(sample_index=0, token_ids=(7, 8, EOS), sampled_mask=(True,) * 3,
+                      logprobs=tuple(float(x) for x in logprobs), commitment=b"", finish_reason=finish_reason,
+                      claimed_reward=0.0)
+    tolerances = TOLERANCES["float32"]
+    return check_rollout(report, rollout, logit_tolerance=tolerances.logit_tolerance,
+                         max_logprob_drift=tolerances.max_logprob_drift, thresholds=tolerances.thresholds)
+
+
+def test_an_unlikely_eos_that_the_rule_chose_is_honest():
+    assert _verdict(TokenVerdict.EXACT, math.log(4.4e-5)).passed
+
+
+def test_an_unlikely_eos_standing_only_as_a_near_tie_fails_termination():
+    verdict = _verdict(TokenVerdict.NEAR_TIE, math.log(4.4e-5))
+    assert not verdict.passed and verdict.check == "termination"
+    assert verdict.evidence["allowed_min"] == MIN_EOS_LOGPROB
+    assert _verdict(TokenVerdict.NEAR_TIE, math.log(0.3)).passed
