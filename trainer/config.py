@@ -38,6 +38,7 @@ class TrainerConfig(_Section):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="weights and compute; under torchrun, compute only (float32 master weights)"
     )
+    threads: int = Field(0, ge=0, description="CPU threads of torch in each trainer process; 0: torch's default")
     max_staleness: int = Field(2, ge=0)
     groups_per_step: int = Field(8, ge=1)
     max_steps: int = Field(0, ge=0, description="0 means run until stopped")

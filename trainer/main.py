@@ -86,6 +86,10 @@ class Trainer:
     def __init__(self, config: TrainerConfig, *, resume: bool):
         self.config = config
         self.resume = resume
+        if config.threads:
+            import torch
+
+            torch.set_num_threads(config.threads)
         self.workers, self.device = start_workers(config.device)
         self.data_dir = config.data_dir.expanduser()
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -4,62 +4,23 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.app import Coordinator, RunSetup
-from coordinator.blobstore import BlobStore
-from coordinator.config import CoordinatorConfig
+from coordinator.app import Coordinator
 from coordinator.dashboard.views import contribution_bucket_ms, cumulative, finite_number, submission_status
 from coordinator.dashboard.web import create_http_app, format_quantity, time_unit
-from coordinator.store import GroupState, NewGroup, NewSubmission, NewVerdict, PolicyVersionRecord, open_store, sqlite_url
-from coordinator.versions import PolicyVersions
-from envs import get_task
+from coordinator.store import GroupState, NewGroup, NewSubmission, NewVerdict, PolicyVersionRecord
 from protocol.identity import Identity
 from protocol.manifest import blob_hash
 from protocol.types import Codec, RejectReason
+from tests.unit.conftest import OPERATOR_TOKEN, T0
 
 SCRIPT_NAME = "<script>alert(1)</script>"
 EVIL_ENGINE = '"><img src=x onerror=alert(2)>'
 EVIL_MESSAGE = "<b>claimed</b> & recomputed"
-OPERATOR_TOKEN = "operator-secret-token-1234"
-
-
-class Clock:
-    def __init__(self, now_ms: int):
-        self.now_ms = now_ms
-
-    def __call__(self) -> int:
-        return self.now_ms
-
-
-T0 = 1_750_000_000_000
-
-
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
-    trainer = Identity.generate()
-    config = CoordinatorConfig(data_dir=tmp_path, operator_token=OPERATOR_TOKEN)
-    store = open_store(sqlite_url(tmp_path))
-    setup = RunSetup(
-        task=get_task("addition"),
-        tokenizer=None,
-        model_name="tiny-test-model",
-        vocab_size=64,
-        eos_token_id=0,
-        num_parameters=1000,
-        trainer_public_key=trainer.public_key,
-    )
-    blobs = BlobStore(tmp_path / "policy", run_id="demo", trainer_public_key=trainer.public_key)
-    app = Coordinator(config, store, setup, PolicyVersions(blobs, store, trainer.public_key), clock=Clock(T0))
-    yield app
-    store.close()
-
-
 def submit(app: Coordinator, node_id: str, index: int, num_rejected: int, message: str = "claimed 1.0, recomputed 0.0"):
     lease_id = f"lease-{node_id[-8:]}-{index}"
     groups = (

@@ -1,0 +1,50 @@
+"""When the coordinator hands out a lease (Coordinator.lease): at the policy version the node holds,
+when that is recent enough for its groups to be trained on; otherwise why not and when to ask again."""
+
+import pytest
+
+from coordinator.app import BACKLOG_RETRY_MS, NO_POLICY_RETRY_MS, LeaseWait
+from coordinator.store import PolicyVersionRecord
+from policy.tokenizer import load_tokenizer, save_char_tokenizer
+from protocol.identity import Identity
+from protocol.types import Codec, WorkLease
+from tests.unit.conftest import T0
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tokenizer")
+    save_char_tokenizer(directory, model_max_length=64)
+    return load_tokenizer(directory)
+
+
+def _with_versions(make_coordinator, tokenizer, num_versions: int, **config):
+    app = make_coordinator(tokenizer=tokenizer, **config)
+    for version in range(1, num_versions + 1):
+        codec = Codec.KEYFRAME if version == 1 else Codec.DELTA
+        app.store.add_version(PolicyVersionRecord(version, version - 1, codec, b"m%d" % version, 10, 10, T0))
+    node = Identity.generate()
+    app.register(node.key_id, node.public_key, "node", "torch", "cpu", "0.1.0")
+    return app, node.key_id
+
+
+@pytest.mark.parametrize(("max_staleness", "oldest_leased"), [(0, 5), (1, 5), (2, 4), (4, 2)])
+def test_a_lease_goes_out_at_the_held_version_up_to_k_minus_1_behind(make_coordinator, tokenizer, max_staleness,
+                                                                    oldest_leased):
+    app, node_id = _with_versions(make_coordinator, tokenizer, 5, run={"max_staleness": max_staleness,
+                                                           "max_backlog_groups": 0})
+    for held in range(0, 7):
+        lease = app.lease(node_id, held)
+        if oldest_leased <= held <= 5:
+            assert isinstance(lease, WorkLease) and lease.policy_version == held
+            app.release(node_id, lease.lease_id)
+        else:
+            assert lease == LeaseWait(f"pull policy version 5 first (held: {held})", 0)
+
+
+def test_no_lease_before_a_policy_or_while_the_backlog_is_full(make_coordinator, tokenizer, monkeypatch):
+    app, node_id = _with_versions(make_coordinator, tokenizer, 0)
+    assert app.lease(node_id, 0) == LeaseWait("no policy has been published yet", NO_POLICY_RETRY_MS)
+    full, full_node = _with_versions(make_coordinator, tokenizer, 1, run={"max_backlog_groups": 1})
+    monkeypatch.setattr(full, "backlog_full", lambda: True)
+    assert full.lease(full_node, 1) == LeaseWait("the backlog of groups for the trainer is full", BACKLOG_RETRY_MS)
