@@ -14,7 +14,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--task", help="task name (default: the default task, addition)")
-    parser.add_argument("--steps", type=int, help="number of training steps (default: the tuned default)")
+    parser.add_argument("--steps", type=int, help="most training steps (default 1500)")
+    parser.add_argument(
+        "--stop-at-reward", type=float,
+        help="stop once the greedy reward on unseen train-split problems reaches this (default 0.25); "
+        "0 trains all --steps",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data (default: 0)")
     parser.add_argument("--out", type=Path, help="write the model here instead of the cache")
     parser.add_argument(
@@ -28,8 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from policy.bootstrap import BootstrapSettings, ensure_bootstrapped
 
-    chosen = {"task": args.task, "num_steps": args.steps}
-    settings = BootstrapSettings(seed=args.seed, **{key: value for key, value in chosen.items() if value is not None})
+    overrides = {key: value for key, value in (("task", args.task), ("num_steps", args.steps)) if value is not None}
+    if args.stop_at_reward is not None:
+        overrides["stop_at_reward"] = args.stop_at_reward or None  # 0: train every step
+    settings = BootstrapSettings(seed=args.seed, **overrides)
     result = ensure_bootstrapped(settings, out_dir=args.out, cache_root=args.data_dir)
     report = result.report
     state = "cached" if result.cached else "made"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
+from envs import Problem, registry
+from envs.base import GeneratedTask, HashStream
+from envs.synthetic import exact_match_reward
 from policy.bootstrap import (
     REPORT_FILE,
     BootstrapError,
@@ -47,6 +50,34 @@ def test_small_bootstrap_makes_a_loadable_directory_then_hits_the_cache(tmp_path
     assert second.report == first.report
 
 
+@dataclass(frozen=True)
+class ConstantAnswerTask(GeneratedTask):
+    """`"q123="` → `"7"`: learnt within a few steps."""
+
+    name: str = "constant-answer"
+    description: str = "always answer 7"
+
+    def generate(self, stream: HashStream) -> Problem:
+        prompt = f"q{stream.below(1000)}="
+        return Problem(prompt=prompt, answer="7", key=prompt)
+
+    def reward(self, problem: Problem, completion: str) -> float:
+        return exact_match_reward(problem.answer, completion)
+
+
+def test_bootstrap_stops_once_the_validation_reward_reaches_its_target(tmp_path: Path, monkeypatch) -> None:
+    """The warm-up stops at the first check that reaches the target, and trains every step when no
+    target is set."""
+    monkeypatch.setitem(registry._FACTORIES, ConstantAnswerTask.name, ConstantAnswerTask)  # this test only
+    settings = replace(TINY_SETTINGS, task=ConstantAnswerTask.name, num_steps=200, check_every=5,
+                       stop_at_reward=0.9, num_check_problems=8)
+    stopped = ensure_bootstrapped(settings, out_dir=tmp_path / "stopped").report
+    assert stopped["num_steps_trained"] % 5 == 0 and stopped["num_steps_trained"] < 200
+    assert stopped["check_reward"] >= 0.9
+    full = ensure_bootstrapped(replace(settings, num_steps=20, stop_at_reward=None), out_dir=tmp_path / "full").report
+    assert full["num_steps_trained"] == 20 and full["check_reward"] is None
+
+
 def test_bootstrap_is_deterministic(tmp_path: Path) -> None:
     first = ensure_bootstrapped(TINY_SETTINGS, out_dir=tmp_path / "a")
     second = ensure_bootstrapped(TINY_SETTINGS, out_dir=tmp_path / "b")
@@ -65,6 +96,8 @@ def test_settings_change_the_fingerprint_and_a_foreign_directory_is_refused(tmp_
         ensure_bootstrapped(TINY_SETTINGS, out_dir=occupied)
     with pytest.raises(BootstrapError, match="num_steps"):
         BootstrapSettings(num_steps=0)
+    with pytest.raises(BootstrapError, match="stop_at_reward"):
+        BootstrapSettings(stop_at_reward=1.5)
     with pytest.raises(ValueError, match="unknown task"):
         ensure_bootstrapped(BootstrapSettings(task="nope"), cache_root=tmp_path)
 
