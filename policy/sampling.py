@@ -80,25 +80,55 @@ def gumbel_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, positions: torch.
     return gumbel_from_bits(noise_bits(seed_lo, seed_hi, positions, vocab_size))
 
 
-def _filter_threshold(scaled: torch.Tensor, rows: RowSampling) -> torch.Tensor:
-    num_rows, vocab_size = scaled.shape
-    minus_inf = torch.full((num_rows,), -torch.inf, dtype=scaled.dtype, device=scaled.device)
-    descending = scaled.sort(dim=1, descending=True).values
+def _top_k_threshold(descending: torch.Tensor, rows: RowSampling) -> torch.Tensor:
+    num_rows, vocab_size = descending.shape
+    minus_inf = torch.full((num_rows,), -torch.inf, dtype=descending.dtype, device=descending.device)
     k_index = (rows.top_k.clamp(1, vocab_size) - 1)[:, None]
     uses_k = (rows.top_k > 0) & (rows.top_k < vocab_size)
-    threshold = torch.where(uses_k, descending.gather(1, k_index)[:, 0], minus_inf)
+    return torch.where(uses_k, descending.gather(1, k_index)[:, 0], minus_inf)
+
+
+def _nucleus_cutoff(descending: torch.Tensor, threshold_k: torch.Tensor, top_p: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """As protocol.sampling._nucleus_cutoff, with a top_p per row."""
+    survives = descending >= threshold_k[:, None]
+    survivors = torch.where(survives, descending, -torch.inf)
+    shifted = torch.exp(survivors - survivors[:, :1])
+    cumulative = torch.cumsum(shifted / shifted.sum(dim=1, keepdim=True), dim=1)
+    reached = cumulative >= top_p[:, None]
+    is_reached = reached.any(dim=1)
+    return torch.where(is_reached, reached.to(torch.int8).argmax(dim=1), survives.sum(dim=1) - 1), is_reached
+
+
+def _filter_threshold(scaled: torch.Tensor, rows: RowSampling) -> torch.Tensor:
+    descending = scaled.sort(dim=1, descending=True).values
+    threshold = _top_k_threshold(descending, rows)
     if rows.uses_top_p:
-        survives = descending >= threshold[:, None]
-        survivors = torch.where(survives, descending, -torch.inf)
-        shifted = torch.exp(survivors - survivors[:, :1])
-        cumulative = torch.cumsum(shifted / shifted.sum(dim=1, keepdim=True), dim=1)
-        reached = cumulative >= rows.top_p[:, None]
-        cutoff = torch.where(reached.any(dim=1), reached.to(torch.int8).argmax(dim=1),
-                             survives.sum(dim=1) - 1)
-        threshold_p = torch.where(rows.top_p < 1.0, descending.gather(1, cutoff[:, None])[:, 0],
-                                  minus_inf)
-        threshold = torch.maximum(threshold, threshold_p)
+        cutoff, _ = _nucleus_cutoff(descending, threshold, rows.top_p)
+        threshold_p = descending.gather(1, cutoff[:, None])[:, 0]
+        threshold = torch.where(rows.top_p < 1.0, torch.maximum(threshold, threshold_p), threshold)
     return threshold
+
+
+def _filter_band(scaled: torch.Tensor, rows: RowSampling, tolerance: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """protocol.sampling.filter_band with parameters and a tolerance per row."""
+    descending = scaled.sort(dim=1, descending=True).values
+    threshold_k = _top_k_threshold(descending, rows)
+    certain, possible = threshold_k + tolerance, threshold_k - tolerance
+    if rows.uses_top_p:
+        uses_p = rows.top_p < 1.0
+        bands = [rule.nucleus_band(top_p, row_tolerance)
+                 for top_p, row_tolerance in zip(rows.top_p.tolist(), tolerance.tolist())]
+        narrow, wide = (torch.tensor(values, dtype=torch.float32, device=scaled.device) for values in zip(*bands))
+        cutoff, _ = _nucleus_cutoff(descending, threshold_k, narrow)
+        certain = torch.where(uses_p, torch.maximum(certain, descending.gather(1, cutoff[:, None])[:, 0] + tolerance),
+                              certain)
+        cutoff, is_reached = _nucleus_cutoff(descending, threshold_k, wide)
+        possible = torch.where(uses_p & is_reached,
+                               torch.maximum(possible, descending.gather(1, cutoff[:, None])[:, 0] - tolerance),
+                               possible)
+    return certain, possible
 
 
 @dataclass(frozen=True)
@@ -174,11 +204,17 @@ def check_tokens(logits: torch.Tensor, token_ids: torch.Tensor, positions: torch
     claimed_scaled = scored.scaled.gather(1, claim)[:, 0]
     claimed = torch.where(scored.greedy, scored.scores.gather(1, claim)[:, 0],
                           claimed_scaled + scored.noise.gather(1, claim)[:, 0])
+    minus_inf = torch.full_like(tolerance, -torch.inf)
+    certain = possible = minus_inf
+    if rows.uses_top_k or rows.uses_top_p:
+        certain, possible = (torch.where(scored.greedy, minus_inf, bound)
+                             for bound in _filter_band(scored.scaled, rows, tolerance))
+    best_certain = torch.where(scored.scaled >= certain[:, None], scored.scores, -torch.inf).max(dim=1).values
     is_best = best == token_ids
-    score_gaps = torch.where(is_best, 0.0, scored.scores.gather(1, best[:, None])[:, 0] - claimed)
-    near_filter = claimed_scaled >= scored.threshold - tolerance
+    score_gaps = torch.where(is_best, 0.0, torch.clamp_min(best_certain - claimed, 0.0))
+    may_be_allowed = claimed_scaled >= possible
     verdicts = torch.where(is_best, int(rule.TokenVerdict.EXACT),
-                           torch.where((score_gaps <= tolerance) & near_filter, int(rule.TokenVerdict.NEAR_TIE),
+                           torch.where((score_gaps <= tolerance) & may_be_allowed, int(rule.TokenVerdict.NEAR_TIE),
                                        int(rule.TokenVerdict.MISMATCH))).to(torch.int8)
     allowed_with_claim = scored.allowed.scatter(1, claim, True)
     return TokenChecks(verdicts, _log_softmax_at(scored.scaled, allowed_with_claim, token_ids), score_gaps)

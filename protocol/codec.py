@@ -38,6 +38,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import os
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,11 +58,15 @@ MAX_VARINT_BYTES = 9
 MAX_RICE_PARAMETER = 32
 _MAX_DELTA_HEADER_BYTES = 2 * MAX_VARINT_BYTES + 2
 _SCATTER_ROUND = 16384
-# Below this many changes a tensor is decoded and applied in the calling thread: handing it to
-# a pool thread would cost more than it saves.
-_MIN_PARALLEL_CHANGES = 16384
-# hashlib and numpy release the GIL on large buffers, so tensors hash, and large changes decode
-# and apply, in parallel threads.
+# A delta with fewer changes in all is decoded and applied in the calling thread: handing work to
+# pool threads would cost more than it saves.
+_MIN_PARALLEL_CHANGES = 131072
+# Applying splits a tensor's changes into pieces of at most this many, so that one large tensor
+# spreads over the workers.
+_APPLY_PIECE_CHANGES = 65536
+# hashlib and numpy release the GIL on large buffers, so tensors hash, and changes decode and
+# apply, in parallel threads: the calling thread and NUM_WORKERS - 1 of the pool's.
+_NUM_WORKERS = max(1, min(4, os.cpu_count() or 1))
 _TENSOR_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bf16-tensors")
 
 
@@ -509,26 +514,42 @@ def apply_changes_in_place(state: Mapping[str, np.ndarray], changes: Sequence[Te
         except ValueError:
             raise StateLayoutError(f"tensor {change.name!r}: its array cannot be updated in place") from None
 
-    def apply(change: TensorChange) -> None:
-        flat = flat_arrays[change.name]
+    def apply(piece: tuple[str, np.ndarray, np.ndarray]) -> None:
+        name, flat_indices, xor_bits = piece
+        flat = flat_arrays[name]
         # A round at a time, so that the cache lines the gather brings in are still there for
         # the scatter: twice as fast as one gather and one scatter over the whole tensor.
-        for start in range(0, change.flat_indices.size, _SCATTER_ROUND):
-            positions = change.flat_indices[start : start + _SCATTER_ROUND]
-            flat[positions] ^= change.xor_bits[start : start + _SCATTER_ROUND]
+        for start in range(0, flat_indices.size, _SCATTER_ROUND):
+            flat[flat_indices[start : start + _SCATTER_ROUND]] ^= xor_bits[start : start + _SCATTER_ROUND]
 
-    _map_over_tensors(apply, changes, [change.flat_indices.size for change in changes])
+    pieces = [
+        (change.name, change.flat_indices[start : start + _APPLY_PIECE_CHANGES],
+         change.xor_bits[start : start + _APPLY_PIECE_CHANGES])
+        for change in changes
+        for start in range(0, change.flat_indices.size, _APPLY_PIECE_CHANGES)
+    ]
+    _map_over_tensors(apply, pieces, [piece[1].size for piece in pieces])
 
 
 def _map_over_tensors(
     function: Callable[[_Item], _Result], items: Sequence[_Item], num_changes: Sequence[int]
 ) -> list[_Result]:
-    """`function` of each item, in order: items with many changes in pool threads, the others
-    meanwhile in this one."""
-    futures = {
-        index: _TENSOR_POOL.submit(function, item)
-        for index, (item, count) in enumerate(zip(items, num_changes))
-        if count >= _MIN_PARALLEL_CHANGES
-    }
-    inline = {index: function(item) for index, item in enumerate(items) if index not in futures}
-    return [futures[index].result() if index in futures else inline[index] for index in range(len(items))]
+    """`function` of each item, in order. The items are dealt into _NUM_WORKERS bins of about
+    equal numbers of changes (largest first, each to the lightest bin); the calling thread runs
+    the first bin while pool threads run the others."""
+    num_bins = _NUM_WORKERS if sum(num_changes) >= _MIN_PARALLEL_CHANGES else 1
+    bins: list[list[int]] = [[] for _ in range(num_bins)]
+    loads = [0] * num_bins
+    for index in sorted(range(len(items)), key=lambda index: -num_changes[index]):
+        lightest = loads.index(min(loads))
+        bins[lightest].append(index)
+        loads[lightest] += num_changes[index]
+
+    def run(indices: list[int]) -> list[tuple[int, _Result]]:
+        return [(index, function(items[index])) for index in indices]
+
+    futures = [_TENSOR_POOL.submit(run, indices) for indices in bins[1:] if indices]
+    results = dict(run(bins[0]))
+    for future in futures:
+        results.update(future.result())
+    return [results[index] for index in range(len(items))]

@@ -34,12 +34,16 @@ Exact definitions (both the numpy reference here and policy/sampling.py follow t
 
 A validator's logits differ from a node's by a drift (other batch shapes, kernels, hardware); a
 claimed token that is not the validator's argmax is tolerated as a near-tie only when its score is
-within `logit_tolerance / T` of the best (see `check_tokens`).
+within `logit_tolerance / T` of the best token the node's filters kept for certain, and the claim
+itself may have passed them (see `filter_band` and `check_tokens`). Drift moves the filter
+boundaries too: a token the validator's top-k or top-p lets in by a hair may have been cut on the
+node, and its Gumbel noise can put it far ahead of the node's honest choice.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,25 +178,80 @@ def _log_softmax_at(z: np.ndarray, allowed: np.ndarray, token_ids: np.ndarray) -
     return (z[rows, token_ids] - log_norm).astype(np.float32)
 
 
+def _nucleus_cutoff(descending: np.ndarray, threshold_k: np.ndarray, top_p: np.float32
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Over rows of scaled logits sorted descending, of which those >= threshold_k survive top-k:
+    the index of the last token top-p keeps (the first where the cumulative probability reaches
+    top_p; the last survivor if rounding keeps the sum below it), and whether top_p was reached."""
+    survives = descending >= threshold_k[:, None]
+    survivors = np.where(survives, descending, np.float32(-np.inf))
+    shifted = np.exp(survivors - survivors[:, :1])
+    probs = shifted / shifted.sum(axis=1, keepdims=True, dtype=np.float32)
+    reached = np.cumsum(probs, axis=1, dtype=np.float32) >= top_p
+    is_reached = reached.any(axis=1)
+    return np.where(is_reached, reached.argmax(axis=1), survives.sum(axis=1) - 1), is_reached
+
+
+def _top_k_threshold(descending: np.ndarray, top_k: int) -> np.ndarray:
+    num_rows, vocab_size = descending.shape
+    if 0 < top_k < vocab_size:
+        return descending[:, top_k - 1].copy()
+    return np.full(num_rows, -np.inf, dtype=np.float32)
+
+
 def filter_threshold(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     """Per row, the smallest scaled logit still allowed by top-k and top-p (float32 [rows])."""
-    num_rows, vocab_size = scaled.shape
-    threshold = np.full(num_rows, -np.inf, dtype=np.float32)
+    num_rows = scaled.shape[0]
     if top_k == 0 and top_p >= 1.0:
-        return threshold
+        return np.full(num_rows, -np.inf, dtype=np.float32)
     descending = -np.sort(-scaled, axis=1)
-    if 0 < top_k < vocab_size:
-        threshold = descending[:, top_k - 1].copy()
+    threshold = _top_k_threshold(descending, top_k)
     if top_p < 1.0:
-        survivors = np.where(descending >= threshold[:, None], descending, np.float32(-np.inf))
-        shifted = np.exp(survivors - survivors[:, :1])
-        probs = shifted / shifted.sum(axis=1, keepdims=True, dtype=np.float32)
-        cumulative = np.cumsum(probs, axis=1, dtype=np.float32)
-        reached = cumulative >= np.float32(top_p)
-        num_survivors = (descending >= threshold[:, None]).sum(axis=1)
-        cutoff = np.where(reached.any(axis=1), reached.argmax(axis=1), num_survivors - 1)
+        cutoff, _ = _nucleus_cutoff(descending, threshold, np.float32(top_p))
         threshold = np.maximum(threshold, descending[np.arange(num_rows), cutoff])
     return threshold
+
+
+def nucleus_band(top_p: float, tolerance: float) -> tuple[np.float32, np.float32]:
+    """The top-p values that bound a node's nucleus when its scaled logits may differ from the
+    validator's by up to tolerance / 2 each: the mass of any set of tokens then has odds
+    (mass / (1 - mass)) within a factor exp(+-tolerance) of the validator's, so the narrow and wide
+    values are top_p with its odds divided and multiplied by exp(tolerance). Computed in float64
+    from the float32 top_p and tolerance, rounded once to float32."""
+    top_p64, tolerance64 = float(np.float32(top_p)), float(np.float32(tolerance))
+    rest = 1.0 - top_p64
+    return (np.float32(top_p64 / (top_p64 + rest * math.exp(tolerance64))),
+            np.float32(top_p64 / (top_p64 + rest * math.exp(-tolerance64))))
+
+
+def filter_band(scaled: np.ndarray, top_k: int, top_p: float, tolerance: np.float32
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, two thresholds on the scaled logits for a node whose scaled logits may differ from
+    these by up to tolerance / 2 each: tokens at or above the first are in the node's allowed set
+    for certain; tokens below the second are certainly not in it. Top-k: the k-th largest plus and
+    minus the tolerance (an order statistic moves no more than the values do). Top-p: the nucleus
+    threshold at the narrow top-p of nucleus_band plus the tolerance, and the one at the wide top-p
+    minus the tolerance where that top-p is reached. (Every token the node ranks above one at the
+    first bound, the validator ranks above its narrow cutoff: a mass below the narrow top-p, so
+    below top_p on the node. Every token the validator ranks up to its wide cutoff, the node ranks
+    above one under the second bound: a mass of at least top_p on the node.) Where top-k cuts
+    within its band the two sides renormalise over different survivors, which these bounds do not
+    cover. Both are -inf without filters."""
+    num_rows = scaled.shape[0]
+    minus_inf = np.full(num_rows, -np.inf, dtype=np.float32)
+    if top_k == 0 and top_p >= 1.0:
+        return minus_inf, minus_inf
+    descending = -np.sort(-scaled, axis=1)
+    threshold_k = _top_k_threshold(descending, top_k)
+    certain, possible = threshold_k + tolerance, threshold_k - tolerance
+    if top_p < 1.0:
+        rows = np.arange(num_rows)
+        narrow, wide = nucleus_band(top_p, tolerance)
+        cutoff, _ = _nucleus_cutoff(descending, threshold_k, narrow)
+        certain = np.maximum(certain, descending[rows, cutoff] + tolerance)
+        cutoff, is_reached = _nucleus_cutoff(descending, threshold_k, wide)
+        possible = np.where(is_reached, np.maximum(possible, descending[rows, cutoff] - tolerance), possible)
+    return certain, possible
 
 
 @dataclass(frozen=True)
@@ -280,9 +339,12 @@ def check_tokens(logits: np.ndarray, token_ids: np.ndarray, seeds: np.ndarray,
                  logit_tolerance: float = DEFAULT_LOGIT_TOLERANCE) -> TokenChecks:
     """Validator side: does each claimed token follow the rule under these (recomputed) logits?
 
-    A claimed token that is not the argmax is a near-tie when its perturbed score is within
-    logit_tolerance / T of the best and its scaled logit within the same distance of the filter
-    threshold; anything else is a mismatch."""
+    A claimed token that is not the argmax is a near-tie when its perturbed score is at most
+    logit_tolerance / T below the best of the tokens the node's filters allowed for certain, and
+    it may itself have been allowed (`filter_band`, with tolerance logit_tolerance / T): a token
+    that a drifted filter boundary lets in on the validator's side only is no competitor; anything
+    else is a mismatch. The score gap is that distance (0 for the argmax, and where no token allowed
+    for certain beats the claim)."""
     validate_params(params)
     scored = _score(logits, seeds, positions, params)
     token_ids = np.asarray(token_ids, dtype=np.int64)
@@ -293,20 +355,23 @@ def check_tokens(logits: np.ndarray, token_ids: np.ndarray, seeds: np.ndarray,
         raise SamplingParamsError(f"token ids must be in [0, {vocab_size})")
     rows = np.arange(num_rows)
     best = scored.scores.argmax(axis=1)
-    tolerance = np.float32(logit_tolerance) * (
-        np.float32(1.0) if params.temperature == 0.0 else inverse_temperature(params.temperature))
-    if params.temperature == 0.0:
+    greedy = params.temperature == 0.0
+    tolerance = np.float32(logit_tolerance) * (np.float32(1.0) if greedy else inverse_temperature(params.temperature))
+    if greedy:
         claimed = scored.scores[rows, token_ids]
+        certain = possible = np.full(num_rows, -np.inf, dtype=np.float32)
     else:
         noise = gumbel_noise(np.broadcast_to(np.asarray(seeds, dtype=np.uint64), (num_rows,)),
                              np.broadcast_to(np.asarray(positions, dtype=np.uint64), (num_rows,)),
                              vocab_size)
         claimed = scored.scaled[rows, token_ids] + noise[rows, token_ids]
+        certain, possible = filter_band(scored.scaled, params.top_k, params.top_p, tolerance)
+    best_certain = np.where(scored.scaled >= certain[:, None], scored.scores, np.float32(-np.inf)).max(axis=1)
     score_gaps = np.where(best == token_ids, np.float32(0.0),
-                          scored.scores[rows, best] - claimed).astype(np.float32)
-    near_filter = scored.scaled[rows, token_ids] >= scored.threshold - tolerance
+                          np.maximum(best_certain - claimed, np.float32(0.0))).astype(np.float32)
+    may_be_allowed = scored.scaled[rows, token_ids] >= possible
     verdicts = np.where(best == token_ids, TokenVerdict.EXACT,
-                        np.where((score_gaps <= tolerance) & near_filter, TokenVerdict.NEAR_TIE,
+                        np.where((score_gaps <= tolerance) & may_be_allowed, TokenVerdict.NEAR_TIE,
                                  TokenVerdict.MISMATCH)).astype(np.int8)
     allowed_with_claim = scored.allowed.copy()
     allowed_with_claim[rows, token_ids] = True

@@ -53,7 +53,13 @@ def test_same_seed_same_completion_different_seed_different(model):
     engine = TorchEngine(model, [STOP_TOKEN], max_batch_size=4)
     request = GenerationRequest((5, 9, 13), SamplingParams(1.0, max_tokens=30), seed=123)
     first, second = engine.generate([request, request])
-    assert first == second
+    # Two rows of one batch may round differently in the last bit (intra-op threads split the
+    # rows' work differently): the tokens and the commitment agree exactly, log-probabilities and
+    # margins to float32 rounding.
+    assert (first.token_ids, first.finish_reason, first.commitment) == (
+        second.token_ids, second.finish_reason, second.commitment)
+    np.testing.assert_allclose(first.logprobs, second.logprobs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(first.margins, second.margins, rtol=0, atol=1e-5)
     others = engine.generate([GenerationRequest(request.prompt_token_ids, request.sampling, seed)
                               for seed in range(4)])
     assert len({r.token_ids for r in others} | {first.token_ids}) == 5

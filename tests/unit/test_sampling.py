@@ -202,3 +202,41 @@ def test_replay_tolerances_by_compute_dtype():
     bf16 = rule.tolerances_for("bfloat16")
     assert bf16 == rule.ReplayTolerances(rule.DEFAULT_LOGIT_TOLERANCE, rule.MAX_LOGPROB_DRIFT)
     assert fp32.logit_tolerance < bf16.logit_tolerance and fp32.max_logprob_drift < bf16.max_logprob_drift
+
+
+DRIFT_PARAMS = (SamplingParams(1.0, top_k=5), SamplingParams(0.7, top_k=20), SamplingParams(1.0, top_p=0.9),
+                SamplingParams(0.6, top_p=0.5), SamplingParams(0.9, top_k=20, top_p=0.7), SamplingParams(1.0),
+                SamplingParams(0.0))
+
+
+@pytest.mark.parametrize("params", DRIFT_PARAMS, ids=str)
+def test_an_honest_claim_under_drift_within_tolerance_is_never_a_mismatch(params):
+    """Honest tokens sampled from the node's logits, checked against validator logits that differ by
+    up to half the tolerance each: never a mismatch, also where the drift moves a filter boundary
+    and lets a token with large noise in on the validator's side only. A token the node's filters
+    cut by more than the drift can explain is still a mismatch."""
+    rng = np.random.default_rng(11)
+    num_rows, vocab_size, logit_tolerance = 6000, 40, 0.3
+    node_logits = (rng.standard_normal((num_rows, vocab_size)) * 2).astype(np.float32)
+    # Ties and near-ties at the filter boundaries: many logits on a coarse grid.
+    node_logits[::2] = np.round(node_logits[::2] * 4) / 4
+    positions = np.arange(num_rows)
+    claims = rule.sample_tokens(node_logits, np.uint64(3), positions, params).token_ids
+    drift = rng.uniform(-0.4995, 0.4995, node_logits.shape).astype(np.float32) * np.float32(logit_tolerance)
+    validator_logits = node_logits + drift
+    checks = rule.check_tokens(validator_logits, claims, np.uint64(3), positions, params, logit_tolerance)
+    assert checks.num_mismatches == 0, np.flatnonzero(checks.verdicts == rule.TokenVerdict.MISMATCH)[:5]
+    assert checks.num_near_ties > 0
+    if params.temperature == 0.0 or (params.top_k == 0 and params.top_p == 1.0):
+        return
+    node_allowed = rule._score(node_logits, np.uint64(3), positions, params).allowed
+    validator_best = rule.sample_tokens(validator_logits, np.uint64(3), positions, params).token_ids
+    assert (~node_allowed[positions, validator_best]).sum() > 0  # the boundary case is exercised
+
+    scaled = validator_logits * rule.inverse_temperature(params.temperature)
+    tolerance = np.float32(logit_tolerance) * rule.inverse_temperature(params.temperature)
+    _, possible = rule.filter_band(scaled, params.top_k, params.top_p, tolerance)
+    outside = np.where(scaled < possible[:, None] - 0.01, np.arange(vocab_size), -1).max(axis=1)
+    rows = np.flatnonzero(outside >= 0)
+    cut = rule.check_tokens(validator_logits[rows], outside[rows], np.uint64(3), rows, params, logit_tolerance)
+    assert cut.num_mismatches == len(rows) > 0

@@ -140,3 +140,30 @@ def test_check_tokens_equals_the_reference_row_by_row(device):
         assert abs(checks.logprobs[row].item() - reference.logprobs[0]) <= 2e-6 * (1 + abs(reference.logprobs[0]))
         verdicts.add(int(reference.verdicts[0]))
     assert verdicts == {int(v) for v in rule.TokenVerdict}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_check_tokens_under_drift_equals_the_reference_row_by_row(device):
+    """Honest claims checked against logits that drift by up to half the tolerance, on a grid that
+    puts ties and near-ties at the filter boundaries: the filter band (protocol/sampling.py,
+    filter_band) gives the same verdicts and score gaps bit for bit, and no mismatch."""
+    rng = np.random.default_rng(8)
+    num_rows, vocab_size, tolerance = 600, 60, 0.3
+    node_logits = (np.round(rng.standard_normal((num_rows, vocab_size)) * 8) / 4).astype(np.float32)
+    params = [MIXED_PARAMS[row % len(MIXED_PARAMS)] for row in range(num_rows)]
+    seeds = [rule.derive_sample_seed(3, row, 0) for row in range(num_rows)]
+    positions = rng.integers(0, 10_000, num_rows)
+    rows = rows_for(seeds, params, device)
+    claims = sampling.sample(torch.from_numpy(node_logits).to(device), torch.from_numpy(positions).to(device),
+                             rows).token_ids
+    drift = rng.uniform(-0.4995, 0.4995, node_logits.shape).astype(np.float32) * np.float32(tolerance)
+    logits = node_logits + drift
+    checks = sampling.check_tokens(torch.from_numpy(logits).to(device), claims,
+                                   torch.from_numpy(positions).to(device), rows, tolerance)
+    assert int((checks.verdicts == rule.TokenVerdict.MISMATCH).sum()) == 0
+    assert int((checks.verdicts == rule.TokenVerdict.NEAR_TIE).sum()) > 0
+    for row in range(num_rows):
+        reference = rule.check_tokens(logits[row:row + 1], claims[row:row + 1].cpu().numpy(), np.uint64(seeds[row]),
+                                      positions[row:row + 1], params[row], tolerance)
+        assert checks.verdicts[row].item() == reference.verdicts[0], row
+        np.testing.assert_array_equal(checks.score_gaps[row].cpu().numpy(), reference.score_gaps[0])
