@@ -38,7 +38,7 @@ def main() -> None:
     from coordinator.server import build, load_run_setup, open_coordinator_store
     from node.generate import generate_batch
     from policy.engine import TorchEngine
-    from policy.model import create_tiny_model, load_model
+    from policy.model import create_tiny_model, freeze_long_lived_objects, load_model
     from policy.tokenizer import load_tokenizer
     from policy.weights import export_bf16_state, load_bf16_state
     from protocol import convert
@@ -52,6 +52,7 @@ def main() -> None:
         create_tiny_model(root / "model")
         trainer = Identity.generate()
         model = load_model(root / "model")
+        freeze_long_lived_objects()  # as the node daemon does once its model is loaded
         blobs = BlobStore(root / "data" / "policy", run_id="demo", trainer_public_key=trainer.public_key)
         PolicyPublisher(trainer, "demo", blobs).publish_model(1, model)
         load_bf16_state(model, export_bf16_state(model))

@@ -267,12 +267,13 @@ class GroupChecker:
         self._models: dict[str, tuple[Any, int | None]] = {}
 
     def _model(self, dtype: str, version: int, state: BF16State):
-        from policy.model import load_model
+        from policy.model import freeze_long_lived_objects, load_model
         from policy.weights import load_bf16_state
 
         model, loaded_version = self._models.get(dtype, (None, None))
         if model is None:
             model = load_model(self.model_dir, dtype=dtype)
+            freeze_long_lived_objects()
         if loaded_version != version:
             load_bf16_state(model, state)
         self._models[dtype] = (model, version)

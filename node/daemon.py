@@ -151,6 +151,7 @@ class NodeDaemon:
 
         from node.generate import build_engine
         from node.policy_sync import PolicySync
+        from policy.model import freeze_long_lived_objects
         from policy.tokenizer import load_tokenizer
 
         torch.set_num_threads(self.config.engine.threads)
@@ -170,6 +171,7 @@ class NodeDaemon:
             )
             self.peers = self._start_peers(run_info)
             self.policy = PolicySync(model, client, run_info, self.peers)
+            freeze_long_lived_objects()
             if self.config.engine.kind == "vllm":
                 self.engine.follow(self.policy.node_policy)
             response = await self._call(

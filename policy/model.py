@@ -9,6 +9,7 @@ the vocabulary instead, which breaks the character tokenizer.)
 
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,15 @@ from typing import Any
 from policy.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, save_char_tokenizer
 
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def freeze_long_lived_objects() -> None:
+    """Move every object alive now into the garbage collector's permanent generation. Each role
+    calls it once its model is loaded: torch, transformers and the model live as long as the
+    process, and a full collection that scans them stops every thread for ~0.2 s (220 ms measured
+    with the validator's model loaded), landing on whatever request or check is in flight. Garbage
+    without reference cycles is still freed at once; cycles among the objects alive now never are."""
+    gc.freeze()
 
 
 class ModelLoadError(ValueError):

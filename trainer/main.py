@@ -122,6 +122,7 @@ class Trainer:
             stop_workers(self.workers)
 
     def _run(self) -> TrainerState:
+        from policy.model import freeze_long_lived_objects
         from policy.tokenizer import load_tokenizer
         from trainer.client import TrainerClient
         from trainer.publish import PolicyPublisher
@@ -172,6 +173,7 @@ class Trainer:
             if evaluator:
                 self._write_metrics({"step": state.step, "policy_version": version, "time": time.time(),
                                      **evaluator.evaluate(published_bf16)})
+            freeze_long_lived_objects()
             while (batch := self._next_groups(client, version, state)) is not None:
                 waited_s, fresh = batch
                 metrics = train_step(
