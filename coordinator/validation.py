@@ -196,10 +196,11 @@ def check_rollout(report, rollout, *, logit_tolerance: float, max_logprob_drift:
             "positions": _positions(checks.verdicts == rule.TokenVerdict.NEAR_TIE),
         })
     drift = report.logprob_drift
-    if drift.max(initial=0.0) > max_logprob_drift:
+    allowed_drift = report.allowed_logprob_drift(max_logprob_drift)
+    if drift.max(initial=0.0) > allowed_drift:
         return Verdict(False, "logprob_drift", {
-            **base, "max_drift": float(drift.max()), "allowed": max_logprob_drift,
-            "positions": _positions(drift > max_logprob_drift),
+            **base, "max_drift": float(drift.max()), "allowed": allowed_drift,
+            "positions": _positions(drift > allowed_drift),
         })
     failing = [(i, c) for i, c in enumerate(report.commitment_checks) if not c.passes(thresholds)]
     if failing:

@@ -121,15 +121,20 @@ class ReplayReport:
     logprob_drift: np.ndarray  # |claimed - recomputed| per token
     commitment_checks: list[commitment.ChunkCheck]  # empty when the commitment cannot be decoded
     commitment_error: str | None = None  # why the commitment cannot be decoded
+    temperature: float = 1.0  # the rollout's sampling temperature
 
     @property
     def max_logprob_drift(self) -> float:
         return float(self.logprob_drift.max())
 
+    def allowed_logprob_drift(self, max_logprob_drift: float) -> float:
+        """The drift bound at this rollout's temperature, for a bound stated at T = 1."""
+        return rule.logprob_drift_bound(max_logprob_drift, self.temperature)
+
     def passes(self, max_logprob_drift: float = rule.MAX_LOGPROB_DRIFT,
                thresholds: commitment.Thresholds = commitment.Thresholds()) -> bool:
         return (self.token_checks.num_mismatches == 0
-                and self.max_logprob_drift <= max_logprob_drift
+                and self.max_logprob_drift <= self.allowed_logprob_drift(max_logprob_drift)
                 and self.commitment_error is None
                 and commitment.accepts(self.commitment_checks, thresholds))
 
@@ -158,7 +163,7 @@ def replay(model: PreTrainedModel, rollouts: Sequence[ClaimedRollout],
     reports = []
     for rollout, checks, (chunk_checks, error) in zip(rollouts, token_checks, commitment_results):
         drift = np.abs(np.array(rollout.logprobs, dtype=np.float32) - checks.logprobs)
-        reports.append(ReplayReport(checks, drift, chunk_checks, error))
+        reports.append(ReplayReport(checks, drift, chunk_checks, error, rollout.sampling.temperature))
     return reports
 
 

@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 NUM_CHECKED_GROUPS = 12
 
 
-def test_vllm_node_rollouts_pass_the_validators_full_check(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_vllm_node_rollouts_pass_the_validators_full_check(tmp_path, dtype):
     cluster = Cluster(tmp_path, bootstrapped_model_dir(), Identity.generate())
     try:
         cluster.publish_fixed_policy()
@@ -24,7 +25,8 @@ def test_vllm_node_rollouts_pass_the_validators_full_check(tmp_path):
             "--set", "run.max_backlog_groups=0",
             "--set", f"validation.num_initial_checks={NUM_CHECKED_GROUPS}",
         )
-        node = cluster.start_node("vllm-node", "--set", "engine.kind=vllm", "--batch-size", "16")
+        node = cluster.start_node("vllm-node", "--set", "engine.kind=vllm", "--set", f"engine.dtype={dtype}",
+                                  "--batch-size", "16")
         wait_for(
             lambda: node.popen.poll() is not None
             or cluster.query("SELECT COUNT(*) FROM validation_results")[0][0] >= NUM_CHECKED_GROUPS,
@@ -34,7 +36,7 @@ def test_vllm_node_rollouts_pass_the_validators_full_check(tmp_path):
         assert cluster.query("SELECT check_name FROM validation_results WHERE NOT passed") == []
         (engine, accepted, rejected), = cluster.query(
             "SELECT engine, num_rollouts_accepted, num_rollouts_rejected FROM nodes")
-        assert engine == "vllm-cpu-float32"
+        assert engine == f"vllm-cpu-{dtype}"
         assert accepted >= NUM_CHECKED_GROUPS * 4 and rejected == 0
     finally:
         cluster.stop_all()

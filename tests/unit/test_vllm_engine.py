@@ -92,9 +92,9 @@ def test_length_limit_and_long_requests(engine, model_dir):
         engine.generate([dataclasses.replace(requests[0], prompt_token_ids=())])
 
 
-def full_check(model, requests, results) -> list:
+def full_check(model, requests, results, dtype: str = "float32") -> list:
     """The validator's full check (coordinator/validation.py) of each group of GROUP_SIZE results."""
-    tolerances = TOLERANCES["float32"]
+    tolerances = TOLERANCES[dtype]
     claims = [ClaimedRollout(q.prompt_token_ids, r.token_ids, r.logprobs, r.commitment, q.sampling, q.seed)
               for q, r in zip(requests, results)]
     reports = replay(model, claims, tolerances.logit_tolerance)
@@ -121,6 +121,20 @@ def test_validator_accepts_vllm_rollouts(engine, model_dir, torch_model):
     results = engine.generate(requests)
     assert len(results) >= 200
     verdicts = full_check(torch_model, requests, results)
+    assert [v.check for v in verdicts if not v.passed] == []
+
+
+def test_validator_accepts_bf16_vllm_rollouts(model_dir):
+    """A vLLM node in bf16, replayed by the torch validator in bf16: other kernels on each side (vLLM's
+    CPU attention and GEMMs against transformers'), so more drift than within one engine (README,
+    "Checks on a submission"). Every group passes the bf16 full check."""
+    bf16_engine = VllmEngine(model_dir, [EOS_ID], max_batch_size=64, dtype="bfloat16")
+    requests = (task_requests(model_dir, 128, SamplingParams(1.0, max_tokens=32), lease_seed=21)
+                + task_requests(model_dir, 128, SamplingParams(0.7, top_k=5, max_tokens=32), lease_seed=22)
+                + task_requests(model_dir, 128, SamplingParams(1.0, top_p=0.9, max_tokens=32), lease_seed=23))
+    results = bf16_engine.generate(requests)
+    assert sum(len(r.token_ids) for r in results) >= 7000
+    verdicts = full_check(load_model(model_dir, dtype="bfloat16"), requests, results, "bfloat16")
     assert [v.check for v in verdicts if not v.passed] == []
 
 
