@@ -81,8 +81,8 @@ def build_model(size: ModelSize, seed: int) -> Qwen2ForCausalLM:
 
 
 def policy_gradient_step(model, optimizer, vocab_size: int, *, num_groups: int, group_size: int, seq_len: int) -> None:
-    tokens = torch.randint(0, vocab_size, (num_groups * group_size, seq_len))
-    rewards = torch.randn(num_groups, group_size)
+    tokens = torch.randint(0, vocab_size, (num_groups * group_size, seq_len)).to(model.device)
+    rewards = torch.randn(num_groups, group_size).to(model.device)
     advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)).reshape(-1, 1)
     logits = model(tokens).logits[:, :-1].float()
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
@@ -117,8 +117,8 @@ class DeltaRun:
     last_update: PolicyUpdate | None
 
 
-def run_steps(size: ModelSize, lr: float, num_steps: int, batch: dict) -> DeltaRun:
-    model = build_model(size, seed=0)
+def run_steps(size: ModelSize, lr: float, num_steps: int, batch: dict, device: torch.device) -> DeltaRun:
+    model = build_model(size, seed=0).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     previous = export_bf16_state(model)
     num_weights = raw_bytes(previous) // 2
@@ -144,23 +144,27 @@ def headline(values: list[float]) -> float:
     return statistics.median(values[HEADLINE_FIRST_STEP - 1 : HEADLINE_LAST_STEP])
 
 
-def best_seconds(action, num_repeats: int, before=None) -> float:
+def best_seconds(action, num_repeats: int, before=None, synchronize=lambda: None) -> float:
     """The fastest of `num_repeats` runs: the least disturbed by other load on the machine."""
     times = []
     for _ in range(num_repeats):
         if before is not None:
             before()
+        synchronize()
         start = time.perf_counter()
         action()
+        synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def measure_apply(size: ModelSize, run: DeltaRun, num_repeats: int) -> tuple[float, float, float]:
+def measure_apply(size: ModelSize, run: DeltaRun, num_repeats: int, device: torch.device
+                  ) -> tuple[float, float, float]:
     """Seconds to apply the run's last delta in place, to load the full checkpoint from
     safetensors, and to rehash the node's full state (which a node does every
-    DEFAULT_FULL_CHECK_INTERVAL deltas, not on each)."""
-    model = build_model(size, seed=1)
+    DEFAULT_FULL_CHECK_INTERVAL deltas, not on each), with the node's model on `device`."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = build_model(size, seed=1).to(device)
     update = run.last_update
     assert update is not None
     signed = sign_manifest(TRAINER, update.manifest)
@@ -174,15 +178,16 @@ def measure_apply(size: ModelSize, run: DeltaRun, num_repeats: int) -> tuple[flo
         parameters = dict(model.named_parameters())
 
         def load_checkpoint() -> None:
-            loaded = load_file(str(path))
+            loaded = load_file(str(path), device=str(device))
             with torch.no_grad():
                 for name, tensor in loaded.items():
                     parameters[name].copy_(tensor)
 
         load_checkpoint()
-        load_seconds = best_seconds(load_checkpoint, num_repeats)
+        load_seconds = best_seconds(load_checkpoint, num_repeats, synchronize=synchronize)
     apply_seconds = best_seconds(
-        lambda: node.apply(signed, blobs), num_repeats, before=lambda: node.adopt(base_version, run.last_base)
+        lambda: node.apply(signed, blobs), num_repeats, before=lambda: node.adopt(base_version, run.last_base),
+        synchronize=synchronize,
     )
     hash_seconds = best_seconds(node.check_state_hash, num_repeats)
     return apply_seconds, load_seconds, hash_seconds
@@ -191,7 +196,10 @@ def measure_apply(size: ModelSize, run: DeltaRun, num_repeats: int) -> tuple[flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model only, fewer steps (< 1 minute)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N: where the optimizer steps run and the node's model lives")
     args = parser.parse_args()
+    device = torch.device(args.device)
     # One intra-op thread: on a shared machine, torch's spinning worker threads can make a
     # plain checkpoint copy 30x slower, which would flatter the apply ratio.
     torch.set_num_threads(1)
@@ -206,14 +214,14 @@ def main() -> None:
     results = {}
     for size in sizes:
         for lr in (1e-6, 1e-5):
-            results[(size.name, lr)] = run_steps(size, lr, num_steps, batch)
+            results[(size.name, lr)] = run_steps(size, lr, num_steps, batch, device)
 
     headline_size = sizes[-1]
     model = build_model(headline_size, seed=0)
     state = export_bf16_state(model)
     keyframe = build_keyframe(RUN, 0, state)
     keyframe_ratio = update_bytes(keyframe) / raw_bytes(state)
-    apply_seconds, load_seconds, hash_seconds = measure_apply(headline_size, results[(headline_size.name, 1e-6)], 5)
+    apply_seconds, load_seconds, hash_seconds = measure_apply(headline_size, results[(headline_size.name, 1e-6)], 5, device)
 
     print()
     print(f"steps {HEADLINE_FIRST_STEP}-{min(num_steps, HEADLINE_LAST_STEP)}, medians:")
@@ -229,7 +237,7 @@ def main() -> None:
         f"(apply with it amortized: {(apply_seconds + hash_seconds / DEFAULT_FULL_CHECK_INTERVAL) / load_seconds:.3f}"
         " of a load)"
     )
-    print(f"headline model: {headline_size.name}")
+    print(f"headline model: {headline_size.name}; node model on {device}")
     print(f"delta-ratio-lr1e-6: {headline(results[(headline_size.name, 1e-6)].ratios):.4%} (target: <= 1%)")
     print(f"delta-ratio-lr1e-5: {headline(results[(headline_size.name, 1e-5)].ratios):.4%} (target: none)")
     print(f"keyframe-ratio: {keyframe_ratio:.3f} (target: <= 0.8)")

@@ -55,6 +55,7 @@ class ValidationSection(_Section):
     num_initial_checks: int = Field(20, ge=0, description="a new node's submissions are all checked until it passed this many")
     floor_rate: float = Field(0.05, gt=0.0, le=1.0, description="the lowest sampling rate, reached with high reputation")
     max_strikes: int = Field(2, ge=1, description="failed full checks before a node is banned")
+    device: str = Field("cpu", description="where the in-process validator replays: cpu, cuda or cuda:N")
 
 
 class P2PSection(_Section):

@@ -135,7 +135,7 @@ def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> Built:
                                 lease_ms=round(config.validation.lease_s * 1000))
     if queue is not None and config.validation.in_process:
         history = PolicyHistory(blobs, config.run.run_id, setup.trainer_public_key, config.run.max_staleness + 1)
-        validator = Validator(queue, GroupChecker(history, model_directory(config)))
+        validator = Validator(queue, GroupChecker(history, model_directory(config), device=config.validation.device))
     gate = Gate(
         EnvelopeVerifier(window_ms=round(config.server.envelope_window_s * 1000)),
         RateLimiter(config.server.requests_per_second_per_node, config.server.request_burst_per_node),

@@ -261,10 +261,15 @@ class GroupChecker:
     """The full checks of groups on the trusted model: a validator's whole computation, the same
     inside the coordinator and in a `rollproof validator run` process."""
 
-    def __init__(self, history: PolicyHistory, model_dir, tolerances: dict[str, Tolerances] = TOLERANCES):
+    def __init__(self, history: PolicyHistory, model_dir, tolerances: dict[str, Tolerances] = TOLERANCES, *,
+                 device: str = "cpu"):
+        from policy.model import check_device
+
+        check_device(device)
         self.history = history
         self.model_dir = model_dir
         self.tolerances = tolerances
+        self.device = device
         self._models: dict[str, tuple[Any, int | None]] = {}
 
     def _model(self, dtype: str, version: int, state: BF16State):
@@ -273,7 +278,7 @@ class GroupChecker:
 
         model, loaded_version = self._models.get(dtype, (None, None))
         if model is None:
-            model = load_model(self.model_dir, dtype=dtype)
+            model = load_model(self.model_dir, dtype=dtype, device=self.device)
             freeze_long_lived_objects()
         if loaded_version != version:
             load_bf16_state(model, state)

@@ -32,6 +32,7 @@ class ValidatorSettings:
     validator_id: str
     max_groups: int = 64  # groups taken (and replayed together) at once
     idle_s: float = 0.5  # wait between polls when there is no work
+    device: str = "cpu"  # where the replay runs: cpu, cuda or cuda:N
 
     def __post_init__(self) -> None:
         if not self.operator_token:
@@ -77,7 +78,7 @@ def run_validator(settings: ValidatorSettings, stop: threading.Event) -> None:
         run_info = nodes.GetRunInfo(service_pb2.RunInfoRequest(), timeout=RPC_TIMEOUT_S)
         history = PolicyHistory(RemotePolicySource(nodes), run_info.run_id, run_info.trainer_public_key,
                                 run_info.max_staleness + 1)
-        checker = GroupChecker(history, settings.model_dir)
+        checker = GroupChecker(history, settings.model_dir, device=settings.device)
         log.info("validator %s working for run %s at %s", settings.validator_id, run_info.run_id, settings.coordinator)
         while not stop.is_set():
             try:

@@ -66,12 +66,13 @@ def torch_dtype(name: str) -> Any:
 
 
 def check_device(device: str) -> None:
-    import torch
-
+    """Refuse a device this process cannot use (imports torch only for an accelerator)."""
     if device == "cpu":
         return
     if not device.startswith("cuda"):
         raise ModelLoadError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    import torch
+
     if not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} requested but this torch build sees no CUDA device")
 

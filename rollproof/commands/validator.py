@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="the run's model directory (its config and tokenizer; weights come from the coordinator)")
     run.add_argument("--id", dest="validator_id", help="name shown in the coordinator's log (default HOST-PID)")
     run.add_argument("--max-groups", type=int, default=64, help="groups taken and replayed together (default 64)")
+    run.add_argument("--device", default="cpu", help="where the replay runs: cpu, cuda or cuda:N (default cpu)")
     run.set_defaults(func=run_validator)
 
 
@@ -37,6 +38,7 @@ def run_validator(args: argparse.Namespace) -> int:
         model_dir=args.model.expanduser(),
         validator_id=args.validator_id or f"{socket.gethostname()}-{os.getpid()}",
         max_groups=args.max_groups,
+        device=args.device,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

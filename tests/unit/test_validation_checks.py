@@ -1,11 +1,15 @@
 """The full checks of one replayed rollout (coordinator.validation.check_rollout) on made-up
-replay reports: the termination rule, and the log-probability drift bound at a temperature."""
+replay reports: the termination rule, and the log-probability drift bound at a temperature; and
+the validator's device setting."""
 
 import math
 
 import numpy as np
+import pytest
+import torch
 
-from coordinator.validation import MIN_EOS_LOGPROB, TOLERANCES, check_rollout
+from coordinator.validation import MIN_EOS_LOGPROB, TOLERANCES, GroupChecker, check_rollout
+from policy.model import ModelLoadError
 from policy.prefill import ReplayReport
 from protocol import commitment
 from protocol.sampling import TokenChecks, TokenVerdict
@@ -55,3 +59,11 @@ def test_the_logprob_drift_bound_scales_with_one_over_the_temperature():
     slow = _verdict(TokenVerdict.EXACT, -1.0, dtype="bfloat16", drift=1.1 * bound / 0.5, temperature=0.5)
     assert not slow.passed and slow.evidence["allowed"] == bound / 0.5
     assert _verdict(TokenVerdict.EXACT, -1.0, dtype="bfloat16", drift=bound, temperature=0.0).passed
+
+
+def test_a_validator_refuses_a_device_it_cannot_use_when_it_starts():
+    with pytest.raises(ModelLoadError, match="unknown device 'tpu'"):
+        GroupChecker(history=None, model_dir=None, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="sees no CUDA device"):
+            GroupChecker(history=None, model_dir=None, device="cuda")
