@@ -184,6 +184,7 @@ class TorchEngine:
         attention_mask = torch.cat(
             [attention_mask, attention_mask.new_ones((num_rows, num_steps))], dim=1)
         positions = torch.arange(num_steps, dtype=torch.int64, device=device)
+        keys = sampling.noise_keys(rows.seed_lo[:, None], rows.seed_hi[:, None], positions[None, :])
         cache = DynamicCache(config=self.model.config)
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask[:, :prompt_width],
                               position_ids=position_ids, past_key_values=cache,
@@ -197,7 +198,7 @@ class TorchEngine:
         done_check_interval = 1 if device.type == "cpu" else _DONE_CHECK_INTERVAL
         for step in range(num_steps):
             logits = self.lm_head(hidden)
-            sampled = sampling.sample(logits, positions[step].expand(num_rows), rows)
+            sampled = sampling.sample(logits, positions[step].expand(num_rows), rows, keys.at_step(step))
             builder.add(step, hidden)
             step_tokens.append(sampled.token_ids)
             step_logprobs.append(sampled.logprobs)

@@ -61,23 +61,38 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
+@dataclass(frozen=True)
+class NoiseKeys:
+    """The two hash keys of the noise of each row at its position (protocol.sampling.row_keys),
+    int64 [rows]. A generation loop computes them for all its steps at once (noise_keys over
+    [rows, steps]) and takes a column per step."""
+
+    key0: torch.Tensor
+    key1: torch.Tensor
+
+    def at_step(self, step: int) -> NoiseKeys:
+        return NoiseKeys(self.key0[:, step], self.key1[:, step])
+
+
+def noise_keys(seed_lo: torch.Tensor, seed_hi: torch.Tensor, positions: torch.Tensor) -> NoiseKeys:
+    key0 = mix32(mix32(mix32(seed_lo ^ rule.SEED_DOMAIN) ^ seed_hi) ^ positions)
+    return NoiseKeys(key0, mix32(key0 ^ rule.TOKEN_DOMAIN))
+
+
+def noise_bits_at(keys: NoiseKeys, vocab_size: int) -> torch.Tensor:
+    token_ids = torch.arange(vocab_size, dtype=torch.int64, device=keys.key0.device)[None, :]
+    bits = mix32(mix32(token_ids ^ keys.key1[:, None]) ^ keys.key0[:, None])
+    return bits >> (32 - rule.NOISE_BITS)
+
+
 def noise_bits(seed_lo: torch.Tensor, seed_hi: torch.Tensor, positions: torch.Tensor,
                vocab_size: int) -> torch.Tensor:
-    key0 = mix32(mix32(mix32(seed_lo ^ rule.SEED_DOMAIN) ^ seed_hi) ^ positions)
-    key1 = mix32(key0 ^ rule.TOKEN_DOMAIN)
-    token_ids = torch.arange(vocab_size, dtype=torch.int64, device=positions.device)[None, :]
-    bits = mix32(mix32(token_ids ^ key1[:, None]) ^ key0[:, None])
-    return bits >> (32 - rule.NOISE_BITS)
+    return noise_bits_at(noise_keys(seed_lo, seed_hi, positions), vocab_size)
 
 
 def gumbel_from_bits(bits: torch.Tensor) -> torch.Tensor:
     uniform = (2 * bits + 1).to(torch.float64) * 2.0 ** -(rule.NOISE_BITS + 1)
     return (-torch.log(-torch.log(uniform))).to(torch.float32)
-
-
-def gumbel_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, positions: torch.Tensor,
-                 vocab_size: int) -> torch.Tensor:
-    return gumbel_from_bits(noise_bits(seed_lo, seed_hi, positions, vocab_size))
 
 
 def _top_k_threshold(descending: torch.Tensor, rows: RowSampling) -> torch.Tensor:
@@ -142,7 +157,8 @@ class _Scored:
     inverse_t: torch.Tensor  # float32 [rows], 1 at T = 0
 
 
-def _score(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling) -> _Scored:
+def _score(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling,
+           keys: NoiseKeys | None = None) -> _Scored:
     logits = logits.to(torch.float32)
     greedy = rows.temperature == 0.0
     inverse_t = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, rows.temperature)).to(torch.float32)
@@ -154,7 +170,9 @@ def _score(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling) -> 
     else:
         threshold = minus_inf
         allowed = torch.ones_like(scaled, dtype=torch.bool)
-    noise = gumbel_noise(rows.seed_lo, rows.seed_hi, positions, logits.shape[1])
+    if keys is None:
+        keys = noise_keys(rows.seed_lo, rows.seed_hi, positions)
+    noise = gumbel_from_bits(noise_bits_at(keys, logits.shape[1]))
     perturbed = torch.where(allowed, scaled + noise, -torch.inf)
     scores = torch.where(greedy[:, None], logits, perturbed)
     return _Scored(scores, scaled, allowed, threshold, noise, greedy, inverse_t)
@@ -172,9 +190,11 @@ class SampledTokens:
     margins: torch.Tensor  # float32 [rows]
 
 
-def sample(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling) -> SampledTokens:
-    """One step of the rule for logits [rows, vocab] at per-row positions (int64 [rows])."""
-    scored = _score(logits, positions, rows)
+def sample(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling,
+           keys: NoiseKeys | None = None) -> SampledTokens:
+    """One step of the rule for logits [rows, vocab] at per-row positions (int64 [rows]); `keys`:
+    the rows' noise keys at those positions, when the caller computed them ahead."""
+    scored = _score(logits, positions, rows, keys)
     token_ids = scored.scores.argmax(dim=1)
     top_two = scored.scores.topk(2, dim=1).values
     margins = torch.where(torch.isneginf(top_two[:, 1]), torch.inf, top_two[:, 0] - top_two[:, 1])
