@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 from coordinator.checks import LeaseRejection, LeaseView, RunFacts, check_lease, check_rollouts
 from coordinator.config import CoordinatorConfig
 from coordinator.scheduler import LeasePlan, Scheduler
+from coordinator.validation import declared_dtype
 from coordinator.versions import PolicyVersions
 from coordinator.store import (
     DuplicateRolloutError,
@@ -157,6 +158,15 @@ class Coordinator:
     def register(
         self, node_id: str, public_key: bytes, display_name: str, engine: str, hardware: str, software_version: str
     ) -> NodeRecord:
+        """Register (or re-register) a node; its engine declares the precision its work is checked in, which
+        must be one the run accepts (validation.precisions)."""
+        precision = declared_dtype(engine)
+        accepted = self.config.validation.precisions
+        if self.config.validation.enabled and precision not in accepted:
+            raise InvalidRequestError(
+                f"engine {engine[:64]!r} computes in {precision}, and this run accepts nodes computing in "
+                f"{', '.join(accepted)} only: set the node's engine.dtype to one of them"
+            )
         return self.store.register_node(
             node_id, public_key, display_name[:64], engine[:64], hardware[:128], software_version[:64], self.clock()
         )

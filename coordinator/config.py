@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -56,6 +57,11 @@ class ValidationSection(_Section):
     floor_rate: float = Field(0.05, gt=0.0, le=1.0, description="the lowest sampling rate, reached with high reputation")
     max_strikes: int = Field(2, ge=1, description="failed full checks before a node is banned")
     device: str = Field("cpu", description="where the in-process validator replays: cpu, cuda or cuda:N")
+    precisions: list[Literal["float32", "bfloat16"]] = Field(
+        ["float32", "bfloat16"], min_length=1,
+        description="the compute precisions a node may declare (by its engine); each is held to its own bounds, "
+                    "and bfloat16's are far looser, so a run whose nodes compute in float32 should accept that alone",
+    )
 
 
 class P2PSection(_Section):

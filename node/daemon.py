@@ -71,6 +71,11 @@ def _retryable(error: grpc.aio.AioRpcError) -> bool:
     )
 
 
+class CoordinatorRefusedError(ValueError):
+    """The coordinator answered a request with an error that retrying cannot fix (the node's
+    registration, key or request is refused); the node stops and says why."""
+
+
 class NodeDaemon:
     def __init__(self, config: NodeConfig, *, model_dir: Path, accept_trainer_key: bool = False):
         self.config = config
@@ -105,7 +110,9 @@ class NodeDaemon:
                 result = await make_call()
             except grpc.aio.AioRpcError as error:
                 if not _retryable(error):
-                    raise
+                    raise CoordinatorRefusedError(
+                        f"{what}: the coordinator refused ({error.code().name}): {error.details()}"
+                    ) from None
                 if self.stop_event.is_set():
                     raise _Stopping(f"{what}: {error.code().name}") from None
                 self.status.link = "reconnecting"

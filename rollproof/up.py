@@ -20,7 +20,7 @@ from protocol.identity import Identity
 STARTUP_TIMEOUT_S = 180
 # The embedded run's settings, tuned for the default tiny model on a 2-core machine; flags of the
 # command line come after them and win.
-EMBEDDED_COORDINATOR_SETTINGS = ["run.max_backlog_groups=128"]
+EMBEDDED_COORDINATOR_SETTINGS = ["run.max_backlog_groups=128", 'validation.precisions=["float32"]']
 EMBEDDED_TRAINER_SETTINGS = [
     "optimizer.lr=3e-4", "groups_per_step=64", "threads=1", "eval_every=10", "eval_problems=200",
 ]

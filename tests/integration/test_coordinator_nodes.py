@@ -80,3 +80,17 @@ def test_nodes_survive_crashes_of_a_node_and_of_the_coordinator(tmp_path, tiny_m
         assert cluster.query("SELECT COUNT(*) FROM submissions GROUP BY batch_hash HAVING COUNT(*) > 1") == []
     finally:
         cluster.stop_all()
+
+
+def test_a_node_in_a_precision_the_run_refuses_stops_with_the_reason(tmp_path, tiny_model):
+    cluster = Cluster(tmp_path, tiny_model, Identity.generate())
+    try:
+        cluster.publish_fixed_policy()
+        cluster.start_coordinator("--set", 'validation.precisions=["float32"]')
+        node = cluster.start_node("bf16-node", "--set", "engine.dtype=bfloat16")
+        wait_for(lambda: node.popen.poll() is not None, 120, "the bf16 node to stop")
+        assert node.popen.returncode != 0
+        assert "this run accepts nodes computing in float32 only" in node.log()
+        assert cluster.query("SELECT COUNT(*) FROM nodes")[0][0] == 0
+    finally:
+        cluster.stop_all()

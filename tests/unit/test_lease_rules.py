@@ -1,9 +1,10 @@
-"""When the coordinator hands out a lease (Coordinator.lease): at the policy version the node holds,
+"""Which nodes may register (the precisions a run accepts), and when the coordinator hands out a lease
+(Coordinator.lease): at the policy version the node holds,
 when that is recent enough for its groups to be trained on; otherwise why not and when to ask again."""
 
 import pytest
 
-from coordinator.app import BACKLOG_RETRY_MS, NO_POLICY_RETRY_MS, LeaseWait
+from coordinator.app import BACKLOG_RETRY_MS, NO_POLICY_RETRY_MS, InvalidRequestError, LeaseWait
 from coordinator.store import PolicyVersionRecord
 from policy.tokenizer import load_tokenizer, save_char_tokenizer
 from protocol.identity import Identity
@@ -48,3 +49,19 @@ def test_no_lease_before_a_policy_or_while_the_backlog_is_full(make_coordinator,
     full, full_node = _with_versions(make_coordinator, tokenizer, 1, run={"max_backlog_groups": 1})
     monkeypatch.setattr(full, "backlog_full", lambda: True)
     assert full.lease(full_node, 1) == LeaseWait("the backlog of groups for the trainer is full", BACKLOG_RETRY_MS)
+
+
+def test_a_node_declaring_a_precision_the_run_does_not_accept_cannot_register(make_coordinator):
+    """bf16's bounds are far looser than fp32's: a run of fp32 nodes accepts no bf16 declaration,
+    which would otherwise let a cheater buy the looser checks by declaring it."""
+    coordinator = make_coordinator(validation={"precisions": ["float32"]})
+    node = Identity.generate()
+    with pytest.raises(InvalidRequestError, match="computes in bfloat16, and this run accepts nodes computing in "
+                                                  "float32 only: set the node's engine.dtype"):
+        coordinator.register(node.key_id, node.public_key, "n", "torch-cuda-bfloat16", "gpu", "test")
+    assert coordinator.store.get_node(node.key_id) is None
+    assert coordinator.register(node.key_id, node.public_key, "n", "torch-cpu-float32", "cpu", "test").engine == (
+        "torch-cpu-float32")
+    both = make_coordinator()
+    assert both.register(node.key_id, node.public_key, "n", "vllm-cuda-bfloat16", "gpu", "test").engine == (
+        "vllm-cuda-bfloat16")
