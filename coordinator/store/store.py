@@ -1187,12 +1187,13 @@ class Store:
             ).rowcount
 
     def quarantine_node_groups(self, node_id: str, now_ms: int) -> int:
-        """Quarantine all the node's groups that are neither consumed nor verified by a full check."""
+        """Quarantine all the node's groups the trainer has not consumed, those that passed a full
+        check too: a node caught once is trusted with none of its work."""
         sources = [source.value for source in GROUP_STATE_SOURCES[GroupState.QUARANTINED]]
         with self._write() as connection:
             return connection.execute(
                 update(_groups)
-                .where(_groups.c.node_id == node_id, _groups.c.state.in_(sources), _groups.c.verified.is_(False))
+                .where(_groups.c.node_id == node_id, _groups.c.state.in_(sources))
                 .values(state=GroupState.QUARANTINED.value, updated_ms=now_ms)
             ).rowcount
 

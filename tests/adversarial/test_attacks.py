@@ -36,7 +36,7 @@ def margin_of(check: str, evidence: dict) -> dict:
     if check == "commitment" and "exponent_mismatches" in evidence:
         return {k: evidence[k] for k in ("exponent_mismatches", "mantissa_error_mean", "mantissa_error_median")} | {
             "allowed": allowed}
-    if check == "commitment_pooled":
+    if check in ("commitment_pooled", "commitment_node_pooled"):
         return {k: evidence[k] for k in ("exponent_mismatches_per_chunk", "mantissa_error_mean")} | {"allowed": allowed}
     if check == "termination":
         return {"eos_logprob": evidence["eos_logprob"], "allowed_min": evidence["allowed_min"]}
@@ -377,6 +377,40 @@ def test_15_malformed_and_oversized_messages(cluster, trusted):
 
     assert run(scenario()) == [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED]
     MARGINS["15-malformed-oversized"] = {"check": "INVALID_ARGUMENT / RESOURCE_EXHAUSTED", "exact": True}
+
+
+def test_2_int8_under_a_bf16_declaration_is_caught_over_its_groups(cluster, trusted):
+    """int8 linear layers run in bf16 by a node that declares bf16, whose bounds must let honest
+    cross-engine drift pass: most of its groups pass one by one; its last NODE_WINDOW_CHUNKS chunks
+    pooled do not (or, by chance, one chunk fails first). Then none of its groups, those that had
+    passed included, can reach the trainer."""
+    from coordinator.validation import NODE_WINDOW_CHUNKS
+
+    model, tokenizer = trusted
+    cheat = int8_linear_weights(model).to(torch.bfloat16)
+
+    async def scenario():
+        attacker = await Attacker(cluster, cheat, tokenizer, engine_name="torch-cpu-bfloat16").start()
+        num_chunks = 0
+        while num_chunks < 2 * NODE_WINDOW_CHUNKS:
+            batch = attacker.generate(await attacker.lease())
+            num_chunks += sum(-(-len(r.token_ids) // 32) for g in batch.groups for r in g.rollouts)
+            await attacker.submit(batch)
+            if not all(passed for passed, _, _ in wait_for_validation(cluster, attacker.node_id)):
+                break
+        await attacker.close()
+        return attacker
+
+    attacker = run(scenario())
+    results = wait_for_validation(cluster, attacker.node_id)
+    failures = [(check, evidence) for passed, check, evidence in results if not passed]
+    assert failures, f"passed {len(results)} full checks"
+    check, evidence = failures[0]
+    assert check in {"commitment", "commitment_node_pooled"}, evidence
+    assert sum(passed for passed, _, _ in results) > 0  # it did pass groups before it was caught
+    assert trainable_groups(cluster, attacker.node_id) == 0
+    MARGINS["2-int8-linear-declared-bf16"] = {"check": check, "num_groups_passed_before": sum(
+        passed for passed, _, _ in results), **margin_of(check, evidence)}
 
 
 def test_repeat_offender_is_banned_and_loses_its_credit(cluster, trusted):

@@ -543,7 +543,7 @@ def test_group_state_changes_follow_the_allowed_transitions(store: Store):
     assert store.count_groups([]) == 0
 
 
-def test_quarantine_takes_the_nodes_unverified_unconsumed_groups(store: Store):
+def test_quarantine_takes_the_nodes_unconsumed_groups_verified_or_not(store: Store):
     for node_id in ("node-a", "node-b"):
         _register(store, node_id)
     _, ready = _leased_submission(store, "node-a", b"batch-1")
@@ -556,12 +556,12 @@ def test_quarantine_takes_the_nodes_unverified_unconsumed_groups(store: Store):
     store.mark_consumed([consumed_id], 1, T0)
     store.record_validation(verified_id, True, "all", "{}", T0)
 
-    assert store.quarantine_node_groups("node-a", T0 + 1) == 2
+    assert store.quarantine_node_groups("node-a", T0 + 1) == 3
     states = {gid: store.get_group(gid).state for gid in (consumed_id, unverified_id, verified_id, pending_id)}
     assert states == {
         consumed_id: GroupState.CONSUMED,
         unverified_id: GroupState.QUARANTINED,
-        verified_id: GroupState.READY,
+        verified_id: GroupState.QUARANTINED,
         pending_id: GroupState.QUARANTINED,
     }
     assert all(g.state is GroupState.READY for g in map(store.get_group, (g.group_id for g in other.groups)))

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.validation import MIN_EOS_LOGPROB, TOLERANCES, GroupChecker, check_rollout
+from coordinator.validation import (
+    MIN_EOS_LOGPROB,
+    TOLERANCES,
+    GroupChecker,
+    GroupJob,
+    NodeChunkWindows,
+    check_rollout,
+)
+from policy.engine import GenerationRequest
 from policy.model import ModelLoadError
 from policy.prefill import ReplayReport
 from protocol import commitment
@@ -67,3 +75,79 @@ def test_a_validator_refuses_a_device_it_cannot_use_when_it_starts():
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="sees no CUDA device"):
             GroupChecker(history=None, model_dir=None, device="cuda")
+
+
+def test_node_windows_pool_the_last_chunks_like_the_reference():
+    """NodeChunkWindows keeps three numbers a chunk in a ring; once full, its statistics equal
+    commitment.pool over the node's last chunks."""
+    rng = np.random.default_rng(4)
+    windows = NodeChunkWindows(num_chunks=20)
+    history = {"a": [], "b": []}
+    for step in range(12):
+        node = "a" if step % 3 else "b"
+        checks = [commitment.ChunkCheck(int(rng.integers(0, 4)), float(rng.uniform(0, 2)), 0.0, int(rng.integers(60, 129)))
+                  for _ in range(int(rng.integers(1, 6)))]
+        history[node].extend(checks)
+        pooled = windows.add(node, checks)
+        if len(history[node]) < 20:
+            assert pooled is None
+            continue
+        reference = commitment.pool(history[node][-20:])
+        assert pooled.num_chunks == reference.num_chunks == 20
+        assert math.isclose(pooled.exponent_mismatches_per_chunk, reference.exponent_mismatches_per_chunk)
+        assert math.isclose(pooled.mantissa_error_mean, reference.mantissa_error_mean, rel_tol=1e-12)
+    assert len(history["a"]) >= 20
+
+
+class FixedHistory:
+    """A PolicyHistory that holds one version: the state it was given."""
+
+    def __init__(self, state):
+        self._state = state
+
+    def state(self, version: int):
+        return self._state if version == 1 else None
+
+
+def _groups_of(model, tokenizer, num_groups: int, node_id: str) -> list[GroupJob]:
+    from envs import Split, get_task
+    from policy.engine import TorchEngine
+    from protocol.sampling import derive_sample_seed
+    from protocol.types import SamplingParams
+
+    task, params = get_task("addition"), SamplingParams(1.0, max_tokens=32)
+    jobs = []
+    for index in range(num_groups):
+        prompt = tuple(tokenizer.encode(task.problem(Split.TRAIN, 0, index).prompt))
+        seeds = tuple(derive_sample_seed(3, index, sample) for sample in range(8))
+        results = TorchEngine(model, [tokenizer.eos_token_id]).generate(
+            [GenerationRequest(prompt, params, seed) for seed in seeds])
+        rollouts = tuple(Rollout(sample, r.token_ids, (True,) * len(r.token_ids), r.logprobs, r.commitment,
+                                 r.finish_reason, 0.0) for sample, r in enumerate(results))
+        jobs.append(GroupJob(f"{node_id}-{index}", node_id, 1, "bfloat16", prompt, params, seeds, rollouts))
+    return jobs
+
+
+def test_a_deviation_each_group_hides_shows_in_the_nodes_window(tiny_model):
+    """int8 linear layers in bf16 under a bf16 declaration: a group of 8 one-chunk rollouts is too
+    few chunks for the pooled check, and most groups pass; once the node's window of chunks is
+    full, its groups fail it. An honest bf16 node's window passes."""
+    from policy.model import load_model
+    from policy.tokenizer import load_tokenizer
+    from policy.weights import export_bf16_state
+    from tests.adversarial.test_attacks import int8_linear_weights
+
+    tokenizer = load_tokenizer(tiny_model)
+    trusted = load_model(tiny_model, dtype="bfloat16")
+    checker = GroupChecker(FixedHistory(export_bf16_state(trusted)), tiny_model)
+    checker.node_windows = NodeChunkWindows(num_chunks=128)
+    cheat = int8_linear_weights(trusted)
+    verdicts = checker.check(_groups_of(cheat, tokenizer, 32, "cheat") + _groups_of(trusted, tokenizer, 24, "honest"))
+    cheat_checks = [v.check for v in verdicts[:32]]
+    first_window_failure = cheat_checks.index("commitment_node_pooled")
+    assert first_window_failure >= 128 // 8 - 1  # the 16th group of 8 chunks fills the window
+    assert cheat_checks[:first_window_failure].count("all") >= first_window_failure - 2
+    assert set(cheat_checks[first_window_failure:]) <= {"commitment_node_pooled", "commitment"}
+    window = next(v for v in verdicts if v.check == "commitment_node_pooled").evidence
+    assert window["num_chunks"] == 128 and window["mantissa_error_mean"] > window["allowed"]["mantissa_error_mean"]
+    assert [v.check for v in verdicts[32:]] == ["all"] * 24

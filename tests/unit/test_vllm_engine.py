@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from coordinator.validation import TOLERANCES, check_rollout  # noqa: E402
+from coordinator.validation import TOLERANCES, NodeChunkWindows, check_rollout  # noqa: E402
 from envs import Split, get_task  # noqa: E402
 from policy.bootstrap import bootstrapped_model_dir  # noqa: E402
 from policy.engine import EngineRequestError, GenerationEngine, GenerationRequest, TorchEngine  # noqa: E402
@@ -93,8 +93,10 @@ def test_length_limit_and_long_requests(engine, model_dir):
 
 
 def full_check(model, requests, results, dtype: str = "float32") -> list:
-    """The validator's full check (coordinator/validation.py) of each group of GROUP_SIZE results."""
+    """The validator's full check (coordinator/validation.py) of each group of GROUP_SIZE results,
+    the node's window of chunks included."""
     tolerances = TOLERANCES[dtype]
+    windows = NodeChunkWindows()
     claims = [ClaimedRollout(q.prompt_token_ids, r.token_ids, r.logprobs, r.commitment, q.sampling, q.seed)
               for q, r in zip(requests, results)]
     reports = replay(model, claims, tolerances.logit_tolerance)
@@ -110,6 +112,8 @@ def full_check(model, requests, results, dtype: str = "float32") -> list:
                                           thresholds=tolerances.thresholds))
             group_checks.extend(report.commitment_checks)
         assert commitment.pool(group_checks).passes(tolerances.thresholds)
+        window = windows.add("vllm-node", group_checks)
+        assert window is None or window.passes(tolerances.thresholds), window
     return verdicts
 
 
