@@ -110,9 +110,7 @@ class NodeDaemon:
                 result = await make_call()
             except grpc.aio.AioRpcError as error:
                 if not _retryable(error):
-                    raise CoordinatorRefusedError(
-                        f"{what}: the coordinator refused ({error.code().name}): {error.details()}"
-                    ) from None
+                    raise
                 if self.stop_event.is_set():
                     raise _Stopping(f"{what}: {error.code().name}") from None
                 self.status.link = "reconnecting"
@@ -206,6 +204,10 @@ class NodeDaemon:
                 heartbeat.cancel()
                 if self.peers is not None:
                     await asyncio.to_thread(self.peers.stop)
+        except grpc.aio.AioRpcError as error:
+            raise CoordinatorRefusedError(
+                f"the coordinator refused a request ({error.code().name}): {error.details()}"
+            ) from None
         finally:
             self.status.link = "stopped"
             self._write_status()
