@@ -269,17 +269,22 @@ class NodeChunkWindows:
 
     def __init__(self, num_chunks: int = NODE_WINDOW_CHUNKS):
         self.num_chunks = num_chunks
-        self._windows: dict[str, tuple[np.ndarray, list[int]]] = {}
+        # Per node: rows of (exponent mismatches, mantissa error sum, matched points), a ring, and
+        # how many chunks it has seen.
+        self._rows: dict[str, np.ndarray] = {}
+        self._num_seen: dict[str, int] = {}
 
     def add(self, node_id: str, checks: Sequence[commitment.ChunkCheck]) -> commitment.PooledCheck | None:
         """Add the chunks of a node's group; the node's window pooled once it holds num_chunks."""
-        rows, cursor = self._windows.setdefault(node_id, (np.zeros((self.num_chunks, 3)), [0]))
+        rows = self._rows.setdefault(node_id, np.zeros((self.num_chunks, 3)))
+        num_seen = self._num_seen.get(node_id, 0)
         for check in checks:
             num_matched = check.num_points - check.exponent_mismatches
-            rows[cursor[0] % self.num_chunks] = (check.exponent_mismatches,
-                                                 check.mantissa_error_mean * num_matched, num_matched)
-            cursor[0] += 1
-        if cursor[0] < self.num_chunks:
+            rows[num_seen % self.num_chunks] = (check.exponent_mismatches, check.mantissa_error_mean * num_matched,
+                                                num_matched)
+            num_seen += 1
+        self._num_seen[node_id] = num_seen
+        if num_seen < self.num_chunks:
             return None
         exponent_mismatches, mantissa_error_sum, num_matched = rows.sum(axis=0)
         return commitment.PooledCheck(

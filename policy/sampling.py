@@ -151,7 +151,6 @@ class _Scored:
     scores: torch.Tensor  # perturbed scores (raw logits at T = 0), -inf outside the allowed set
     scaled: torch.Tensor  # logits * float32(1 / T) (raw logits at T = 0)
     allowed: torch.Tensor
-    threshold: torch.Tensor  # filter threshold per row (-inf without filters, and at T = 0)
     noise: torch.Tensor
     greedy: torch.Tensor
     inverse_t: torch.Tensor  # float32 [rows], 1 at T = 0
@@ -163,19 +162,17 @@ def _score(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling,
     greedy = rows.temperature == 0.0
     inverse_t = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, rows.temperature)).to(torch.float32)
     scaled = logits * inverse_t[:, None]
-    minus_inf = torch.full((logits.shape[0],), -torch.inf, dtype=scaled.dtype, device=scaled.device)
     if rows.uses_top_k or rows.uses_top_p:
-        threshold = torch.where(greedy, minus_inf, _filter_threshold(scaled, rows))
-        allowed = scaled >= threshold[:, None]
+        minus_inf = torch.full((logits.shape[0],), -torch.inf, dtype=scaled.dtype, device=scaled.device)
+        allowed = scaled >= torch.where(greedy, minus_inf, _filter_threshold(scaled, rows))[:, None]
     else:
-        threshold = minus_inf
         allowed = torch.ones_like(scaled, dtype=torch.bool)
     if keys is None:
         keys = noise_keys(rows.seed_lo, rows.seed_hi, positions)
     noise = gumbel_from_bits(noise_bits_at(keys, logits.shape[1]))
     perturbed = torch.where(allowed, scaled + noise, -torch.inf)
     scores = torch.where(greedy[:, None], logits, perturbed)
-    return _Scored(scores, scaled, allowed, threshold, noise, greedy, inverse_t)
+    return _Scored(scores, scaled, allowed, noise, greedy, inverse_t)
 
 
 def _log_softmax_at(scaled: torch.Tensor, allowed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -290,7 +290,6 @@ class _Scored:
     scores: np.ndarray
     scaled: np.ndarray
     allowed: np.ndarray
-    threshold: np.ndarray
 
 
 def _score(logits: np.ndarray, seeds: np.ndarray, positions: np.ndarray,
@@ -303,13 +302,13 @@ def _score(logits: np.ndarray, seeds: np.ndarray, positions: np.ndarray,
     positions = np.broadcast_to(np.asarray(positions, dtype=np.uint64), (num_rows,))
     if params.temperature == 0.0:
         everything = np.ones(logits.shape, dtype=bool)
-        return _Scored(logits, logits, everything, np.full(num_rows, -np.inf, dtype=np.float32))
+        return _Scored(logits, logits, everything)
     scaled = logits * inverse_temperature(params.temperature)
     threshold = filter_threshold(scaled, params.top_k, params.top_p)
     allowed = scaled >= threshold[:, None]
     noise = gumbel_noise(seeds, positions, logits.shape[1])
     scores = np.where(allowed, scaled + noise, np.float32(-np.inf))
-    return _Scored(scores, scaled, allowed, threshold)
+    return _Scored(scores, scaled, allowed)
 
 
 def sample_tokens(logits: np.ndarray, seeds: np.ndarray, positions: np.ndarray,
