@@ -115,8 +115,7 @@ def _nucleus_cutoff(descending: torch.Tensor, threshold_k: torch.Tensor, top_p: 
     return torch.where(is_reached, reached.to(torch.int8).argmax(dim=1), survives.sum(dim=1) - 1), is_reached
 
 
-def _filter_threshold(scaled: torch.Tensor, rows: RowSampling) -> torch.Tensor:
-    descending = scaled.sort(dim=1, descending=True).values
+def _filter_threshold(descending: torch.Tensor, rows: RowSampling) -> torch.Tensor:
     threshold = _top_k_threshold(descending, rows)
     if rows.uses_top_p:
         cutoff, _ = _nucleus_cutoff(descending, threshold, rows.top_p)
@@ -125,17 +124,17 @@ def _filter_threshold(scaled: torch.Tensor, rows: RowSampling) -> torch.Tensor:
     return threshold
 
 
-def _filter_band(scaled: torch.Tensor, rows: RowSampling, tolerance: torch.Tensor
+def _filter_band(descending: torch.Tensor, rows: RowSampling, tolerance: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """protocol.sampling.filter_band with parameters and a tolerance per row."""
-    descending = scaled.sort(dim=1, descending=True).values
+    """protocol.sampling.filter_band with parameters and a tolerance per row, over the scaled
+    logits sorted descending."""
     threshold_k = _top_k_threshold(descending, rows)
     certain, possible = threshold_k + tolerance, threshold_k - tolerance
     if rows.uses_top_p:
         uses_p = rows.top_p < 1.0
         bands = [rule.nucleus_band(top_p, row_tolerance)
                  for top_p, row_tolerance in zip(rows.top_p.tolist(), tolerance.tolist())]
-        narrow, wide = (torch.tensor(values, dtype=torch.float32, device=scaled.device) for values in zip(*bands))
+        narrow, wide = (torch.tensor(values, dtype=torch.float32, device=descending.device) for values in zip(*bands))
         cutoff, _ = _nucleus_cutoff(descending, threshold_k, narrow)
         certain = torch.where(uses_p, torch.maximum(certain, descending.gather(1, cutoff[:, None])[:, 0] + tolerance),
                               certain)
@@ -154,6 +153,7 @@ class _Scored:
     noise: torch.Tensor
     greedy: torch.Tensor
     inverse_t: torch.Tensor  # float32 [rows], 1 at T = 0
+    descending: torch.Tensor | None  # scaled sorted descending per row, where filters are used
 
 
 def _score(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling,
@@ -162,9 +162,11 @@ def _score(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling,
     greedy = rows.temperature == 0.0
     inverse_t = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, rows.temperature)).to(torch.float32)
     scaled = logits * inverse_t[:, None]
+    descending = None
     if rows.uses_top_k or rows.uses_top_p:
+        descending = scaled.sort(dim=1, descending=True).values
         minus_inf = torch.full((logits.shape[0],), -torch.inf, dtype=scaled.dtype, device=scaled.device)
-        allowed = scaled >= torch.where(greedy, minus_inf, _filter_threshold(scaled, rows))[:, None]
+        allowed = scaled >= torch.where(greedy, minus_inf, _filter_threshold(descending, rows))[:, None]
     else:
         allowed = torch.ones_like(scaled, dtype=torch.bool)
     if keys is None:
@@ -172,7 +174,7 @@ def _score(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling,
     noise = gumbel_from_bits(noise_bits_at(keys, logits.shape[1]))
     perturbed = torch.where(allowed, scaled + noise, -torch.inf)
     scores = torch.where(greedy[:, None], logits, perturbed)
-    return _Scored(scores, scaled, allowed, noise, greedy, inverse_t)
+    return _Scored(scores, scaled, allowed, noise, greedy, inverse_t, descending)
 
 
 def _log_softmax_at(scaled: torch.Tensor, allowed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -223,9 +225,9 @@ def check_tokens(logits: torch.Tensor, token_ids: torch.Tensor, positions: torch
                           claimed_scaled + scored.noise.gather(1, claim)[:, 0])
     minus_inf = torch.full_like(tolerance, -torch.inf)
     certain = possible = minus_inf
-    if rows.uses_top_k or rows.uses_top_p:
+    if scored.descending is not None:
         certain, possible = (torch.where(scored.greedy, minus_inf, bound)
-                             for bound in _filter_band(scored.scaled, rows, tolerance))
+                             for bound in _filter_band(scored.descending, rows, tolerance))
     best_certain = torch.where(scored.scaled >= certain[:, None], scored.scores, -torch.inf).max(dim=1).values
     is_best = best == token_ids
     score_gaps = torch.where(is_best, 0.0, torch.clamp_min(best_certain - claimed, 0.0))
