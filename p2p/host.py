@@ -7,6 +7,7 @@ on_announcement callback: that runs in the host thread itself.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -19,6 +20,7 @@ from p2p.settings import AnnouncementHandler, BlobSink, BlobSource, OriginFetch,
 from protocol.identity import Identity
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class P2PHostError(RuntimeError):
@@ -95,8 +97,10 @@ class P2PHost:
     def _thread_main(self) -> None:
         try:
             trio.run(self._main)
-        except BaseException as error:  # reported to start() or kept for is_running
+        except BaseException as error:  # raised by start(), or by the next call once running
             self._error = error
+            if self._ready.is_set():
+                log.error("the peer host %s stopped on an error", self.peer_id, exc_info=error)
         finally:
             self._ready.set()
 
@@ -108,14 +112,20 @@ class P2PHost:
                 self._addrs = await nursery.start(self._service.run)
                 self._ready.set()
 
-    def _run(self, function: Callable[..., Awaitable[T]], *args: object) -> T:
-        if self._token is None or self._thread is None or not self._thread.is_alive():
+    def _check_running(self) -> None:
+        if self._token is None or self._thread is None:
             raise P2PHostError("the peer host is not running; call start() first")
+        if not self._thread.is_alive():
+            if self._error is not None:
+                raise P2PHostError(f"the peer host stopped on an error: {self._error!r}") from self._error
+            raise P2PHostError("the peer host was stopped")
+
+    def _run(self, function: Callable[..., Awaitable[T]], *args: object) -> T:
+        self._check_running()
         return trio.from_thread.run(function, *args, trio_token=self._token)
 
     def _run_sync(self, function: Callable[..., T], *args: object) -> T:
-        if self._token is None or self._thread is None or not self._thread.is_alive():
-            raise P2PHostError("the peer host is not running; call start() first")
+        self._check_running()
         return trio.from_thread.run_sync(function, *args, trio_token=self._token)
 
     def fetch_blobs(

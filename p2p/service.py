@@ -157,6 +157,22 @@ class _BanGate(INotifee):
         return None
 
 
+class _Pubsub(Pubsub):
+    """libp2p 0.8.1's blacklist teardown deletes the peer after awaiting the reset of its stream; by
+    then the dead-peer handler may have removed it, and the KeyError ends the whole host (seen when
+    a ban and its disconnect race). It also left the banned peer in the router's mesh. Here the
+    dead-peer handler does the removal, which checks before it deletes and is never interrupted."""
+
+    async def _teardown_if_connected(self, peer_id: ID) -> None:
+        stream = self.peers.get(peer_id)
+        if stream is not None:
+            try:
+                await stream.reset()
+            except Exception as error:  # the stream is dropped whatever its reset raised
+                log.debug("resetting the pubsub stream of %s: %s", peer_id, error)
+        self._handle_dead_peer(peer_id)
+
+
 class PeerService:
     def __init__(
         self,
@@ -228,7 +244,7 @@ class PeerService:
             heartbeat_interval=1,
             max_messages_per_topic_per_second=1000.0,
         )
-        self._pubsub = Pubsub(self.host, gossipsub)
+        self._pubsub = _Pubsub(self.host, gossipsub)
         self._throttle = UploadThrottle(self.settings.upload_bytes_per_s, burst_bytes=self.settings.chunk_bytes)
         self.host.get_network().register_notifee(_BanGate(self))
         self.host.set_stream_handler(TProtocol(wire.BLOB_PROTOCOL), self._serve_blob)
