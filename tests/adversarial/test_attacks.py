@@ -382,8 +382,9 @@ def test_15_malformed_and_oversized_messages(cluster, trusted):
 def test_2_int8_under_a_bf16_declaration_is_caught_over_its_groups(cluster, trusted):
     """int8 linear layers run in bf16 by a node that declares bf16, whose bounds must let honest
     cross-engine drift pass: most of its groups pass one by one; its last NODE_WINDOW_CHUNKS chunks
-    pooled do not (or, by chance, one chunk fails first). Then none of its groups, those that had
-    passed included, can reach the trainer."""
+    pooled do not. By chance one chunk may fail first, in any group, the first included (about one
+    group in sixteen fails so). Either way none of its groups, those that had passed included, can
+    reach the trainer."""
     from coordinator.validation import NODE_WINDOW_CHUNKS
 
     model, tokenizer = trusted
@@ -407,7 +408,6 @@ def test_2_int8_under_a_bf16_declaration_is_caught_over_its_groups(cluster, trus
     assert failures, f"passed {len(results)} full checks"
     check, evidence = failures[0]
     assert check in {"commitment", "commitment_node_pooled"}, evidence
-    assert sum(passed for passed, _, _ in results) > 0  # it did pass groups before it was caught
     assert trainable_groups(cluster, attacker.node_id) == 0
     MARGINS["2-int8-linear-declared-bf16"] = {"check": check, "num_groups_passed_before": sum(
         passed for passed, _, _ in results), **margin_of(check, evidence)}
