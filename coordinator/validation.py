@@ -20,13 +20,13 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from coordinator.blobstore import NoUpdatePathError
-from coordinator.store import GroupState, NodeRecord, Store, StoredGroup, ValidationResult
+from coordinator.store import ChunkStats, ChunkWindow, GroupState, NodeRecord, Store, StoredGroup, ValidationResult
 from protocol import commitment, convert
 from protocol import sampling as rule
 from protocol.codec import BF16State
@@ -51,9 +51,9 @@ MAX_NEAR_TIE_FRACTION = 0.10
 MIN_NEAR_TIES_ALLOWED = 4
 # How long a validator holds the groups it took before they are handed to another one.
 DEFAULT_VALIDATION_LEASE_MS = 5 * 60 * 1000
-# A node's last fully checked chunks, pooled: a deviation too small for one group's chunks (a group of
-# short rollouts has fewer chunks than a pooled check needs) shows over the node's many groups, judged
-# against the same pooled bounds. Measured in bf16 on the default tiny model over 256 chunks: an honest
+# A node's last fully checked chunks, pooled by the coordinator across its groups and validators (kept
+# in the store): a deviation too small for one group's chunks (a group of short rollouts has fewer chunks
+# than a pooled check needs) shows over the node's many groups, judged against the same pooled bounds. Measured in bf16 on the default tiny model over 256 chunks: an honest
 # node 0.21 pooled mantissa error, int8 linear layers 0.95, one layer x 1.05 0.75; an honest vLLM node
 # replayed by torch at most 0.64 in any window of 256 of its 3,000 chunks; allowed 0.75.
 NODE_WINDOW_CHUNKS = 256
@@ -111,18 +111,43 @@ class Verdict:
     passed: bool
     check: str                 # the first failed check, or "all"
     evidence: dict[str, Any]
+    chunks: tuple[ChunkStats, ...] = field(default=(), repr=False)  # a passed group's, for its node's window
 
     @property
     def evidence_json(self) -> str:
         return json.dumps(self.evidence, sort_keys=True)
 
-    @classmethod
-    def from_parts(cls, passed: bool, check: str, evidence_json: str) -> Verdict:
-        """A verdict as a remote validator reports it."""
-        evidence = json.loads(evidence_json) if evidence_json else {}
-        if not check or not isinstance(evidence, dict):
-            raise ValueError("a verdict needs a check name and a JSON object of evidence")
-        return cls(passed, check, evidence)
+
+def chunk_stats(check: commitment.ChunkCheck) -> ChunkStats:
+    num_matched = check.num_points - check.exponent_mismatches
+    return ChunkStats(check.exponent_mismatches, check.mantissa_error_mean * num_matched if num_matched else 0.0,
+                      num_matched)
+
+
+def verdict_to_proto(group_id: str, verdict: Verdict) -> validation_pb2.ValidationVerdict:
+    return validation_pb2.ValidationVerdict(
+        group_id=group_id, passed=verdict.passed, check=verdict.check, evidence_json=verdict.evidence_json,
+        chunks=[validation_pb2.ChunkStatistics(exponent_mismatches=c.exponent_mismatches,
+                                               mantissa_error_sum=c.mantissa_error_sum, num_matched=c.num_matched)
+                for c in verdict.chunks],
+    )
+
+
+def verdict_from_proto(message: validation_pb2.ValidationVerdict) -> tuple[str, Verdict]:
+    """A verdict as a remote validator reports it, with its group id."""
+    where = f"the verdict on group {message.group_id!r}"
+    try:
+        evidence = json.loads(message.evidence_json) if message.evidence_json else {}
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: its evidence is not JSON ({error})") from error
+    if not message.group_id or not message.check or not isinstance(evidence, dict):
+        raise ValueError(f"{where}: a verdict needs a group id, a check name and a JSON object of evidence")
+    if message.chunks and not message.passed:
+        raise ValueError(f"{where}: only a passed group's chunks join its node's window")
+    if any(not math.isfinite(c.mantissa_error_sum) or c.mantissa_error_sum < 0 for c in message.chunks):
+        raise ValueError(f"{where}: a chunk's mantissa error sum must be finite and not negative")
+    chunks = tuple(ChunkStats(c.exponent_mismatches, c.mantissa_error_sum, c.num_matched) for c in message.chunks)
+    return message.group_id, Verdict(message.passed, message.check, evidence, chunks)
 
 
 class PolicySource(Protocol):
@@ -263,38 +288,9 @@ def job_from_proto(message: validation_pb2.ValidationJob) -> GroupJob:
                     tuple(message.seeds), rollouts)
 
 
-class NodeChunkWindows:
-    """Per node, the commitment statistics of its last NODE_WINDOW_CHUNKS fully checked chunks, in
-    this validator's memory (a restarted validator starts each window over): three numbers a chunk."""
-
-    def __init__(self, num_chunks: int = NODE_WINDOW_CHUNKS):
-        self.num_chunks = num_chunks
-        # Per node: rows of (exponent mismatches, mantissa error sum, matched points), a ring, and
-        # how many chunks it has seen.
-        self._rows: dict[str, np.ndarray] = {}
-        self._num_seen: dict[str, int] = {}
-
-    def add(self, node_id: str, checks: Sequence[commitment.ChunkCheck]) -> commitment.PooledCheck | None:
-        """Add the chunks of a node's group; the node's window pooled once it holds num_chunks."""
-        rows = self._rows.setdefault(node_id, np.zeros((self.num_chunks, 3)))
-        num_seen = self._num_seen.get(node_id, 0)
-        for check in checks:
-            num_matched = check.num_points - check.exponent_mismatches
-            rows[num_seen % self.num_chunks] = (check.exponent_mismatches, check.mantissa_error_mean * num_matched,
-                                                num_matched)
-            num_seen += 1
-        self._num_seen[node_id] = num_seen
-        if num_seen < self.num_chunks:
-            return None
-        exponent_mismatches, mantissa_error_sum, num_matched = rows.sum(axis=0)
-        return commitment.PooledCheck(
-            num_chunks=self.num_chunks,
-            exponent_mismatches_per_chunk=float(exponent_mismatches) / self.num_chunks,
-            mantissa_error_mean=float(mantissa_error_sum / num_matched) if num_matched else 0.0,
-        )
-
-
 def node_window_verdict(pooled: commitment.PooledCheck, thresholds: commitment.Thresholds) -> Verdict:
+    """The failure of a group whose chunks, joined to its node's window, took the window over the
+    pooled bounds."""
     return Verdict(False, "commitment_node_pooled", {
         "num_chunks": pooled.num_chunks, "window": "the node's last fully checked chunks",
         "exponent_mismatches_per_chunk": pooled.exponent_mismatches_per_chunk,
@@ -317,7 +313,6 @@ class GroupChecker:
         self.model_dir = model_dir
         self.tolerances = tolerances
         self.device = device
-        self.node_windows = NodeChunkWindows()
         self._models: dict[str, tuple[Any, int | None]] = {}
 
     def _model(self, dtype: str, version: int, state: BF16State):
@@ -357,13 +352,7 @@ class GroupChecker:
             for index in indices:
                 job_reports = reports[offset:offset + len(jobs[index].rollouts)]
                 offset += len(jobs[index].rollouts)
-                verdict = group_verdict(jobs[index], job_reports, tolerances)
-                if verdict.passed:
-                    pooled = self.node_windows.add(jobs[index].node_id,
-                                                   [c for report in job_reports for c in report.commitment_checks])
-                    if pooled is not None and not pooled.passes(tolerances.thresholds):
-                        verdict = node_window_verdict(pooled, tolerances.thresholds)
-                verdicts[index] = verdict
+                verdicts[index] = group_verdict(jobs[index], job_reports, tolerances)
         assert all(v is not None for v in verdicts)
         return verdicts  # type: ignore[return-value]
 
@@ -389,7 +378,7 @@ def group_verdict(job: GroupJob, reports, tolerances: Tolerances) -> Verdict:
                         "mantissa_error_mean": tolerances.thresholds.max_pooled_mantissa_error_mean},
         })
     return Verdict(True, "all", {"num_rollouts": len(job.rollouts), "num_chunks": pooled.num_chunks,
-                                 "dtype": job.dtype})
+                                 "dtype": job.dtype}, tuple(map(chunk_stats, chunk_checks)))
 
 
 class ValidationQueue:
@@ -401,12 +390,15 @@ class ValidationQueue:
     so a late, repeated or concurrent report changes nothing."""
 
     def __init__(self, store: Store, prompt_of: Callable[[int], LeasedPrompt], policy: SamplingPolicy, *,
-                 clock: Callable[[], int], lease_ms: int = DEFAULT_VALIDATION_LEASE_MS):
+                 clock: Callable[[], int], lease_ms: int = DEFAULT_VALIDATION_LEASE_MS,
+                 tolerances: dict[str, Tolerances] = TOLERANCES, window_chunks: int = NODE_WINDOW_CHUNKS):
         self.store = store
         self.prompt_of = prompt_of
         self.policy = policy
         self.clock = clock
         self.lease_ms = lease_ms
+        self.tolerances = tolerances
+        self.window_chunks = window_chunks
         self._leases: dict[str, tuple[str, int]] = {}  # group id -> (validator id, deadline ms)
         self._lock = threading.Lock()
 
@@ -445,6 +437,7 @@ class ValidationQueue:
         with self._lock:
             for group_id, _ in verdicts:
                 self._leases.pop(group_id, None)
+            verdicts = self._judge_node_windows(verdicts)
             now = self.clock()
             unavailable = [group_id for group_id, verdict in verdicts if verdict.check == "version_unavailable"]
             # Failures first: their nodes' other groups still waiting, in this batch too, are
@@ -466,6 +459,28 @@ class ValidationQueue:
                     if not result.passed:
                         self._punish(result, node, now)
             return num_applied
+
+    def _judge_node_windows(self, verdicts: Sequence[tuple[str, Verdict]]) -> list[tuple[str, Verdict]]:
+        """A passed group's chunks join its node's window; once the window is full, a group that
+        leaves it over the pooled bounds fails."""
+        passed = [(group_id, verdict.chunks) for group_id, verdict in verdicts if verdict.passed and verdict.chunks]
+        if not passed:
+            return list(verdicts)
+        windows = dict(zip([group_id for group_id, _ in passed], self.store.add_node_chunks(passed, self.window_chunks)))
+        judged = []
+        for group_id, verdict in verdicts:
+            window = windows.get(group_id)
+            if window is not None and window.num_chunks >= self.window_chunks:
+                verdict = self._judge_window(window) or verdict
+            judged.append((group_id, verdict))
+        return judged
+
+    def _judge_window(self, window: ChunkWindow) -> Verdict | None:
+        node = self.store.get_node(window.node_id)
+        thresholds = self.tolerances[declared_dtype(node.engine if node is not None else "")].thresholds
+        pooled = commitment.PooledCheck.from_sums(window.num_chunks, window.exponent_mismatches,
+                                                  window.mantissa_error_sum, window.num_matched)
+        return None if pooled.passes(thresholds) else node_window_verdict(pooled, thresholds)
 
     def _punish(self, result: ValidationResult, node: NodeRecord, now: int) -> None:
         # Verified groups go too: a statistical check (a pooled commitment, a node's window) passes

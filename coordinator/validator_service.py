@@ -9,7 +9,7 @@ import logging
 import grpc
 
 from coordinator.gate import Gate, GateError
-from coordinator.validation import ValidationQueue, Verdict, job_to_proto
+from coordinator.validation import ValidationQueue, job_to_proto, verdict_from_proto
 from protocol.proto import validation_pb2, validation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class ValidatorServicer(validation_pb2_grpc.ValidatorServiceServicer):
     async def ReportValidation(self, request, context):
         await self._authorize(context)
         try:
-            verdicts = [(v.group_id, Verdict.from_parts(v.passed, v.check, v.evidence_json)) for v in request.verdicts]
+            verdicts = [verdict_from_proto(v) for v in request.verdicts]
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         num_applied = await asyncio.to_thread(self.queue.report, verdicts)

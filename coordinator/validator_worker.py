@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from coordinator.blobstore import NoUpdatePathError
-from coordinator.validation import GroupChecker, PolicyHistory, job_from_proto
+from coordinator.validation import GroupChecker, PolicyHistory, job_from_proto, verdict_to_proto
 from protocol import convert
 from protocol.proto import service_pb2, service_pb2_grpc, validation_pb2, validation_pb2_grpc
 from protocol.types import SignedManifest
@@ -103,9 +103,7 @@ def _take_check_report(settings: ValidatorSettings, work: validation_pb2_grpc.Va
     verdicts = checker.check(jobs)
     answer = work.ReportValidation(validation_pb2.ReportValidationRequest(
         validator_id=settings.validator_id,
-        verdicts=[validation_pb2.ValidationVerdict(group_id=job.group_id, passed=v.passed, check=v.check,
-                                                   evidence_json=v.evidence_json)
-                  for job, v in zip(jobs, verdicts)],
+        verdicts=[verdict_to_proto(job.group_id, v) for job, v in zip(jobs, verdicts)],
     ), metadata=metadata, timeout=RPC_TIMEOUT_S)
     log.info("validator %s: %d groups checked (%d failed), %d verdicts applied", settings.validator_id,
              len(jobs), sum(not v.passed for v in verdicts), answer.num_applied)

@@ -343,14 +343,19 @@ class PooledCheck:
                     and self.mantissa_error_mean <= thresholds.max_pooled_mantissa_error_mean))
 
 
+    @classmethod
+    def from_sums(cls, num_chunks: int, exponent_mismatches: int, mantissa_error_sum: float,
+                  num_matched: int) -> PooledCheck:
+        """From sums over the chunks: the mantissa error over the points whose exponents matched."""
+        return cls(num_chunks=num_chunks,
+                   exponent_mismatches_per_chunk=exponent_mismatches / num_chunks if num_chunks else 0.0,
+                   mantissa_error_mean=mantissa_error_sum / num_matched if num_matched else 0.0)
+
+
 def pool(checks: Sequence[ChunkCheck]) -> PooledCheck:
     """Statistics of many chunks together (e.g. all verified rollouts of a submission)."""
     num_matched = [c.num_points - c.exponent_mismatches for c in checks]
-    total_matched = sum(num_matched)
-    mantissa_error_sum = sum(c.mantissa_error_mean * n for c, n in zip(checks, num_matched) if n)
-    return PooledCheck(
-        num_chunks=len(checks),
-        exponent_mismatches_per_chunk=(sum(c.exponent_mismatches for c in checks) / len(checks)
-                                       if checks else 0.0),
-        mantissa_error_mean=mantissa_error_sum / total_matched if total_matched else 0.0,
+    return PooledCheck.from_sums(
+        len(checks), sum(c.exponent_mismatches for c in checks),
+        sum(c.mantissa_error_mean * n for c, n in zip(checks, num_matched) if n), sum(num_matched),
     )

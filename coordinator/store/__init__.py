@@ -3,6 +3,8 @@ versioned migrations. Open it with open_store(url); sqlite_url(data_dir) is the 
 
 from coordinator.store.records import (
     GROUP_STATE_SOURCES,
+    ChunkStats,
+    ChunkWindow,
     ConsumeOutcome,
     Consumption,
     ContributionBucket,
@@ -40,6 +42,8 @@ from coordinator.store.store import SQLITE_FILE_NAME, LeaseFactory, Store, open_
 __all__ = [
     "GROUP_STATE_SOURCES",
     "SQLITE_FILE_NAME",
+    "ChunkStats",
+    "ChunkWindow",
     "ConsumeOutcome",
     "Consumption",
     "ContributionBucket",

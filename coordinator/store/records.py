@@ -252,6 +252,27 @@ class ValidationResult:
     created_ms: int
 
 
+@dataclass(frozen=True)
+class ChunkStats:
+    """One checked chunk's commitment statistics, in a form that sums: mismatched exponents, the
+    mantissa error summed over the points whose exponents matched, and how many did."""
+
+    exponent_mismatches: int
+    mantissa_error_sum: float
+    num_matched: int
+
+
+@dataclass(frozen=True)
+class ChunkWindow:
+    """Sums over a node's newest checked chunks, at most the window's size of them."""
+
+    node_id: str
+    num_chunks: int
+    exponent_mismatches: int
+    mantissa_error_sum: float
+    num_matched: int
+
+
 class RejectionSource(enum.StrEnum):
     SUBMISSION = "submission"
     VALIDATION = "validation"

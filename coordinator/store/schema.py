@@ -187,6 +187,21 @@ class ValidationRecord(Base):
     created_ms: Mapped[int] = mapped_column(BigInteger)
 
 
+class NodeChunk(Base):
+    """The commitment statistics of the chunks of a node's fully checked groups, its newest
+    NODE_WINDOW_CHUNKS kept: the coordinator pools them across groups and validators."""
+
+    __tablename__ = "node_chunks"
+    __table_args__ = (Index(None, "node_id", "id"),)
+
+    id: Mapped[int] = mapped_column(AUTO_ID, primary_key=True, autoincrement=True)
+    node_id: Mapped[str] = mapped_column(NODE_ID)
+    group_id: Mapped[str] = mapped_column(GROUP_ID, ForeignKey("groups.group_id"), index=True)
+    exponent_mismatches: Mapped[int] = mapped_column(Integer)
+    mantissa_error_sum: Mapped[float] = mapped_column(Float)
+    num_matched: Mapped[int] = mapped_column(Integer)
+
+
 class PolicyVersion(Base):
     __tablename__ = "policy_versions"
 

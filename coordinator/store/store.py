@@ -49,6 +49,8 @@ from coordinator.store import schema
 from coordinator.store.migrate import upgrade_to_head
 from coordinator.store.records import (
     GROUP_STATE_SOURCES,
+    ChunkStats,
+    ChunkWindow,
     ConsumeOutcome,
     Consumption,
     ContributionBucket,
@@ -99,6 +101,7 @@ _validations = schema.ValidationRecord.__table__
 _versions = schema.PolicyVersion.__table__
 _metrics = schema.TrainerMetrics.__table__
 _contributions = schema.Contribution.__table__
+_node_chunks = schema.NodeChunk.__table__
 
 # make_lease(lease_number, requeued_prompt_indices or None for a fresh draw) -> the lease to store
 LeaseFactory = Callable[[int, tuple[int, ...] | None], LeaseRecord]
@@ -587,16 +590,24 @@ class Store:
         return self._update_node(node_id, banned=True, ban_reason=reason)
 
     def unban_node(self, node_id: str) -> NodeRecord:
-        return self._update_node(node_id, banned=False, ban_reason="")
+        """Lift the ban; the node's window of checked chunks starts over, or the chunks it was
+        banned on would fail its next group."""
+        with self._write() as connection:
+            node = self._set_node(connection, node_id, banned=False, ban_reason="")
+            connection.execute(delete(_node_chunks).where(_node_chunks.c.node_id == node_id))
+            return node
 
     def _update_node(self, node_id: str, **values: Any) -> NodeRecord:
         with self._write() as connection:
-            row = connection.execute(
-                update(_nodes).where(_nodes.c.node_id == node_id).values(**values).returning(*_nodes.c)
-            ).first()
-            if row is None:
-                raise UnknownNodeError(f"node {node_id} is not registered")
-            return _node_record(row)
+            return self._set_node(connection, node_id, **values)
+
+    def _set_node(self, connection: Connection, node_id: str, **values: Any) -> NodeRecord:
+        row = connection.execute(
+            update(_nodes).where(_nodes.c.node_id == node_id).values(**values).returning(*_nodes.c)
+        ).first()
+        if row is None:
+            raise UnknownNodeError(f"node {node_id} is not registered")
+        return _node_record(row)
 
     def record_full_check(self, node_id: str, passed: bool) -> NodeRecord:
         """Count a full check of the node: a pass raises its reputation, a failure is a strike.
@@ -1268,6 +1279,54 @@ class Store:
                                                  evidence_json, now_ms)
                 outcomes[index] = (result, self._count_full_check(connection, node_id, passed))
             return [outcomes.get(index) for index in range(len(results))]
+
+    def add_node_chunks(
+        self, groups: Sequence[tuple[str, Sequence[ChunkStats]]], window_size: int
+    ) -> list[ChunkWindow | None]:
+        """Add the checked chunks of groups still pending validation to their nodes' windows, each
+        node keeping its newest window_size chunks, in one transaction. Per group, in input order:
+        its node's window right after the group's chunks joined it; None for a group that no longer
+        waits, or whose chunks were added before (a verdict reported again adds nothing)."""
+        with self._write() as connection:
+            rows = connection.execute(
+                select(_groups.c.group_id, _groups.c.node_id, _groups.c.state)
+                .where(_groups.c.group_id.in_([group_id for group_id, _ in groups]))
+            ).all()
+            pending = {row.group_id: row.node_id for row in rows
+                       if GroupState(row.state) is GroupState.PENDING_VALIDATION}
+            added = set(connection.execute(
+                select(_node_chunks.c.group_id).where(_node_chunks.c.group_id.in_(list(pending))).distinct()
+            ).scalars())
+            for node_id in sorted({pending[group_id] for group_id, _ in groups if group_id in pending}):
+                self._get_node(connection, node_id, for_update=True)  # one writer per node's window
+            windows: list[ChunkWindow | None] = []
+            for group_id, chunks in groups:
+                if group_id not in pending or group_id in added or not chunks:
+                    windows.append(None)
+                    continue
+                added.add(group_id)
+                node_id = pending[group_id]
+                connection.execute(insert(_node_chunks), [
+                    {"node_id": node_id, "group_id": group_id, "exponent_mismatches": chunk.exponent_mismatches,
+                     "mantissa_error_sum": chunk.mantissa_error_sum, "num_matched": chunk.num_matched}
+                    for chunk in chunks
+                ])
+                oldest_kept = connection.execute(
+                    select(_node_chunks.c.id).where(_node_chunks.c.node_id == node_id)
+                    .order_by(_node_chunks.c.id.desc()).offset(window_size - 1).limit(1)
+                ).scalar()
+                if oldest_kept is not None:
+                    connection.execute(
+                        delete(_node_chunks).where(_node_chunks.c.node_id == node_id, _node_chunks.c.id < oldest_kept)
+                    )
+                sums = connection.execute(
+                    select(func.count(), func.coalesce(func.sum(_node_chunks.c.exponent_mismatches), 0),
+                           func.coalesce(func.sum(_node_chunks.c.mantissa_error_sum), 0.0),
+                           func.coalesce(func.sum(_node_chunks.c.num_matched), 0))
+                    .where(_node_chunks.c.node_id == node_id)
+                ).one()
+                windows.append(ChunkWindow(node_id, int(sums[0]), int(sums[1]), float(sums[2]), int(sums[3])))
+            return windows
 
     def _insert_validation(
         self, connection: Connection, group_id: str, node_id: str, state: GroupState, passed: bool,

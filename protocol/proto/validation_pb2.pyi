@@ -124,6 +124,35 @@ class ValidationWork(_message.Message):
 Global___ValidationWork: _TypeAlias = ValidationWork  # noqa: Y015
 
 @_typing.final
+class ChunkStatistics(_message.Message):
+    """One checked chunk's activation-commitment statistics, in a form that sums across chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPONENT_MISMATCHES_FIELD_NUMBER: _builtins.int
+    MANTISSA_ERROR_SUM_FIELD_NUMBER: _builtins.int
+    NUM_MATCHED_FIELD_NUMBER: _builtins.int
+    exponent_mismatches: _builtins.int
+    mantissa_error_sum: _builtins.float
+    """over the points whose exponents matched"""
+    num_matched: _builtins.int
+    """how many points did"""
+    def __init__(
+        self,
+        *,
+        exponent_mismatches: _builtins.int = ...,
+        mantissa_error_sum: _builtins.float = ...,
+        num_matched: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exponent_mismatches", b"exponent_mismatches", "mantissa_error_sum", b"mantissa_error_sum", "num_matched", b"num_matched"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkStatistics: _TypeAlias = ChunkStatistics  # noqa: Y015
+
+@_typing.final
 class ValidationVerdict(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -131,11 +160,18 @@ class ValidationVerdict(_message.Message):
     PASSED_FIELD_NUMBER: _builtins.int
     CHECK_FIELD_NUMBER: _builtins.int
     EVIDENCE_JSON_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
     group_id: _builtins.str
     passed: _builtins.bool
     check: _builtins.str
     """the first failed check, or "all" """
     evidence_json: _builtins.str
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkStatistics]:
+        """A passed group's chunks in order: the coordinator pools each node's newest chunks across its
+        groups and validators, where a deviation too small for one group shows. Empty on a failure.
+        """
+
     def __init__(
         self,
         *,
@@ -143,10 +179,11 @@ class ValidationVerdict(_message.Message):
         passed: _builtins.bool = ...,
         check: _builtins.str = ...,
         evidence_json: _builtins.str = ...,
+        chunks: _abc.Iterable[Global___ChunkStatistics] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "evidence_json", b"evidence_json", "group_id", b"group_id", "passed", b"passed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "chunks", b"chunks", "evidence_json", b"evidence_json", "group_id", b"group_id", "passed", b"passed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -79,6 +79,15 @@ def test_a_validator_process_checks_groups_and_the_coordinator_applies_its_verdi
             validation_pb2.TakeValidationRequest(validator_id="dead", max_groups=64),
             metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),), timeout=30)
     assert len(taken.jobs) == 4
+    malformed = validation_pb2.ReportValidationRequest(validator_id="dead", verdicts=[
+        validation_pb2.ValidationVerdict(group_id=taken.jobs[0].group_id, passed=True, check="all",
+                                         chunks=[validation_pb2.ChunkStatistics(mantissa_error_sum=float("nan"))]),
+    ])
+    with grpc.insecure_channel(cluster.address) as channel, pytest.raises(grpc.RpcError) as refused:
+        validation_pb2_grpc.ValidatorServiceStub(channel).ReportValidation(
+            malformed, metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mantissa" in refused.value.details()
+    assert pending(cluster) == 4
 
     validator = cluster.spawn("validator", [
         "validator", "run", "--coordinator", cluster.address, "--model", str(cluster.model_dir), "--id", "v1",
@@ -90,6 +99,9 @@ def test_a_validator_process_checks_groups_and_the_coordinator_applies_its_verdi
     honest_results = wait_for_validation(cluster, honest)
     assert [passed for passed, _, _ in honest_results] == [True, True]
     assert trainable_groups(cluster, honest) == 2
+    # The validator reported each passed group's chunks (rollouts of 24 tokens: one chunk each), and
+    # they joined the node's window in the coordinator's store.
+    assert cluster.query("SELECT COUNT(*) FROM node_chunks WHERE node_id = ?", honest)[0][0] == 2 * 4
     cheater_results = wait_for_validation(cluster, cheater)
     assert any(not passed and check in ("sampling", "commitment") for passed, check, _ in cheater_results)
     assert trainable_groups(cluster, cheater) == 0

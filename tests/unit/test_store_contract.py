@@ -5,6 +5,7 @@ answers)."""
 from __future__ import annotations
 
 import dataclasses
+import random
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -18,6 +19,8 @@ from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 
 from coordinator.store import (
+    ChunkStats,
+    ChunkWindow,
     DuplicateRolloutError,
     GroupState,
     LeaseCapError,
@@ -618,6 +621,55 @@ def test_record_validations_of_a_batch(store: Store):
     assert store.get_node("node-a").num_full_checks_failed == 1
     assert sorted(v.check_name for v in store.list_validations("node-a", 10)) == ["all", "sampling"]
     assert store.record_validations([], T0) == []
+
+
+def test_node_chunk_windows_keep_each_nodes_newest_chunks_once(store: Store):
+    """A node's window sums its newest window_size chunks, in the order groups were added; a group
+    adds its chunks only while it waits for validation, and only once."""
+    for node_id in ("node-a", "node-b"):
+        _register(store, node_id)
+    groups_a: list[str] = []
+    for i in range(3):
+        _, submission = _leased_submission(store, "node-a", f"a-{i}".encode(), state=GroupState.PENDING_VALIDATION)
+        store.record_submission(submission)
+        groups_a += [g.group_id for g in submission.groups]
+    _, other = _leased_submission(store, "node-b", b"b-0", state=GroupState.PENDING_VALIDATION)
+    _, ready = _leased_submission(store, "node-a", b"a-ready")
+    store.record_submission(other)
+    store.record_submission(ready)
+    group_b = other.groups[0].group_id
+    rng = random.Random(7)
+
+    def chunks(num_chunks: int) -> list[ChunkStats]:  # sums of quarters add up exactly in any order
+        return [ChunkStats(rng.randrange(3), rng.randrange(400) / 4, rng.randrange(20, 40)) for _ in range(num_chunks)]
+
+    def window_of(added: list[ChunkStats], node_id: str = "node-a") -> ChunkWindow:
+        newest = added[-5:]
+        return ChunkWindow(node_id, len(newest), sum(c.exponent_mismatches for c in newest),
+                           sum(c.mantissa_error_sum for c in newest), sum(c.num_matched for c in newest))
+
+    stats = {group_id: chunks(n) for group_id, n in zip(groups_a, (2, 3, 1, 4, 2, 0))}
+    stats_b = chunks(3)
+    assert store.add_node_chunks([(groups_a[0], stats[groups_a[0]]), (group_b, stats_b),
+                                  (groups_a[1], stats[groups_a[1]])], window_size=5) == [
+        window_of(stats[groups_a[0]]), window_of(stats_b, "node-b"), window_of(stats[groups_a[0]] + stats[groups_a[1]])]
+    store.record_validation(groups_a[3], True, "all", "{}", T0)
+    assert store.add_node_chunks([
+        (groups_a[0], stats[groups_a[0]]),  # added before
+        (ready.groups[0].group_id, chunks(2)),  # never waited for validation
+        ("unknown", chunks(2)),
+        (groups_a[3], stats[groups_a[3]]),  # decided already
+        (groups_a[5], stats[groups_a[5]]),  # no chunks
+        (groups_a[2], stats[groups_a[2]]),
+        (groups_a[4], stats[groups_a[4]]),
+    ], window_size=5) == [None, None, None, None, None,
+                          window_of(stats[groups_a[0]] + stats[groups_a[1]] + stats[groups_a[2]]),
+                          window_of(stats[groups_a[0]] + stats[groups_a[1]] + stats[groups_a[2]] + stats[groups_a[4]])]
+    assert store.add_node_chunks([], window_size=5) == []
+    store.ban_node("node-a", "window")
+    store.unban_node("node-a")  # the window starts over
+    stats[groups_a[5]] = chunks(2)
+    assert store.add_node_chunks([(groups_a[5], stats[groups_a[5]])], window_size=5) == [window_of(stats[groups_a[5]])]
 
 
 # ---- policy versions and metrics ----

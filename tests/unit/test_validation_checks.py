@@ -2,24 +2,32 @@
 replay reports: the termination rule, and the log-probability drift bound at a temperature; and
 the validator's device setting."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from coordinator.store import ChunkStats, GroupState, open_store, sqlite_url
 from coordinator.validation import (
     MIN_EOS_LOGPROB,
     TOLERANCES,
     GroupChecker,
     GroupJob,
-    NodeChunkWindows,
+    SamplingPolicy,
+    ValidationQueue,
+    Verdict,
     check_rollout,
+    chunk_stats,
+    verdict_from_proto,
+    verdict_to_proto,
 )
 from policy.engine import GenerationRequest
 from policy.model import ModelLoadError
 from policy.prefill import ReplayReport
 from protocol import commitment
+from protocol.proto import validation_pb2
 from protocol.sampling import TokenChecks, TokenVerdict
 from protocol.types import FinishReason, Rollout
 
@@ -77,26 +85,45 @@ def test_a_validator_refuses_a_device_it_cannot_use_when_it_starts():
             GroupChecker(history=None, model_dir=None, device="cuda")
 
 
-def test_node_windows_pool_the_last_chunks_like_the_reference():
-    """NodeChunkWindows keeps three numbers a chunk in a ring; once full, its statistics equal
-    commitment.pool over the node's last chunks."""
+def test_chunk_stats_summed_pool_like_the_reference():
+    """A node's window keeps three sums a chunk; pooled from the sums, its statistics equal a naive
+    pooling of the chunks: mismatches per chunk, the mantissa error over every matched point."""
     rng = np.random.default_rng(4)
-    windows = NodeChunkWindows(num_chunks=20)
-    history = {"a": [], "b": []}
-    for step in range(12):
-        node = "a" if step % 3 else "b"
-        checks = [commitment.ChunkCheck(int(rng.integers(0, 4)), float(rng.uniform(0, 2)), 0.0, int(rng.integers(60, 129)))
-                  for _ in range(int(rng.integers(1, 6)))]
-        history[node].extend(checks)
-        pooled = windows.add(node, checks)
-        if len(history[node]) < 20:
-            assert pooled is None
-            continue
-        reference = commitment.pool(history[node][-20:])
-        assert pooled.num_chunks == reference.num_chunks == 20
-        assert math.isclose(pooled.exponent_mismatches_per_chunk, reference.exponent_mismatches_per_chunk)
-        assert math.isclose(pooled.mantissa_error_mean, reference.mantissa_error_mean, rel_tol=1e-12)
-    assert len(history["a"]) >= 20
+    checks = [commitment.ChunkCheck(int(rng.integers(0, 4)), float(rng.uniform(0, 2)), 0.0, int(rng.integers(60, 129)))
+              for _ in range(40)] + [commitment.ChunkCheck(3, 0.0, 0.0, 3)]
+    stats = [chunk_stats(c) for c in checks]
+    pooled = commitment.PooledCheck.from_sums(len(stats), sum(s.exponent_mismatches for s in stats),
+                                              sum(s.mantissa_error_sum for s in stats), sum(s.num_matched for s in stats))
+    matched_errors = [c.mantissa_error_mean for c in checks for _ in range(c.num_points - c.exponent_mismatches)]
+    assert pooled.num_chunks == len(checks)
+    assert math.isclose(pooled.exponent_mismatches_per_chunk, sum(c.exponent_mismatches for c in checks) / len(checks))
+    assert math.isclose(pooled.mantissa_error_mean, sum(matched_errors) / len(matched_errors), rel_tol=1e-12)
+
+
+def test_verdicts_cross_the_wire_with_their_chunks_and_malformed_ones_are_refused():
+    verdict = Verdict(True, "all", {"num_chunks": 2}, (ChunkStats(1, 2.5, 30), ChunkStats(0, 0.0, 32)))
+    assert verdict_from_proto(verdict_to_proto("g-1", verdict)) == ("g-1", verdict)
+    failed = Verdict(False, "sampling", {"positions": [3]})
+    assert verdict_from_proto(verdict_to_proto("g-2", failed)) == ("g-2", failed)
+
+    def refused(match: str, **fields) -> None:
+        message = verdict_to_proto("g-3", verdict)
+        for name, value in fields.items():
+            if name == "chunks":
+                del message.chunks[:]
+                message.chunks.extend(value)
+            else:
+                setattr(message, name, value)
+        with pytest.raises(ValueError, match=match):
+            verdict_from_proto(message)
+
+    refused("not JSON", evidence_json="{nope")
+    refused("JSON object", evidence_json="[1, 2]")
+    refused("check name", check="")
+    refused("group id", group_id="")
+    refused("only a passed group", passed=False)
+    for bad_sum in (float("nan"), float("inf"), -1.0):
+        refused("finite and not negative", chunks=[validation_pb2.ChunkStatistics(mantissa_error_sum=bad_sum)])
 
 
 class FixedHistory:
@@ -128,26 +155,46 @@ def _groups_of(model, tokenizer, num_groups: int, node_id: str) -> list[GroupJob
     return jobs
 
 
-def test_a_deviation_each_group_hides_shows_in_the_nodes_window(tiny_model):
+def test_a_deviation_each_group_hides_shows_in_the_nodes_window(tiny_model, tmp_path):
     """int8 linear layers in bf16 under a bf16 declaration: a group of 8 one-chunk rollouts is too
-    few chunks for the pooled check, and most groups pass; once the node's window of chunks is
-    full, its groups fail it. An honest bf16 node's window passes."""
+    few chunks for the pooled check, and nearly every group passes alone; the coordinator's queue
+    pools the node's chunks across those groups, and once its window is full a group fails it,
+    and the node's other groups go to quarantine. An honest bf16 node's window passes."""
     from policy.model import load_model
     from policy.tokenizer import load_tokenizer
     from policy.weights import export_bf16_state
     from tests.adversarial.test_attacks import int8_linear_weights
+    from tests.unit.test_store_contract import T0, _fresh_factory, _submission
 
     tokenizer = load_tokenizer(tiny_model)
     trusted = load_model(tiny_model, dtype="bfloat16")
     checker = GroupChecker(FixedHistory(export_bf16_state(trusted)), tiny_model)
-    checker.node_windows = NodeChunkWindows(num_chunks=128)
-    cheat = int8_linear_weights(trusted)
-    verdicts = checker.check(_groups_of(cheat, tokenizer, 32, "cheat") + _groups_of(trusted, tokenizer, 24, "honest"))
-    cheat_checks = [v.check for v in verdicts[:32]]
-    first_window_failure = cheat_checks.index("commitment_node_pooled")
-    assert first_window_failure >= 128 // 8 - 1  # the 16th group of 8 chunks fills the window
-    assert cheat_checks[:first_window_failure].count("all") >= first_window_failure - 2
-    assert set(cheat_checks[first_window_failure:]) <= {"commitment_node_pooled", "commitment"}
-    window = next(v for v in verdicts if v.check == "commitment_node_pooled").evidence
+    cheat_jobs = _groups_of(int8_linear_weights(trusted), tokenizer, 32, "cheat")
+    honest_jobs = _groups_of(trusted, tokenizer, 24, "honest")
+    verdicts = checker.check(cheat_jobs + honest_jobs)
+    cheat_verdicts = [v for v in verdicts[:32] if v.passed]
+    assert len(cheat_verdicts) >= 30
+    assert all(v.passed for v in verdicts[32:])
+
+    store = open_store(sqlite_url(tmp_path))
+    queue = ValidationQueue(store, prompt_of=None, policy=SamplingPolicy(), clock=lambda: T0, window_chunks=128)
+
+    def report_one_by_one(node_id: str, node_verdicts) -> list[GroupState]:
+        store.register_node(node_id, node_id.encode().ljust(32, b"k"), node_id, "torch-cpu-bfloat16", "cpu", "0", T0)
+        lease = store.issue_lease(node_id, T0, 1, _fresh_factory(node_id, prompts_per_lease=len(node_verdicts)))
+        submission = _submission(lease, node_id.encode(), state=GroupState.PENDING_VALIDATION)
+        store.record_submission(submission)
+        for group, verdict in zip(submission.groups, node_verdicts):
+            queue.report([(group.group_id, verdict)])
+        return [store.get_group(group.group_id).state for group in submission.groups]
+
+    cheat_states = report_one_by_one("cheat", cheat_verdicts)
+    caught = cheat_states.index(GroupState.REJECTED)
+    assert caught == 128 // 8 - 1  # the 16th group of 8 chunks fills the window
+    assert set(cheat_states) == {GroupState.REJECTED, GroupState.QUARANTINED}
+    failure = store.list_validations("cheat", 1)[0]
+    assert failure.check_name == "commitment_node_pooled"
+    window = json.loads(failure.evidence_json)
     assert window["num_chunks"] == 128 and window["mantissa_error_mean"] > window["allowed"]["mantissa_error_mean"]
-    assert [v.check for v in verdicts[32:]] == ["all"] * 24
+    assert report_one_by_one("honest", verdicts[32:]) == [GroupState.READY] * 24
+    store.close()

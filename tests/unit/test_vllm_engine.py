@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from coordinator.validation import TOLERANCES, NodeChunkWindows, check_rollout  # noqa: E402
+from coordinator.validation import NODE_WINDOW_CHUNKS, TOLERANCES, check_rollout  # noqa: E402
 from envs import Split, get_task  # noqa: E402
 from policy.bootstrap import bootstrapped_model_dir  # noqa: E402
 from policy.engine import EngineRequestError, GenerationEngine, GenerationRequest, TorchEngine  # noqa: E402
@@ -96,7 +96,7 @@ def full_check(model, requests, results, dtype: str = "float32") -> list:
     """The validator's full check (coordinator/validation.py) of each group of GROUP_SIZE results,
     the node's window of chunks included."""
     tolerances = TOLERANCES[dtype]
-    windows = NodeChunkWindows()
+    node_checks = []
     claims = [ClaimedRollout(q.prompt_token_ids, r.token_ids, r.logprobs, r.commitment, q.sampling, q.seed)
               for q, r in zip(requests, results)]
     reports = replay(model, claims, tolerances.logit_tolerance)
@@ -112,8 +112,10 @@ def full_check(model, requests, results, dtype: str = "float32") -> list:
                                           thresholds=tolerances.thresholds))
             group_checks.extend(report.commitment_checks)
         assert commitment.pool(group_checks).passes(tolerances.thresholds)
-        window = windows.add("vllm-node", group_checks)
-        assert window is None or window.passes(tolerances.thresholds), window
+        node_checks.extend(group_checks)
+        if len(node_checks) >= NODE_WINDOW_CHUNKS:  # the coordinator's window of the node's newest chunks
+            window = commitment.pool(node_checks[-NODE_WINDOW_CHUNKS:])
+            assert window.passes(tolerances.thresholds), window
     return verdicts
 
 
