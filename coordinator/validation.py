@@ -53,9 +53,10 @@ MIN_NEAR_TIES_ALLOWED = 4
 DEFAULT_VALIDATION_LEASE_MS = 5 * 60 * 1000
 # A node's last fully checked chunks, pooled by the coordinator across its groups and validators (kept
 # in the store): a deviation too small for one group's chunks (a group of short rollouts has fewer chunks
-# than a pooled check needs) shows over the node's many groups, judged against the same pooled bounds. Measured in bf16 on the default tiny model over 256 chunks: an honest
-# node 0.21 pooled mantissa error, int8 linear layers 0.95, one layer x 1.05 0.75; an honest vLLM node
-# replayed by torch at most 0.64 in any window of 256 of its 3,000 chunks; allowed 0.75.
+# than a pooled check needs) shows over the node's many groups, judged against the same pooled bounds.
+# Measured in bf16 on the default tiny model over 256 chunks: an honest node 0.21 pooled mantissa error,
+# int8 linear layers 0.95, one layer x 1.05 0.75; an honest vLLM node replayed by torch at most 0.64 in
+# any window of 256 of its 3,000 chunks; allowed 0.75.
 NODE_WINDOW_CHUNKS = 256
 
 
@@ -466,7 +467,8 @@ class ValidationQueue:
         passed = [(group_id, verdict.chunks) for group_id, verdict in verdicts if verdict.passed and verdict.chunks]
         if not passed:
             return list(verdicts)
-        windows = dict(zip([group_id for group_id, _ in passed], self.store.add_node_chunks(passed, self.window_chunks)))
+        windows = dict(zip([group_id for group_id, _ in passed],
+                           self.store.add_node_chunks(passed, self.window_chunks)))
         judged = []
         for group_id, verdict in verdicts:
             window = windows.get(group_id)

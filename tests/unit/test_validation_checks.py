@@ -89,8 +89,8 @@ def test_chunk_stats_summed_pool_like_the_reference():
     """A node's window keeps three sums a chunk; pooled from the sums, its statistics equal a naive
     pooling of the chunks: mismatches per chunk, the mantissa error over every matched point."""
     rng = np.random.default_rng(4)
-    checks = [commitment.ChunkCheck(int(rng.integers(0, 4)), float(rng.uniform(0, 2)), 0.0, int(rng.integers(60, 129)))
-              for _ in range(40)] + [commitment.ChunkCheck(3, 0.0, 0.0, 3)]
+    checks = [commitment.ChunkCheck(int(rng.integers(0, 4)), float(rng.uniform(0, 2)), 0.0,
+                                    int(rng.integers(60, 129))) for _ in range(40)] + [commitment.ChunkCheck(3, 0.0, 0.0, 3)]
     stats = [chunk_stats(c) for c in checks]
     pooled = commitment.PooledCheck.from_sums(len(stats), sum(s.exponent_mismatches for s in stats),
                                               sum(s.mantissa_error_sum for s in stats), sum(s.num_matched for s in stats))
