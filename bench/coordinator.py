@@ -7,7 +7,12 @@ second phase has many registered nodes heartbeat as fast as the coordinator answ
 
 Baseline, measured in the same run: the store alone (record_submission in this process, no
 gRPC, no checks), so `ingest-vs-store-ratio` shows what the service layer costs.
-Headline figures (last lines): ingest-rollouts-per-s, ingest-p99-ms, heartbeats-per-s.
+
+Hostile input (issue 17): a flood of forged requests under the trainer's key id while the real
+trainer makes its calls, and the bytes that refused batches leave in the store per byte sent.
+
+Headline figures (last lines): ingest-rollouts-per-s, ingest-p99-ms, heartbeats-per-s,
+forged-flood-trainer-ok, rejected-bytes-amplification.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -81,6 +87,7 @@ def start_coordinator(root: Path, model_dir: Path, trainer: Identity) -> tuple[s
             "--set", f"run.group_size={GROUP_SIZE}", "--set", f"run.sampling.max_tokens={NUM_TOKENS}",
             "--set", "server.requests_per_second_per_node=100000", "--set", "server.request_burst_per_node=100000",
             "--set", "lease.max_open_per_node=64", "--set", "run.max_backlog_groups=0",
+            "--set", "server.registration_burst_per_address=100000",
         ],
         stdout=subprocess.DEVNULL, stderr=open(root / "coordinator.log", "wb"), start_new_session=True,
     )
@@ -160,6 +167,96 @@ async def heartbeats(address: str, num_nodes: int, seconds: float) -> tuple[floa
     return len(latencies) / elapsed, 1000 * statistics.quantiles(latencies, n=100)[98]
 
 
+async def forged_flood(address: str, trainer: Identity, num_forged: int, num_trainer_calls: int) -> tuple[int, int]:
+    """Forged requests under the trainer's key id (right key, wrong signature), from 16 concurrent
+    callers, while the real trainer acknowledges nothing, one call after another. Returns the
+    number of the trainer's calls that succeeded and how many forged ones the gate refused."""
+    import grpc
+
+    from protocol.channel import open_aio_channel
+    from protocol.envelope import method_name, seal
+    from protocol.proto import service_pb2, service_pb2_grpc
+
+    method = method_name("TrainerService", "AckGroups")
+    payload = service_pb2.AckRequest().SerializeToString()
+    num_refused = 0
+    async with open_aio_channel(address) as channel:
+        stub = service_pb2_grpc.TrainerServiceStub(channel)
+
+        async def attacker(count: int) -> None:
+            nonlocal num_refused
+            for _ in range(count):
+                envelope = seal(trainer, method, payload)
+                envelope.signature = bytes(64)
+                try:
+                    await stub.AckGroups(envelope, timeout=30)
+                except grpc.aio.AioRpcError:
+                    num_refused += 1
+
+        async def real_trainer() -> int:
+            num_ok = 0
+            for _ in range(num_trainer_calls):
+                try:
+                    await stub.AckGroups(seal(trainer, method, payload), timeout=30)
+                    num_ok += 1
+                except grpc.aio.AioRpcError as error:
+                    print(f"the trainer's call failed during the flood: {error.code().name}: {error.details()}")
+                await asyncio.sleep(0.01)
+            return num_ok
+
+        attackers = [asyncio.create_task(attacker(num_forged // 16)) for _ in range(16)]
+        await asyncio.sleep(0.2)  # the flood is on before the trainer's first call
+        num_ok = await real_trainer()
+        await asyncio.gather(*attackers)
+    return num_ok, num_refused
+
+
+def store_bytes(store_file: Path) -> int:
+    """Bytes the store's tables and indexes hold (SQLite's dbstat: page bytes in use)."""
+    connection = sqlite3.connect(f"file:{store_file}?mode=ro", uri=True)
+    try:
+        return connection.execute("SELECT SUM(pgsize - unused) FROM dbstat").fetchone()[0]
+    finally:
+        connection.close()
+
+
+async def rejected_amplification(address: str, store_file: Path, num_rounds: int) -> float:
+    """Stored bytes per byte sent, over the smallest refused batches (every rollout empty): for
+    another node's lease, for an unknown lease, for the node's own lease, and for it again."""
+    from node.client import CoordinatorClient
+    from protocol.envelope import method_name, seal
+    from protocol.proto import rollout_pb2, service_pb2
+    from protocol.types import FinishReason
+
+    owner, thief = (CoordinatorClient(address, Identity.generate()) for _ in range(2))
+    for client in (owner, thief):
+        await client.register(service_pb2.RegisterRequest(display_name="bench", engine="bench"))
+    stored_before, num_bytes = store_bytes(store_file), 0
+    for round_index in range(num_rounds):
+        lease = (await owner.lease(1)).lease
+        empty = rollout_pb2.RolloutBatch(
+            lease_id=lease.lease_id, policy_version=lease.policy_version,
+            groups=[
+                rollout_pb2.RolloutGroup(prompt_index=prompt.prompt_index, rollouts=[
+                    rollout_pb2.Rollout(sample_index=i, finish_reason=int(FinishReason.LENGTH))
+                    for i in range(lease.group_size)
+                ])
+                for prompt in lease.prompts
+            ],
+        )
+        unknown = rollout_pb2.RolloutBatch()
+        unknown.CopyFrom(empty)
+        unknown.lease_id = f"no-such-lease-{round_index}"
+        for client, batch in ((thief, empty), (owner, unknown), (owner, empty), (owner, empty)):
+            envelope = seal(client.identity, method_name("NodeService", "SubmitRollouts"), batch.SerializeToString())
+            receipt = await client.stub.SubmitRollouts(envelope, timeout=60)
+            assert receipt.num_accepted == 0
+            num_bytes += envelope.ByteSize()
+    for client in (owner, thief):
+        await client.close()
+    return (store_bytes(store_file) - stored_before) / num_bytes
+
+
 def store_baseline(root: Path, num_submissions: int) -> float:
     """Rollouts/s of record_submission alone (the durable write every submission needs)."""
     from coordinator.store import GroupState, NewGroup, NewSubmission, NewVerdict, open_store, sqlite_url
@@ -195,16 +292,25 @@ def main() -> None:
     args = parser.parse_args()
     seconds = 8.0 if args.quick else 30.0
 
+    from coordinator.store import SQLITE_FILE_NAME
     from policy.model import create_tiny_model
 
     with tempfile.TemporaryDirectory() as temp:
         root = Path(temp)
         create_tiny_model(root / "model")
         baseline = store_baseline(root, 200 if args.quick else 1000)
-        popen, address = start_coordinator(root, root / "model", Identity.generate())
+        trainer = Identity.generate()
+        popen, address = start_coordinator(root, root / "model", trainer)
         try:
             rollouts_per_s, latencies = asyncio.run(ingest(address, args.nodes, seconds, make_reward_of(root / "model")))
             beats_per_s, beat_p99 = asyncio.run(heartbeats(address, args.heartbeat_nodes, seconds / 2))
+            num_trainer_calls = 50
+            num_trainer_ok, num_forged_refused = asyncio.run(
+                forged_flood(address, trainer, 2000 if args.quick else 10_000, num_trainer_calls)
+            )
+            amplification = asyncio.run(
+                rejected_amplification(address, root / "coordinator" / SQLITE_FILE_NAME, 10 if args.quick else 50)
+            )
         finally:
             os.kill(popen.pid, signal.SIGTERM)
             popen.wait(timeout=60)
@@ -213,11 +319,14 @@ def main() -> None:
         "nodes": args.nodes, "seconds": seconds, "submissions": len(latencies),
         "p50_ms": round(1000 * quantiles[49], 1), "store_only_rollouts_per_s": round(baseline),
         "heartbeat_p99_ms": round(beat_p99, 1),
+        "trainer_calls_ok_in_flood": f"{num_trainer_ok}/{num_trainer_calls}", "forged_refused": num_forged_refused,
     }))
     print(f"ingest-vs-store-ratio: {rollouts_per_s / baseline:.2f} (end to end ÷ store alone)")
     print(f"ingest-rollouts-per-s: {rollouts_per_s} (target: >= 2000 on 2 cores)")
     print(f"ingest-p99-ms: {1000 * quantiles[98]:.1f} (target: < 100)")
     print(f"heartbeats-per-s: {beats_per_s:.0f} (target: >= 1000, i.e. 10,000 nodes every 10 s)")
+    print(f"forged-flood-trainer-ok: {int(num_trainer_ok == num_trainer_calls)} (target: 1)")
+    print(f"rejected-bytes-amplification: {amplification:.2f} (target: ≤ 4)")
 
 
 if __name__ == "__main__":

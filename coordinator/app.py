@@ -18,14 +18,16 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from coordinator.checks import LeaseRejection, LeaseView, RunFacts, check_lease, check_rollouts
+from coordinator.checks import LeaseRejection, LeaseView, RunFacts, check_lease, check_rollouts, truncated_message
 from coordinator.config import CoordinatorConfig
+from coordinator.gate import RefusalCounts
 from coordinator.scheduler import LeasePlan, Scheduler
 from coordinator.validation import declared_dtype
 from coordinator.versions import PolicyVersions
 from coordinator.store import (
     DuplicateRolloutError,
     GroupState,
+    LeaseCooldownError,
     LeaseRecord,
     LeaseState,
     Liveness,
@@ -115,6 +117,7 @@ class Coordinator:
         self.policy = policy
         self.policy.on_publish.append(self._published)
         self.p2p_bootstrap: tuple[str, ...] = ()
+        self.refusals = RefusalCounts()  # requests the gRPC layer refused, for /metrics
         self._latest_version: int | None = None
         self._beats: dict[str, tuple[str, int, float, int]] = {}
         self._beats_lock = threading.Lock()
@@ -209,11 +212,17 @@ class Coordinator:
         latest = self.latest_policy_version()
         if latest == 0:
             return LeaseWait("no policy has been published yet", NO_POLICY_RETRY_MS)
-        if not latest - max(0, self.config.run.max_staleness - 1) <= held_version <= latest:
+        oldest_leasable = latest - max(0, self.config.run.max_staleness - 1)
+        if not oldest_leasable <= held_version <= latest:
             return LeaseWait(f"pull policy version {latest} first (held: {held_version})", 0)
         if self.backlog_full():
             return LeaseWait("the backlog of groups for the trainer is full", BACKLOG_RETRY_MS)
-        return self.to_work_lease(self.scheduler.issue(node_id, held_version, self.clock()))
+        now = self.clock()
+        try:
+            record = self.scheduler.issue(node_id, held_version, now, oldest_leasable_version=oldest_leasable)
+        except LeaseCooldownError as cooldown:
+            return LeaseWait(str(cooldown), cooldown.until_ms - now)
+        return self.to_work_lease(record)
 
     def backlog_full(self) -> bool:
         """Back-pressure: work the trainer cannot use before it goes stale is not leased."""
@@ -226,7 +235,7 @@ class Coordinator:
         record = self.store.get_lease(lease_id)
         if record is None or record.node_id != node_id:
             raise InvalidRequestError(f"lease {lease_id!r} is not held by {node_id}")
-        return self.store.close_lease(lease_id, LeaseState.RELEASED, self.clock())
+        return self.scheduler.release(lease_id, self.clock())
 
     def extend_open_leases(self) -> int:
         """After a restart: leases open when the coordinator stopped get a full deadline again."""
@@ -245,12 +254,21 @@ class Coordinator:
         batch_hash = hashlib.sha256(payload).digest()
         try:
             message = rollout_pb2.RolloutBatch.FromString(payload)
+        except DecodeError as error:
+            raise InvalidRequestError(f"malformed RolloutBatch: {error}") from None
+        if len(message.lease_id) > MAX_LEASE_ID_CHARS:
+            raise InvalidRequestError(
+                f"malformed RolloutBatch: lease_id has {len(message.lease_id)} characters, at most {MAX_LEASE_ID_CHARS}"
+            )
+        record = self.store.get_lease(message.lease_id)
+        self._check_batch_size(message, record)
+        try:
+            convert.check_bounds(message)
             batch = convert.batch_from_proto(message)
-        except (DecodeError, WireFormatError) as error:
+        except WireFormatError as error:
             raise InvalidRequestError(f"malformed RolloutBatch: {error}") from None
         # Accepted groups are stored as the node's own messages, less any field the protocol lacks.
         message.DiscardUnknownFields()
-        record = self.store.get_lease(batch.lease_id)
         if record is None or record.state is not LeaseState.OPEN or record.node_id != node_id:
             # Storing a batch closes its node's lease, so only then can this be a re-send.
             stored = self.store.get_receipt(batch_hash)
@@ -285,6 +303,22 @@ class Coordinator:
             if not outcome.newly_stored:
                 return self._stored_result(outcome.receipt)
             return SubmitResult(receipt, outcome.receipt, True)
+
+    def _check_batch_size(self, message: rollout_pb2.RolloutBatch, record: LeaseRecord | None) -> None:
+        """Refuse, before any per-rollout work, a batch with more groups or rollouts than its lease
+        has prompts and samples (a lease the store lacks: than this run's leases)."""
+        num_prompts = self.config.run.prompts_per_lease if record is None else len(record.prompt_indices)
+        group_size = self.config.run.group_size if record is None else record.group_size
+        if len(message.groups) > num_prompts:
+            raise InvalidRequestError(
+                f"malformed RolloutBatch: groups: {len(message.groups)} groups, the lease has {num_prompts} prompts"
+            )
+        for index, group in enumerate(message.groups):
+            if len(group.rollouts) > group_size:
+                raise InvalidRequestError(
+                    f"malformed RolloutBatch: groups[{index}].rollouts: {len(group.rollouts)} rollouts, "
+                    f"the lease's group size is {group_size}"
+                )
 
     def _group_state(self, node_id: str) -> GroupState:
         if self.needs_validation is not None and self.needs_validation(self.store.get_node(node_id)):
@@ -396,13 +430,14 @@ def _rejected_submission(
 
 
 def _reject_all(batch: RolloutBatch, batch_hash: bytes, reason: RejectReason, message: str) -> Receipt:
+    """Every rollout rejected for `reason`; the message is told once, on the first verdict."""
+    rollouts = [(g.prompt_index, r.sample_index) for g in batch.groups for r in g.rollouts]
     return Receipt(
         lease_id=batch.lease_id,
         batch_hash=batch_hash,
         verdicts=tuple(
-            RolloutVerdict(g.prompt_index, r.sample_index, False, reason, message)
-            for g in batch.groups
-            for r in g.rollouts
+            RolloutVerdict(prompt_index, sample_index, False, reason, "" if index else truncated_message(message))
+            for index, (prompt_index, sample_index) in enumerate(rollouts)
         ),
     )
 

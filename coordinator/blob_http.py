@@ -17,10 +17,19 @@ from starlette.routing import Route
 from coordinator.blobstore import BlobStore, UnknownBlobError, parse_blob_hex
 
 _SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# Any blob size has fewer digits; a longer number only ever means "past the end".
+MAX_RANGE_DIGITS = 19
 
 
 class RangeNotSatisfiableError(ValueError):
     pass
+
+
+def _range_number(digits: str) -> int:
+    """A number of a Range header, read without converting thousands of digits (which Python
+    refuses): one longer than MAX_RANGE_DIGITS counts as 10**MAX_RANGE_DIGITS, past any blob."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= MAX_RANGE_DIGITS else 10**MAX_RANGE_DIGITS
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -36,13 +45,13 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not first and not last:
         return None
     if not first:
-        suffix_length = int(last)
+        suffix_length = _range_number(last)
         if suffix_length == 0:
             raise RangeNotSatisfiableError("an empty suffix range")
         return max(size - suffix_length, 0), size
-    start = int(first)
-    end = size if not last else min(int(last) + 1, size)
-    if last and int(last) < start:
+    start = _range_number(first)
+    end = size if not last else min(_range_number(last) + 1, size)
+    if last and _range_number(last) < start:
         return None
     if start >= size:
         raise RangeNotSatisfiableError(f"range starts at {start}, the blob has {size} bytes")

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from protocol.manifest import (
+    HASH_BYTES,
     MAX_BLOB_BYTES,
     PolicyUpdateError,
     blob_hash as compute_blob_hash,
@@ -49,6 +50,10 @@ class BlobStoreError(ValueError):
 
 class UnknownBlobError(BlobStoreError):
     pass
+
+
+class BlobHashError(BlobStoreError):
+    """A blob hash of the wrong length."""
 
 
 class BlobRangeError(BlobStoreError):
@@ -129,6 +134,8 @@ class BlobStore:
             return self._versions[(version, codec)][0]
 
     def blob_path(self, blob_hash: bytes) -> Path:
+        if len(blob_hash) != HASH_BYTES:
+            raise BlobHashError(f"a blob hash has {HASH_BYTES} bytes, not {len(blob_hash)}")
         hex_hash = blob_hash.hex()
         return self._blob_dir / hex_hash[:2] / hex_hash
 

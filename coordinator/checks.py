@@ -18,6 +18,15 @@ from itertools import compress
 from protocol.types import FinishReason, LeasedPrompt, RejectReason, Rollout, RolloutBatch, RolloutVerdict, WorkLease
 
 REWARD_TOLERANCE = 1e-6
+# A verdict's message is stored with the submission and sent back in its receipt: capped, so that
+# what a refused batch leaves behind stays a small multiple of its size.
+MAX_VERDICT_MESSAGE_CHARS = 200
+
+
+def truncated_message(message: str) -> str:
+    if len(message) <= MAX_VERDICT_MESSAGE_CHARS:
+        return message
+    return message[: MAX_VERDICT_MESSAGE_CHARS - 1] + "…"
 
 
 class LeaseRejection(ValueError):
@@ -181,14 +190,14 @@ def check_rollouts(
         verdicts = []
         for rollout, problem in zip(group.rollouts, problems):
             if problem is None and first_problem is not None:
-                problem = (first_problem[0], f"another rollout of this group was rejected: {first_problem[1]}")
+                problem = (first_problem[0], "another rollout of this group was rejected")
             verdicts.append(
                 RolloutVerdict(
                     prompt_index=group.prompt_index,
                     sample_index=rollout.sample_index,
                     accepted=problem is None,
                     reason=problem[0] if problem else None,
-                    message=problem[1] if problem else "",
+                    message=truncated_message(problem[1]) if problem else "",
                 )
             )
         checked.append(

@@ -2,31 +2,45 @@
 
 The prompts of lease number n follow from (run seed, n) alone, so a node cannot choose its
 prompts: each epoch walks the training split in the order of a keyed pseudorandom permutation,
-one slice of prompts_per_lease per lease. Prompts of leases that expired or were released are
-leased again first, under their original lease number. The per-node cap on open leases and the
-lease counter are enforced in the store, in the same transaction that stores the lease.
+one slice of prompts_per_lease per lease. The sampling seed of lease number n follows from n and
+a secret the coordinator keeps in its store, so nodes cannot predict it, and the prompt set keeps
+it: prompts of leases that expired or were released are leased again first, under their
+original lease number, hence with the same seed, and never to a node that held them before.
+Walking away from a lease therefore buys no new draw. The per-node cap on open leases, the
+walk-away limit and the lease counter are enforced in the store, in the same transaction that
+stores the lease.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from dataclasses import dataclass
 
 from coordinator.config import CoordinatorConfig
-from coordinator.store import LeaseCapError, LeaseRecord, Store
+from coordinator.store import (
+    LeaseCapError,
+    LeaseCooldownError,
+    LeaseRecord,
+    LeaseState,
+    Store,
+    WalkAwayLimit,
+)
 from protocol.types import SamplingParams
 
 __all__ = [
     "LeaseCapError",
+    "LeaseCooldownError",
     "LeasePlan",
     "Scheduler",
     "keyed_permutation",
-    "new_sampling_seed",
     "prompt_indices_for_lease",
+    "sampling_seed_for_lease",
 ]
 
 SAMPLING_SEED_BITS = 63
+SAMPLING_SEED_SECRET = "sampling-seed-key"
 _FEISTEL_ROUNDS = 4
 
 
@@ -72,9 +86,13 @@ def prompt_indices_for_lease(
     return tuple(keyed_permutation(key, offset, num_prompts) for offset in range(first, first + prompts_per_lease))
 
 
-def new_sampling_seed() -> int:
-    """A fresh, unpredictable 63-bit sampling seed (fits a signed 64-bit column)."""
-    return secrets.randbits(SAMPLING_SEED_BITS)
+def sampling_seed_for_lease(key: bytes, lease_number: int) -> int:
+    """The 63-bit sampling seed (it fits a signed 64-bit column) of the prompt set of lease
+    lease_number: keyed BLAKE2b of the number, unpredictable without the key."""
+    if lease_number < 0:
+        raise ValueError(f"lease numbers start at 0, got {lease_number}")
+    digest = hashlib.blake2b(b"rollproof-sampling-seed" + lease_number.to_bytes(8, "big"), key=key, digest_size=8)
+    return int.from_bytes(digest.digest(), "big") >> (64 - SAMPLING_SEED_BITS)
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,7 @@ class LeasePlan:
     sampling: SamplingParams
     deadline_ms: int
     max_open_per_node: int
+    walkaway_limit: WalkAwayLimit
 
     def __post_init__(self) -> None:
         if not 1 <= self.prompts_per_lease <= self.num_prompts:
@@ -112,6 +131,12 @@ class LeasePlan:
             ),
             deadline_ms=round(config.lease.deadline_s * 1000),
             max_open_per_node=config.lease.max_open_per_node,
+            walkaway_limit=WalkAwayLimit(
+                window_leases=config.lease.walkaway_window,
+                max_walkaways=math.floor(config.lease.max_walkaway_fraction * config.lease.walkaway_window),
+                cooldown_ms=round(config.lease.cooldown_s * 1000),
+                max_strikes=config.validation.max_strikes,
+            ),
         )
 
 
@@ -119,19 +144,31 @@ class Scheduler:
     def __init__(self, store: Store, plan: LeasePlan) -> None:
         self._store = store
         self._plan = plan
+        self._seed_key = store.secret(SAMPLING_SEED_SECRET)
 
     @property
     def plan(self) -> LeasePlan:
         return self._plan
 
     def expire(self, now_ms: int) -> list[LeaseRecord]:
-        """Expire leases past their deadline; their prompts go to the front of the queue."""
-        return self._store.expire_leases(now_ms)
+        """Expire leases past their deadline; their prompts go to the front of the queue, and each
+        counts against its node's walk-away limit."""
+        return self._store.expire_leases(now_ms, self._plan.walkaway_limit)
 
-    def issue(self, node_id: str, policy_version: int, now_ms: int) -> LeaseRecord:
-        """Lease work to node_id: requeued prompts first (the store expires overdue leases in the
-        same transaction, so their prompts come back at once), else the next lease number's
-        prompts. Raises LeaseCapError when the node already holds max_open_per_node open leases."""
+    def release(self, lease_id: str, now_ms: int) -> bool:
+        """Release an open lease: its prompts go to the front of the queue (for other nodes), and
+        the release counts against its node's walk-away limit. False when it was not open."""
+        return self._store.close_lease(lease_id, LeaseState.RELEASED, now_ms, self._plan.walkaway_limit)
+
+    def issue(
+        self, node_id: str, policy_version: int, now_ms: int, oldest_leasable_version: int | None = None
+    ) -> LeaseRecord:
+        """Lease work to node_id at policy_version: requeued prompts first (the store expires
+        overdue leases in the same transaction, so their prompts come back at once) that the node
+        never held, at the version of their last lease while that is at least
+        oldest_leasable_version (default: policy_version); else the next lease number's prompts.
+        Raises LeaseCooldownError while the node is cooling down after walking away from too many
+        leases, LeaseCapError when it already holds max_open_per_node open leases."""
         plan = self._plan
 
         def make_lease(lease_number: int, requeued_prompts: tuple[int, ...] | None) -> LeaseRecord:
@@ -148,10 +185,18 @@ class Scheduler:
                 prompt_indices=prompts,
                 group_size=plan.group_size,
                 sampling=plan.sampling,
-                sampling_seed=new_sampling_seed(),
+                sampling_seed=sampling_seed_for_lease(self._seed_key, lease_number),
                 policy_version=policy_version,
                 created_ms=now_ms,
                 deadline_ms=now_ms + plan.deadline_ms,
             )
 
-        return self._store.issue_lease(node_id, now_ms, plan.max_open_per_node, make_lease)
+        return self._store.issue_lease(
+            node_id,
+            now_ms,
+            plan.max_open_per_node,
+            make_lease,
+            policy_version=policy_version,
+            oldest_leasable_version=policy_version if oldest_leasable_version is None else oldest_leasable_version,
+            walkaway_limit=plan.walkaway_limit,
+        )

@@ -17,16 +17,17 @@ import grpc
 from coordinator.app import Coordinator, RunSetup
 from coordinator.blobstore import BlobStore
 from coordinator.config import CoordinatorConfig
-from coordinator.gate import Gate
-from coordinator.ratelimit import RateLimiter
-from coordinator.service import AdminServicer, NodeServicer, TrainerServicer
+from coordinator.gate import Gate, GateLimits
+from coordinator.service import AdminServicer, GuardInterceptor, NodeServicer, TrainerServicer
 from coordinator.store import Store, open_store, sqlite_url
+from coordinator.transport import server_credentials
 from coordinator.validation import GroupChecker, PolicyHistory, SamplingPolicy, ValidationQueue, Validator
 from coordinator.validator_service import ValidatorServicer
 from coordinator.versions import PolicyVersions
 from protocol.envelope import EnvelopeVerifier
 from protocol.identity import Identity, public_key_from_key_id
 from protocol.proto import service_pb2_grpc, validation_pb2_grpc
+from protocol.tls import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> Built:
         num_initial_checks=config.validation.num_initial_checks,
         floor_rate=config.validation.floor_rate,
         max_strikes=config.validation.max_strikes,
+        probation_tokens=config.validation.probation_tokens,
     )
     app = Coordinator(
         config,
@@ -138,7 +140,7 @@ def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> Built:
         validator = Validator(queue, GroupChecker(history, model_directory(config), device=config.validation.device))
     gate = Gate(
         EnvelopeVerifier(window_ms=round(config.server.envelope_window_s * 1000)),
-        RateLimiter(config.server.requests_per_second_per_node, config.server.request_burst_per_node),
+        GateLimits.from_config(config.server),
         store.get_node,
         setup.trainer_public_key,
         config.operator_token.get_secret_value(),
@@ -181,16 +183,33 @@ def start_seed(config: CoordinatorConfig, app: Coordinator):
 
 
 async def _housekeeping(app: Coordinator) -> None:
+    def expire_leases() -> None:
+        expired = app.expire_leases()
+        if expired:
+            log.info("%d leases expired; their prompts are leased again", expired)
+
+    steps = {
+        "expiring leases": expire_leases,
+        "writing heartbeats": app.flush_heartbeats,
+        "settling contributions": lambda: app.store.settle_contributions(app.clock() - SETTLE_WINDOW_MS),
+    }
     while True:
-        try:
-            expired = await asyncio.to_thread(app.expire_leases)
-            if expired:
-                log.info("%d leases expired; their prompts are leased again", expired)
-            await asyncio.to_thread(app.flush_heartbeats)
-            await asyncio.to_thread(app.store.settle_contributions, app.clock() - SETTLE_WINDOW_MS)
-        except Exception:
-            log.exception("housekeeping failed; retrying")
+        for what, step in steps.items():  # each on its own: one failing holds up none of the others
+            try:
+                await asyncio.to_thread(step)
+            except Exception:
+                log.exception("%s failed; retrying", what)
         await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+
+
+def grpc_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials of the gRPC side when server.tls_cert and server.tls_key are set, else None."""
+    if config.server.tls_cert is not None and config.server.tls_key is not None:
+        return server_credentials(config.server.tls_cert, config.server.tls_key)
+    if not is_loopback_host(config.server.host):
+        log.warning("gRPC on %s is plaintext: nodes cannot check whom they talk to, and operator calls are "
+                    "refused from other machines; set server.tls_cert and server.tls_key", config.server.host)
+    return None
 
 
 async def serve(config: CoordinatorConfig) -> None:
@@ -198,6 +217,7 @@ async def serve(config: CoordinatorConfig) -> None:
 
     from coordinator.dashboard.web import create_http_app
 
+    credentials = grpc_credentials(config)
     setup = await asyncio.to_thread(load_run_setup, config)
     store = await asyncio.to_thread(open_coordinator_store, config)
     built = build(config, setup, store)
@@ -207,6 +227,7 @@ async def serve(config: CoordinatorConfig) -> None:
         log.info("gave %d leases that were open at the last stop a fresh deadline", num_extended)
     limit = config.server.max_message_bytes
     server = grpc.aio.server(
+        interceptors=[GuardInterceptor(gate, app.refusals)],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 64 * 1024 * 1024)]
     )
     service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(app, gate), server)
@@ -214,7 +235,11 @@ async def serve(config: CoordinatorConfig) -> None:
     service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app, gate), server)
     if built.validation is not None:
         validation_pb2_grpc.add_ValidatorServiceServicer_to_server(ValidatorServicer(built.validation, gate), server)
-    grpc_port = server.add_insecure_port(f"{config.server.host}:{config.server.grpc_port}")
+    grpc_address = f"{config.server.host}:{config.server.grpc_port}"
+    if credentials is None:
+        grpc_port = server.add_insecure_port(grpc_address)
+    else:
+        grpc_port = server.add_secure_port(grpc_address, credentials)
     http_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     http_socket.bind((config.server.host, config.server.http_port))
@@ -233,7 +258,8 @@ async def serve(config: CoordinatorConfig) -> None:
         p2p=list(app.p2p_bootstrap),
     )
     (config.data_dir.expanduser() / ENDPOINTS_FILE).write_text(json.dumps(endpoints.__dict__))
-    log.info("coordinator of run %s on gRPC %s, HTTP %s (%s store)", config.run.run_id, endpoints.grpc, endpoints.http, store.backend)
+    log.info("coordinator of run %s on gRPC %s (%s), HTTP %s (%s store)", config.run.run_id, endpoints.grpc,
+             "plaintext" if credentials is None else "TLS", endpoints.http, store.backend)
     print(f"coordinator grpc={endpoints.grpc} http={endpoints.http}", flush=True)
 
     stop = asyncio.Event()

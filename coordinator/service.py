@@ -1,6 +1,10 @@
 """Thin gRPC servicers: verify through the Gate, convert, call the Coordinator in a worker
 thread, convert back. No decisions are made here. The node's hot calls (lease, submit) make
-one trip to the thread pool for all of it."""
+one trip to the thread pool for all of it.
+
+Every RPC passes the GuardInterceptor first: a request that does not parse or exceeds the
+schema's bounds is refused with INVALID_ARGUMENT, an error nobody expected with INTERNAL (never
+UNKNOWN), each logged as one line, and every refusal is counted by method and status."""
 
 from __future__ import annotations
 
@@ -8,22 +12,54 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from coordinator.app import Coordinator, InvalidRequestError, LeaseWait
-from coordinator.blobstore import BlobStoreError, NoUpdatePathError, UnknownBlobError
-from coordinator.gate import Gate, GateError
+from coordinator.blobstore import BlobHashError, BlobRangeError, BlobStoreError
+from coordinator.gate import Gate, GateError, RefusalCounts, peer_host
 from coordinator.store import GroupState, LeaseCapError, NodeRecord, UnknownNodeError
+from coordinator.transport import require_private_transport
 from protocol import convert
+from protocol.convert import WireFormatError
 from protocol.envelope import method_name
 from protocol.identity import key_id
 from protocol.manifest import MAX_BLOB_BYTES, PolicyUpdateError
 from protocol.proto import rollout_pb2, service_pb2, service_pb2_grpc
+from protocol.retry import RETRY_AFTER_METADATA_KEY
 from protocol.types import NodeState
 
 log = logging.getLogger(__name__)
+
+
+# How much of an error's text goes into one log line.
+MAX_LOGGED_CHARS = 200
+
+
+def _status_of(error: Exception) -> grpc.StatusCode | None:
+    """The status code of an error a request can cause; None for an unexpected one."""
+    if isinstance(error, GateError):
+        return error.status
+    if isinstance(error, (InvalidRequestError, UnknownNodeError, BlobHashError, BlobRangeError)):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, LeaseCapError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, BlobStoreError):
+        return grpc.StatusCode.NOT_FOUND
+    return None
+
+
+# The longest wait a refusal's retry hint asks for; the retry policy reads it (protocol/retry.py).
+MAX_RETRY_HINT_MS = 30_000
+
+
+async def _abort(context, status: grpc.StatusCode, error: Exception) -> None:
+    if isinstance(error, LeaseCapError):
+        hint_ms = max(0, min(error.retry_after_ms, MAX_RETRY_HINT_MS))
+        context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(hint_ms)),))
+    await context.abort(status, str(error))
 
 
 def _guarded(handler: Callable) -> Callable:
@@ -33,18 +69,143 @@ def _guarded(handler: Callable) -> Callable:
     async def wrapper(self, request, context):
         try:
             return await handler(self, request, context)
-        except GateError as error:
-            await context.abort(error.status, str(error))
-        except (InvalidRequestError, UnknownNodeError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except LeaseCapError as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-        except NoUpdatePathError as error:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        except BlobStoreError as error:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except Exception as error:
+            status = _status_of(error)
+            if status is None:
+                raise
+            await _abort(context, status, error)
 
     return wrapper
+
+
+def _guarded_stream(handler: Callable) -> Callable:
+    """_guarded for handlers that stream their responses."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context):
+        try:
+            async for response in handler(self, request, context):
+                yield response
+        except Exception as error:
+            status = _status_of(error)
+            if status is None:
+                raise
+            await _abort(context, status, error)
+
+    return wrapper
+
+
+def _peer(context) -> str:
+    return peer_host(context.peer())
+
+
+class _MalformedRequest:
+    """What the checked deserializer returns for bytes that are not a request within bounds."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+
+def _checked_deserializer(deserializer: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def deserialize(data: bytes):
+        try:
+            request = deserializer(data)
+            convert.check_bounds(request)
+        except (DecodeError, WireFormatError) as error:
+            return _MalformedRequest(str(error))
+        return request
+
+    return deserialize
+
+
+async def _checked_requests(requests: AsyncIterator) -> AsyncIterator:
+    async for request in requests:
+        if isinstance(request, _MalformedRequest):
+            raise InvalidRequestError(f"malformed request: {request.problem}")
+        yield request
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, gate: Gate, refusals: RefusalCounts):
+        self.gate = gate
+        self.refusals = refusals
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        checked = handler._replace(request_deserializer=_checked_deserializer(handler.request_deserializer))
+        if handler.unary_unary is not None:
+            return checked._replace(unary_unary=self._unary(method, handler.unary_unary))
+        if handler.unary_stream is not None:
+            return checked._replace(unary_stream=self._unary_stream(method, handler.unary_stream))
+        if handler.stream_unary is not None:
+            return checked._replace(stream_unary=self._stream_unary(method, handler.stream_unary))
+        return handler
+
+    async def _refuse_malformed(self, method: str, request: _MalformedRequest, context) -> None:
+        self.refusals.add(method, "malformed")
+        log.warning("%s: refused a malformed request from %s: %s", method, context.peer(), request.problem[:MAX_LOGGED_CHARS])
+        try:
+            self.gate.unauthenticated(_peer(context))
+        except GateError as error:
+            await context.abort(error.status, str(error))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.problem}")
+
+    def _refused(self, method: str, context) -> None:
+        code = context.code()
+        self.refusals.add(method, code.name.lower() if isinstance(code, grpc.StatusCode) else "aborted")
+
+    async def _failed(self, method: str, error: Exception, context) -> None:
+        self.refusals.add(method, "internal")
+        log.error(
+            "%s failed on a request from %s: %s: %s",
+            method, context.peer(), type(error).__name__, str(error)[:MAX_LOGGED_CHARS],
+        )
+        log.debug("%s failed", method, exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); the operator's log has it")
+
+    def _unary(self, method: str, behavior: Callable) -> Callable:
+        async def guarded(request, context):
+            if isinstance(request, _MalformedRequest):
+                await self._refuse_malformed(method, request, context)
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                self._refused(method, context)
+                raise
+            except Exception as error:
+                await self._failed(method, error, context)
+
+        return guarded
+
+    def _unary_stream(self, method: str, behavior: Callable) -> Callable:
+        async def guarded(request, context):
+            if isinstance(request, _MalformedRequest):
+                await self._refuse_malformed(method, request, context)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                self._refused(method, context)
+                raise
+            except Exception as error:
+                await self._failed(method, error, context)
+
+        return guarded
+
+    def _stream_unary(self, method: str, behavior: Callable) -> Callable:
+        async def guarded(requests, context):
+            try:
+                return await behavior(_checked_requests(requests), context)
+            except grpc.aio.AbortError:
+                self._refused(method, context)
+                raise
+            except Exception as error:
+                await self._failed(method, error, context)
+
+        return guarded
 
 
 def run_info_proto(app: Coordinator) -> service_pb2.RunInfo:
@@ -90,12 +251,16 @@ class NodeServicer(service_pb2_grpc.NodeServiceServicer):
     def _method(self, name: str) -> str:
         return method_name("NodeService", name)
 
+    @_guarded
     async def GetRunInfo(self, request, context):
+        self.gate.unauthenticated(_peer(context))
         return await asyncio.to_thread(run_info_proto, self.app)
 
     @_guarded
     async def Register(self, envelope, context):
-        caller = await asyncio.to_thread(self.gate.node_caller, envelope, self._method("Register"), registering=True)
+        caller = await asyncio.to_thread(
+            self.gate.node_caller, envelope, self._method("Register"), _peer(context), registering=True
+        )
         request = self.gate.decode(caller.envelope.payload, service_pb2.RegisterRequest)
         node = await asyncio.to_thread(
             self.app.register,
@@ -116,7 +281,7 @@ class NodeServicer(service_pb2_grpc.NodeServiceServicer):
 
     @_guarded
     async def Heartbeat(self, envelope, context):
-        caller = await asyncio.to_thread(self.gate.node_caller, envelope, self._method("Heartbeat"))
+        caller = await asyncio.to_thread(self.gate.node_caller, envelope, self._method("Heartbeat"), _peer(context))
         request = self.gate.decode(caller.envelope.payload, service_pb2.HeartbeatRequest)
         self.app.heartbeat(caller.envelope.signer_id, request.policy_version, request.tokens_per_second)
         return service_pb2.HeartbeatResponse(
@@ -127,21 +292,20 @@ class NodeServicer(service_pb2_grpc.NodeServiceServicer):
 
     @_guarded
     async def GetManifest(self, request, context):
+        self.gate.unauthenticated(_peer(context))
         signed = await asyncio.to_thread(self.app.policy.manifest, request.version or None)
         return convert.signed_manifest_to_proto(signed)
 
     @_guarded
     async def GetUpdatePath(self, request, context):
+        self.gate.unauthenticated(_peer(context))
         path = await asyncio.to_thread(self.app.policy.update_path, request.from_version or None)
         return service_pb2.UpdatePath(manifests=[convert.signed_manifest_to_proto(m) for m in path])
 
+    @_guarded_stream
     async def FetchBlob(self, request, context):
-        try:
-            chunks = await asyncio.to_thread(self.app.policy.blobs.iter_blob_chunks, request.hash, request.offset)
-        except UnknownBlobError as error:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        except BlobStoreError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        self.gate.unauthenticated(_peer(context))
+        chunks = await asyncio.to_thread(self.app.policy.blobs.iter_blob_chunks, request.hash, request.offset)
         offset = request.offset
         while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
             yield service_pb2.BlobChunk(offset=offset, data=chunk)
@@ -149,10 +313,10 @@ class NodeServicer(service_pb2_grpc.NodeServiceServicer):
 
     @_guarded
     async def LeaseWork(self, envelope, context):
-        return await asyncio.to_thread(self._lease_work, envelope)
+        return await asyncio.to_thread(self._lease_work, envelope, _peer(context))
 
-    def _lease_work(self, envelope) -> service_pb2.LeaseResponse:
-        caller = self.gate.node_caller(envelope, self._method("LeaseWork"))
+    def _lease_work(self, envelope, peer: str) -> service_pb2.LeaseResponse:
+        caller = self.gate.node_caller(envelope, self._method("LeaseWork"), peer)
         request = self.gate.decode(caller.envelope.payload, service_pb2.LeaseRequest)
         lease = self.app.lease(caller.envelope.signer_id, request.policy_version)
         if isinstance(lease, LeaseWait):
@@ -161,16 +325,16 @@ class NodeServicer(service_pb2_grpc.NodeServiceServicer):
 
     @_guarded
     async def SubmitRollouts(self, envelope, context):
-        return await asyncio.to_thread(self._submit_rollouts, envelope)
+        return await asyncio.to_thread(self._submit_rollouts, envelope, _peer(context))
 
-    def _submit_rollouts(self, envelope) -> rollout_pb2.Receipt:
-        caller = self.gate.node_caller(envelope, self._method("SubmitRollouts"))
+    def _submit_rollouts(self, envelope, peer: str) -> rollout_pb2.Receipt:
+        caller = self.gate.node_caller(envelope, self._method("SubmitRollouts"), peer)
         result = self.app.submit(caller.envelope.signer_id, caller.envelope.payload)
         return rollout_pb2.Receipt.FromString(result.receipt_bytes)
 
     @_guarded
     async def ReleaseLease(self, envelope, context):
-        caller = await asyncio.to_thread(self.gate.node_caller, envelope, self._method("ReleaseLease"))
+        caller = await asyncio.to_thread(self.gate.node_caller, envelope, self._method("ReleaseLease"), _peer(context))
         request = self.gate.decode(caller.envelope.payload, service_pb2.ReleaseLeaseRequest)
         await asyncio.to_thread(self.app.release, caller.envelope.signer_id, request.lease_id)
         return service_pb2.ReleaseLeaseResponse()
@@ -193,7 +357,7 @@ class TrainerServicer(service_pb2_grpc.TrainerServiceServicer):
                     if not part.HasField("header"):
                         raise InvalidRequestError("an upload starts with a signed header")
                     header = self.gate.trainer_request(
-                        part.header, self._method("UploadBlob"), service_pb2.BlobUploadHeader
+                        part.header, self._method("UploadBlob"), service_pb2.BlobUploadHeader, _peer(context)
                     )
                     if header.size > MAX_BLOB_BYTES:
                         raise InvalidRequestError(f"blob of {header.size} bytes exceeds the {MAX_BLOB_BYTES}-byte cap")
@@ -212,7 +376,7 @@ class TrainerServicer(service_pb2_grpc.TrainerServiceServicer):
 
     @_guarded
     async def PublishPolicy(self, envelope, context):
-        request = self.gate.trainer_request(envelope, self._method("PublishPolicy"), service_pb2.PublishRequest)
+        request = self.gate.trainer_request(envelope, self._method("PublishPolicy"), service_pb2.PublishRequest, _peer(context))
         try:
             manifest = await asyncio.to_thread(
                 self.app.policy.publish, convert.signed_manifest_from_proto(request.manifest)
@@ -224,19 +388,17 @@ class TrainerServicer(service_pb2_grpc.TrainerServiceServicer):
 
     @_guarded
     async def Resume(self, envelope, context):
-        request = self.gate.trainer_request(envelope, self._method("Resume"), service_pb2.ResumeRequest)
+        request = self.gate.trainer_request(envelope, self._method("Resume"), service_pb2.ResumeRequest, _peer(context))
         num_restored = await asyncio.to_thread(self.app.resume_trainer, request.trainer_step)
         return service_pb2.ResumeResponse(
             num_groups_restored=num_restored, latest_policy_version=self.app.latest_policy_version()
         )
 
+    @_guarded_stream
     async def StreamGroups(self, envelope, context):
-        try:
-            request = self.gate.trainer_request(
-                envelope, self._method("StreamGroups"), service_pb2.StreamGroupsRequest
-            )
-        except GateError as error:
-            await context.abort(error.status, str(error))
+        request = self.gate.trainer_request(
+            envelope, self._method("StreamGroups"), service_pb2.StreamGroupsRequest, _peer(context)
+        )
         groups, _ = await asyncio.to_thread(
             self.app.ready_groups, max(1, min(request.max_groups, 4096)), request.max_staleness
         )
@@ -245,7 +407,7 @@ class TrainerServicer(service_pb2_grpc.TrainerServiceServicer):
 
     @_guarded
     async def AckGroups(self, envelope, context):
-        request = self.gate.trainer_request(envelope, self._method("AckGroups"), service_pb2.AckRequest)
+        request = self.gate.trainer_request(envelope, self._method("AckGroups"), service_pb2.AckRequest, _peer(context))
         outcome, num_stale = await asyncio.to_thread(
             self.app.ack, request.consumed_group_ids, request.stale_group_ids, request.trainer_step
         )
@@ -253,7 +415,7 @@ class TrainerServicer(service_pb2_grpc.TrainerServiceServicer):
 
     @_guarded
     async def ReportMetrics(self, envelope, context):
-        request = self.gate.trainer_request(envelope, self._method("ReportMetrics"), service_pb2.TrainerMetrics)
+        request = self.gate.trainer_request(envelope, self._method("ReportMetrics"), service_pb2.TrainerMetrics, _peer(context))
         try:
             metrics = json.loads(request.metrics_json)
         except json.JSONDecodeError as error:
@@ -271,13 +433,15 @@ class AdminServicer(service_pb2_grpc.AdminServiceServicer):
 
     @_guarded
     async def ListNodes(self, request, context):
-        self.gate.operator(context.invocation_metadata())
+        require_private_transport(context)
+        self.gate.operator(context.invocation_metadata(), _peer(context))
         nodes = await asyncio.to_thread(self.app.store.list_nodes)
         return service_pb2.NodeList(nodes=[node_status_proto(self.app, n) for n in nodes])
 
     @_guarded
     async def BanNode(self, request, context):
-        self.gate.operator(context.invocation_metadata())
+        require_private_transport(context)
+        self.gate.operator(context.invocation_metadata(), _peer(context))
         node = await asyncio.to_thread(self.app.store.ban_node, request.node_id, request.reason or "banned by the operator")
         self.gate.forget(request.node_id)
         log.warning("operator banned %s: %s", node.node_id, node.ban_reason)
@@ -285,7 +449,8 @@ class AdminServicer(service_pb2_grpc.AdminServiceServicer):
 
     @_guarded
     async def UnbanNode(self, request, context):
-        self.gate.operator(context.invocation_metadata())
+        require_private_transport(context)
+        self.gate.operator(context.invocation_metadata(), _peer(context))
         node = await asyncio.to_thread(self.app.store.unban_node, request.node_id)
         self.gate.forget(request.node_id)
         log.warning("operator unbanned %s", node.node_id)
@@ -293,7 +458,8 @@ class AdminServicer(service_pb2_grpc.AdminServiceServicer):
 
     @_guarded
     async def GetRunStatus(self, request, context):
-        self.gate.operator(context.invocation_metadata())
+        require_private_transport(context)
+        self.gate.operator(context.invocation_metadata(), _peer(context))
         counters = await asyncio.to_thread(self.app.run_counters)
         return service_pb2.RunStatus(
             run_info=await asyncio.to_thread(run_info_proto, self.app),
@@ -308,7 +474,8 @@ class AdminServicer(service_pb2_grpc.AdminServiceServicer):
 
     @_guarded
     async def ListVersions(self, request, context):
-        self.gate.operator(context.invocation_metadata())
+        require_private_transport(context)
+        self.gate.operator(context.invocation_metadata(), _peer(context))
         versions, holders = await asyncio.to_thread(self.app.versions_with_holders)
         return service_pb2.VersionList(
             versions=[

@@ -13,6 +13,7 @@ coordinator, and any number of `rollproof validator run` processes (coordinator/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,8 +26,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from coordinator import node_stats
 from coordinator.blobstore import NoUpdatePathError
-from coordinator.store import ChunkStats, ChunkWindow, GroupState, NodeRecord, Store, StoredGroup, ValidationResult
+from coordinator.store import (
+    ChunkStats,
+    ChunkWindow,
+    GroupState,
+    NewValidation,
+    NodeRecord,
+    Store,
+    StoredGroup,
+    TokenStats,
+    ValidationOutcome,
+)
 from protocol import commitment, convert
 from protocol import sampling as rule
 from protocol.codec import BF16State
@@ -46,7 +58,11 @@ MIN_EOS_LOGPROB = math.log(1e-4)
 # but within the logit tolerance of it. Honest bf16 runs show ~0.7% of tokens (at the bf16 tolerance),
 # so two in a 32-token rollout happen (seen in CI: a bound of 1 banned an honest node). A near-tie gives
 # a cheater no real choice, so the bound only has to stop wholesale abuse: 10% of tokens, at least 4
-# (an honest 32-token rollout exceeds 4 with probability ~3e-6).
+# (an honest 32-token rollout exceeds 4 with probability ~3e-6). A backstop only: steady near-tie
+# abuse is judged per node over its window (coordinator/node_stats.py). Measured honest bf16 rates are
+# 0-0.5% (torch node vs torch validator, SDPA or eager: bench/validation.py); at 0.7% the worst rollout
+# length exceeds this bound with probability 9e-6, and a tighter 8% would raise it to 2.7e-5 (at 40
+# and 50 tokens) for strikes on honest nodes over millions of rollouts, so it stays.
 MAX_NEAR_TIE_FRACTION = 0.10
 MIN_NEAR_TIES_ALLOWED = 4
 # How long a validator holds the groups it took before they are handed to another one.
@@ -58,6 +74,19 @@ DEFAULT_VALIDATION_LEASE_MS = 5 * 60 * 1000
 # int8 linear layers 0.95, one layer x 1.05 0.75; an honest vLLM node replayed by torch at most 0.64 in
 # any window of 256 of its 3,000 chunks; allowed 0.75.
 NODE_WINDOW_CHUNKS = 256
+# Probation: a node's groups become trainable only after its first node-level verdict, taken once it
+# has PROBATION_TOKENS fully checked tokens and its window holds at least MIN_WINDOW_CHUNKS chunks.
+# Until then every submission of it is fully checked and its passed groups are held. Measured on the
+# default tiny model, honest bf16 nodes generating with eager attention replayed with SDPA (12,000
+# rollouts, 60,163 tokens, 12,000 chunks): windows of 64 chunks failed 2 of 747 times (pooled mantissa
+# error up to 0.79 against 0.75 allowed), of 96 chunks 0 of 497 (at most 0.72), of 128 chunks 0 of 372
+# (at most 0.65), of 256 chunks 0 of 184 (at most 0.61); exponent mismatches were never close (at most
+# 1.14 a chunk against 3.0); an honest vLLM bf16 node replayed by torch stayed at or below 0.64 in
+# windows of 256. So a probation verdict is taken over 128 chunks at least, where no honest torch window
+# came within 0.1 of the bound, and may release the node's groups there; over the bound there, it only
+# keeps the node on probation, and fails it once the window is full (NODE_WINDOW_CHUNKS).
+PROBATION_TOKENS = 512
+MIN_WINDOW_CHUNKS = 128
 
 
 @dataclass(frozen=True)
@@ -90,13 +119,16 @@ class SamplingPolicy:
     num_initial_checks: int = 20
     floor_rate: float = 0.05
     max_strikes: int = 2
+    probation_tokens: int = PROBATION_TOKENS
 
     def __post_init__(self) -> None:
         if not 0.0 < self.floor_rate <= 1.0:
             raise ValueError("the validation floor rate must be in (0, 1]: never zero")
+        if self.probation_tokens < 0:
+            raise ValueError(f"probation_tokens must be >= 0, got {self.probation_tokens}")
 
     def rate(self, node: NodeRecord) -> float:
-        if node.num_full_checks_passed < self.num_initial_checks or node.num_strikes:
+        if node.on_probation or node.num_full_checks_passed < self.num_initial_checks or node.num_strikes:
             return 1.0
         return max(self.floor_rate, 1.0 - node.reputation)
 
@@ -113,10 +145,17 @@ class Verdict:
     check: str                 # the first failed check, or "all"
     evidence: dict[str, Any]
     chunks: tuple[ChunkStats, ...] = field(default=(), repr=False)  # a passed group's, for its node's window
+    tokens: TokenStats | None = field(default=None, repr=False)  # a passed group's, for its node's token window
 
     @property
     def evidence_json(self) -> str:
         return json.dumps(self.evidence, sort_keys=True)
+
+    @property
+    def suspect(self) -> bool:
+        """Passed, but doubted by a statistical check over too little evidence to strike (check names
+        it): the node is checked more, on probation, instead."""
+        return self.passed and self.check != "all"
 
 
 def chunk_stats(check: commitment.ChunkCheck) -> ChunkStats:
@@ -131,6 +170,7 @@ def verdict_to_proto(group_id: str, verdict: Verdict) -> validation_pb2.Validati
         chunks=[validation_pb2.ChunkStatistics(exponent_mismatches=c.exponent_mismatches,
                                                mantissa_error_sum=c.mantissa_error_sum, num_matched=c.num_matched)
                 for c in verdict.chunks],
+        tokens=None if verdict.tokens is None else validation_pb2.TokenStatistics(**dataclasses.asdict(verdict.tokens)),
     )
 
 
@@ -148,7 +188,27 @@ def verdict_from_proto(message: validation_pb2.ValidationVerdict) -> tuple[str, 
     if any(not math.isfinite(c.mantissa_error_sum) or c.mantissa_error_sum < 0 for c in message.chunks):
         raise ValueError(f"{where}: a chunk's mantissa error sum must be finite and not negative")
     chunks = tuple(ChunkStats(c.exponent_mismatches, c.mantissa_error_sum, c.num_matched) for c in message.chunks)
-    return message.group_id, Verdict(message.passed, message.check, evidence, chunks)
+    return message.group_id, Verdict(message.passed, message.check, evidence, chunks, _token_stats_from_proto(message))
+
+
+def _token_stats_from_proto(message: validation_pb2.ValidationVerdict) -> TokenStats | None:
+    if not message.HasField("tokens"):
+        return None
+    where = f"the verdict on group {message.group_id!r}"
+    if not message.passed:
+        raise ValueError(f"{where}: only a passed group's token statistics join its node's window")
+    stats = TokenStats(**{name: getattr(message.tokens, name) for name in TokenStats.__dataclass_fields__})
+    if not (stats.num_near_ties <= stats.num_tokens and stats.num_directed_near_ties <= stats.num_near_ties
+            and stats.num_near_ties_up <= stats.num_directed_near_ties
+            and stats.num_near_ties_positive <= stats.num_near_ties):
+        raise ValueError(f"{where}: its token counts do not nest (up <= directed <= near-ties <= tokens, "
+                         f"positive <= near-ties): {stats}")
+    floats = (stats.near_ties_positive_expected, stats.near_ties_positive_variance, stats.logprob_advantage_sum,
+              stats.logprob_advantage_sum_squares)
+    if not all(map(math.isfinite, floats)) or min(floats[0], floats[1], floats[3]) < 0:
+        raise ValueError(f"{where}: its token statistics must be finite, the expectation, variance and sum of "
+                         f"squares not negative: {stats}")
+    return stats
 
 
 class PolicySource(Protocol):
@@ -235,9 +295,13 @@ def check_rollout(report, rollout, *, logit_tolerance: float, max_logprob_drift:
             "positions": _positions(drift > allowed_drift),
         })
     failing = [(i, c) for i, c in enumerate(report.commitment_checks) if not c.passes(thresholds)]
+    # A chunk that committed every value it holds is scored on its smallest values too: over its
+    # bounds alone it is doubt (more checks of the node), not a strike (commitment.ChunkCheck.complete).
+    decisive = [(i, c) for i, c in failing if not c.complete]
+    doubt = None
     if failing:
-        index, chunk = failing[0]
-        return Verdict(False, "commitment", {
+        index, chunk = (decisive or failing)[0]
+        doubt = Verdict(not decisive, "commitment" if decisive else "commitment_short_chunk_doubt", {
             **base, "chunk": index, "num_failing_chunks": len(failing),
             "exponent_mismatches": chunk.exponent_mismatches, "mantissa_error_mean": chunk.mantissa_error_mean,
             "mantissa_error_median": chunk.mantissa_error_median,
@@ -245,14 +309,16 @@ def check_rollout(report, rollout, *, logit_tolerance: float, max_logprob_drift:
                         "mantissa_error_mean": thresholds.max_mantissa_error_mean,
                         "mantissa_error_median": thresholds.max_mantissa_error_median},
         })
+        if decisive:
+            return doubt
     if (rollout.finish_reason == FinishReason.STOP and checks.verdicts[-1] == rule.TokenVerdict.NEAR_TIE
             and checks.logprobs[-1] < MIN_EOS_LOGPROB):
         return Verdict(False, "termination", {
             **base, "eos_logprob": float(checks.logprobs[-1]), "allowed_min": MIN_EOS_LOGPROB,
             "eos_verdict": "near_tie",
         })
-    return Verdict(True, "all", {**base, "num_near_ties": checks.num_near_ties,
-                                 "max_logprob_drift": float(drift.max(initial=0.0))})
+    return doubt or Verdict(True, "all", {**base, "num_near_ties": checks.num_near_ties,
+                                          "max_logprob_drift": float(drift.max(initial=0.0))})
 
 
 @dataclass(frozen=True)
@@ -289,16 +355,48 @@ def job_from_proto(message: validation_pb2.ValidationJob) -> GroupJob:
                     tuple(message.seeds), rollouts)
 
 
-def node_window_verdict(pooled: commitment.PooledCheck, thresholds: commitment.Thresholds) -> Verdict:
-    """The failure of a group whose chunks, joined to its node's window, took the window over the
-    pooled bounds."""
-    return Verdict(False, "commitment_node_pooled", {
-        "num_chunks": pooled.num_chunks, "window": "the node's last fully checked chunks",
+def pooled_verdict(check: str, pooled: commitment.PooledCheck, thresholds: commitment.Thresholds,
+                   evidence: dict[str, Any]) -> Verdict | None:
+    """None when the pool is within its bounds; a failure of `check` over them on enough evidence;
+    over them on too little (commitment.PooledCheck.judge), a pass in doubt: `check`_doubt."""
+    judgement = pooled.judge(thresholds)
+    if judgement is commitment.PoolVerdict.PASS:
+        return None
+    failed = judgement is commitment.PoolVerdict.FAIL
+    return Verdict(not failed, check if failed else f"{check}_doubt", {
+        **evidence, "num_chunks": pooled.num_chunks,
         "exponent_mismatches_per_chunk": pooled.exponent_mismatches_per_chunk,
         "mantissa_error_mean": pooled.mantissa_error_mean,
         "allowed": {"exponent_mismatches_per_chunk": thresholds.max_pooled_exponent_mismatches,
                     "mantissa_error_mean": thresholds.max_pooled_mantissa_error_mean},
+        "honest_exponent_mismatches_per_chunk": thresholds.honest_exponent_mismatches,
+        "max_false_positive_rate": thresholds.max_false_positive_rate,
     })
+
+
+def judge_token_windows(store: Store, verdicts: Sequence[tuple[str, Verdict]],
+                        window_tokens: int = node_stats.NODE_WINDOW_TOKENS) -> list[tuple[str, Verdict]]:
+    """A passed group's token statistics join its node's token window; once the window covers
+    window_tokens tokens, a group that leaves it failing a node-level test (coordinator/node_stats.py)
+    fails with that test's name."""
+    passed = [(group_id, verdict.tokens) for group_id, verdict in verdicts
+              if verdict.passed and verdict.tokens is not None]
+    if not passed:
+        return list(verdicts)
+    windows = dict(zip([group_id for group_id, _ in passed], store.add_node_tokens(passed, window_tokens)))
+    judged = []
+    for group_id, verdict in verdicts:
+        window = windows.get(group_id)
+        if window is not None:
+            node = store.get_node(window.node_id)
+            judgement = node_stats.judge_tokens(window.stats, declared_dtype(node.engine if node is not None else ""),
+                                                window_tokens=window_tokens)
+            if judgement.failure is not None:
+                verdict = Verdict(False, judgement.failure.check, {
+                    **judgement.failure.evidence, "num_groups": window.num_groups,
+                    "window": "the node's last fully checked tokens"})
+        judged.append((group_id, verdict))
+    return judged
 
 
 class GroupChecker:
@@ -359,8 +457,11 @@ class GroupChecker:
 
 
 def group_verdict(job: GroupJob, reports, tolerances: Tolerances) -> Verdict:
-    """Every rollout's checks in order, then the commitment statistics pooled over the group."""
+    """Every rollout's checks in order, then the commitment statistics pooled over the group. A
+    doubt (a rollout's or the pool's) passes the group in doubt; a complete chunk over its bounds,
+    the doubt of its rollout, is left out of the pools."""
     chunk_checks = []
+    doubt = None
     for report, rollout in zip(reports, job.rollouts):
         verdict = check_rollout(
             report, rollout, logit_tolerance=tolerances.logit_tolerance,
@@ -368,18 +469,21 @@ def group_verdict(job: GroupJob, reports, tolerances: Tolerances) -> Verdict:
         )
         if not verdict.passed:
             return verdict
-        chunk_checks.extend(report.commitment_checks)
+        doubt = doubt or (verdict if verdict.suspect else None)
+        chunk_checks.extend(c for c in report.commitment_checks if not c.complete or c.passes(tolerances.thresholds))
     pooled = commitment.pool(chunk_checks)
-    if not pooled.passes(tolerances.thresholds):
-        return Verdict(False, "commitment_pooled", {
-            "num_chunks": pooled.num_chunks,
-            "exponent_mismatches_per_chunk": pooled.exponent_mismatches_per_chunk,
-            "mantissa_error_mean": pooled.mantissa_error_mean,
-            "allowed": {"exponent_mismatches_per_chunk": tolerances.thresholds.max_pooled_exponent_mismatches,
-                        "mantissa_error_mean": tolerances.thresholds.max_pooled_mantissa_error_mean},
-        })
+    pooled_doubt = pooled_verdict("commitment_pooled", pooled, tolerances.thresholds, {"dtype": job.dtype})
+    if pooled_doubt is not None and not pooled_doubt.passed:
+        return pooled_doubt
+    doubt = pooled_doubt or doubt
+    tokens = node_stats.group_token_stats([
+        node_stats.RolloutTokens(report.token_checks.verdicts == rule.TokenVerdict.NEAR_TIE, report.near_tie_lifts,
+                                 report.logprob_offsets, report.temperature, rollout.claimed_reward)
+        for report, rollout in zip(reports, job.rollouts)])
+    if doubt is not None:  # its chunks still join the node's window, which settles the doubt
+        return dataclasses.replace(doubt, chunks=tuple(map(chunk_stats, chunk_checks)), tokens=tokens)
     return Verdict(True, "all", {"num_rollouts": len(job.rollouts), "num_chunks": pooled.num_chunks,
-                                 "dtype": job.dtype}, tuple(map(chunk_stats, chunk_checks)))
+                                 "dtype": job.dtype}, tuple(map(chunk_stats, chunk_checks)), tokens)
 
 
 class ValidationQueue:
@@ -432,69 +536,87 @@ class ValidationQueue:
         )
 
     def report(self, verdicts: Sequence[tuple[str, Verdict]]) -> int:
-        """Apply (group id, verdict) pairs and their consequences, the checks' results in one store
-        transaction; returns how many applied (a group that no longer waits for a verdict,
-        decided already or quarantined by another failure of its node, is skipped)."""
+        """Apply (group id, verdict) pairs and all their consequences (strikes, quarantine, bans,
+        probation) in one store transaction; returns how many applied (a group that no longer waits
+        for a verdict, decided already or quarantined by another failure of its node, is skipped)."""
         with self._lock:
             for group_id, _ in verdicts:
                 self._leases.pop(group_id, None)
-            verdicts = self._judge_node_windows(verdicts)
+            judged = self._judge_node_windows(verdicts)
             now = self.clock()
-            unavailable = [group_id for group_id, verdict in verdicts if verdict.check == "version_unavailable"]
-            # Failures first: their nodes' other groups still waiting, in this batch too, are
-            # quarantined before a pass could mark them verified.
-            checked = sorted(((group_id, verdict.passed, verdict.check, verdict.evidence_json)
-                              for group_id, verdict in verdicts if verdict.check != "version_unavailable"),
-                             key=lambda result: result[1])
+            unavailable = [group_id for group_id, verdict, _ in judged if verdict.check == "version_unavailable"]
             still_pending = [group_id for group_id in unavailable
                              if (group := self.store.get_group(group_id)) is not None
                              and group.state is GroupState.PENDING_VALIDATION]
             num_applied = self.store.set_group_state(still_pending, GroupState.STALE, now) if still_pending else 0
-            num_failed = sum(not passed for _, passed, _, _ in checked)
-            for batch in (checked[:num_failed], checked[num_failed:]):
-                for outcome in self.store.record_validations(batch, now):
-                    if outcome is None:
-                        continue
+            results = [NewValidation(group_id, verdict.passed, verdict.check, verdict.evidence_json,
+                                     suspect=verdict.suspect, window_verdict=window_passed)
+                       for group_id, verdict, window_passed in judged if verdict.check != "version_unavailable"]
+            outcomes = self.store.record_validations(results, now, max_strikes=self.policy.max_strikes,
+                                                     probation_tokens=self.policy.probation_tokens)
+            for outcome in outcomes:
+                if outcome is not None:
                     num_applied += 1
-                    result, node = outcome
-                    if not result.passed:
-                        self._punish(result, node, now)
+                    self._log(outcome)
             return num_applied
 
-    def _judge_node_windows(self, verdicts: Sequence[tuple[str, Verdict]]) -> list[tuple[str, Verdict]]:
-        """A passed group's chunks join its node's window; once the window is full, a group that
-        leaves it over the pooled bounds fails."""
+    def _judge_node_windows(self, verdicts: Sequence[tuple[str, Verdict]]) -> list[tuple[str, Verdict, bool]]:
+        """A passed group's chunks join its node's window, which is judged once full, and while its
+        node is on probation once it holds MIN_WINDOW_CHUNKS chunks: a group that leaves it over the
+        pooled bounds fails, or passes in doubt where the evidence is too thin to strike. Per group:
+        (group id, verdict, whether a node-level verdict was taken with it and passed)."""
+        verdicts = judge_token_windows(self.store, verdicts)
         passed = [(group_id, verdict.chunks) for group_id, verdict in verdicts if verdict.passed and verdict.chunks]
         if not passed:
-            return list(verdicts)
+            return [(group_id, verdict, False) for group_id, verdict in verdicts]
         windows = dict(zip([group_id for group_id, _ in passed],
                            self.store.add_node_chunks(passed, self.window_chunks)))
+        nodes: dict[str, NodeRecord | None] = {}
         judged = []
         for group_id, verdict in verdicts:
             window = windows.get(group_id)
-            if window is not None and window.num_chunks >= self.window_chunks:
-                verdict = self._judge_window(window) or verdict
-            judged.append((group_id, verdict))
+            window_passed = False
+            if window is not None:
+                if window.node_id not in nodes:
+                    nodes[window.node_id] = self.store.get_node(window.node_id)
+                node = nodes[window.node_id]
+                on_probation = node is not None and node.on_probation
+                if window.num_chunks >= self.window_chunks or (on_probation and window.num_chunks >= MIN_WINDOW_CHUNKS):
+                    window_verdict = self._judge_window(window, node)
+                    window_passed = window_verdict is None
+                    verdict = window_verdict if window_verdict is not None and verdict.passed else verdict
+            judged.append((group_id, verdict, window_passed))
         return judged
 
-    def _judge_window(self, window: ChunkWindow) -> Verdict | None:
-        node = self.store.get_node(window.node_id)
+    def _judge_window(self, window: ChunkWindow, node: NodeRecord | None) -> Verdict | None:
+        """None when the window passes; else a failure, or a doubting pass on too little evidence: a
+        window short of full (a probation verdict) may release a node's groups, but it fails a node
+        only once full, where honest windows were measured (MIN_WINDOW_CHUNKS)."""
         thresholds = self.tolerances[declared_dtype(node.engine if node is not None else "")].thresholds
         pooled = commitment.PooledCheck.from_sums(window.num_chunks, window.exponent_mismatches,
                                                   window.mantissa_error_sum, window.num_matched)
-        return None if pooled.passes(thresholds) else node_window_verdict(pooled, thresholds)
+        verdict = pooled_verdict("commitment_node_pooled", pooled, thresholds,
+                                 {"window": "the node's last fully checked chunks"})
+        if verdict is not None and not verdict.passed and window.num_chunks < self.window_chunks:
+            return dataclasses.replace(verdict, passed=True, check=f"{verdict.check}_doubt")
+        return verdict
 
-    def _punish(self, result: ValidationResult, node: NodeRecord, now: int) -> None:
-        # Verified groups go too: a statistical check (a pooled commitment, a node's window) passes
-        # many groups of a node that deviates a little, and a cheater may mix in honest groups.
-        num_quarantined = self.store.quarantine_node_groups(node.node_id, now)
-        num_voided = self.store.void_unsettled(node.node_id)
-        log.warning(
-            "node %s failed the %s check (%s); %d groups quarantined, %d credits voided, strike %d",
-            node.node_id, result.check_name, result.evidence_json, num_quarantined, num_voided, node.num_strikes,
-        )
-        if node.num_strikes >= self.policy.max_strikes and not node.banned:
-            self.store.ban_node(node.node_id, f"failed {node.num_strikes} full checks; last: {result.check_name}")
+    def _log(self, outcome: ValidationOutcome) -> None:
+        result, node = outcome.result, outcome.node
+        if not result.passed:
+            log.warning(
+                "node %s failed the %s check (%s); %s, %d groups quarantined, %d credits voided, %d of its groups "
+                "consumed by the trainer before%s", node.node_id, result.check_name, result.evidence_json,
+                f"strike {node.num_strikes}" if outcome.struck else "no new strike (its submission failed before)",
+                outcome.num_quarantined, outcome.num_voided, result.num_groups_consumed,
+                "; banned" if outcome.banned_now else "",
+            )
+        elif result.check_name != "all":
+            log.warning("node %s is in doubt after the %s check (%s): on probation, every submission checked",
+                        node.node_id, result.check_name, result.evidence_json)
+        if outcome.probation_ended is not None:
+            log.info("node %s passed probation after %d checked tokens: %d held groups are ready",
+                     node.node_id, node.num_checked_tokens - node.probation_start_tokens, outcome.probation_ended)
 
 
 class Validator:

@@ -8,13 +8,16 @@ import logging
 
 import grpc
 
-from coordinator.gate import Gate, GateError
+from coordinator.gate import Gate, GateError, peer_host
+from coordinator.transport import require_private_transport
 from coordinator.validation import ValidationQueue, job_to_proto, verdict_from_proto
 from protocol.proto import validation_pb2, validation_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 MAX_GROUPS_PER_TAKE = 256
+# Evidence is stored with the verdict and shown on the dashboard; a validator's is a few numbers.
+MAX_EVIDENCE_CHARS = 16 * 1024
 
 
 class ValidatorServicer(validation_pb2_grpc.ValidatorServiceServicer):
@@ -24,7 +27,8 @@ class ValidatorServicer(validation_pb2_grpc.ValidatorServiceServicer):
 
     async def _authorize(self, context) -> None:
         try:
-            self.gate.operator(context.invocation_metadata())
+            require_private_transport(context)
+            self.gate.operator(context.invocation_metadata(), peer_host(context.peer()))
         except GateError as error:
             await context.abort(error.status, str(error))
 
@@ -39,6 +43,12 @@ class ValidatorServicer(validation_pb2_grpc.ValidatorServiceServicer):
     async def ReportValidation(self, request, context):
         await self._authorize(context)
         try:
+            oversized = next((v for v in request.verdicts if len(v.evidence_json) > MAX_EVIDENCE_CHARS), None)
+            if oversized is not None:
+                raise ValueError(
+                    f"the verdict on group {oversized.group_id[:80]!r}: {len(oversized.evidence_json)} characters of "
+                    f"evidence, at most {MAX_EVIDENCE_CHARS}"
+                )
             verdicts = [verdict_from_proto(v) for v in request.verdicts]
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))

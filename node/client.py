@@ -8,10 +8,16 @@ import grpc
 from google.protobuf.message import Message
 
 from protocol import convert
+from protocol.channel import open_aio_channel
 from protocol.envelope import method_name, seal
 from protocol.identity import Identity
 from protocol.proto import rollout_pb2, service_pb2, service_pb2_grpc
+from protocol.retry import RetryPolicy, call_with_retry_async
+from protocol.tls import CoordinatorTls
 from protocol.types import SignedManifest
+
+
+BLOB_FETCH_RETRY = RetryPolicy(initial_backoff_s=0.5, max_backoff_s=4.0, max_attempts=3)
 
 
 class BlobFetchError(ValueError):
@@ -19,16 +25,11 @@ class BlobFetchError(ValueError):
 
 
 class CoordinatorClient:
-    def __init__(self, address: str, identity: Identity, *, max_message_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, address: str, identity: Identity, *, tls: CoordinatorTls = CoordinatorTls(),
+                 max_message_bytes: int = 64 * 1024 * 1024):
         self.address = address
         self.identity = identity
-        self.channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        self.channel = open_aio_channel(address, tls, max_message_bytes=max_message_bytes)
         self.stub = service_pb2_grpc.NodeServiceStub(self.channel)
 
     async def close(self) -> None:
@@ -66,30 +67,32 @@ class CoordinatorClient:
         path = await self.stub.GetUpdatePath(service_pb2.UpdatePathRequest(from_version=from_version), timeout=timeout)
         return [convert.signed_manifest_from_proto(m) for m in path.manifests]
 
-    async def fetch_blob(self, blob_hash: bytes, size: int, *, max_attempts: int = 3, timeout: float = 120.0) -> bytes:
-        """The blob with this SHA-256, resuming from the bytes received when a stream breaks."""
+    async def fetch_blob(
+        self, blob_hash: bytes, size: int, *, policy: RetryPolicy = BLOB_FETCH_RETRY, timeout: float = 120.0
+    ) -> bytes:
+        """The blob with this SHA-256; a retry resumes from the bytes received when a stream breaks."""
         received = bytearray()
-        last_error: Exception | None = None
-        for _ in range(max_attempts):
-            try:
-                stream = self.stub.FetchBlob(
-                    service_pb2.BlobRequest(hash=blob_hash, offset=len(received)), timeout=timeout
-                )
-                async for chunk in stream:
-                    if chunk.offset != len(received):
-                        raise BlobFetchError(f"chunk at offset {chunk.offset}, expected {len(received)}")
-                    received.extend(chunk.data)
-                    if len(received) > size:
-                        raise BlobFetchError(f"blob {blob_hash.hex()[:16]} is longer than its declared {size} bytes")
-                break
-            except grpc.aio.AioRpcError as error:
-                if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                    raise BlobFetchError(f"blob {blob_hash.hex()[:16]}: {error.details()}") from None
-                last_error = error
-        if len(received) != size:
-            raise BlobFetchError(
-                f"blob {blob_hash.hex()[:16]}: got {len(received)} of {size} bytes ({last_error})"
+
+        async def fetch_rest() -> None:
+            stream = self.stub.FetchBlob(service_pb2.BlobRequest(hash=blob_hash, offset=len(received)), timeout=timeout)
+            async for chunk in stream:
+                if chunk.offset != len(received):
+                    raise BlobFetchError(f"chunk at offset {chunk.offset}, expected {len(received)}")
+                received.extend(chunk.data)
+                if len(received) > size:
+                    raise BlobFetchError(f"blob {blob_hash.hex()[:16]} is longer than its declared {size} bytes")
+
+        try:
+            await call_with_retry_async(
+                fetch_rest, address=self.address, what=f"fetch blob {blob_hash.hex()[:16]}", policy=policy
             )
+        except grpc.aio.AioRpcError as error:
+            raise BlobFetchError(
+                f"blob {blob_hash.hex()[:16]}: got {len(received)} of {size} bytes "
+                f"({error.code().name}: {error.details()})"
+            ) from None
+        if len(received) != size:
+            raise BlobFetchError(f"blob {blob_hash.hex()[:16]}: got {len(received)} of {size} bytes")
         if hashlib.sha256(received).digest() != blob_hash:
             raise BlobFetchError(f"blob {blob_hash.hex()[:16]} does not match its hash")
         return bytes(received)

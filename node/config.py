@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from protocol.tls import CoordinatorTls
 
 
 class _Section(BaseModel):
@@ -35,6 +37,12 @@ class P2PSection(_Section):
 
 class NodeConfig(_Section):
     coordinator: str = Field("127.0.0.1:7470", pattern=r"^[^\s:]+:\d{1,5}$")
+    coordinator_ca: Path | None = Field(
+        None, description="PEM file of the CA (or the self-signed certificate) of the coordinator's TLS certificate"
+    )
+    coordinator_fingerprint: str = Field(
+        "", description="SHA-256 fingerprint of the coordinator's TLS certificate, pinned instead of coordinator_ca"
+    )
     state_dir: Path = Path("~/.rollproof/node")
     key_file: Path | None = Field(None, description="default: <state_dir>/node.key")
     display_name: str = Field("", max_length=64)
@@ -42,3 +50,12 @@ class NodeConfig(_Section):
     trainer_key_fingerprint: str = Field("", description="key id of the trainer key to trust; required")
     engine: EngineSection = EngineSection()
     p2p: P2PSection = P2PSection()
+
+    @property
+    def coordinator_tls(self) -> CoordinatorTls:
+        return CoordinatorTls(self.coordinator_ca, self.coordinator_fingerprint)
+
+    @model_validator(mode="after")
+    def _check_coordinator_tls(self) -> NodeConfig:
+        self.coordinator_tls  # raises on a malformed fingerprint, or on both being set
+        return self

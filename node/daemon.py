@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,13 +19,13 @@ from node.spool import Spool
 from protocol import convert
 from protocol.identity import Identity, key_id
 from protocol.proto import rollout_pb2, service_pb2
+from protocol.retry import call_with_retry_async, transient_status
 from protocol.types import WorkLease
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 TRAINER_PIN_FILE = "trainer_key_fingerprint"
-MAX_BACKOFF_S = 30.0
 
 
 class _Stopping(Exception):
@@ -62,15 +61,6 @@ def read_status(state_dir: Path) -> NodeStatus:
         raise ValueError(f"no node status at {path}: is a node running with state_dir {state_dir}?") from None
 
 
-def _retryable(error: grpc.aio.AioRpcError) -> bool:
-    return error.code() in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.CANCELLED,
-    )
-
-
 class CoordinatorRefusedError(ValueError):
     """The coordinator answered a request with an error that retrying cannot fix (the node's
     registration, key or request is refused); the node stops and says why."""
@@ -91,7 +81,6 @@ class NodeDaemon:
         self.stop_event = asyncio.Event()
         self.wake = asyncio.Event()  # a verified announcement of a new policy version arrived
         self.peers = None
-        self._backoff_s = 0.5
 
     # ---- plumbing ----
 
@@ -104,31 +93,26 @@ class NodeDaemon:
         temp.replace(path)
 
     async def _call(self, what: str, make_call):
-        """Run an RPC, retrying with exponential backoff and jitter while the link is down."""
-        while True:
-            try:
-                result = await make_call()
-            except grpc.aio.AioRpcError as error:
-                if not _retryable(error):
-                    raise
-                if self.stop_event.is_set():
-                    raise _Stopping(f"{what}: {error.code().name}") from None
-                self.status.link = "reconnecting"
-                self.status.last_error = f"{what}: {error.code().name}: {error.details()}"
-                self._write_status()
-                delay = self._backoff_s * (0.5 + random.random())
-                log.warning("%s failed (%s); retrying in %.1fs", what, error.code().name, delay)
-                self._backoff_s = min(MAX_BACKOFF_S, self._backoff_s * 2)
-                try:
-                    await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
-                continue
-            self._backoff_s = 0.5
-            if self.status.link != "connected":
-                self.status.link = "connected"
-                self._write_status()
-            return result
+        """Run an RPC under the retry policy (protocol/retry.py) while the link is down; a stop
+        while it is down raises _Stopping."""
+
+        def reconnecting(error: grpc.aio.AioRpcError) -> None:
+            self.status.link = "reconnecting"
+            self.status.last_error = f"{what}: {error.code().name}: {error.details()}"
+            self._write_status()
+
+        try:
+            result = await call_with_retry_async(
+                make_call, address=self.config.coordinator, what=what, stop=self.stop_event, on_retry=reconnecting
+            )
+        except grpc.aio.AioRpcError as error:
+            if transient_status(error) and self.stop_event.is_set():
+                raise _Stopping(f"{what}: {error.code().name}") from None
+            raise
+        if self.status.link != "connected":
+            self.status.link = "connected"
+            self._write_status()
+        return result
 
     def _pinned_fingerprint(self, offered: str) -> str:
         pin_file = self.state_dir / TRAINER_PIN_FILE
@@ -164,7 +148,7 @@ class NodeDaemon:
             from node.metrics import serve_metrics
 
             serve_metrics(self.config.metrics_port, lambda: self.status)
-        client = CoordinatorClient(self.config.coordinator, self.identity)
+        client = CoordinatorClient(self.config.coordinator, self.identity, tls=self.config.coordinator_tls)
         try:
             run_info = await self._call("run info", client.run_info)
             self._pinned_fingerprint(key_id(run_info.trainer_public_key))

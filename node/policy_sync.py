@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -27,11 +29,15 @@ from protocol.manifest import (
     verify_manifest,
 )
 from protocol.proto import service_pb2
+from protocol.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
 # Rehashing 2 bytes per weight costs about what applying 20 deltas does.
 DEFAULT_FULL_CHECK_INTERVAL = 20
+# After a refused update the node keeps its policy and tries again only after this backoff
+# (per consecutive refusal), so a broken update path costs a few calls, not a loop of them.
+REFUSED_UPDATE_BACKOFF = RetryPolicy(initial_backoff_s=1.0, max_backoff_s=30.0)
 
 
 class BlobCache:
@@ -61,7 +67,7 @@ class BlobCache:
 class PolicySync:
     def __init__(
         self, model: Any, client: CoordinatorClient, run_info: service_pb2.RunInfo, peers=None, *,
-        full_check_interval: int = DEFAULT_FULL_CHECK_INTERVAL,
+        full_check_interval: int = DEFAULT_FULL_CHECK_INTERVAL, clock: Callable[[], float] = time.monotonic,
     ):
         """peers: a started p2p.P2PHost to fetch blobs from other nodes first, or None."""
         if full_check_interval < 1:
@@ -72,6 +78,9 @@ class PolicySync:
         self.node_policy = NodePolicy(model, run_id=run_info.run_id, trainer_public_key=run_info.trainer_public_key)
         self.full_check_interval = full_check_interval
         self.last_error = ""
+        self.clock = clock
+        self.num_refusals_in_row = 0
+        self._next_attempt_at = 0.0
 
     @property
     def version(self) -> int:
@@ -98,11 +107,18 @@ class PolicySync:
 
     def _refused(self, error: Exception, changed: bool) -> bool:
         self.last_error = f"{type(error).__name__}: {error}"
-        log.error("policy update refused, keeping version %d: %s", self.version, error)
+        self.num_refusals_in_row += 1
+        backoff_s = REFUSED_UPDATE_BACKOFF.backoff_s(self.num_refusals_in_row)
+        self._next_attempt_at = self.clock() + backoff_s
+        log.error("policy update refused, keeping version %d; next try in %.1fs: %s", self.version, backoff_s, error)
         return changed
 
     async def _follow(self, call) -> bool:
+        """Apply the update path; after a refusal, nothing until its backoff has passed."""
+        if self.clock() < self._next_attempt_at:
+            return False
         changed = False
+        fell_back_to_keyframe = False
         try:
             path = await call("update path", lambda: self.client.update_path(self.version))
         except grpc.aio.AioRpcError as error:
@@ -119,15 +135,19 @@ class PolicySync:
             except MissingBaseError as error:
                 # A delta made against other contents of this node's version: the keyframe
                 # path helps only if this node's own state lost its hash.
-                if isinstance(error, BaseStateMismatchError) and await self._state_intact():
+                if fell_back_to_keyframe or (
+                    isinstance(error, BaseStateMismatchError) and await self._state_intact()
+                ):
                     return self._refused(error, changed)
                 log.warning("%s; fetching the keyframe path", error)
+                fell_back_to_keyframe = True
                 path = await call("update path", lambda: self.client.update_path(0))
                 continue
             except (PolicyUpdateError, BlobFetchError) as error:
                 return self._refused(error, changed)
             log.info("policy version %d applied (%s)", manifest.version, manifest.codec.name.lower())
             changed = True
+        self.num_refusals_in_row = 0
         return changed
 
     async def _fetch(self, manifest) -> dict[bytes, bytes]:

@@ -122,6 +122,11 @@ class ReplayReport:
     commitment_checks: list[commitment.ChunkCheck]  # empty when the commitment cannot be decoded
     commitment_error: str | None = None  # why the commitment cannot be decoded
     temperature: float = 1.0  # the rollout's sampling temperature
+    # For the node-level statistics (coordinator/node_stats.py), per token: claimed - recomputed
+    # log-probability, and at a near-tie the claimed token's logit minus the validator's choice's
+    # (positive: the node took the likelier token), 0 elsewhere.
+    logprob_offsets: np.ndarray | None = None
+    near_tie_lifts: np.ndarray | None = None
 
     @property
     def max_logprob_drift(self) -> float:
@@ -158,18 +163,22 @@ def replay(model: PreTrainedModel, rollouts: Sequence[ClaimedRollout],
         return []
     states = completion_states(model, [(r.prompt_token_ids, r.token_ids) for r in rollouts], pad_token_id)
     lengths = [len(r.token_ids) for r in rollouts]
-    token_checks = _check_tokens(model, rollouts, torch.cat(states), lengths, logit_tolerance)
+    token_checks, near_tie_lifts = _check_tokens(model, rollouts, torch.cat(states), lengths, logit_tolerance)
     commitment_results = _check_commitments(rollouts, states)
     reports = []
-    for rollout, checks, (chunk_checks, error) in zip(rollouts, token_checks, commitment_results):
-        drift = np.abs(np.array(rollout.logprobs, dtype=np.float32) - checks.logprobs)
-        reports.append(ReplayReport(checks, drift, chunk_checks, error, rollout.sampling.temperature))
+    for rollout, checks, lifts, (chunk_checks, error) in zip(rollouts, token_checks, near_tie_lifts,
+                                                             commitment_results):
+        offsets = np.array(rollout.logprobs, dtype=np.float32) - checks.logprobs
+        reports.append(ReplayReport(checks, np.abs(offsets), chunk_checks, error, rollout.sampling.temperature,
+                                    offsets, lifts))
     return reports
 
 
 def _check_tokens(model: PreTrainedModel, rollouts: Sequence[ClaimedRollout], states: torch.Tensor,
-                  lengths: Sequence[int], logit_tolerance: float) -> list[rule.TokenChecks]:
-    """The rule check of every token of every rollout, in blocks of bounded logits size."""
+                  lengths: Sequence[int], logit_tolerance: float
+                  ) -> tuple[list[rule.TokenChecks], list[np.ndarray]]:
+    """The rule check of every token of every rollout, in blocks of bounded logits size; and per
+    rollout its near-tie lifts (ReplayReport.near_tie_lifts)."""
     device = states.device
     lm_head = model.get_output_embeddings()
     per_rollout = sampling.RowSampling.build([r.sampling for r in rollouts], [r.seed for r in rollouts], device)
@@ -180,16 +189,30 @@ def _check_tokens(model: PreTrainedModel, rollouts: Sequence[ClaimedRollout], st
     vocab_size = lm_head.weight.shape[0]
     block = max(1, _MAX_CHECK_VALUES // vocab_size)
     parts = []
+    lifts = np.zeros(len(token_ids), dtype=np.float32)
     for start in range(0, len(token_ids), block):
         end = start + block
         logits = lm_head(states[start:end]).to(torch.float32)
         parts.append(sampling.check_tokens(logits, token_ids[start:end], positions[start:end],
                                            per_rollout.select(owner[start:end]), logit_tolerance))
+        near_ties = torch.nonzero(parts[-1].verdicts == int(rule.TokenVerdict.NEAR_TIE)).flatten().tolist()
+        for row in near_ties:
+            lifts[start + row] = _near_tie_lift(logits[row].cpu().numpy(), rollouts[int(owner[start + row])],
+                                                int(positions[start + row]), int(token_ids[start + row]))
     verdicts, logprobs, gaps = (torch.cat(values).cpu().numpy() for values in zip(
         *((p.verdicts, p.logprobs, p.score_gaps) for p in parts)))
     splits = np.cumsum(lengths)[:-1]
-    return [rule.TokenChecks(v, lp, g) for v, lp, g in zip(np.split(verdicts, splits), np.split(logprobs, splits),
-                                                            np.split(gaps, splits))]
+    return ([rule.TokenChecks(v, lp, g) for v, lp, g in zip(np.split(verdicts, splits), np.split(logprobs, splits),
+                                                             np.split(gaps, splits))],
+            np.split(lifts, splits))
+
+
+def _near_tie_lift(logits: np.ndarray, rollout: ClaimedRollout, position: int, claimed: int) -> float:
+    """The claimed token's logit minus that of the token the rule picks under these logits (near-ties
+    are rare: the numpy reference, bit-exact with the batched check, finds that token)."""
+    best = int(rule.sample_tokens(logits[None], np.uint64(rollout.seed), np.uint64(position),
+                                  rollout.sampling).token_ids[0])
+    return float(logits[claimed] - logits[best])
 
 
 def _check_commitments(rollouts: Sequence[ClaimedRollout], states: Sequence[torch.Tensor]

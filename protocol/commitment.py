@@ -23,6 +23,8 @@ polynomial there, and compares bf16 exponents (count of mismatches) and, where e
 
 from __future__ import annotations
 
+import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -60,6 +62,15 @@ MAX_MANTISSA_ERROR_MEDIAN = 2.0
 MAX_POOLED_EXPONENT_MISMATCHES = 3.0
 MAX_POOLED_MANTISSA_ERROR_MEAN = 0.75
 MIN_POOLED_CHUNKS = 16
+# No strike on thin evidence. Honest exponent mismatches are rare events (a last-bit difference that
+# crosses a power of two, a swap at the top-k cut), so a pool's count is held against a Poisson law at
+# an honest rate per chunk above any measured: a pool over its bound fails (a strike) only where an
+# honest node reaches that count with probability at most MAX_FALSE_POSITIVE_RATE; over its bound but
+# likelier than that, it is doubt, answered by more checks of the node (see PooledCheck.judge).
+# Measured honest rates: fp32 0 mismatches in 2256 chunks, and once 2 in 8 (0.25 a chunk, on the
+# default path); bf16 at most 1.7 a chunk over ~38 chunks.
+HONEST_EXPONENT_MISMATCHES = 1.7
+MAX_FALSE_POSITIVE_RATE = 1e-6
 # Where many magnitudes crowd at the top-k cut (a feature with about the same value at every token of
 # a chunk: seen as four-way bf16 ties at the cut), a last-bit difference between node and validator
 # swaps which of them make the top k, and the validator then reads the node's polynomial at an index
@@ -83,6 +94,8 @@ class Thresholds:
     max_pooled_exponent_mismatches: float = MAX_POOLED_EXPONENT_MISMATCHES
     max_pooled_mantissa_error_mean: float = MAX_POOLED_MANTISSA_ERROR_MEAN
     min_pooled_chunks: int = MIN_POOLED_CHUNKS
+    honest_exponent_mismatches: float = HONEST_EXPONENT_MISMATCHES
+    max_false_positive_rate: float = MAX_FALSE_POSITIVE_RATE
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,11 @@ class ChunkCheck:
     mantissa_error_mean: float
     mantissa_error_median: float
     num_points: int
+    # The chunk committed every value it holds (a short last chunk: one token of a model of hidden size
+    # 128), its smallest too, whose bf16 exponents and mantissas flip on a last-bit difference of
+    # another attention kernel (seen: 13 mismatches, mantissa mean 9.1 on an honest bf16 token). Its
+    # bounds are no evidence enough to strike (coordinator/validation.py: check_rollout).
+    complete: bool = False
 
     def passes(self, thresholds: Thresholds) -> bool:
         return (self.exponent_mismatches <= thresholds.max_exponent_mismatches
@@ -125,9 +143,13 @@ class ChunkCheck:
 # need 1.03 in fp32 compute.
 # fp16 arithmetic on an fp32 node pools to 0.0-0.13 / 0.06 over a group, hence the 0.02 bound (300x
 # the honest 6e-5).
+# The honest fp32 rate is taken as 0.05 exponent mismatches a chunk (above the 2 in 8 chunks seen once):
+# over 8 chunks a pool then fails at 7 mismatches or more (its mantissa bound still decides at once), over
+# 64 at 16, over 256 at 34.
 FP32_THRESHOLDS = Thresholds(max_exponent_mismatches=2, max_mantissa_error_mean=0.25,
                              max_mantissa_error_median=1.0, max_pooled_exponent_mismatches=0.1,
-                             max_pooled_mantissa_error_mean=0.02, min_pooled_chunks=8)
+                             max_pooled_mantissa_error_mean=0.02, min_pooled_chunks=8,
+                             honest_exponent_mismatches=0.05)
 
 
 def thresholds_for(compute_dtype: str) -> Thresholds:
@@ -260,17 +282,18 @@ def check_chunk(proof: ChunkProof, flat_bits: np.ndarray) -> ChunkCheck:
     magnitudes = flat_bits.astype(np.int64) & BF16_MAGNITUDE_MASK
     if candidates.size > num_points:
         indices = indices[magnitudes[indices] > magnitudes[candidates[num_points]] + BOUNDARY_ULPS]
+    complete = candidates.size <= num_points
     if indices.size == 0:
-        return ChunkCheck(0, 0.0, 0.0, 0)
+        return ChunkCheck(0, 0.0, 0.0, 0, complete)
     committed = evaluate(np.array(proof.coefficients, dtype=np.int64), indices % proof.modulus)
     recomputed = flat_bits[indices].astype(np.int64)
     exponents_match = ((committed & BF16_EXPONENT_MASK) == (recomputed & BF16_EXPONENT_MASK))
     mantissa_errors = np.abs((committed & BF16_MANTISSA_MASK) - (recomputed & BF16_MANTISSA_MASK))
     matched_errors = np.sort(mantissa_errors[exponents_match])
     if matched_errors.size == 0:
-        return ChunkCheck(indices.size, NO_MANTISSA_MATCH, NO_MANTISSA_MATCH, indices.size)
+        return ChunkCheck(indices.size, NO_MANTISSA_MATCH, NO_MANTISSA_MATCH, indices.size, complete)
     return ChunkCheck(int(indices.size - exponents_match.sum()), float(matched_errors.mean()),
-                      float(matched_errors[matched_errors.size // 2]), int(indices.size))
+                      float(matched_errors[matched_errors.size // 2]), int(indices.size), complete)
 
 
 def check_points(proofs: Sequence[ChunkProof], indices: np.ndarray, recomputed: np.ndarray,
@@ -301,14 +324,16 @@ def check_points(proofs: Sequence[ChunkProof], indices: np.ndarray, recomputed: 
     sums = np.where(matched, mantissa_errors, 0).sum(axis=1)
     medians = matched_sorted[np.arange(num_chunks), np.minimum(num_matched // 2, num_points - 1)]
     checks = []
-    for scored_count, matched_count, total, median in zip(num_scored, num_matched, sums, medians):
+    for scored_count, matched_count, total, median, cut in zip(num_scored, num_matched, sums, medians, cuts[:, 0]):
+        complete = bool(cut == NO_CUT)
         if matched_count:
             checks.append(ChunkCheck(int(scored_count - matched_count), float(total) / int(matched_count),
-                                     float(median), int(scored_count)))
+                                     float(median), int(scored_count), complete))
         elif scored_count:
-            checks.append(ChunkCheck(int(scored_count), NO_MANTISSA_MATCH, NO_MANTISSA_MATCH, int(scored_count)))
+            checks.append(ChunkCheck(int(scored_count), NO_MANTISSA_MATCH, NO_MANTISSA_MATCH, int(scored_count),
+                                     complete))
         else:
-            checks.append(ChunkCheck(0, 0.0, 0.0, 0))
+            checks.append(ChunkCheck(0, 0.0, 0.0, 0, complete))
     return checks
 
 
@@ -326,11 +351,41 @@ def accepts(checks: Sequence[ChunkCheck], thresholds: Thresholds = Thresholds())
     return all(check.passes(thresholds) for check in checks)
 
 
+class PoolVerdict(enum.StrEnum):
+    PASS = "pass"
+    DOUBT = "doubt"  # over a bound on too little evidence: check the node more, no strike
+    FAIL = "fail"
+
+
+def poisson_tail(count: int, mean: float) -> float:
+    """P(X >= count) for X ~ Poisson(mean): above the mean summed upward term by term, below it as one
+    minus the lower tail (each term in log space: no underflow at large means)."""
+    if count <= 0:
+        return 1.0
+    if mean <= 0.0:
+        return 0.0
+
+    def term(k: int) -> float:
+        return math.exp(k * math.log(mean) - mean - math.lgamma(k + 1))
+
+    if count <= mean:
+        return max(0.0, 1.0 - math.fsum(term(k) for k in range(count)))
+    total, k = 0.0, count
+    while (current := term(k)) > 1e-18 * total:
+        total += current
+        k += 1
+    return min(1.0, total)
+
+
 @dataclass(frozen=True)
 class PooledCheck:
     num_chunks: int
     exponent_mismatches_per_chunk: float
     mantissa_error_mean: float  # over every exponent-matching point of every chunk
+
+    @property
+    def exponent_mismatches(self) -> int:
+        return round(self.exponent_mismatches_per_chunk * self.num_chunks)
 
     def passes(self, thresholds: Thresholds) -> bool:
         """Too few chunks pass: they are no evidence of a systematic deviation. One exponent
@@ -339,8 +394,21 @@ class PooledCheck:
         deviation the pool is meant to catch moves many."""
         allowed_mismatches = max(1.0, thresholds.max_pooled_exponent_mismatches * self.num_chunks)
         return (self.num_chunks < thresholds.min_pooled_chunks
-                or (round(self.exponent_mismatches_per_chunk * self.num_chunks) <= allowed_mismatches
+                or (self.exponent_mismatches <= allowed_mismatches
                     and self.mantissa_error_mean <= thresholds.max_pooled_mantissa_error_mean))
+
+    def judge(self, thresholds: Thresholds) -> PoolVerdict:
+        """PASS within the bounds; FAIL over them on enough evidence: the mantissa error over at
+        least min_pooled_chunks chunks, or an exponent-mismatch count an honest node reaches with
+        probability at most max_false_positive_rate (Poisson at the honest rate); DOUBT otherwise."""
+        if self.passes(thresholds):
+            return PoolVerdict.PASS
+        if self.mantissa_error_mean > thresholds.max_pooled_mantissa_error_mean:
+            return PoolVerdict.FAIL
+        honest_mean = thresholds.honest_exponent_mismatches * self.num_chunks
+        if poisson_tail(self.exponent_mismatches, honest_mean) <= thresholds.max_false_positive_rate:
+            return PoolVerdict.FAIL
+        return PoolVerdict.DOUBT
 
 
     @classmethod

@@ -10,13 +10,65 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from protocol import types
 from protocol.proto import policy_pb2, rollout_pb2, service_pb2
 
+# Integers are stored as signed 64-bit (SQLite, PostgreSQL BIGINT): larger unsigned values are refused.
+MAX_UINT_VALUE = 2**63 - 1
+# The most elements of one repeated message or string field of any request; a rollout batch's
+# groups and rollouts are bounded by its lease beforehand (far below this).
+MAX_REPEATED_ELEMENTS = 4096
+
+_UNSIGNED_64 = (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64)
+_COUNTED = (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
+_HAS_BOUNDS: dict[str, bool] = {}  # by message type: see _has_bounds
+
 
 class WireFormatError(ValueError):
     """A message decoded, but a field holds a value the protocol does not allow."""
+
+
+def _has_bounds(descriptor, seen: frozenset = frozenset()) -> bool:
+    """Whether messages of this type can hold anything check_bounds refuses (most rollout fields
+    cannot, so a batch's rollouts are not walked)."""
+    if descriptor.full_name in seen:
+        return False
+    for field in descriptor.fields:
+        if field.type in _UNSIGNED_64 or (field.is_repeated and field.type in _COUNTED):
+            return True
+        if field.type == FieldDescriptor.TYPE_MESSAGE and _has_bounds(field.message_type, seen | {descriptor.full_name}):
+            return True
+    return False
+
+
+def check_bounds(message: Message, path: str = "") -> None:
+    """The schema check of every decoded request: no 64-bit unsigned integer above MAX_UINT_VALUE,
+    and no repeated message or string field longer than MAX_REPEATED_ELEMENTS (the count of a
+    packed number field is bounded by the message size). Raises WireFormatError naming the field."""
+    descriptor = message.DESCRIPTOR
+    if descriptor.full_name not in _HAS_BOUNDS:
+        _HAS_BOUNDS[descriptor.full_name] = _has_bounds(descriptor)
+    if not _HAS_BOUNDS[descriptor.full_name]:
+        return
+    for field, value in message.ListFields():
+        name = f"{path}{field.name}"
+        if field.is_repeated and field.type not in _COUNTED:
+            if field.type in _UNSIGNED_64 and max(value) > MAX_UINT_VALUE:
+                raise WireFormatError(f"{name}: {max(value)} is larger than {MAX_UINT_VALUE}")
+            continue
+        if field.is_repeated and len(value) > MAX_REPEATED_ELEMENTS:
+            raise WireFormatError(f"{name}: {len(value)} elements, at most {MAX_REPEATED_ELEMENTS} are allowed")
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.is_repeated:
+                for index, item in enumerate(value):
+                    check_bounds(item, f"{name}[{index}].")
+            else:
+                check_bounds(value, f"{name}.")
+        elif field.type in _UNSIGNED_64 and value > MAX_UINT_VALUE:
+            raise WireFormatError(f"{name}: {value} is larger than {MAX_UINT_VALUE}")
 
 
 def _enum_from_proto(enum_cls, value: int, field_name: str):

@@ -8,6 +8,7 @@ import grpc
 from rich.live import Live
 from rich.table import Table
 
+from protocol.channel import open_channel
 from protocol.proto import service_pb2, service_pb2_grpc
 from rollproof.up import REFRESH_S, Launcher
 
@@ -53,9 +54,10 @@ class ChildExitedError(RuntimeError):
 
 
 def watch(launcher: Launcher) -> None:
-    """Refresh until the trainer exits (its --steps are done); a child that dies before is an error."""
+    """Refresh until the trainer exits (its --steps are done); a child that dies before is an error,
+    but for a coordinator that exits: it is started again (Launcher.revive_coordinator)."""
     started = time.monotonic()
-    channel = grpc.insecure_channel(launcher.address)
+    channel = open_channel(launcher.address, launcher.coordinator_tls)
     stub = service_pb2_grpc.AdminServiceStub(channel)
     try:
         with Live(render(launcher, None, started), refresh_per_second=1) as live:
@@ -63,7 +65,12 @@ def watch(launcher: Launcher) -> None:
                 live.update(render(launcher, _run_status(stub, launcher.operator_token), started))
                 trainer = launcher.child("trainer")
                 if trainer.popen.poll() is not None:
+                    if trainer.popen.returncode != 0:
+                        raise ChildExitedError(
+                            f"the trainer failed (code {trainer.popen.returncode}); see {trainer.log_path}"
+                        )
                     return
+                launcher.revive_coordinator()
                 dead = [c for c in launcher.children if c.popen.poll() is not None]
                 if dead:
                     child = dead[0]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.identity import Identity
+from protocol.tls import CoordinatorTls, make_self_signed_pair
 
 STARTUP_TIMEOUT_S = 180
 # The embedded run's settings, tuned for the default tiny model on a 2-core machine; flags of the
@@ -25,6 +26,7 @@ EMBEDDED_TRAINER_SETTINGS = [
     "optimizer.lr=3e-4", "groups_per_step=64", "threads=1", "eval_every=10", "eval_problems=200",
 ]
 REFRESH_S = 1.0
+MAX_COORDINATOR_RESTARTS = 5
 
 
 def _port_or_free(preferred: int) -> int:
@@ -46,6 +48,8 @@ class Child:
     name: str
     popen: subprocess.Popen
     log_path: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
 
 
 @dataclass
@@ -64,18 +68,24 @@ class Launcher:
     def __init__(self, options: UpOptions):
         self.options = options
         self.children: list[Child] = []
+        self.num_coordinator_restarts = 0
         self.operator_token = secrets.token_urlsafe(24)
         self.run_dir = options.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         key_path = self.run_dir / "trainer" / "trainer.key"
         self.trainer_identity = Identity.load_or_create(key_path)
+        self.certificate_pair = make_self_signed_pair(self.run_dir / "tls", overwrite=True)
         self.grpc_port = _port_or_free(7470)
         self.http_port = _port_or_free(7471)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def coordinator_tls(self) -> CoordinatorTls:
+        return CoordinatorTls(ca_file=self.certificate_pair.certificate_file)
 
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/"
@@ -91,13 +101,27 @@ class Launcher:
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                 start_new_session=True,
             )
-        child = Child(name, popen, log_path)
+        child = Child(name, popen, log_path, args, env)
         self.children.append(child)
         return child
+
+    def revive_coordinator(self) -> bool:
+        """Start the coordinator again if it exited without being told to: it picks up from its
+        store, and the trainer and nodes ride out the gap under their retry policy. Returns
+        whether it did; past MAX_COORDINATOR_RESTARTS an exit is left to be reported."""
+        coordinator = self.child("coordinator")
+        if coordinator.popen.poll() is None or self.num_coordinator_restarts >= MAX_COORDINATOR_RESTARTS:
+            return False
+        self.num_coordinator_restarts += 1
+        self.children.remove(coordinator)
+        self._spawn(coordinator.name, coordinator.args, coordinator.env)
+        return True
 
     def start(self) -> None:
         o = self.options
         endpoints = self.run_dir / "coordinator" / "endpoints.json"
+        pair = self.certificate_pair
+        tls_settings = [f"server.tls_cert={pair.certificate_file}", f"server.tls_key={pair.key_file}"]
         coordinator = self._spawn(
             "coordinator",
             [
@@ -109,6 +133,7 @@ class Launcher:
                 "--http-port", str(self.http_port),
                 "--trainer-key-fingerprint", self.trainer_identity.key_id,
                 *as_set_flags(EMBEDDED_COORDINATOR_SETTINGS),
+                *as_set_flags(tls_settings),
                 *o.extra_coordinator,
             ],
             env={"ROLLPROOF_COORDINATOR_OPERATOR_TOKEN": self.operator_token},
@@ -123,6 +148,7 @@ class Launcher:
             [
                 "trainer", "run",
                 "--coordinator", self.address,
+                "--coordinator-ca", str(pair.certificate_file),
                 "--model", str(o.model),
                 "--data-dir", str(self.run_dir / "trainer"),
                 "--max-steps", str(o.num_steps),
@@ -136,6 +162,7 @@ class Launcher:
                 [
                     "node", "run",
                     "--coordinator", self.address,
+                    "--coordinator-ca", str(pair.certificate_file),
                     "--model", str(o.model),
                     "--state-dir", str(self.run_dir / f"node-{index + 1}"),
                     "--trainer-key-fingerprint", self.trainer_identity.key_id,

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from protocol.tls import CoordinatorTls
 
 
 class _Section(BaseModel):
@@ -29,6 +31,12 @@ class LossSection(_Section):
 
 class TrainerConfig(_Section):
     coordinator: str = Field("127.0.0.1:7470", pattern=r"^[^\s:]+:\d{1,5}$")
+    coordinator_ca: Path | None = Field(
+        None, description="PEM file of the CA (or the self-signed certificate) of the coordinator's TLS certificate"
+    )
+    coordinator_fingerprint: str = Field(
+        "", description="SHA-256 fingerprint of the coordinator's TLS certificate, pinned instead of coordinator_ca"
+    )
     data_dir: Path = Path("~/.rollproof/trainer")
     key_file: Path | None = Field(None, description="policy signing key; default: <data_dir>/trainer.key")
     model: Path | None = Field(None, description="HF model directory; unset means the default tiny model")
@@ -51,3 +59,12 @@ class TrainerConfig(_Section):
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint on 127.0.0.1; 0: off")
     optimizer: OptimizerSection = OptimizerSection()
     loss: LossSection = LossSection()
+
+    @property
+    def coordinator_tls(self) -> CoordinatorTls:
+        return CoordinatorTls(self.coordinator_ca, self.coordinator_fingerprint)
+
+    @model_validator(mode="after")
+    def _check_coordinator_tls(self) -> TrainerConfig:
+        self.coordinator_tls  # raises on a malformed fingerprint, or on both being set
+        return self

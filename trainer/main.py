@@ -7,8 +7,11 @@ import logging
 import threading
 import time
 
+import grpc
+
 from protocol.codec import BF16State
 from protocol.identity import Identity
+from protocol.retry import RetryPolicy
 from protocol.types import ReadyGroup
 from trainer.checkpoint import TrainerState, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.config import TrainerConfig
@@ -22,7 +25,9 @@ from trainer.distributed import (
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL_S = 0.2
+# Waits between polls that find too few groups and after steps skipped for want of signal (so a
+# run whose groups all have equal rewards does not spin through them at the coordinator's limit).
+IDLE_BACKOFF = RetryPolicy(initial_backoff_s=0.2, max_backoff_s=2.0)
 
 
 class TrainerKeyMismatchError(ValueError):
@@ -126,12 +131,16 @@ class Trainer:
         from policy.tokenizer import load_tokenizer
         from trainer.client import TrainerClient
         from trainer.publish import PolicyPublisher
-        from trainer.step import make_optimizer, train_step
+        from trainer.step import make_optimizer
 
         config, workers = self.config, self.workers
         if config.model is None:
             raise ValueError("model is not set: point it at the run's model directory")
-        client = TrainerClient(config.coordinator, self.identity) if workers.is_main else None
+        client = (
+            TrainerClient(config.coordinator, self.identity, tls=config.coordinator_tls, stop=self.stop_event)
+            if workers.is_main
+            else None
+        )
         try:
             run_info = client.run_info() if client else None
             if run_info and run_info.trainer_key_fingerprint != self.identity.key_id:
@@ -149,15 +158,14 @@ class Trainer:
             if checkpoints:
                 state = load_checkpoint(checkpoints[-1], model, optimizer, workers=workers)
             version = None
-            if client and checkpoints:
+            if client:
+                # From step 0 too: groups consumed by steps no checkpoint holds are ready again.
                 reply = client.resume(state.step)
                 log.info(
                     "resumed at step %d from %s; %d groups consumed after it are ready again",
-                    state.step, checkpoints[-1].name, reply.num_groups_restored,
+                    state.step, checkpoints[-1].name if checkpoints else "the initial model", reply.num_groups_restored,
                 )
                 version = reply.latest_policy_version + 1
-            elif run_info:
-                version = run_info.latest_policy_version + 1
             version = broadcast_from_main(workers, version)
             publisher = (
                 PolicyPublisher(self.identity, run_info.run_id, client, keyframe_interval=config.keyframe_interval)
@@ -174,48 +182,15 @@ class Trainer:
                 self._write_metrics({"step": state.step, "policy_version": version, "time": time.time(),
                                      **evaluator.evaluate(published_bf16)})
             freeze_long_lived_objects()
-            while (batch := self._next_groups(client, version, state)) is not None:
-                waited_s, fresh = batch
-                metrics = train_step(
-                    model, optimizer, fresh,
-                    current_version=version, temperature=temperature, pad_token_id=pad_token_id,
-                    loss_config=config.loss, grad_clip=config.optimizer.grad_clip, workers=workers,
-                )
-                state.step += 1
-                published, publish_s = None, 0.0
-                if not metrics.skipped:
-                    version += 1
-                    publish_started = time.perf_counter()
-                    published_bf16 = published_state(model, workers)
-                    if publisher:
-                        published = publisher.publish(version, published_bf16)
-                    publish_s = time.perf_counter() - publish_started
-                    state.latest_published_version = version
-                consumed = [g.group_id for g in fresh]
-                state.consumed_groups[state.step] = consumed
-                if client:
-                    client.ack(state.step, consumed, [])
-                    record = {
-                        **(evaluator.evaluate(published_bf16)
-                           if evaluator and state.step % config.eval_every == 0 else {}),
-                        "step": state.step,
-                        "policy_version": version,
-                        "wait_seconds": waited_s,
-                        "publish_seconds": publish_s,
-                        "delta_bytes": published.delta.num_blob_bytes if published and published.delta else 0,
-                        "num_groups_stale_total": state.num_groups_stale,
-                        "time": time.time(),
-                        **metrics.as_dict(),
-                    }
-                    self._write_metrics(record)
-                    client.report_metrics(state.step, json.dumps(record))
-                    log.info(
-                        "step %d: reward %.3f, loss %.4f, %d groups, masked %.1f%%, waited %.1fs, version %d",
-                        state.step, metrics.reward_mean, metrics.loss, metrics.num_groups,
-                        100 * metrics.masked_fraction, waited_s, version,
-                    )
-                if state.step % config.checkpoint_every == 0:
-                    save_checkpoint(self.checkpoint_dir, model, optimizer, state, workers=workers)
+            try:
+                version = self._train(client, model, optimizer, publisher, evaluator, state, version, published_bf16,
+                                      temperature=temperature, pad_token_id=pad_token_id)
+            except grpc.RpcError as error:
+                if not self.stop_event.is_set():
+                    raise
+                log.warning("stopped at step %d while the coordinator does not answer (%s); a restart resumes "
+                            "from the last checkpoint", state.step, error.code().name)
+                return state
             save_checkpoint(self.checkpoint_dir, model, optimizer, state, workers=workers)
             if workers.is_main:
                 log.info("stopped at step %d, policy version %d", state.step, version)
@@ -223,6 +198,60 @@ class Trainer:
         finally:
             if client:
                 client.close()
+
+    def _train(self, client, model, optimizer, publisher, evaluator, state: TrainerState, version: int,
+               published_bf16: BF16State, *, temperature: float, pad_token_id: int) -> int:
+        """Train until stopped; returns the latest published version."""
+        from trainer.step import train_step
+
+        config, workers = self.config, self.workers
+        num_skipped_in_row = 0
+        while (batch := self._next_groups(client, version, state)) is not None:
+            waited_s, fresh = batch
+            metrics = train_step(
+                model, optimizer, fresh,
+                current_version=version, temperature=temperature, pad_token_id=pad_token_id,
+                loss_config=config.loss, grad_clip=config.optimizer.grad_clip, workers=workers,
+            )
+            state.step += 1
+            published, publish_s = None, 0.0
+            if not metrics.skipped:
+                version += 1
+                publish_started = time.perf_counter()
+                published_bf16 = published_state(model, workers)
+                if publisher:
+                    published = publisher.publish(version, published_bf16)
+                publish_s = time.perf_counter() - publish_started
+                state.latest_published_version = version
+            consumed = [g.group_id for g in fresh]
+            state.consumed_groups[state.step] = consumed
+            if client:
+                client.ack(state.step, consumed, [])
+                record = {
+                    **(evaluator.evaluate(published_bf16)
+                       if evaluator and state.step % config.eval_every == 0 else {}),
+                    "step": state.step,
+                    "policy_version": version,
+                    "wait_seconds": waited_s,
+                    "publish_seconds": publish_s,
+                    "delta_bytes": published.delta.num_blob_bytes if published and published.delta else 0,
+                    "num_groups_stale_total": state.num_groups_stale,
+                    "time": time.time(),
+                    **metrics.as_dict(),
+                }
+                self._write_metrics(record)
+                client.report_metrics(state.step, json.dumps(record))
+                log.info(
+                    "step %d: reward %.3f, loss %.4f, %d groups, masked %.1f%%, waited %.1fs, version %d",
+                    state.step, metrics.reward_mean, metrics.loss, metrics.num_groups,
+                    100 * metrics.masked_fraction, waited_s, version,
+                )
+            if state.step % config.checkpoint_every == 0:
+                save_checkpoint(self.checkpoint_dir, model, optimizer, state, workers=workers)
+            num_skipped_in_row = num_skipped_in_row + 1 if metrics.skipped else 0
+            if client and num_skipped_in_row:
+                self.stop_event.wait(IDLE_BACKOFF.backoff_s(num_skipped_in_row))
+        return version
 
     def _evaluator(self, model, run_info) -> PublishedPolicyEvaluator:
         """Held-out evaluation on rank 0: of the training model itself in a plain run; under
@@ -250,7 +279,9 @@ class Trainer:
     def _collect(self, client, version: int, state: TrainerState) -> tuple[float, list[ReadyGroup]]:
         """Wait until groups_per_step fresh groups are ready; acknowledge stale ones as stale."""
         started = time.perf_counter()
+        num_polls = 0
         while not self.stop_event.is_set():
+            num_polls += 1
             groups = client.ready_groups(self.config.groups_per_step, self.config.max_staleness)
             fresh, stale = split_by_staleness(groups, version, self.config.max_staleness)
             if stale:
@@ -258,7 +289,7 @@ class Trainer:
                 state.num_groups_stale += len(stale)
             if len(fresh) >= self.config.groups_per_step:
                 return time.perf_counter() - started, fresh
-            self.stop_event.wait(POLL_INTERVAL_S)
+            self.stop_event.wait(IDLE_BACKOFF.backoff_s(num_polls))
         return time.perf_counter() - started, []
 
     def _write_metrics(self, record: dict) -> None:

@@ -66,6 +66,14 @@ class RunCollector:
         for credit in ("settled", "pending", "voided"):
             contributed.add_metric([credit], sum(getattr(t, credit).num_tokens for t in totals))
         yield contributed
+        refused = CounterMetricFamily(
+            "rollproof_requests_refused",
+            "gRPC requests refused, by method and reason (a status name, or malformed / internal).",
+            labels=["method", "reason"],
+        )
+        for (method, reason), count in sorted(self.app.refusals.snapshot().items()):
+            refused.add_metric([method, reason], count)
+        yield refused
 
 
 def metrics_registry(app: Coordinator) -> CollectorRegistry:

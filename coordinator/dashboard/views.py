@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from coordinator.app import Coordinator
 from coordinator.store import ContributionTotals, GroupState, NodeRecord, RejectionRecord, WorkTotals
@@ -17,6 +17,7 @@ from protocol.types import Codec, NodeState
 NUM_TRAINING_POINTS = 500
 NUM_RECENT_SUBMISSIONS = 25
 NUM_RECENT_REJECTIONS = 25
+NUM_RECENT_LEASES = 25
 NUM_CONTRIBUTION_BUCKETS = 60
 MIN_CONTRIBUTION_BUCKET_MS = 10_000
 MAX_EVIDENCE_CHARS = 4000
@@ -110,6 +111,17 @@ class RejectionView(BaseModel):
     created_ms: int
 
 
+class LeaseView(BaseModel):
+    """How one of the node's leases ended: open, submitted, released or expired."""
+
+    lease_id: str
+    lease_number: int
+    policy_version: int
+    created_ms: int
+    closed_ms: int | None
+    state: str
+
+
 class ContributionPoint(BaseModel):
     start_ms: int
     end_ms: int
@@ -125,6 +137,15 @@ class NodeDetailView(BaseModel):
     num_full_checks_passed: int
     num_full_checks_failed: int
     num_strikes: int
+    on_probation: bool = Field(description="its groups are held (not trained on) until its next node-level verdict")
+    num_checked_tokens: int
+    num_groups_consumed_when_caught: int | None = Field(
+        description="at its newest failed full check: how many of its groups the trainer had used (0 on probation)")
+    num_leases_released: int
+    num_leases_expired: int
+    num_lease_cooldowns: int
+    cooldown_until_ms: int | None = Field(description="no leases for the node until then: it walked away from too many")
+    leases: list[LeaseView]
     voided: WorkView
     submissions: list[SubmissionView]
     rejections: list[RejectionView]
@@ -330,6 +351,26 @@ class DashboardData:
             num_full_checks_passed=node.num_full_checks_passed,
             num_full_checks_failed=node.num_full_checks_failed,
             num_strikes=node.num_strikes,
+            on_probation=node.on_probation,
+            num_checked_tokens=node.num_checked_tokens,
+            num_groups_consumed_when_caught=next(
+                (v.num_groups_consumed for v in self.app.store.list_validations(node_id, NUM_RECENT_REJECTIONS)
+                 if not v.passed), None),
+            num_leases_released=node.num_leases_released,
+            num_leases_expired=node.num_leases_expired,
+            num_lease_cooldowns=node.num_lease_cooldowns,
+            cooldown_until_ms=node.lease_cooldown_until_ms if node.lease_cooldown_until_ms > now else None,
+            leases=[
+                LeaseView(
+                    lease_id=lease.lease_id,
+                    lease_number=lease.lease_number,
+                    policy_version=lease.policy_version,
+                    created_ms=lease.created_ms,
+                    closed_ms=lease.closed_ms,
+                    state=lease.state.value,
+                )
+                for lease in self.app.store.list_leases(node_id, NUM_RECENT_LEASES)
+            ],
             voided=work_view(totals.voided if totals else WorkTotals()),
             submissions=[
                 SubmissionView(

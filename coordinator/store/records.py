@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -26,7 +27,20 @@ class UnknownLeaseError(ValueError):
 
 
 class LeaseCapError(ValueError):
-    """The node already holds the maximum number of open leases."""
+    """The node already holds the maximum number of open leases; the first of them runs out in
+    retry_after_ms (a node restarted without its leases waits that long, not a blind backoff)."""
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class LeaseCooldownError(ValueError):
+    """The node walked away from too many of its recent leases and gets none until until_ms."""
+
+    def __init__(self, message: str, until_ms: int) -> None:
+        super().__init__(message)
+        self.until_ms = until_ms
 
 
 class DuplicateRolloutError(ValueError):
@@ -58,16 +72,21 @@ class GroupState(enum.StrEnum):
     STALE = "stale"
     QUARANTINED = "quarantined"
     REJECTED = "rejected"
+    # Passed its full check while its node is on probation: held, never trained on, until the node's
+    # first node-level verdict (then ready) or its failure (then quarantined).
+    PROBATION = "probation"
 
 
 # For each target state, the states a group may move from. Consumed is final: nothing moves a
 # group the trainer used.
 GROUP_STATE_SOURCES: dict[GroupState, frozenset[GroupState]] = {
-    GroupState.READY: frozenset({GroupState.PENDING_VALIDATION}),
+    GroupState.READY: frozenset({GroupState.PENDING_VALIDATION, GroupState.PROBATION}),
     GroupState.CONSUMED: frozenset({GroupState.READY}),
     GroupState.STALE: frozenset({GroupState.READY, GroupState.PENDING_VALIDATION}),
-    GroupState.QUARANTINED: frozenset({GroupState.PENDING_VALIDATION, GroupState.READY}),
-    GroupState.REJECTED: frozenset({GroupState.PENDING_VALIDATION, GroupState.READY, GroupState.QUARANTINED}),
+    GroupState.QUARANTINED: frozenset({GroupState.PENDING_VALIDATION, GroupState.READY, GroupState.PROBATION}),
+    GroupState.REJECTED: frozenset({GroupState.PENDING_VALIDATION, GroupState.READY, GroupState.QUARANTINED,
+                                    GroupState.PROBATION}),
+    GroupState.PROBATION: frozenset({GroupState.PENDING_VALIDATION, GroupState.READY}),
 }
 
 
@@ -120,6 +139,15 @@ class NodeRecord:
     reputation: float
     num_rollouts_accepted: int
     num_rollouts_rejected: int
+    num_leases_released: int
+    num_leases_expired: int
+    num_lease_cooldowns: int
+    lease_cooldown_until_ms: int
+    # Probation: its passed groups are held until a node-level verdict over num_checked_tokens -
+    # probation_start_tokens fully checked tokens (new nodes, and nodes a statistical check doubted).
+    on_probation: bool
+    num_checked_tokens: int
+    probation_start_tokens: int
 
     def state(self, now_ms: int, liveness: Liveness) -> NodeState:
         return node_state(self.banned, self.last_seen_ms, now_ms, liveness)
@@ -138,6 +166,28 @@ class LeaseRecord:
     created_ms: int
     deadline_ms: int
     state: LeaseState = LeaseState.OPEN
+    closed_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class WalkAwayLimit:
+    """How many of its recent leases a node may release or let expire. More than max_walkaways of
+    its last window_leases closed leases (counted since its last cool-down ended) earn a cool-down
+    of cooldown_ms without leases; a node that earns another before it closed window_leases leases
+    after a cool-down also takes a strike, and is banned at max_strikes."""
+
+    window_leases: int
+    max_walkaways: int
+    cooldown_ms: int
+    max_strikes: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_walkaways < self.window_leases:
+            raise ValueError(
+                f"need 0 <= max_walkaways < window_leases, got {self.max_walkaways} and {self.window_leases}"
+            )
+        if self.cooldown_ms < 0 or self.max_strikes < 1:
+            raise ValueError("a walk-away limit needs cooldown_ms >= 0 and max_strikes >= 1")
 
 
 @dataclass(frozen=True)
@@ -227,7 +277,8 @@ class StoredGroup:
 
 @dataclass(frozen=True)
 class ConsumeOutcome:
-    """consumed: marked now; already_consumed: used by the trainer before (refused);
+    """consumed: marked now (or by an earlier ack of the same step); already_consumed: used by the
+    trainer at another step (refused);
     refused: unknown or not ready (pending, stale, quarantined, rejected)."""
 
     consumed: tuple[str, ...]
@@ -250,6 +301,36 @@ class ValidationResult:
     check_name: str
     evidence_json: str
     created_ms: int
+    num_groups_consumed: int | None = None  # a failure's: the node's groups the trainer had used when caught
+
+
+@dataclass(frozen=True)
+class NewValidation:
+    """A full check's result as a validator reports it. A passed group may still leave its node
+    suspect (a statistical check over too little evidence to strike): the node goes on probation.
+    A window_verdict is a node-level verdict taken with this group (passed: its probation may end)."""
+
+    group_id: str
+    passed: bool
+    check_name: str
+    evidence_json: str
+    suspect: bool = False
+    window_verdict: bool = False
+
+
+@dataclass(frozen=True)
+class ValidationOutcome:
+    """What recording one result did: struck is False for a failure of a submission that had
+    failed before (one strike per submission); quarantined and voided count the node's groups
+    and credit taken in the same transaction; probation_ended counts the groups it released."""
+
+    result: ValidationResult
+    node: NodeRecord
+    struck: bool = False
+    num_quarantined: int = 0
+    num_voided: int = 0
+    banned_now: bool = False
+    probation_ended: int | None = None
 
 
 @dataclass(frozen=True)
@@ -271,6 +352,34 @@ class ChunkWindow:
     exponent_mismatches: int
     mantissa_error_sum: float
     num_matched: int
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """A fully checked group's sampled-token statistics, in a form that sums across groups (fields as
+    in validation.proto's TokenStatistics; tested per node by coordinator/node_stats.py)."""
+
+    num_tokens: int = 0
+    num_near_ties: int = 0
+    num_directed_near_ties: int = 0
+    num_near_ties_up: int = 0
+    num_near_ties_positive: int = 0
+    near_ties_positive_expected: float = 0.0
+    near_ties_positive_variance: float = 0.0
+    logprob_advantage_sum: float = 0.0
+    logprob_advantage_sum_squares: float = 0.0
+
+    def __add__(self, other: TokenStats) -> TokenStats:
+        return TokenStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+@dataclass(frozen=True)
+class TokenWindow:
+    """Sums over a node's newest fully checked groups, as many as cover the window's tokens."""
+
+    node_id: str
+    num_groups: int
+    stats: TokenStats
 
 
 class RejectionSource(enum.StrEnum):

@@ -15,6 +15,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -60,6 +61,15 @@ class Node(Base):
     reputation: Mapped[float] = mapped_column(Float)
     num_rollouts_accepted: Mapped[int] = mapped_column(BigInteger)
     num_rollouts_rejected: Mapped[int] = mapped_column(BigInteger)
+    num_leases_released: Mapped[int] = mapped_column(Integer, server_default="0")
+    num_leases_expired: Mapped[int] = mapped_column(Integer, server_default="0")
+    num_lease_cooldowns: Mapped[int] = mapped_column(Integer, server_default="0")
+    lease_cooldown_until_ms: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # A node registered before probation existed has earned trust already (server default false);
+    # a new one starts on probation (the store inserts true).
+    on_probation: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    num_checked_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    probation_start_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class Counter(Base):
@@ -69,11 +79,22 @@ class Counter(Base):
     value: Mapped[int] = mapped_column(BigInteger)
 
 
+class CoordinatorSecret(Base):
+    """Random keys the coordinator keeps to itself, made on first use (e.g. the key sampling seeds
+    are derived with): shared by its replicas, kept across restarts, never sent to a node."""
+
+    __tablename__ = "coordinator_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class Lease(Base):
     __tablename__ = "leases"
     __table_args__ = (
         Index(None, "node_id", "state"),
         Index(None, "state", "deadline_ms"),
+        Index(None, "node_id", "closed_ms"),
     )
 
     lease_id: Mapped[str] = mapped_column(LEASE_ID, primary_key=True)
@@ -185,6 +206,7 @@ class ValidationRecord(Base):
     check_name: Mapped[str] = mapped_column(String(64))
     evidence_json: Mapped[str] = mapped_column(Text)
     created_ms: Mapped[int] = mapped_column(BigInteger)
+    num_groups_consumed: Mapped[int | None] = mapped_column(Integer)
 
 
 class NodeChunk(Base):
@@ -200,6 +222,27 @@ class NodeChunk(Base):
     exponent_mismatches: Mapped[int] = mapped_column(Integer)
     mantissa_error_sum: Mapped[float] = mapped_column(Float)
     num_matched: Mapped[int] = mapped_column(Integer)
+
+
+class NodeTokens(Base):
+    """The sampled-token statistics of a node's fully checked groups (records.TokenStats), its newest
+    ones covering the node token window kept: the coordinator pools them across groups and validators."""
+
+    __tablename__ = "node_tokens"
+    __table_args__ = (Index(None, "node_id", "id"),)
+
+    id: Mapped[int] = mapped_column(AUTO_ID, primary_key=True, autoincrement=True)
+    node_id: Mapped[str] = mapped_column(NODE_ID)
+    group_id: Mapped[str] = mapped_column(GROUP_ID, ForeignKey("groups.group_id"), unique=True)
+    num_tokens: Mapped[int] = mapped_column(Integer)
+    num_near_ties: Mapped[int] = mapped_column(Integer)
+    num_directed_near_ties: Mapped[int] = mapped_column(Integer)
+    num_near_ties_up: Mapped[int] = mapped_column(Integer)
+    num_near_ties_positive: Mapped[int] = mapped_column(Integer)
+    near_ties_positive_expected: Mapped[float] = mapped_column(Float)
+    near_ties_positive_variance: Mapped[float] = mapped_column(Float)
+    logprob_advantage_sum: Mapped[float] = mapped_column(Float)
+    logprob_advantage_sum_squares: Mapped[float] = mapped_column(Float)
 
 
 class PolicyVersion(Base):
@@ -218,7 +261,7 @@ class TrainerMetrics(Base):
     __tablename__ = "trainer_metrics"
 
     id: Mapped[int] = mapped_column(AUTO_ID, primary_key=True, autoincrement=True)
-    step: Mapped[int] = mapped_column(BigInteger, index=True)
+    step: Mapped[int] = mapped_column(BigInteger, index=True, unique=True)
     metrics_json: Mapped[str] = mapped_column(Text)
     created_ms: Mapped[int] = mapped_column(BigInteger)
 

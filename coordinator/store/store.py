@@ -15,10 +15,14 @@ each of its requests is committed alone, so one bad request fails only itself.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import dataclasses
 import functools
+import itertools
 import logging
 import queue
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -43,7 +47,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DataError, IntegrityError
 
 from coordinator.store import schema
 from coordinator.store.migrate import upgrade_to_head
@@ -58,10 +64,12 @@ from coordinator.store.records import (
     DuplicateRolloutError,
     GroupState,
     LeaseCapError,
+    LeaseCooldownError,
     LeaseRecord,
     LeaseState,
     MetricsRecord,
     NewSubmission,
+    NewValidation,
     NodeKeyMismatchError,
     NodeRecord,
     PolicyVersionRecord,
@@ -72,16 +80,34 @@ from coordinator.store.records import (
     StoredGroup,
     SubmissionOutcome,
     SubmissionRecord,
+    TokenStats,
+    TokenWindow,
     UnknownLeaseError,
     UnknownNodeError,
+    ValidationOutcome,
     ValidationResult,
     VersionExistsError,
+    WalkAwayLimit,
     WorkTotals,
     reputation,
 )
 from protocol.types import Codec, SamplingParams
 
 log = logging.getLogger(__name__)
+
+# What one submission leaves in the verdicts table is bounded whatever the batch holds: the counts
+# of accepted and rejected rollouts stay exact, the rows of rejected ones (the contributor's
+# record) are the first few, with their message and evidence capped.
+MAX_STORED_REJECTIONS_PER_SUBMISSION = 4
+MAX_STORED_MESSAGE_CHARS = 256
+MAX_STORED_EVIDENCE_CHARS = 4096
+
+
+def _bounded_evidence(evidence_json: str) -> str:
+    """The evidence, or a JSON note of its size when it is longer than MAX_STORED_EVIDENCE_CHARS."""
+    if len(evidence_json) <= MAX_STORED_EVIDENCE_CHARS:
+        return evidence_json
+    return f'{{"truncated": true, "num_chars": {len(evidence_json)}}}'
 
 SQLITE_FILE_NAME = "coordinator.sqlite3"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -102,11 +128,15 @@ _versions = schema.PolicyVersion.__table__
 _metrics = schema.TrainerMetrics.__table__
 _contributions = schema.Contribution.__table__
 _node_chunks = schema.NodeChunk.__table__
+_secrets = schema.CoordinatorSecret.__table__
+_node_tokens = schema.NodeTokens.__table__
 
 # make_lease(lease_number, requeued_prompt_indices or None for a fresh draw) -> the lease to store
 LeaseFactory = Callable[[int, tuple[int, ...] | None], LeaseRecord]
 
 MAX_GROUP_COMMIT = 512  # requests in one group-commit transaction at most
+REQUEUED_LOOKAHEAD = 64  # requeued sets looked at past one per lease request, for those a node may not take
+SECRET_BYTES = 32
 _OPEN_UNTIL_BUILT = 2**63 - 1  # the deadline a lease granted in this transaction counts with
 
 # Statements on the hot path, built once.
@@ -123,7 +153,7 @@ _SELECT_OPEN_LEASE_DEADLINES = select(_leases.c.node_id, _leases.c.deadline_ms).
     _leases.c.node_id.in_(bindparam("node_ids", expanding=True)), _leases.c.state == LeaseState.OPEN.value
 )
 _LOCK_NODES = (
-    select(_nodes.c.node_id)
+    select(_nodes.c.node_id, _nodes.c.lease_cooldown_until_ms)
     .where(_nodes.c.node_id.in_(bindparam("node_ids", expanding=True)))
     .order_by(_nodes.c.node_id)
     .with_for_update()
@@ -142,6 +172,23 @@ _TAKE_LEASE_NUMBERS = (
 )
 _SELECT_OLDEST_REQUEUED = (
     select(_requeued).order_by(_requeued.c.id).limit(bindparam("num_wanted")).with_for_update(skip_locked=True)
+)
+# The oldest requeued sets with the policy version of the lease they come from, unlocked: a
+# transaction locks only those it takes (_LOCK_REQUEUED), so others take the rest meanwhile.
+_SELECT_REQUEUED_CANDIDATES = (
+    select(_requeued.c.id, _requeued.c.lease_number, _requeued.c.prompt_indices, _leases.c.policy_version)
+    .join(_leases, _leases.c.lease_id == _requeued.c.source_lease_id)
+    .order_by(_requeued.c.id)
+    .limit(bindparam("num_wanted"))
+)
+_LOCK_REQUEUED = (
+    select(_requeued.c.id)
+    .where(_requeued.c.id.in_(bindparam("requeued_ids", expanding=True)))
+    .with_for_update(skip_locked=True)
+)
+_SELECT_HELD_LEASE_NUMBERS = select(_leases.c.node_id, _leases.c.lease_number).where(
+    _leases.c.node_id.in_(bindparam("node_ids", expanding=True)),
+    _leases.c.lease_number.in_(bindparam("lease_numbers", expanding=True)),
 )
 _DELETE_REQUEUED = delete(_requeued).where(_requeued.c.id.in_(bindparam("requeued_ids", expanding=True)))
 _COUNT_GROUPS_IN_STATES = select(func.count()).where(_groups.c.state.in_(bindparam("states", expanding=True)))
@@ -176,6 +223,14 @@ class _LeaseRequest:
     now_ms: int
     max_open_per_node: int
     make_lease: LeaseFactory
+    policy_version: int | None
+    oldest_leasable_version: int
+    walkaway_limit: WalkAwayLimit | None
+
+    def takes_version(self, version: int) -> bool:
+        """Whether this request may take a requeued set whose last lease was at version: only at
+        that version while it may still be leased, else at any."""
+        return self.policy_version is None or version == self.policy_version or version < self.oldest_leasable_version
 
 
 # A write request and its answer: the outcome, or the exception the caller raises.
@@ -262,6 +317,13 @@ def _node_record(row: Row[Any]) -> NodeRecord:
         reputation=row.reputation,
         num_rollouts_accepted=row.num_rollouts_accepted,
         num_rollouts_rejected=row.num_rollouts_rejected,
+        num_leases_released=row.num_leases_released,
+        num_leases_expired=row.num_leases_expired,
+        num_lease_cooldowns=row.num_lease_cooldowns,
+        lease_cooldown_until_ms=row.lease_cooldown_until_ms,
+        on_probation=row.on_probation,
+        num_checked_tokens=row.num_checked_tokens,
+        probation_start_tokens=row.probation_start_tokens,
     )
 
 
@@ -280,6 +342,7 @@ def _lease_record(row: Row[Any]) -> LeaseRecord:
         created_ms=row.created_ms,
         deadline_ms=row.deadline_ms,
         state=LeaseState(row.state),
+        closed_ms=row.closed_ms,
     )
 
 
@@ -529,6 +592,7 @@ class Store:
                         reputation=0.0,
                         num_rollouts_accepted=0,
                         num_rollouts_rejected=0,
+                        on_probation=True,
                         **described,
                     )
                 )
@@ -568,9 +632,21 @@ class Store:
 
     def record_heartbeats(self, beats: Sequence[tuple[str, int, float, int]]) -> None:
         """Many heartbeats in one transaction: (node_id, policy_version, tokens_per_s, last_seen_ms).
-        A node's last_seen_ms never moves backwards; unknown nodes are ignored."""
+        A node's last_seen_ms never moves backwards; unknown nodes are ignored. When the database
+        refuses a value (out of its range), the heartbeats are written one at a time and the
+        refused ones dropped: one bad row holds up no other node's."""
         if not beats:
             return
+        try:
+            self._write_heartbeats(beats)
+        except (OverflowError, DataError):
+            for beat in beats:
+                try:
+                    self._write_heartbeats([beat])
+                except (OverflowError, DataError) as error:
+                    log.warning("dropped the heartbeat of %s: %s", beat[0], str(error)[:200])
+
+    def _write_heartbeats(self, beats: Sequence[tuple[str, int, float, int]]) -> None:
         with self._write() as connection:
             connection.execute(
                 update(_nodes)
@@ -595,6 +671,7 @@ class Store:
         with self._write() as connection:
             node = self._set_node(connection, node_id, banned=False, ban_reason="")
             connection.execute(delete(_node_chunks).where(_node_chunks.c.node_id == node_id))
+            connection.execute(delete(_node_tokens).where(_node_tokens.c.node_id == node_id))
             return node
 
     def _update_node(self, node_id: str, **values: Any) -> NodeRecord:
@@ -659,53 +736,78 @@ class Store:
             connection.execute(insert(_leases).values(**_lease_row(lease)))
 
     def issue_lease(
-        self, node_id: str, now_ms: int, max_open_per_node: int, make_lease: LeaseFactory
+        self,
+        node_id: str,
+        now_ms: int,
+        max_open_per_node: int,
+        make_lease: LeaseFactory,
+        *,
+        policy_version: int | None = None,
+        oldest_leasable_version: int = 0,
+        walkaway_limit: WalkAwayLimit | None = None,
     ) -> LeaseRecord:
         """In one transaction: expire the leases past their deadline at now_ms (their prompts are
-        requeued), refuse if the node holds max_open_per_node live leases, take the oldest
-        requeued prompt set (keeping its lease number) or else the next lease number, build the
-        lease with make_lease(lease_number, requeued prompts or None) and store it."""
-        return self._commit(_LeaseRequest(node_id, now_ms, max_open_per_node, make_lease))
+        requeued, and each counts as a walk-away of its node, judged by walkaway_limit), refuse if
+        the node is cooling down (LeaseCooldownError) or holds max_open_per_node live leases, take
+        the oldest requeued prompt set the node may take (keeping its lease number) or else the
+        next lease number, build the lease with make_lease(lease_number, requeued prompts or None)
+        and store it. A node may never take a set whose lease number it held before, and, when
+        policy_version is given, a set only at the version of its last lease while that version is
+        at least oldest_leasable_version."""
+        return self._commit(
+            _LeaseRequest(
+                node_id, now_ms, max_open_per_node, make_lease, policy_version, oldest_leasable_version, walkaway_limit
+            )
+        )
 
     def _issue_leases(
         self, connection: Connection, requests: Sequence[_LeaseRequest]
     ) -> list[LeaseRecord | Exception]:
         """issue_lease for each request in turn, in one transaction: a lease or the refusal."""
-        self._expire(connection, max(request.now_ms for request in requests))
         node_ids = sorted({request.node_id for request in requests})
+        self._expire(connection, max(request.now_ms for request in requests), requests[0].walkaway_limit, node_ids)
         # Locks the nodes' rows on PostgreSQL, so concurrent requests of one node see each other.
-        known = set(connection.execute(_LOCK_NODES, {"node_ids": node_ids}).scalars())
+        cooldowns = {node_id: until_ms for node_id, until_ms in connection.execute(_LOCK_NODES, {"node_ids": node_ids})}
         open_deadlines: dict[str, list[int]] = {node_id: [] for node_id in node_ids}
         for node_id, deadline_ms in connection.execute(_SELECT_OPEN_LEASE_DEADLINES, {"node_ids": node_ids}):
             open_deadlines[node_id].append(deadline_ms)
         results: list[LeaseRecord | Exception | None] = [None] * len(requests)
         granted: list[int] = []
         for index, request in enumerate(requests):
-            if request.node_id not in known:
+            if request.node_id not in cooldowns:
                 results[index] = UnknownNodeError(
                     f"node {request.node_id} is not registered; register before leasing work"
                 )
                 continue
+            if cooldowns[request.node_id] > request.now_ms:
+                results[index] = LeaseCooldownError(
+                    f"node {request.node_id} released or let expire too many of its recent leases; "
+                    f"no leases for {(cooldowns[request.node_id] - request.now_ms + 999) // 1000} s",
+                    cooldowns[request.node_id],
+                )
+                continue
             deadlines = open_deadlines[request.node_id]
-            num_open = sum(deadline_ms > request.now_ms for deadline_ms in deadlines)
-            if num_open >= request.max_open_per_node:
+            open_until = [deadline_ms for deadline_ms in deadlines if deadline_ms > request.now_ms]
+            if len(open_until) >= request.max_open_per_node:
                 results[index] = LeaseCapError(
-                    f"node {request.node_id} holds {num_open} open leases (the cap is {request.max_open_per_node}); "
-                    "submit or release one before asking for more"
+                    f"node {request.node_id} holds {len(open_until)} open leases (the cap is "
+                    f"{request.max_open_per_node}); submit or release one before asking for more",
+                    min(open_until) - request.now_ms,
                 )
                 continue
             deadlines.append(_OPEN_UNTIL_BUILT)
             granted.append(index)
-        requeued = self._take_requeued(connection, len(granted))
-        num_fresh = len(granted) - len(requeued)
-        first_fresh = self._take_lease_numbers(connection, num_fresh) if num_fresh else 0
+        requeued = self._take_requeued_for(connection, [requests[index] for index in granted])
+        num_fresh = requeued.count(None)
+        next_fresh = self._take_lease_numbers(connection, num_fresh) if num_fresh else 0
         leases = []
-        for position, index in enumerate(granted):
+        for index, prompt_set in zip(granted, requeued, strict=True):
             request = requests[index]
-            if position < len(requeued):
-                lease = request.make_lease(requeued[position].lease_number, requeued[position].prompt_indices)
+            if prompt_set is None:
+                lease = request.make_lease(next_fresh, None)
+                next_fresh += 1
             else:
-                lease = request.make_lease(first_fresh + position - len(requeued), None)
+                lease = request.make_lease(prompt_set.lease_number, prompt_set.prompt_indices)
             assert lease.node_id == request.node_id, "make_lease built a foreign lease"
             assert lease.state is LeaseState.OPEN, "make_lease built a lease that is not open"
             leases.append(lease)
@@ -730,9 +832,12 @@ class Store:
                 )
             ).scalar_one()
 
-    def close_lease(self, lease_id: str, state: LeaseState, now_ms: int) -> bool:
-        """Close an open lease as submitted or released (a released lease's prompts are requeued).
-        Returns False when the lease was not open any more."""
+    def close_lease(
+        self, lease_id: str, state: LeaseState, now_ms: int, walkaway_limit: WalkAwayLimit | None = None
+    ) -> bool:
+        """Close an open lease as submitted or released (a released lease's prompts are requeued,
+        and the release counts as a walk-away of its node, judged by walkaway_limit). Returns
+        False when the lease was not open any more."""
         if state not in (LeaseState.SUBMITTED, LeaseState.RELEASED):
             raise ValueError(f"a lease is closed as submitted or released, not {state}")
         with self._write() as connection:
@@ -747,7 +852,9 @@ class Store:
                     raise UnknownLeaseError(f"lease {lease_id} does not exist")
                 return False
             if state is LeaseState.RELEASED:
-                self._requeue(connection, [_lease_record(row)], now_ms)
+                released = [_lease_record(row)]
+                self._requeue(connection, released, now_ms)
+                self._count_walkaways(connection, released, now_ms, walkaway_limit)
             return True
 
     def extend_open_leases(self, min_deadline_ms: int) -> int:
@@ -760,8 +867,9 @@ class Store:
                 .values(deadline_ms=min_deadline_ms)
             ).rowcount
 
-    def expire_leases(self, now_ms: int) -> list[LeaseRecord]:
-        """Mark every open lease past its deadline expired and requeue its prompts."""
+    def expire_leases(self, now_ms: int, walkaway_limit: WalkAwayLimit | None = None) -> list[LeaseRecord]:
+        """Mark every open lease past its deadline expired and requeue its prompts; each counts as a
+        walk-away of its node, judged by walkaway_limit."""
         with self._read() as connection:
             overdue = connection.execute(
                 select(_leases.c.lease_id)
@@ -771,13 +879,72 @@ class Store:
         if overdue is None:
             return []
         with self._write() as connection:
-            return self._expire(connection, now_ms)
+            return self._expire(connection, now_ms, walkaway_limit)
 
-    def _expire(self, connection: Connection, now_ms: int) -> list[LeaseRecord]:
+    def _expire(
+        self, connection: Connection, now_ms: int, walkaway_limit: WalkAwayLimit | None, node_ids: Sequence[str] = ()
+    ) -> list[LeaseRecord]:
+        """Expire the overdue leases; node_ids: the nodes the transaction writes next, locked in one
+        sorted pass with those of the expired leases, so concurrent transactions cannot deadlock."""
         rows = connection.execute(_EXPIRE_LEASES, {"expire_at_ms": now_ms}).all()
         expired = sorted((_lease_record(row) for row in rows), key=lambda lease: lease.lease_number)
+        if expired:
+            locked = sorted({lease.node_id for lease in expired}.union(node_ids))
+            connection.execute(_LOCK_NODES, {"node_ids": locked}).all()
         self._requeue(connection, expired, now_ms)
+        self._count_walkaways(connection, expired, now_ms, walkaway_limit)
         return expired
+
+    def _count_walkaways(
+        self, connection: Connection, leases: Sequence[LeaseRecord], now_ms: int, limit: WalkAwayLimit | None
+    ) -> None:
+        """Count the released and expired leases on their nodes, then, given a limit, judge each
+        node's recent leases by it."""
+        by_node: dict[str, list[LeaseRecord]] = {}
+        for lease in leases:
+            by_node.setdefault(lease.node_id, []).append(lease)
+        for node_id in sorted(by_node):
+            num_released = sum(lease.state is LeaseState.RELEASED for lease in by_node[node_id])
+            node = self._set_node(
+                connection,
+                node_id,
+                num_leases_released=_nodes.c.num_leases_released + num_released,
+                num_leases_expired=_nodes.c.num_leases_expired + len(by_node[node_id]) - num_released,
+            )
+            if limit is not None:
+                self._judge_walkaways(connection, node, now_ms, limit)
+
+    def _judge_walkaways(self, connection: Connection, node: NodeRecord, now_ms: int, limit: WalkAwayLimit) -> None:
+        """Past the limit among the node's last leases closed since its last cool-down ended: a
+        cool-down, and a strike (a ban at limit.max_strikes) when the node had one before and has
+        not closed limit.window_leases leases since."""
+        recent = connection.execute(
+            select(_leases.c.state)
+            .where(_leases.c.node_id == node.node_id, _leases.c.closed_ms >= node.lease_cooldown_until_ms)
+            .order_by(_leases.c.closed_ms.desc())
+            .limit(limit.window_leases)
+        ).scalars().all()
+        num_walkaways = sum(state != LeaseState.SUBMITTED.value for state in recent)
+        if num_walkaways <= limit.max_walkaways:
+            return
+        values: dict[str, Any] = {
+            "lease_cooldown_until_ms": now_ms + limit.cooldown_ms,
+            "num_lease_cooldowns": node.num_lease_cooldowns + 1,
+        }
+        struck = node.num_lease_cooldowns > 0 and len(recent) < limit.window_leases
+        if struck:
+            num_strikes = node.num_strikes + 1
+            values.update(num_strikes=num_strikes, reputation=reputation(node.num_full_checks_passed, num_strikes))
+            if num_strikes >= limit.max_strikes and not node.banned:
+                values.update(
+                    banned=True,
+                    ban_reason=f"walked away from {num_walkaways} of its last {len(recent)} leases after a cool-down",
+                )
+        self._set_node(connection, node.node_id, **values)
+        log.warning(
+            "node %s walked away from %d of its last %d leases: no leases for %d ms%s",
+            node.node_id, num_walkaways, len(recent), limit.cooldown_ms, ", and a strike" if struck else "",
+        )
 
     def _requeue(self, connection: Connection, leases: Sequence[LeaseRecord], now_ms: int) -> None:
         if leases:
@@ -799,6 +966,83 @@ class Store:
         with self._write() as connection:
             taken = self._take_requeued(connection, 1)
         return taken[0] if taken else None
+
+    def _take_requeued_for(
+        self, connection: Connection, requests: Sequence[_LeaseRequest]
+    ) -> list[RequeuedPrompts | None]:
+        """For each request in turn, remove and return the oldest requeued prompt set it may take
+        (see issue_lease), or None; a set never goes back to a node that held its lease number."""
+        if not requests:
+            return []
+        candidates = connection.execute(
+            _SELECT_REQUEUED_CANDIDATES, {"num_wanted": len(requests) + REQUEUED_LOOKAHEAD}
+        ).all()
+        if not candidates:
+            return [None] * len(requests)
+        held = {
+            (node_id, lease_number)
+            for node_id, lease_number in connection.execute(
+                _SELECT_HELD_LEASE_NUMBERS,
+                {
+                    "node_ids": sorted({request.node_id for request in requests}),
+                    "lease_numbers": sorted({row.lease_number for row in candidates}),
+                },
+            )
+        }
+        unavailable: set[int] = set()  # taken by a concurrent transaction (PostgreSQL)
+        while True:
+            taken: list[Row[Any] | None] = []
+            for request in requests:
+                taken.append(
+                    next(
+                        (
+                            row
+                            for row in candidates
+                            if row.id not in unavailable
+                            and row not in taken
+                            and (request.node_id, row.lease_number) not in held
+                            and request.takes_version(row.policy_version)
+                        ),
+                        None,
+                    )
+                )
+            wanted = {row.id for row in taken if row is not None}
+            if not wanted:
+                break
+            locked = set(connection.execute(_LOCK_REQUEUED, {"requeued_ids": sorted(wanted)}).scalars())
+            if locked == wanted:
+                break
+            unavailable |= wanted - locked
+        if wanted:
+            connection.execute(_DELETE_REQUEUED, {"requeued_ids": sorted(wanted)})
+        return [None if row is None else RequeuedPrompts(row.lease_number, tuple(row.prompt_indices)) for row in taken]
+
+    def list_leases(self, node_id: str, limit: int) -> list[LeaseRecord]:
+        """The node's newest leases, newest first, with how each ended (state and closed_ms)."""
+        with self._read() as connection:
+            rows = connection.execute(
+                select(_leases)
+                .where(_leases.c.node_id == node_id)
+                .order_by(_leases.c.created_ms.desc(), _leases.c.lease_number.desc())
+                .limit(limit)
+            )
+            return [_lease_record(row) for row in rows]
+
+    def secret(self, name: str) -> bytes:
+        """The coordinator's secret called name: SECRET_BYTES random bytes made on first use, the
+        same for every replica and after restarts. Never send it to a node."""
+        query = select(_secrets.c.value).where(_secrets.c.name == name)
+        with self._read_one() as connection:
+            value = connection.execute(query).scalar_one_or_none()
+        if value is None:
+            try:
+                with self._write() as connection:
+                    connection.execute(insert(_secrets).values(name=name, value=secrets.token_bytes(SECRET_BYTES)))
+            except IntegrityError:
+                pass  # another replica made it first
+            with self._read_one() as connection:
+                value = connection.execute(query).scalar_one()
+        return bytes(value)
 
     def _take_requeued(self, connection: Connection, limit: int) -> list[RequeuedPrompts]:
         """Remove and return up to limit requeued prompt sets, oldest first."""
@@ -957,13 +1201,12 @@ class Store:
                 "sample_index": verdict.sample_index,
                 "accepted": verdict.accepted,
                 "reason": None if verdict.reason is None else verdict.reason.name,
-                "message": verdict.message,
-                "evidence_json": verdict.evidence_json,
+                "message": verdict.message[:MAX_STORED_MESSAGE_CHARS],
+                "evidence_json": _bounded_evidence(verdict.evidence_json),
                 "created_ms": submission.created_ms,
             }
             for submission in submissions
-            for verdict in submission.verdicts
-            if not verdict.accepted
+            for verdict in [v for v in submission.verdicts if not v.accepted][:MAX_STORED_REJECTIONS_PER_SUBMISSION]
         ]
         if verdicts:
             connection.execute(_INSERT_VERDICTS, verdicts)
@@ -1109,9 +1352,9 @@ class Store:
             return [_group_record(row) for row in rows]
 
     def mark_consumed(self, group_ids: Sequence[str], trainer_step: int, now_ms: int) -> ConsumeOutcome:
-        """Record that the trainer used these ready groups at trainer_step. A group used before is
-        refused and reported (the ledger's primary key forbids a second entry), as is one that
-        is not ready."""
+        """Record that the trainer used these ready groups at trainer_step. A group used at an
+        earlier step is refused and reported (the ledger's primary key forbids a second entry), as
+        is one that is not ready; one used at this same step is a re-sent ack and counts as consumed."""
         unique_ids = list(dict.fromkeys(group_ids))
         with self._write() as connection:
             consumed = set(
@@ -1130,13 +1373,17 @@ class Store:
                         for group_id in consumed
                     ],
                 )
-            already = set(
-                connection.execute(
-                    select(_consumptions.c.group_id).where(
+            used_at = {
+                group_id: step
+                for group_id, step in connection.execute(
+                    select(_consumptions.c.group_id, _consumptions.c.trainer_step).where(
                         _consumptions.c.group_id.in_([g for g in unique_ids if g not in consumed])
                     )
-                ).scalars()
-            )
+                )
+            }
+            # An ack re-sent after its reply was lost names groups this very step consumed.
+            consumed |= {group_id for group_id, step in used_at.items() if step == trainer_step}
+            already = used_at.keys() - consumed
         return ConsumeOutcome(
             consumed=tuple(g for g in unique_ids if g in consumed),
             already_consumed=tuple(g for g in unique_ids if g in already),
@@ -1167,7 +1414,8 @@ class Store:
     def restore_consumed_after(self, trainer_step: int, now_ms: int) -> int:
         """A trainer resumed from its checkpoint at trainer_step: the weights trained on groups
         consumed at later steps are gone, so those groups become ready again and leave the
-        ledger (a group is never recorded as consumed twice). Returns how many were restored."""
+        ledger (a group is never recorded as consumed twice). Steps count from 1: at step 0 (no
+        checkpoint) every consumed group is restored. Returns how many were restored."""
         with self._write() as connection:
             group_ids = list(
                 connection.execute(
@@ -1253,32 +1501,131 @@ class Store:
                                            passed, check_name, evidence_json, now_ms)
 
     def record_validations(
-        self, results: Sequence[tuple[str, bool, str, str]], now_ms: int
-    ) -> list[tuple[ValidationResult, NodeRecord] | None]:
-        """(group_id, passed, check_name, evidence_json) of full checks, stored in one transaction
-        for the groups still pending validation: each as record_validation stores it, with its
-        node's full check counted as record_full_check counts it. In input order; None for a group
-        that no longer waits (decided already, quarantined, or unknown). Nodes are locked in id
-        order, so concurrent reporters cannot deadlock on PostgreSQL."""
+        self, results: Sequence[NewValidation], now_ms: int, *, max_strikes: int, probation_tokens: int
+    ) -> list[ValidationOutcome | None]:
+        """Full checks' results and all their consequences, in one transaction, for the groups still
+        pending validation; in input order, None for a group that no longer waits (decided already,
+        quarantined, or unknown). A node's failures are applied before its passes.
+
+        A pass marks the group verified: ready, or held (probation) while its node is on probation,
+        and counts its tokens as the node's checked tokens. A suspect pass puts its node on
+        probation (its unconsumed ready groups are held again). A passed window verdict ends the
+        node's probation once it has probation_tokens checked tokens since it began: its held groups
+        become ready at once. probation_tokens 0 holds nothing: a node on probation is then only
+        checked fully (every submission) until its window passes.
+
+        A failure rejects the group, is a strike unless another group of its submission failed
+        before (one strike per submission, whatever the batching; a re-report changes nothing),
+        quarantines every unconsumed group of the node, voids its unsettled credit, records how many
+        of its groups the trainer had consumed, puts it on probation, and bans it at max_strikes.
+        Nodes are locked in id order, so concurrent reporters cannot deadlock on PostgreSQL."""
         with self._write() as connection:
             rows = connection.execute(
-                select(_groups.c.group_id, _groups.c.node_id, _groups.c.state)
-                .where(_groups.c.group_id.in_([group_id for group_id, *_ in results]))
+                select(_groups.c.group_id, _groups.c.node_id, _groups.c.state, _groups.c.submission_id,
+                       _groups.c.num_tokens)
+                .where(_groups.c.group_id.in_([result.group_id for result in results]))
             ).all()
-            groups = {row.group_id: (row.node_id, GroupState(row.state)) for row in rows}
-            outcomes: dict[int, tuple[ValidationResult, NodeRecord]] = {}
-            waiting = [i for i, (group_id, *_) in enumerate(results)
-                       if groups.get(group_id, (None, None))[1] is GroupState.PENDING_VALIDATION]
-            for index in sorted(waiting, key=lambda i: (groups[results[i][0]][0], results[i][0])):
-                group_id, passed, check_name, evidence_json = results[index]
-                node_id, state = groups[group_id]
-                if state is not GroupState.PENDING_VALIDATION:
-                    continue  # listed twice: recorded once
-                groups[group_id] = (node_id, GroupState.READY if passed else GroupState.REJECTED)
-                result = self._insert_validation(connection, group_id, node_id, state, passed, check_name,
-                                                 evidence_json, now_ms)
-                outcomes[index] = (result, self._count_full_check(connection, node_id, passed))
+            groups = {row.group_id: row for row in rows}
+            first_listed = {result.group_id: i for i, result in reversed(list(enumerate(results)))}
+            waiting = [i for i, result in enumerate(results) if first_listed[result.group_id] == i
+                       and result.group_id in groups
+                       and GroupState(groups[result.group_id].state) is GroupState.PENDING_VALIDATION]
+            order = sorted(waiting, key=lambda i: (groups[results[i].group_id].node_id, results[i].passed,
+                                                   results[i].group_id))
+            nodes: dict[str, NodeRecord] = {}
+            for node_id in sorted({groups[results[i].group_id].node_id for i in waiting}):
+                nodes[node_id] = self._get_node(connection, node_id, for_update=True)
+            caught: set[str] = set()
+            window_passed: dict[str, int] = {}  # node -> the result whose window verdict passed
+            outcomes: dict[int, ValidationOutcome] = {}
+            for index in order:
+                result = results[index]
+                group = groups[result.group_id]
+                if group.node_id in caught:
+                    continue  # quarantined by its node's failure just now
+                if result.passed:
+                    outcomes[index] = self._record_pass(connection, result, group, nodes, probation_tokens > 0,
+                                                        now_ms)
+                    if result.window_verdict:
+                        window_passed[group.node_id] = index
+                else:
+                    caught.add(group.node_id)
+                    outcomes[index] = self._record_failure(connection, result, group, nodes, max_strikes, now_ms)
+            for node_id, index in window_passed.items():
+                node = nodes[node_id]
+                if (node_id in caught or not node.on_probation
+                        or node.num_checked_tokens - node.probation_start_tokens < probation_tokens):
+                    continue
+                num_released = connection.execute(
+                    update(_groups)
+                    .where(_groups.c.node_id == node_id, _groups.c.state == GroupState.PROBATION.value)
+                    .values(state=GroupState.READY.value, updated_ms=now_ms)
+                ).rowcount
+                nodes[node_id] = self._set_node(connection, node_id, on_probation=False)
+                outcomes[index] = dataclasses.replace(outcomes[index], node=nodes[node_id],
+                                                      probation_ended=num_released)
             return [outcomes.get(index) for index in range(len(results))]
+
+    def _record_pass(self, connection: Connection, result: NewValidation, group: Row[Any],
+                     nodes: dict[str, NodeRecord], hold: bool, now_ms: int) -> ValidationOutcome:
+        node = nodes[group.node_id]
+        if result.suspect and not node.on_probation:
+            if hold:
+                connection.execute(
+                    update(_groups)
+                    .where(_groups.c.node_id == node.node_id, _groups.c.state == GroupState.READY.value)
+                    .values(state=GroupState.PROBATION.value, updated_ms=now_ms)
+                )
+            node = self._set_node(connection, node.node_id, on_probation=True,
+                                  probation_start_tokens=node.num_checked_tokens)
+        validation = self._insert_validation(
+            connection, result.group_id, node.node_id, GroupState.PENDING_VALIDATION, True, result.check_name,
+            result.evidence_json, now_ms,
+            target=GroupState.PROBATION if node.on_probation and hold else GroupState.READY)
+        num_passed = node.num_full_checks_passed + 1
+        node = self._set_node(connection, node.node_id, num_full_checks_passed=num_passed,
+                              num_checked_tokens=node.num_checked_tokens + group.num_tokens,
+                              reputation=reputation(num_passed, node.num_strikes))
+        nodes[node.node_id] = node
+        return ValidationOutcome(validation, node)
+
+    def _record_failure(self, connection: Connection, result: NewValidation, group: Row[Any],
+                        nodes: dict[str, NodeRecord], max_strikes: int, now_ms: int) -> ValidationOutcome:
+        node = nodes[group.node_id]
+        failed_before = connection.execute(
+            select(func.count()).select_from(_validations)
+            .join(_groups, _groups.c.group_id == _validations.c.group_id)
+            .where(_groups.c.submission_id == group.submission_id, _validations.c.passed.is_(False))
+        ).scalar_one()
+        num_consumed = connection.execute(
+            select(func.count()).select_from(_consumptions)
+            .join(_groups, _groups.c.group_id == _consumptions.c.group_id)
+            .where(_groups.c.node_id == node.node_id)
+        ).scalar_one()
+        validation = self._insert_validation(
+            connection, result.group_id, node.node_id, GroupState.PENDING_VALIDATION, False, result.check_name,
+            result.evidence_json, now_ms, num_groups_consumed=num_consumed)
+        # Verified groups go too: a statistical check (a pooled commitment, a node's window) passes
+        # many groups of a node that deviates a little, and a cheater may mix in honest groups.
+        quarantine_sources = [source.value for source in GROUP_STATE_SOURCES[GroupState.QUARANTINED]]
+        num_quarantined = connection.execute(
+            update(_groups)
+            .where(_groups.c.node_id == node.node_id, _groups.c.state.in_(quarantine_sources))
+            .values(state=GroupState.QUARANTINED.value, updated_ms=now_ms)
+        ).rowcount
+        num_voided = self._void_unsettled(connection, node.node_id)
+        struck = failed_before == 0
+        num_strikes = node.num_strikes + struck
+        banned_now = num_strikes >= max_strikes and not node.banned
+        values: dict[str, Any] = {}
+        if banned_now:
+            values = {"banned": True, "ban_reason": f"failed {num_strikes} full checks; last: {result.check_name}"}
+        node = self._set_node(
+            connection, node.node_id, num_full_checks_failed=node.num_full_checks_failed + 1,
+            num_strikes=num_strikes, reputation=reputation(node.num_full_checks_passed, num_strikes),
+            on_probation=True, probation_start_tokens=node.num_checked_tokens, **values)
+        nodes[node.node_id] = node
+        return ValidationOutcome(validation, node, struck, num_quarantined, num_voided, banned_now)
 
     def add_node_chunks(
         self, groups: Sequence[tuple[str, Sequence[ChunkStats]]], window_size: int
@@ -1328,9 +1675,66 @@ class Store:
                 windows.append(ChunkWindow(node_id, int(sums[0]), int(sums[1]), float(sums[2]), int(sums[3])))
             return windows
 
+    # ---- node token windows ----
+
+    def add_node_tokens(
+        self, groups: Sequence[tuple[str, TokenStats]], window_tokens: int
+    ) -> list[TokenWindow | None]:
+        """Add the token statistics of groups still pending validation to their nodes' windows, each
+        node keeping its newest groups that cover window_tokens tokens, in one transaction. Per group,
+        in input order: its node's window right after the group joined it; None for a group that no
+        longer waits, or that was added before (a verdict reported again adds nothing)."""
+        with self._write() as connection:
+            rows = connection.execute(
+                select(_groups.c.group_id, _groups.c.node_id, _groups.c.state)
+                .where(_groups.c.group_id.in_([group_id for group_id, _ in groups]))
+            ).all()
+            pending = {row.group_id: row.node_id for row in rows
+                       if GroupState(row.state) is GroupState.PENDING_VALIDATION}
+            added = set(connection.execute(
+                select(_node_tokens.c.group_id).where(_node_tokens.c.group_id.in_(list(pending)))
+            ).scalars())
+            for node_id in sorted({pending[group_id] for group_id, _ in groups if group_id in pending}):
+                self._get_node(connection, node_id, for_update=True)  # one writer per node's window
+            windows: list[TokenWindow | None] = []
+            for group_id, stats in groups:
+                if group_id not in pending or group_id in added:
+                    windows.append(None)
+                    continue
+                added.add(group_id)
+                node_id = pending[group_id]
+                connection.execute(insert(_node_tokens).values(
+                    node_id=node_id, group_id=group_id, **dataclasses.asdict(stats)))
+                newest = connection.execute(
+                    select(_node_tokens.c.id, _node_tokens.c.num_tokens).where(_node_tokens.c.node_id == node_id)
+                    .order_by(_node_tokens.c.id.desc())
+                ).all()
+                covered = list(itertools.accumulate(row.num_tokens for row in newest))
+                num_kept = bisect.bisect_left(covered, window_tokens) + 1
+                if num_kept < len(newest):
+                    connection.execute(delete(_node_tokens).where(
+                        _node_tokens.c.node_id == node_id, _node_tokens.c.id < newest[num_kept - 1].id))
+                windows.append(self._token_window(connection, node_id))
+            return windows
+
+    def node_token_window(self, node_id: str) -> TokenWindow:
+        """The sums over the node's window of fully checked groups (empty for a node without one)."""
+        with self._read() as connection:
+            return self._token_window(connection, node_id)
+
+    def _token_window(self, connection: Connection, node_id: str) -> TokenWindow:
+        fields = [getattr(_node_tokens.c, name) for name in TokenStats.__dataclass_fields__]
+        sums = connection.execute(
+            select(func.count(), *(func.coalesce(func.sum(column), 0) for column in fields))
+            .where(_node_tokens.c.node_id == node_id)
+        ).one()
+        return TokenWindow(node_id, int(sums[0]), TokenStats(*(
+            type(default)(value) for default, value in zip(dataclasses.astuple(TokenStats()), sums[1:]))))
+
     def _insert_validation(
         self, connection: Connection, group_id: str, node_id: str, state: GroupState, passed: bool,
-        check_name: str, evidence_json: str, now_ms: int,
+        check_name: str, evidence_json: str, now_ms: int, *, target: GroupState | None = None,
+        num_groups_consumed: int | None = None,
     ) -> ValidationResult:
         connection.execute(
             insert(_validations).values(
@@ -1340,16 +1744,17 @@ class Store:
                 check_name=check_name,
                 evidence_json=evidence_json,
                 created_ms=now_ms,
+                num_groups_consumed=num_groups_consumed,
             )
         )
-        target = GroupState.READY if passed else GroupState.REJECTED
+        target = target or (GroupState.READY if passed else GroupState.REJECTED)
         new_state = target if state in GROUP_STATE_SOURCES[target] else state
         connection.execute(
             update(_groups)
             .where(_groups.c.group_id == group_id)
             .values(state=new_state.value, verified=passed, updated_ms=now_ms)
         )
-        return ValidationResult(group_id, node_id, passed, check_name, evidence_json, now_ms)
+        return ValidationResult(group_id, node_id, passed, check_name, evidence_json, now_ms, num_groups_consumed)
 
     def list_validations(self, node_id: str, limit: int) -> list[ValidationResult]:
         """The node's newest full-check results first."""
@@ -1362,7 +1767,8 @@ class Store:
             )
             return [
                 ValidationResult(
-                    row.group_id, row.node_id, row.passed, row.check_name, row.evidence_json, row.created_ms
+                    row.group_id, row.node_id, row.passed, row.check_name, row.evidence_json, row.created_ms,
+                    row.num_groups_consumed,
                 )
                 for row in rows
             ]
@@ -1403,13 +1809,22 @@ class Store:
     # ---- trainer metrics ----
 
     def add_metrics(self, step: int, metrics_json: str, now_ms: int) -> None:
+        """The metrics of a trainer step; a step reported again (a trainer resumed from an earlier
+        checkpoint trains it anew) replaces its record."""
+        dialect_insert = postgresql_insert if self._write_engine.dialect.name == "postgresql" else sqlite_insert
+        statement = dialect_insert(_metrics).values(step=step, metrics_json=metrics_json, created_ms=now_ms)
         with self._write() as connection:
-            connection.execute(insert(_metrics).values(step=step, metrics_json=metrics_json, created_ms=now_ms))
+            connection.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[_metrics.c.step],
+                    set_={"metrics_json": statement.excluded.metrics_json, "created_ms": statement.excluded.created_ms},
+                )
+            )
 
     def list_metrics(self, limit: int) -> list[MetricsRecord]:
-        """The newest limit metrics records, in the order they were added."""
+        """The metrics records of the newest limit steps, by step."""
         with self._read() as connection:
-            rows = connection.execute(select(_metrics).order_by(_metrics.c.id.desc()).limit(limit)).all()
+            rows = connection.execute(select(_metrics).order_by(_metrics.c.step.desc()).limit(limit)).all()
             return [MetricsRecord(row.step, row.metrics_json, row.created_ms) for row in reversed(rows)]
 
     # ---- contribution ledger ----
@@ -1419,6 +1834,7 @@ class Store:
         waiting for, or failed, a full check. Returns how many entries settled."""
         unsettled_states = [
             GroupState.PENDING_VALIDATION.value,
+            GroupState.PROBATION.value,
             GroupState.QUARANTINED.value,
             GroupState.REJECTED.value,
         ]
@@ -1440,15 +1856,18 @@ class Store:
     def void_unsettled(self, node_id: str) -> int:
         """Void all the node's pending credit; returns how many entries were voided."""
         with self._write() as connection:
-            return connection.execute(
-                update(_contributions)
-                .where(
-                    _contributions.c.node_id == node_id,
-                    _contributions.c.settled.is_(False),
-                    _contributions.c.voided.is_(False),
-                )
-                .values(voided=True)
-            ).rowcount
+            return self._void_unsettled(connection, node_id)
+
+    def _void_unsettled(self, connection: Connection, node_id: str) -> int:
+        return connection.execute(
+            update(_contributions)
+            .where(
+                _contributions.c.node_id == node_id,
+                _contributions.c.settled.is_(False),
+                _contributions.c.voided.is_(False),
+            )
+            .values(voided=True)
+        ).rowcount
 
     def contribution_totals(self, node_id: str | None = None) -> list[ContributionTotals]:
         """Settled, pending and voided work per node (one node, or all with any entry)."""

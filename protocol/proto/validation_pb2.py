@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protocol.proto import rollout_pb2 as protocol_dot_proto_dot_rollout__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotocol/proto/validation.proto\x12\x0crollproof.v1\x1a\x1cprotocol/proto/rollout.proto\"\xdd\x01\n\rValidationJob\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.rollproof.v1.SamplingParams\x12\r\n\x05seeds\x18\x07 \x03(\x04\x12)\n\x05group\x18\x08 \x01(\x0b\x32\x1a.rollproof.v1.RolloutGroup\"A\n\x15TakeValidationRequest\x12\x14\n\x0cvalidator_id\x18\x01 \x01(\t\x12\x12\n\nmax_groups\x18\x02 \x01(\r\"P\n\x0eValidationWork\x12)\n\x04jobs\x18\x01 \x03(\x0b\x32\x1b.rollproof.v1.ValidationJob\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\x03\"_\n\x0f\x43hunkStatistics\x12\x1b\n\x13\x65xponent_mismatches\x18\x01 \x01(\r\x12\x1a\n\x12mantissa_error_sum\x18\x02 \x01(\x01\x12\x13\n\x0bnum_matched\x18\x03 \x01(\r\"\x8a\x01\n\x11ValidationVerdict\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\r\n\x05\x63heck\x18\x03 \x01(\t\x12\x15\n\revidence_json\x18\x04 \x01(\t\x12-\n\x06\x63hunks\x18\x05 \x03(\x0b\x32\x1d.rollproof.v1.ChunkStatistics\"b\n\x17ReportValidationRequest\x12\x14\n\x0cvalidator_id\x18\x01 \x01(\t\x12\x31\n\x08verdicts\x18\x02 \x03(\x0b\x32\x1f.rollproof.v1.ValidationVerdict\"D\n\x18ReportValidationResponse\x12\x13\n\x0bnum_applied\x18\x01 \x01(\r\x12\x13\n\x0bnum_ignored\x18\x02 \x01(\r2\xca\x01\n\x10ValidatorService\x12S\n\x0eTakeValidation\x12#.rollproof.v1.TakeValidationRequest\x1a\x1c.rollproof.v1.ValidationWork\x12\x61\n\x10ReportValidation\x12%.rollproof.v1.ReportValidationRequest\x1a&.rollproof.v1.ReportValidationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotocol/proto/validation.proto\x12\x0crollproof.v1\x1a\x1cprotocol/proto/rollout.proto\"\xdd\x01\n\rValidationJob\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x04\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.rollproof.v1.SamplingParams\x12\r\n\x05seeds\x18\x07 \x03(\x04\x12)\n\x05group\x18\x08 \x01(\x0b\x32\x1a.rollproof.v1.RolloutGroup\"A\n\x15TakeValidationRequest\x12\x14\n\x0cvalidator_id\x18\x01 \x01(\t\x12\x12\n\nmax_groups\x18\x02 \x01(\r\"P\n\x0eValidationWork\x12)\n\x04jobs\x18\x01 \x03(\x0b\x32\x1b.rollproof.v1.ValidationJob\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\x03\"_\n\x0f\x43hunkStatistics\x12\x1b\n\x13\x65xponent_mismatches\x18\x01 \x01(\r\x12\x1a\n\x12mantissa_error_sum\x18\x02 \x01(\x01\x12\x13\n\x0bnum_matched\x18\x03 \x01(\r\"\xa6\x02\n\x0fTokenStatistics\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x15\n\rnum_near_ties\x18\x02 \x01(\r\x12\x1e\n\x16num_directed_near_ties\x18\x03 \x01(\r\x12\x18\n\x10num_near_ties_up\x18\x04 \x01(\r\x12\x1e\n\x16num_near_ties_positive\x18\x05 \x01(\r\x12#\n\x1bnear_ties_positive_expected\x18\x06 \x01(\x01\x12#\n\x1bnear_ties_positive_variance\x18\x07 \x01(\x01\x12\x1d\n\x15logprob_advantage_sum\x18\x08 \x01(\x01\x12%\n\x1dlogprob_advantage_sum_squares\x18\t \x01(\x01\"\xb9\x01\n\x11ValidationVerdict\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\r\n\x05\x63heck\x18\x03 \x01(\t\x12\x15\n\revidence_json\x18\x04 \x01(\t\x12-\n\x06\x63hunks\x18\x05 \x03(\x0b\x32\x1d.rollproof.v1.ChunkStatistics\x12-\n\x06tokens\x18\x06 \x01(\x0b\x32\x1d.rollproof.v1.TokenStatistics\"b\n\x17ReportValidationRequest\x12\x14\n\x0cvalidator_id\x18\x01 \x01(\t\x12\x31\n\x08verdicts\x18\x02 \x03(\x0b\x32\x1f.rollproof.v1.ValidationVerdict\"D\n\x18ReportValidationResponse\x12\x13\n\x0bnum_applied\x18\x01 \x01(\r\x12\x13\n\x0bnum_ignored\x18\x02 \x01(\r2\xca\x01\n\x10ValidatorService\x12S\n\x0eTakeValidation\x12#.rollproof.v1.TakeValidationRequest\x1a\x1c.rollproof.v1.ValidationWork\x12\x61\n\x10ReportValidation\x12%.rollproof.v1.ReportValidationRequest\x1a&.rollproof.v1.ReportValidationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,12 +40,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VALIDATIONWORK']._serialized_end=450
   _globals['_CHUNKSTATISTICS']._serialized_start=452
   _globals['_CHUNKSTATISTICS']._serialized_end=547
-  _globals['_VALIDATIONVERDICT']._serialized_start=550
-  _globals['_VALIDATIONVERDICT']._serialized_end=688
-  _globals['_REPORTVALIDATIONREQUEST']._serialized_start=690
-  _globals['_REPORTVALIDATIONREQUEST']._serialized_end=788
-  _globals['_REPORTVALIDATIONRESPONSE']._serialized_start=790
-  _globals['_REPORTVALIDATIONRESPONSE']._serialized_end=858
-  _globals['_VALIDATORSERVICE']._serialized_start=861
-  _globals['_VALIDATORSERVICE']._serialized_end=1063
+  _globals['_TOKENSTATISTICS']._serialized_start=550
+  _globals['_TOKENSTATISTICS']._serialized_end=844
+  _globals['_VALIDATIONVERDICT']._serialized_start=847
+  _globals['_VALIDATIONVERDICT']._serialized_end=1032
+  _globals['_REPORTVALIDATIONREQUEST']._serialized_start=1034
+  _globals['_REPORTVALIDATIONREQUEST']._serialized_end=1132
+  _globals['_REPORTVALIDATIONRESPONSE']._serialized_start=1134
+  _globals['_REPORTVALIDATIONRESPONSE']._serialized_end=1202
+  _globals['_VALIDATORSERVICE']._serialized_start=1205
+  _globals['_VALIDATORSERVICE']._serialized_end=1407
 # @@protoc_insertion_point(module_scope)

@@ -153,6 +153,62 @@ class ChunkStatistics(_message.Message):
 Global___ChunkStatistics: _TypeAlias = ChunkStatistics  # noqa: Y015
 
 @_typing.final
+class TokenStatistics(_message.Message):
+    """A passed group's sampled-token statistics, in a form that sums across groups: the coordinator
+    pools each node's newest ones and tests them (coordinator/node_stats.py). The advantage of a
+    rollout is its reward, recomputed by the coordinator, minus its group's mean.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUM_TOKENS_FIELD_NUMBER: _builtins.int
+    NUM_NEAR_TIES_FIELD_NUMBER: _builtins.int
+    NUM_DIRECTED_NEAR_TIES_FIELD_NUMBER: _builtins.int
+    NUM_NEAR_TIES_UP_FIELD_NUMBER: _builtins.int
+    NUM_NEAR_TIES_POSITIVE_FIELD_NUMBER: _builtins.int
+    NEAR_TIES_POSITIVE_EXPECTED_FIELD_NUMBER: _builtins.int
+    NEAR_TIES_POSITIVE_VARIANCE_FIELD_NUMBER: _builtins.int
+    LOGPROB_ADVANTAGE_SUM_FIELD_NUMBER: _builtins.int
+    LOGPROB_ADVANTAGE_SUM_SQUARES_FIELD_NUMBER: _builtins.int
+    num_tokens: _builtins.int
+    """checked sampled tokens"""
+    num_near_ties: _builtins.int
+    """claimed token not the validator's choice, within tolerance"""
+    num_directed_near_ties: _builtins.int
+    """near-ties sampled at T > 0 (greedy ones have no direction)"""
+    num_near_ties_up: _builtins.int
+    """of those, the claimed token had the higher logit"""
+    num_near_ties_positive: _builtins.int
+    """near-ties in rollouts of positive advantage"""
+    near_ties_positive_expected: _builtins.float
+    """that count were near-ties spread evenly over the tokens of"""
+    near_ties_positive_variance: _builtins.float
+    """rollouts of nonzero advantage, and its variance"""
+    logprob_advantage_sum: _builtins.float
+    """sum over rollouts of advantage * T * mean(claimed - recomputed log-prob)"""
+    logprob_advantage_sum_squares: _builtins.float
+    def __init__(
+        self,
+        *,
+        num_tokens: _builtins.int = ...,
+        num_near_ties: _builtins.int = ...,
+        num_directed_near_ties: _builtins.int = ...,
+        num_near_ties_up: _builtins.int = ...,
+        num_near_ties_positive: _builtins.int = ...,
+        near_ties_positive_expected: _builtins.float = ...,
+        near_ties_positive_variance: _builtins.float = ...,
+        logprob_advantage_sum: _builtins.float = ...,
+        logprob_advantage_sum_squares: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob_advantage_sum", b"logprob_advantage_sum", "logprob_advantage_sum_squares", b"logprob_advantage_sum_squares", "near_ties_positive_expected", b"near_ties_positive_expected", "near_ties_positive_variance", b"near_ties_positive_variance", "num_directed_near_ties", b"num_directed_near_ties", "num_near_ties", b"num_near_ties", "num_near_ties_positive", b"num_near_ties_positive", "num_near_ties_up", b"num_near_ties_up", "num_tokens", b"num_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenStatistics: _TypeAlias = TokenStatistics  # noqa: Y015
+
+@_typing.final
 class ValidationVerdict(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -161,6 +217,7 @@ class ValidationVerdict(_message.Message):
     CHECK_FIELD_NUMBER: _builtins.int
     EVIDENCE_JSON_FIELD_NUMBER: _builtins.int
     CHUNKS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     group_id: _builtins.str
     passed: _builtins.bool
     check: _builtins.str
@@ -172,6 +229,10 @@ class ValidationVerdict(_message.Message):
         groups and validators, where a deviation too small for one group shows. Empty on a failure.
         """
 
+    @_builtins.property
+    def tokens(self) -> Global___TokenStatistics:
+        """a passed group's; unset on a failure"""
+
     def __init__(
         self,
         *,
@@ -180,10 +241,11 @@ class ValidationVerdict(_message.Message):
         check: _builtins.str = ...,
         evidence_json: _builtins.str = ...,
         chunks: _abc.Iterable[Global___ChunkStatistics] | None = ...,
+        tokens: Global___TokenStatistics | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "chunks", b"chunks", "evidence_json", b"evidence_json", "group_id", b"group_id", "passed", b"passed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "chunks", b"chunks", "evidence_json", b"evidence_json", "group_id", b"group_id", "passed", b"passed", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

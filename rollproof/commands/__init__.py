@@ -4,6 +4,7 @@ nothing heavy at module level (torch, transformers, grpc) so `--help` stays inst
 COMMAND_MODULES = [
     "rollproof.commands.version",
     "rollproof.commands.keygen",
+    "rollproof.commands.certs",
     "rollproof.commands.config",
     "rollproof.commands.bootstrap",
     "rollproof.commands.coordinator",

@@ -9,11 +9,18 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from protocol.tls import CoordinatorTls
 
 TOKEN_ENVIRONMENT_VARIABLE = "ROLLPROOF_OPERATOR_TOKEN"
+CA_ENVIRONMENT_VARIABLE = "ROLLPROOF_OPERATOR_COORDINATOR_CA"
+FINGERPRINT_ENVIRONMENT_VARIABLE = "ROLLPROOF_OPERATOR_COORDINATOR_FINGERPRINT"
 DEFAULT_COORDINATOR = "127.0.0.1:7470"
 TIMEOUT_S = 30.0
+NUM_ATTEMPTS = 4  # an operator at a terminal waits seconds for a coordinator that is restarting, not forever
 
 
 class OperatorTokenMissingError(ValueError):
@@ -52,7 +59,31 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--coordinator", default=DEFAULT_COORDINATOR, help=f"coordinator gRPC address HOST:PORT (default {DEFAULT_COORDINATOR})"
     )
     parser.add_argument("--token", help=f"operator token (default: ${TOKEN_ENVIRONMENT_VARIABLE})")
+    add_tls_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--coordinator-ca", type=Path,
+        help="PEM file of the CA (or self-signed certificate) of the coordinator's TLS "
+             f"(default: ${CA_ENVIRONMENT_VARIABLE})",
+    )
+    parser.add_argument(
+        "--coordinator-fingerprint",
+        help="pinned SHA-256 fingerprint of the coordinator's TLS certificate "
+             f"(default: ${FINGERPRINT_ENVIRONMENT_VARIABLE})",
+    )
+
+
+def coordinator_tls(args: argparse.Namespace) -> CoordinatorTls:
+    """The flags when either is given, else the environment; neither: plaintext, loopback only."""
+    from protocol.tls import CoordinatorTls
+
+    if args.coordinator_ca is None and not args.coordinator_fingerprint:
+        ca_file = os.environ.get(CA_ENVIRONMENT_VARIABLE, "")
+        return CoordinatorTls(Path(ca_file) if ca_file else None, os.environ.get(FINGERPRINT_ENVIRONMENT_VARIABLE, ""))
+    return CoordinatorTls(args.coordinator_ca, args.coordinator_fingerprint or "")
 
 
 def operator_token(args: argparse.Namespace) -> str:
@@ -74,13 +105,19 @@ def call(args: argparse.Namespace, method: str, request: Any) -> Any:
     """Call AdminService.method with the operator token; coordinator errors become AdminRequestError."""
     import grpc
 
+    from protocol.channel import open_channel
     from protocol.proto import service_pb2_grpc
+    from protocol.retry import RetryPolicy, call_with_retry
 
     token = operator_token(args)
-    with grpc.insecure_channel(args.coordinator) as channel:
+    with open_channel(args.coordinator, coordinator_tls(args)) as channel:
         stub = service_pb2_grpc.AdminServiceStub(channel)
         try:
-            return getattr(stub, method)(request, metadata=(("authorization", f"Bearer {token}"),), timeout=TIMEOUT_S)
+            return call_with_retry(
+                lambda: getattr(stub, method)(request, metadata=(("authorization", f"Bearer {token}"),),
+                                              timeout=TIMEOUT_S),
+                address=args.coordinator, what=method, policy=RetryPolicy(max_backoff_s=4.0, max_attempts=NUM_ATTEMPTS),
+            )
         except grpc.RpcError as error:
             code = error.code()
             if code == grpc.StatusCode.UNAVAILABLE:

@@ -12,6 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = actions.add_parser("run", help="run the worker daemon against a coordinator")
     add_config_arguments(run)
     run.add_argument("--coordinator", help="coordinator gRPC address HOST:PORT")
+    run.add_argument("--coordinator-ca", type=Path, help="PEM file of the CA (or self-signed certificate) of the coordinator's TLS")
+    run.add_argument("--coordinator-fingerprint", help="SHA-256 fingerprint of the coordinator's TLS certificate (pinned)")
     run.add_argument("--model", type=Path, required=True, help="model directory (config and tokenizer of the run's model)")
     run.add_argument("--state-dir", type=Path, help="key, spool and status (default ~/.rollproof/node)")
     run.add_argument("--trainer-key-fingerprint", help="key id of the trainer key to trust")
@@ -37,6 +39,8 @@ def run_node(args: argparse.Namespace) -> int:
         args,
         {
             "coordinator": args.coordinator,
+            "coordinator_ca": args.coordinator_ca,
+            "coordinator_fingerprint": args.coordinator_fingerprint,
             "state_dir": args.state_dir,
             "trainer_key_fingerprint": args.trainer_key_fingerprint,
             "engine.threads": args.threads,

@@ -12,6 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = actions.add_parser("run", help="train on accepted groups and publish signed policy versions")
     add_config_arguments(run)
     run.add_argument("--coordinator", help="coordinator gRPC address HOST:PORT")
+    run.add_argument("--coordinator-ca", type=Path, help="PEM file of the CA (or self-signed certificate) of the coordinator's TLS")
+    run.add_argument("--coordinator-fingerprint", help="SHA-256 fingerprint of the coordinator's TLS certificate (pinned)")
     run.add_argument("--model", type=Path, help="initial model directory")
     run.add_argument("--data-dir", type=Path, help="key, checkpoints, metrics (default ~/.rollproof/trainer)")
     run.add_argument("--max-steps", type=int, help="stop after this many steps (0: run until stopped)")
@@ -41,7 +43,14 @@ def run_trainer(args: argparse.Namespace) -> int:
     config = load_role_config(
         "trainer",
         args,
-        {"coordinator": args.coordinator, "model": args.model, "data_dir": args.data_dir, "max_steps": args.max_steps},
+        {
+            "coordinator": args.coordinator,
+            "coordinator_ca": args.coordinator_ca,
+            "coordinator_fingerprint": args.coordinator_fingerprint,
+            "model": args.model,
+            "data_dir": args.data_dir,
+            "max_steps": args.max_steps,
+        },
     )
     trainer = Trainer(config, resume=args.resume)
     for signum in (signal.SIGTERM, signal.SIGINT):

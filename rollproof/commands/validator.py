@@ -8,7 +8,12 @@ import os
 import socket
 from pathlib import Path
 
-from rollproof.commands.admin import DEFAULT_COORDINATOR, operator_token
+from rollproof.commands.admin import (
+    DEFAULT_COORDINATOR,
+    add_tls_arguments,
+    coordinator_tls,
+    operator_token,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--coordinator", default=DEFAULT_COORDINATOR,
                      help=f"coordinator gRPC address HOST:PORT (default {DEFAULT_COORDINATOR})")
     run.add_argument("--token", help="operator token (default: $ROLLPROOF_OPERATOR_TOKEN)")
+    add_tls_arguments(run)
     run.add_argument("--model", type=Path, required=True,
                      help="the run's model directory (its config and tokenizer; weights come from the coordinator)")
     run.add_argument("--id", dest="validator_id", help="name shown in the coordinator's log (default HOST-PID)")
@@ -39,6 +45,7 @@ def run_validator(args: argparse.Namespace) -> int:
         validator_id=args.validator_id or f"{socket.gethostname()}-{os.getpid()}",
         max_groups=args.max_groups,
         device=args.device,
+        tls=coordinator_tls(args),
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -9,13 +9,20 @@ import dataclasses
 import json
 import time
 
+import numpy as np
+
 from envs import get_task
+from envs.base import Split
 from node.client import CoordinatorClient
 from node.generate import generate_batch
-from protocol import convert
+from policy.prefill import prefill
+from policy.scoring import completion_text
+from protocol import commitment, convert
+from protocol import sampling as rule
 from protocol.identity import Identity
 from protocol.proto import service_pb2
-from protocol.types import RejectReason, RolloutBatch, WorkLease
+from protocol.sampling import derive_sample_seed
+from protocol.types import FinishReason, RejectReason, Rollout, RolloutBatch, RolloutGroup, WorkLease
 from tests.integration.cluster import Cluster
 
 # Attack name → how far past its bound it landed; written to artifacts/ at the end of the session.
@@ -28,7 +35,7 @@ class Attacker:
 
         self.cluster = cluster
         self.identity = Identity.generate()
-        self.client = CoordinatorClient(cluster.address, self.identity)
+        self.client = CoordinatorClient(cluster.address, self.identity, tls=cluster.coordinator_tls)
         self.tokenizer = tokenizer
         self.engine = TorchEngine(model, stop_token_ids={tokenizer.eos_token_id})
         self.engine_name = engine_name
@@ -41,7 +48,7 @@ class Attacker:
 
     async def lease(self) -> WorkLease:
         reply = await self.client.lease(self.run_info.latest_policy_version)
-        assert reply.HasField("lease"), "no lease"
+        assert reply.HasField("lease"), f"no lease: {reply.wait_reason}"
         return convert.lease_from_proto(reply.lease)
 
     def generate(self, lease: WorkLease, engine=None) -> RolloutBatch:
@@ -96,3 +103,61 @@ def trainable_groups(cluster: Cluster, node_id: str) -> int:
 
 def run(coroutine):
     return asyncio.run(coroutine)
+
+
+def rebuilt_batch(attacker: Attacker, model, lease: WorkLease, completions: list[list[tuple[int, ...]]]) -> RolloutBatch:
+    """A batch of whatever completions the attacker chose (one list per leased prompt), dressed as an
+    honest node would report them under the lease: log-probabilities and activation commitment from a
+    prefill on its own model, finish reasons from the last token, rewards from the task's verifier."""
+
+    eos = attacker.tokenizer.eos_token_id
+    groups = []
+    for position, (prompt, tokens_of_group) in enumerate(zip(lease.prompts, completions)):
+        problem = attacker.task.problem(Split.TRAIN, attacker.run_info.run_seed, prompt.prompt_index)
+        outputs = prefill(model, [(prompt.prompt_token_ids, tokens) for tokens in tokens_of_group])
+        rollouts = []
+        for sample_index, (tokens, output) in enumerate(zip(tokens_of_group, outputs)):
+            seed = derive_sample_seed(lease.sampling_seed, position, sample_index)
+            logprobs = rule.check_tokens(output.logits, np.array(tokens), np.uint64(seed),
+                                         np.arange(len(tokens), dtype=np.uint64), lease.sampling).logprobs
+            rollouts.append(Rollout(
+                sample_index=sample_index, token_ids=tuple(tokens), sampled_mask=(True,) * len(tokens),
+                logprobs=tuple(float(x) for x in logprobs), commitment=commitment.commit(output.hidden_bits),
+                finish_reason=FinishReason.STOP if tokens[-1] == eos else FinishReason.LENGTH,
+                claimed_reward=attacker.task.reward(problem, completion_text(attacker.tokenizer, tokens))))
+        groups.append(RolloutGroup(prompt.prompt_index, tuple(rollouts)))
+    return RolloutBatch(lease_id=lease.lease_id, policy_version=lease.policy_version, groups=tuple(groups),
+                        engine=attacker.engine_name)
+
+
+def careful_completions(attacker: Attacker, model, lease: WorkLease, tolerance: float, pick
+                        ) -> list[list[tuple[int, ...]]]:
+    """Completions under the lease's seeded rule, except that where a runner-up scores within
+    `tolerance` (in scaled logits) of the rule's token, `pick` may take it: a cheat that never strays
+    past what a bf16 validator forgives as a near-tie. pick(near, choice, logits, noise, answer, step)
+    gets the token ids within tolerance, the rule's token, the logits and Gumbel noise of the position,
+    the prompt's reference answer and the position; it returns a token of `near`."""
+    params = lease.sampling
+    eos = attacker.tokenizer.eos_token_id
+    rows = [(position, sample_index) for position in range(len(lease.prompts)) for sample_index in range(lease.group_size)]
+    answers = [attacker.task.problem(Split.TRAIN, attacker.run_info.run_seed, prompt.prompt_index).answer
+               for prompt in lease.prompts]
+    tokens: list[list[int]] = [[] for _ in rows]
+    for step in range(params.max_tokens):
+        active = [i for i, t in enumerate(tokens) if not t or (t[-1] != eos and len(t) < params.max_tokens)]
+        if not active:
+            break
+        outputs = prefill(model, [(lease.prompts[rows[i][0]].prompt_token_ids, (*tokens[i], 0)) for i in active])
+        for i, output in zip(active, outputs):
+            position, sample_index = rows[i]
+            seed = np.uint64(derive_sample_seed(lease.sampling_seed, position, sample_index))
+            logits = output.logits[-1:]
+            scaled = logits * rule.inverse_temperature(params.temperature)
+            allowed = scaled >= rule.filter_threshold(scaled, params.top_k, params.top_p)[:, None]
+            noise = rule.gumbel_noise(np.array([seed]), np.array([step], dtype=np.uint64), logits.shape[1])
+            scores = np.where(allowed, scaled + noise, -np.inf)[0]
+            choice = int(scores.argmax())
+            near = np.flatnonzero(scores >= scores[choice] - tolerance)
+            tokens[i].append(int(pick(near, choice, logits[0], noise[0], answers[position], step)))
+    return [[tuple(tokens[position * lease.group_size + s]) for s in range(lease.group_size)]
+            for position in range(len(lease.prompts))]

@@ -442,7 +442,7 @@ def test_7_older_policy_claimed_as_current(cluster, trusted):
     from trainer.publish import PolicyPublisher
 
     model, tokenizer = trusted
-    client = TrainerClient(cluster.address, cluster.trainer_identity)
+    client = TrainerClient(cluster.address, cluster.trainer_identity, tls=cluster.coordinator_tls)
     publisher = PolicyPublisher(cluster.trainer_identity, "demo", client)
     publisher.resume(1, export_bf16_state(model))
     publisher.publish_model(2, perturbed(model, 1.02))

@@ -1,5 +1,6 @@
 """Real processes on loopback for integration tests: a coordinator, nodes, a trainer.
-Every process is started with the real CLI and stopped by its pid."""
+Every process is started with the real CLI and stopped by its pid. gRPC runs over TLS, with a
+self-signed certificate that every client of the cluster trusts."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
+from protocol.channel import open_channel
 from protocol.identity import Identity
+from protocol.tls import CoordinatorTls, make_self_signed_pair
+from rollproof.commands.admin import CA_ENVIRONMENT_VARIABLE
 
 OPERATOR_TOKEN = "test-operator-token"
 
@@ -67,6 +73,22 @@ class Cluster:
     grpc_port: int = field(default_factory=free_port)
     processes: list[Process] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.certificate_pair = make_self_signed_pair(self.root / "tls", overwrite=True)
+
+    @property
+    def coordinator_tls(self) -> CoordinatorTls:
+        return CoordinatorTls(ca_file=self.certificate_pair.certificate_file)
+
+    def channel(self) -> grpc.Channel:
+        return open_channel(self.address, self.coordinator_tls)
+
+    def tls_environment(self) -> dict[str, str]:
+        """Every client role spawned (node, trainer, validator, admin) trusts the cluster's certificate."""
+        ca_file = str(self.certificate_pair.certificate_file)
+        return {"ROLLPROOF_NODE_COORDINATOR_CA": ca_file, "ROLLPROOF_TRAINER_COORDINATOR_CA": ca_file,
+                CA_ENVIRONMENT_VARIABLE: ca_file}
+
     @property
     def coordinator_dir(self) -> Path:
         return self.root / "coordinator"
@@ -86,7 +108,7 @@ class Cluster:
             [sys.executable, *launcher, "-m", "rollproof.cli", *args],
             stdout=handle,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.tls_environment(), **(env or {})},
             start_new_session=True,
         )
         handle.close()
@@ -106,6 +128,8 @@ class Cluster:
                 "--grpc-port", str(self.grpc_port),
                 "--http-port", "0",
                 "--trainer-key-fingerprint", self.trainer_identity.key_id,
+                "--set", f"server.tls_cert={self.certificate_pair.certificate_file}",
+                "--set", f"server.tls_key={self.certificate_pair.key_file}",
                 *extra,
             ],
             env={"ROLLPROOF_COORDINATOR_OPERATOR_TOKEN": OPERATOR_TOKEN},

@@ -31,7 +31,7 @@ def cluster(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="module")
 def node_id(cluster) -> str:
     async def register() -> str:
-        client = CoordinatorClient(cluster.address, Identity.generate())
+        client = CoordinatorClient(cluster.address, Identity.generate(), tls=cluster.coordinator_tls)
         reply = await client.register(service_pb2.RegisterRequest(display_name=NODE_NAME, engine="torch"))
         await client.close()
         return reply.node_id
@@ -44,7 +44,8 @@ def admin(cluster: Cluster, *args: str, token: str | None = None) -> subprocess.
     if token is not None:
         env["ROLLPROOF_OPERATOR_TOKEN"] = token
     return subprocess.run(
-        [sys.executable, "-m", "rollproof.cli", "admin", *args, "--coordinator", cluster.address],
+        [sys.executable, "-m", "rollproof.cli", "admin", *args, "--coordinator", cluster.address,
+         "--coordinator-ca", str(cluster.certificate_pair.certificate_file)],
         capture_output=True, text=True, env=env, timeout=60,
     )
 
@@ -62,7 +63,7 @@ def test_admin_commands_are_refused_without_the_operator_token(cluster, node_id)
         assert wrong.returncode == 2 and "UNAUTHENTICATED" in wrong.stderr, (action, wrong.stderr)
     assert dashboard_state(cluster, node_id) == "online"
 
-    with grpc.insecure_channel(cluster.address) as channel:
+    with cluster.channel() as channel:
         stub = service_pb2_grpc.AdminServiceStub(channel)
         with pytest.raises(grpc.RpcError) as refused:
             stub.BanNode(service_pb2.BanRequest(node_id=node_id, reason="no token"), timeout=10)

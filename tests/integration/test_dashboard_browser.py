@@ -53,7 +53,7 @@ def submit_inflated_reward(cluster: Cluster, model_dir: Path) -> str:
     engine = TorchEngine(load_model(model_dir), stop_token_ids={tokenizer.eos_token_id})
 
     async def scenario() -> str:
-        client = CoordinatorClient(cluster.address, Identity.generate())
+        client = CoordinatorClient(cluster.address, Identity.generate(), tls=cluster.coordinator_tls)
         try:
             run_info = await client.run_info()
             registered = await client.register(service_pb2.RegisterRequest(display_name=CHEATER_NAME, engine="torch"))

@@ -26,7 +26,7 @@ def test_nodes_follow_the_policy_through_the_peer_network(tmp_path, tiny_model):
                  120, "accepted rollouts")
 
         model = load_model(tiny_model)
-        client = TrainerClient(cluster.address, cluster.trainer_identity)
+        client = TrainerClient(cluster.address, cluster.trainer_identity, tls=cluster.coordinator_tls)
         publisher = PolicyPublisher(cluster.trainer_identity, "demo", client)
         publisher.resume(1, export_bf16_state(model))
         publisher.publish_model(2, perturbed(model, 1.02))

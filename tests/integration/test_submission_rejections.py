@@ -17,7 +17,9 @@ from protocol.proto import service_pb2
 from protocol.types import RejectReason, RolloutBatch
 from tests.integration.cluster import Cluster
 
-LEASE_DEADLINE_S = 3
+# Long enough for a lease, generate and submit on a loaded 2-core machine; the late-submission case
+# sleeps through it.
+LEASE_DEADLINE_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def engine(tiny_model):
 
 class Node:
     def __init__(self, cluster, engine):
-        self.client = CoordinatorClient(cluster.address, Identity.generate())
+        self.client = CoordinatorClient(cluster.address, Identity.generate(), tls=cluster.coordinator_tls)
         self.engine, self.tokenizer = engine
 
     async def start(self):

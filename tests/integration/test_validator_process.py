@@ -23,6 +23,7 @@ def cluster(tmp_path, tiny_model):
         "--set", "validation.in_process=false",
         "--set", f"validation.lease_s={LEASE_S}",
         "--set", "validation.num_initial_checks=1000000",
+        "--set", "validation.probation_tokens=0",  # a passed group is trainable at once
         "--set", "run.prompts_per_lease=2",
         "--set", "run.group_size=4",
         "--set", "run.sampling.max_tokens=24",
@@ -74,7 +75,7 @@ def test_a_validator_process_checks_groups_and_the_coordinator_applies_its_verdi
     assert pending(cluster) == 4  # nothing validates inside this coordinator
 
     # A validator takes every group and dies without reporting: the groups wait for its lease.
-    with grpc.insecure_channel(cluster.address) as channel:
+    with cluster.channel() as channel:
         taken = validation_pb2_grpc.ValidatorServiceStub(channel).TakeValidation(
             validation_pb2.TakeValidationRequest(validator_id="dead", max_groups=64),
             metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),), timeout=30)
@@ -83,7 +84,7 @@ def test_a_validator_process_checks_groups_and_the_coordinator_applies_its_verdi
         validation_pb2.ValidationVerdict(group_id=taken.jobs[0].group_id, passed=True, check="all",
                                          chunks=[validation_pb2.ChunkStatistics(mantissa_error_sum=float("nan"))]),
     ])
-    with grpc.insecure_channel(cluster.address) as channel, pytest.raises(grpc.RpcError) as refused:
+    with cluster.channel() as channel, pytest.raises(grpc.RpcError) as refused:
         validation_pb2_grpc.ValidatorServiceStub(channel).ReportValidation(
             malformed, metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),), timeout=30)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mantissa" in refused.value.details()

@@ -1,6 +1,7 @@
 """The activation commitment (protocol/commitment.py)."""
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -218,3 +219,47 @@ def test_pool_tolerates_one_exponent_flip_but_not_two():
         two_flips = commitment.pool([flipped] * 2 + [clean] * (num_chunks - 2))
         assert one_flip.passes(commitment.FP32_THRESHOLDS)
         assert not two_flips.passes(commitment.FP32_THRESHOLDS)
+        # over its bound, but an honest fp32 node shows two flips in 8 chunks (seen on the default
+        # path): doubt, never a strike
+        assert two_flips.judge(commitment.FP32_THRESHOLDS) is commitment.PoolVerdict.DOUBT
+
+
+def _naive_poisson_tail(count: int, mean: float) -> float:
+    return 1.0 - sum(math.exp(-mean) * mean**k / math.factorial(k) for k in range(count))
+
+
+@pytest.mark.parametrize("mean", [0.0, 0.16, 0.4, 1.0, 3.2, 12.8, 27.2])
+def test_poisson_tail_against_the_naive_sum(mean):
+    for count in range(60):
+        expected = _naive_poisson_tail(count, mean) if mean else float(count == 0)
+        got = commitment.poisson_tail(count, mean)
+        assert got == pytest.approx(expected, rel=1e-9, abs=1e-15), (count, mean)
+    assert commitment.poisson_tail(539, 435.2) == pytest.approx(8.73e-7, rel=0.01)  # far tail, summed upward
+
+
+def test_a_pool_fails_only_on_enough_evidence():
+    """PASS within the bounds; over them, FAIL only where an honest node reaches the count with
+    probability at most max_false_positive_rate (or its mantissa error is over its bound); DOUBT
+    between."""
+    fp32, bf16 = commitment.FP32_THRESHOLDS, commitment.Thresholds()
+
+    def pool(num_chunks: int, mismatches: int, mantissa: float = 0.0) -> commitment.PooledCheck:
+        return commitment.PooledCheck(num_chunks, mismatches / num_chunks, mantissa)
+
+    assert pool(8, 1).judge(fp32) is commitment.PoolVerdict.PASS
+    assert pool(8, 2).judge(fp32) is commitment.PoolVerdict.DOUBT  # the honest fp32 node of issue 16
+    assert pool(8, 6).judge(fp32) is commitment.PoolVerdict.DOUBT
+    assert pool(8, 7).judge(fp32) is commitment.PoolVerdict.FAIL
+    assert pool(8, 0, mantissa=0.03).judge(fp32) is commitment.PoolVerdict.FAIL
+    assert pool(4, 4, mantissa=0.5).judge(fp32) is commitment.PoolVerdict.PASS  # too few chunks to judge
+    assert pool(64, 15).judge(fp32) is commitment.PoolVerdict.DOUBT
+    assert pool(64, 16).judge(fp32) is commitment.PoolVerdict.FAIL
+    assert pool(16, 48).judge(bf16) is commitment.PoolVerdict.PASS
+    assert pool(16, 49).judge(bf16) is commitment.PoolVerdict.DOUBT
+    assert pool(16, 56).judge(bf16) is commitment.PoolVerdict.FAIL
+    assert pool(256, 769).judge(bf16) is commitment.PoolVerdict.FAIL  # 3.0 a chunk is far past 1.7
+    for num_chunks in (8, 16, 64, 256):
+        threshold = next(k for k in range(10_000) if commitment.poisson_tail(
+            k, fp32.honest_exponent_mismatches * num_chunks) <= fp32.max_false_positive_rate)
+        assert pool(num_chunks, max(threshold, 2)).judge(fp32) is commitment.PoolVerdict.FAIL
+        assert pool(num_chunks, threshold - 1).judge(fp32) is not commitment.PoolVerdict.FAIL

@@ -87,3 +87,26 @@ def test_operator_token_is_not_printed():
     config = load_config(CoordinatorConfig, "coordinator", environ={"ROLLPROOF_COORDINATOR_OPERATOR_TOKEN": "s3cret"})
     assert config.operator_token.get_secret_value() == "s3cret"
     assert "s3cret" not in config.model_dump_json()
+
+
+def test_tls_settings_parse():
+    coordinator = load_config(CoordinatorConfig, "coordinator", environ={}, overrides={
+        "server.tls_cert": "/etc/rollproof/coordinator.crt", "server.tls_key": "/etc/rollproof/coordinator.key",
+    })
+    assert coordinator.server.tls_cert == Path("/etc/rollproof/coordinator.crt")
+    node = load_config(NodeConfig, "node", environ={"ROLLPROOF_NODE_COORDINATOR_CA": "/etc/rollproof/ca.pem"})
+    assert node.coordinator_tls.ca_file == Path("/etc/rollproof/ca.pem")
+    fingerprint = "AB:" * 31 + "CD"
+    trainer = load_config(TrainerConfig, "trainer", environ={}, overrides={"coordinator_fingerprint": fingerprint})
+    assert trainer.coordinator_tls.fingerprint == "ab" * 31 + "cd"
+    assert not load_config(NodeConfig, "node", environ={}).coordinator_tls.enabled
+
+
+def test_bad_tls_settings_name_the_problem():
+    with pytest.raises(ConfigError, match="set server.tls_cert and server.tls_key together"):
+        load_config(CoordinatorConfig, "coordinator", environ={}, overrides={"server.tls_cert": "/tmp/c.pem"})
+    with pytest.raises(ConfigError, match="not a SHA-256 certificate fingerprint"):
+        load_config(NodeConfig, "node", environ={}, overrides={"coordinator_fingerprint": "abc"})
+    with pytest.raises(ConfigError, match="coordinator_ca or coordinator_fingerprint, not both"):
+        load_config(TrainerConfig, "trainer", environ={},
+                    overrides={"coordinator_ca": "/tmp/ca.pem", "coordinator_fingerprint": "ab" * 32})

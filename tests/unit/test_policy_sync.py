@@ -3,7 +3,7 @@ import asyncio
 import torch
 
 from coordinator.blobstore import BlobStore
-from node.policy_sync import PolicySync
+from node.policy_sync import REFUSED_UPDATE_BACKOFF, PolicySync
 from protocol import manifest
 from protocol.proto import service_pb2
 from tests.unit.test_weights import RUN, TRAINER, assert_model_holds, blob_map, tiny_qwen2, trainer_versions
@@ -61,3 +61,48 @@ def test_a_delta_against_other_contents_is_refused_when_the_node_state_is_intact
     assert not asyncio.run(sync.sync(direct))
     assert sync.version == 1 and "BaseStateMismatchError" in sync.last_error
     assert_model_holds(model, versions[0])
+
+
+class DeltaOnlyClient(StoreClient):
+    """A broken coordinator: every update path, the keyframe path too, is one delta whose base
+    the node does not hold. Counts the calls."""
+
+    def __init__(self, store: BlobStore, delta):
+        super().__init__(store)
+        self.delta = delta
+        self.num_update_path_calls = 0
+
+    async def update_path(self, from_version: int):
+        self.num_update_path_calls += 1
+        return [self.delta]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_missing_base_costs_a_bounded_number_of_calls_then_backs_off(tmp_path):
+    versions = trainer_versions(2)
+    store = BlobStore(tmp_path / "policy", run_id=RUN, trainer_public_key=TRAINER.public_key)
+    publisher = PolicyPublisher(TRAINER, RUN, store)
+    publisher.publish(1, versions[0])
+    publisher.publish(2, versions[1])
+    client = DeltaOnlyClient(store, store.signed_manifest(2, manifest.Codec.DELTA))
+    clock = FakeClock()
+    run_info = service_pb2.RunInfo(run_id=RUN, trainer_public_key=TRAINER.public_key)
+    sync = PolicySync(tiny_qwen2(seed=5), client, run_info, clock=clock)
+
+    for _ in range(100):
+        assert not asyncio.run(sync.sync(direct))
+    assert client.num_update_path_calls == 2  # the path, then the keyframe path once
+    assert "MissingBaseError" in sync.last_error and sync.version == 0
+
+    clock.now += REFUSED_UPDATE_BACKOFF.max_backoff_s
+    for _ in range(100):
+        asyncio.run(sync.sync(direct))
+    assert client.num_update_path_calls == 4
+    assert sync.num_refusals_in_row == 2

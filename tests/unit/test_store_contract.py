@@ -19,26 +19,31 @@ from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 
 from coordinator.store import (
+    SQLITE_FILE_NAME,
     ChunkStats,
     ChunkWindow,
     DuplicateRolloutError,
     GroupState,
     LeaseCapError,
+    LeaseCooldownError,
     LeaseRecord,
     LeaseState,
     Liveness,
     NewGroup,
     NewSubmission,
+    NewValidation,
     NewVerdict,
     NodeKeyMismatchError,
     PolicyVersionRecord,
     RejectionSource,
-    SQLITE_FILE_NAME,
     RequeuedPrompts,
     Store,
+    TokenStats,
+    TokenWindow,
     UnknownLeaseError,
     UnknownNodeError,
     VersionExistsError,
+    WalkAwayLimit,
     open_store,
     reputation,
     sqlite_url,
@@ -478,6 +483,8 @@ def test_no_group_is_consumed_twice(store: Store):
 
     outcome = store.mark_consumed([first, first], trainer_step=1, now_ms=T0 + 5)
     assert (outcome.consumed, outcome.already_consumed, outcome.refused) == ((first,), (), ())
+    resent = store.mark_consumed([first], trainer_step=1, now_ms=T0 + 5)  # the same ack, its reply lost
+    assert (resent.consumed, resent.already_consumed, resent.refused) == ((first,), (), ())
     outcome = store.mark_consumed([first, second, pending.groups[0].group_id, "unknown"], trainer_step=2, now_ms=T0 + 6)
     assert outcome.consumed == (second,)
     assert outcome.already_consumed == (first,)
@@ -598,29 +605,37 @@ def test_validation_jobs_and_results(store: Store):
 
 
 def test_record_validations_of_a_batch(store: Store):
-    _register(store)
+    for node_id in ("node-a", "node-b"):
+        _register(store, node_id)
     _, pending = _leased_submission(store, "node-a", b"batch-1", state=GroupState.PENDING_VALIDATION)
     _, ready = _leased_submission(store, "node-a", b"batch-2")
-    store.record_submission(pending)
-    store.record_submission(ready)
+    _, other = _leased_submission(store, "node-b", b"batch-3", state=GroupState.PENDING_VALIDATION)
+    for submission in (pending, ready, other):
+        store.record_submission(submission)
     first, second = (g.group_id for g in pending.groups)
+    failing, quarantined = (g.group_id for g in other.groups)
     outcomes = store.record_validations([
-        (first, True, "all", "{}"),
-        (ready.groups[0].group_id, True, "all", "{}"),  # not pending validation: skipped
-        (second, False, "sampling", '{"position": 3}'),
-        ("unknown", True, "all", "{}"),
-        (first, False, "all", "{}"),  # listed twice: recorded once, as first listed
-    ], T0 + 10)
-    assert [o is None for o in outcomes] == [False, True, False, True, True]
-    (passed, node_after_pass), (failed, node_after_fail) = outcomes[0], outcomes[2]
-    assert (passed.group_id, passed.passed, failed.check_name) == (first, True, "sampling")
-    assert node_after_fail.num_full_checks_passed == 1 and node_after_fail.num_strikes == 1
-    assert node_after_pass.num_full_checks_passed == 1
-    assert store.get_group(first).state is GroupState.READY and store.get_group(first).verified
-    assert store.get_group(second).state is GroupState.REJECTED
-    assert store.get_node("node-a").num_full_checks_failed == 1
-    assert sorted(v.check_name for v in store.list_validations("node-a", 10)) == ["all", "sampling"]
-    assert store.record_validations([], T0) == []
+        NewValidation(first, True, "all", "{}"),
+        NewValidation(ready.groups[0].group_id, True, "all", "{}"),  # not pending validation: skipped
+        NewValidation(quarantined, True, "all", "{}"),  # its node failed in this batch: quarantined first
+        NewValidation(failing, False, "sampling", '{"position": 3}'),
+        NewValidation("unknown", True, "all", "{}"),
+        NewValidation(first, False, "all", "{}"),  # listed twice: recorded once, its pass (node-a's first)
+        NewValidation(second, True, "all", "{}"),
+    ], T0 + 10, max_strikes=2, probation_tokens=10_000)
+    assert [o is None for o in outcomes] == [False, True, True, False, True, True, False]
+    passed, failed = outcomes[0], outcomes[3]
+    assert (passed.result.group_id, passed.result.passed, failed.result.check_name) == (first, True, "sampling")
+    assert failed.node.num_strikes == 1 and failed.struck and failed.num_quarantined == 1
+    assert outcomes[6].node.num_full_checks_passed == 2 and outcomes[6].node.num_checked_tokens == 200
+    # node-a is on probation (new): its passed groups are held, not ready
+    assert {store.get_group(g).state for g in (first, second)} == {GroupState.PROBATION}
+    assert store.get_group(first).verified
+    assert store.get_group(failing).state is GroupState.REJECTED
+    assert store.get_group(quarantined).state is GroupState.QUARANTINED
+    assert store.get_node("node-b").num_full_checks_failed == 1
+    assert sorted(v.check_name for v in store.list_validations("node-a", 10)) == ["all", "all"]
+    assert store.record_validations([], T0, max_strikes=2, probation_tokens=0) == []
 
 
 def test_node_chunk_windows_keep_each_nodes_newest_chunks_once(store: Store):
@@ -904,3 +919,292 @@ def test_a_failing_request_among_concurrent_ones_fails_alone(store: Store):
     assert {s.batch_hash for s in store.list_submissions("node-a", 100)} == {
         leased[index][1].batch_hash for index in range(NUM_THREADS) if index % 4 == 2
     }
+
+
+# ---- exactly-once resume (issue 17) ----
+
+
+def test_a_step_reported_again_replaces_its_metrics(store: Store):
+    for step in (1, 2, 3):
+        store.add_metrics(step, f'{{"run": "first", "step": {step}}}', T0 + step)
+    store.add_metrics(2, '{"run": "resumed", "step": 2}', T0 + 10)
+    store.add_metrics(2, '{"run": "resumed", "step": 2}', T0 + 11)
+    assert [(m.step, m.metrics_json, m.created_ms) for m in store.list_metrics(10)] == [
+        (1, '{"run": "first", "step": 1}', T0 + 1),
+        (2, '{"run": "resumed", "step": 2}', T0 + 11),
+        (3, '{"run": "first", "step": 3}', T0 + 3),
+    ]
+
+
+def test_a_trainer_resumed_at_step_zero_gets_back_every_consumed_group(store: Store):
+    _register(store)
+    _, first = _leased_submission(store, "node-a", b"batch-1")
+    _, second = _leased_submission(store, "node-a", b"batch-2")
+    store.record_submission(first)
+    store.record_submission(second)
+    group_ids = [g.group_id for g in first.groups + second.groups]
+    store.mark_consumed(group_ids[:2], trainer_step=1, now_ms=T0)
+    store.mark_consumed(group_ids[2:], trainer_step=2, now_ms=T0)
+
+    assert store.restore_consumed_after(0, T0 + 1) == len(group_ids)
+    assert store.list_consumptions() == []
+    assert all(store.get_group(g).state is GroupState.READY for g in group_ids)
+    assert store.restore_consumed_after(0, T0 + 2) == 0
+
+
+def test_the_migration_keeps_the_last_report_of_a_step_reported_twice(store_url: str):
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from coordinator.store.migrate import alembic_config
+    from coordinator.store.schema import TrainerMetrics
+
+    engine = create_engine(store_url)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0002")
+        connection.execute(insert(TrainerMetrics.__table__), [
+            {"step": step, "metrics_json": json, "created_ms": T0}
+            for step, json in [(1, '{"a": 1}'), (2, '{"a": 2}'), (2, '{"b": 2}'), (3, '{"a": 3}'), (2, '{"c": 2}')]
+        ])
+    engine.dispose()
+    upgraded = open_store(store_url)
+    assert [(m.step, m.metrics_json) for m in upgraded.list_metrics(10)] == [
+        (1, '{"a": 1}'), (2, '{"c": 2}'), (3, '{"a": 3}'),
+    ]
+    upgraded.close()
+
+
+# ---- verdicts: probation, one strike per submission, consequences in the verdict's transaction ----
+
+
+def _pending_submissions(store: Store, node_id: str, count: int, tag: str = "") -> list[list[str]]:
+    """count stored submissions of the node, two groups each, pending validation: their group ids."""
+    submissions = []
+    for i in range(count):
+        _, submission = _leased_submission(store, node_id, f"{node_id}-{tag}{i}".encode(),
+                                           state=GroupState.PENDING_VALIDATION)
+        store.record_submission(submission)
+        submissions.append([g.group_id for g in submission.groups])
+    return submissions
+
+
+def _record(store: Store, *results: NewValidation, now_ms: int = T0 + 10, max_strikes: int = 2,
+            probation_tokens: int = 300):
+    return store.record_validations(list(results), now_ms, max_strikes=max_strikes, probation_tokens=probation_tokens)
+
+
+def test_probation_holds_a_new_nodes_groups_until_a_passed_window_verdict_after_enough_tokens(store: Store):
+    _register(store)
+    assert store.get_node("node-a").on_probation  # a new node
+    (a1, a2), (b1, b2) = _pending_submissions(store, "node-a", 2)  # 100 tokens a group
+    _record(store, NewValidation(a1, True, "all", "{}", window_verdict=True))
+    assert store.get_group(a1).state is GroupState.PROBATION  # 100 tokens < 300: held
+    assert store.ready_groups(0, 10) == []
+    _record(store, NewValidation(a2, True, "all", "{}"), NewValidation(b1, True, "all", "{}"))
+    assert store.get_node("node-a").num_checked_tokens == 300
+    assert store.ready_groups(0, 10) == []  # enough tokens, but no node-level verdict yet
+    (outcome,) = _record(store, NewValidation(b2, True, "all", "{}", window_verdict=True))
+    assert outcome.probation_ended == 4 and not outcome.node.on_probation
+    assert {g.group_id for g in store.ready_groups(0, 10)} == {a1, a2, b1, b2}  # all at once
+    ((c1, _),) = _pending_submissions(store, "node-a", 1, tag="after")
+    _record(store, NewValidation(c1, True, "all", "{}"))
+    assert store.get_group(c1).state is GroupState.READY  # trusted now
+
+
+def test_probation_tokens_0_holds_nothing(store: Store):
+    _register(store)
+    ((a1, a2),) = _pending_submissions(store, "node-a", 1)
+    _record(store, NewValidation(a1, True, "all", "{}"), probation_tokens=0)
+    assert store.get_group(a1).state is GroupState.READY and store.get_node("node-a").on_probation
+    (outcome,) = _record(store, NewValidation(a2, True, "all", "{}", window_verdict=True), probation_tokens=0)
+    assert outcome.probation_ended == 0 and not outcome.node.on_probation
+
+
+def test_a_doubting_pass_puts_a_trusted_node_back_on_probation_and_holds_its_ready_groups(store: Store):
+    _register(store)
+    (a1, a2), (b1, b2) = _pending_submissions(store, "node-a", 2)
+    _record(store, NewValidation(a1, True, "all", "{}"), NewValidation(a2, True, "all", "{}"),
+            NewValidation(b1, True, "all", "{}", window_verdict=True), probation_tokens=0)
+    assert not store.get_node("node-a").on_probation
+    store.mark_consumed([a1], 1, T0)
+    (outcome,) = _record(store, NewValidation(b2, True, "commitment_pooled_doubt", "{}", suspect=True))
+    assert outcome.result.passed and outcome.node.on_probation and outcome.node.num_strikes == 0
+    assert outcome.node.probation_start_tokens == 300
+    states = {g: store.get_group(g).state for g in (a1, a2, b1, b2)}
+    assert states == {a1: GroupState.CONSUMED, a2: GroupState.PROBATION, b1: GroupState.PROBATION,
+                      b2: GroupState.PROBATION}
+    assert store.settle_contributions(T0 + 10**9) == 1  # only the consumed group's credit settles
+
+
+def test_a_node_caught_on_probation_has_none_of_its_groups_consumed(store: Store):
+    _register(store)
+    (a1, a2), (b1, b2) = _pending_submissions(store, "node-a", 2)
+    _record(store, NewValidation(a1, True, "all", "{}"), NewValidation(a2, True, "all", "{}"))
+    (outcome,) = _record(store, NewValidation(b1, False, "commitment_node_pooled", "{}"))
+    assert outcome.result.num_groups_consumed == 0 and outcome.num_quarantined == 3
+    assert store.list_validations("node-a", 1)[0].num_groups_consumed == 0
+    assert {store.get_group(g).state for g in (a1, a2, b2)} == {GroupState.QUARANTINED}
+    assert store.list_consumptions() == []
+
+
+def test_one_strike_per_failing_submission_whatever_the_batching_and_on_re_reports(store: Store):
+    for node_id in ("node-a", "node-b", "node-c"):
+        _register(store, node_id)
+    (a1, a2), = _pending_submissions(store, "node-a", 1)
+    (b1, b2), = _pending_submissions(store, "node-b", 1)
+    (c1, c2), = _pending_submissions(store, "node-c", 1)
+    # node-a: both bad groups in one report
+    outcomes = _record(store, NewValidation(a1, False, "sampling", "{}"), NewValidation(a2, False, "sampling", "{}"))
+    assert sum(o is not None and o.struck for o in outcomes) == 1
+    # node-b: one report each, the second again later (a re-report)
+    _record(store, NewValidation(b1, False, "sampling", "{}"))
+    for _ in range(2):
+        assert _record(store, NewValidation(b2, False, "sampling", "{}"), NewValidation(b1, False, "x", "{}")) == [
+            None, None]
+    # node-c: a failure recorded without its consequences leaves a sibling pending: still one strike
+    store.record_validation(c1, False, "sampling", "{}", T0)
+    (outcome,) = _record(store, NewValidation(c2, False, "sampling", "{}"))
+    assert not outcome.struck and outcome.node.num_full_checks_failed == 1
+    assert [store.get_node(n).num_strikes for n in ("node-a", "node-b", "node-c")] == [1, 1, 0]
+    assert not any(store.get_node(n).banned for n in ("node-a", "node-b", "node-c"))
+
+
+def test_ban_quarantine_and_voided_credit_are_written_with_the_verdict(store: Store):
+    _register(store)
+    (a1, _), (b1, b2), (c1, c2) = _pending_submissions(store, "node-a", 3)
+    _, ready = _leased_submission(store, "node-a", b"ready")
+    store.record_submission(ready)
+    (first,) = _record(store, NewValidation(a1, False, "sampling", "{}"))
+    assert first.struck and not first.banned_now and first.node.num_strikes == 1
+    assert first.num_quarantined == 7 and first.num_voided == 8  # every other group; all credit
+    assert {store.get_group(g).state for g in (b1, b2, c1, c2)} == {GroupState.QUARANTINED}
+    _, later = _leased_submission(store, "node-a", b"later", state=GroupState.PENDING_VALIDATION)
+    store.record_submission(later)
+    (second,) = _record(store, NewValidation(later.groups[0].group_id, False, "commitment", "{}"))
+    assert second.struck and second.banned_now and second.num_quarantined == 1 and second.num_voided == 2
+    node = store.get_node("node-a")
+    assert node.banned and node.num_strikes == 2 and "commitment" in node.ban_reason
+    totals = store.contribution_totals("node-a")[0]
+    assert totals.pending.num_entries == 0 and totals.settled.num_entries == 0
+
+
+# ---- walking away from leases ----
+
+WALKAWAY_LIMIT = WalkAwayLimit(window_leases=4, max_walkaways=1, cooldown_ms=10_000, max_strikes=2)
+
+
+def test_a_requeued_set_never_goes_back_to_a_node_that_held_it(store: Store):
+    for node_id in ("node-a", "node-b", "node-c"):
+        _register(store, node_id)
+    released = store.issue_lease("node-a", T0, 5, _fresh_factory("node-a", deadline_ms=1_000))
+    assert store.close_lease(released.lease_id, LeaseState.RELEASED, T0 + 1)
+    assert store.issue_lease("node-a", T0 + 2, 5, _fresh_factory("node-a")).lease_number == 1
+    expiring = store.issue_lease("node-b", T0 + 2, 5, _fresh_factory("node-b", deadline_ms=1_000, now_ms=T0 + 2))
+    assert expiring.prompt_indices == released.prompt_indices
+    for node_id in ("node-a", "node-b"):  # node-b let it expire: neither of them gets it again
+        assert store.issue_lease(node_id, T0 + 5_000, 5, _fresh_factory(node_id)).lease_number != 0
+    assert store.issue_lease("node-c", T0 + 5_000, 5, _fresh_factory("node-c")).lease_number == 0
+    assert store.num_requeued() == 0
+
+
+def test_a_requeued_set_keeps_its_version_while_that_may_be_leased(store: Store):
+    for node_id in ("node-a", "node-b"):
+        _register(store, node_id)
+    released = store.issue_lease("node-a", T0, 5, _fresh_factory("node-a"))  # at version 3
+    store.close_lease(released.lease_id, LeaseState.RELEASED, T0 + 1)
+    at_4 = store.issue_lease("node-b", T0 + 2, 5, _fresh_factory("node-b"), policy_version=4, oldest_leasable_version=3)
+    assert at_4.lease_number == 1
+    at_3 = store.issue_lease("node-b", T0 + 2, 5, _fresh_factory("node-b"), policy_version=3, oldest_leasable_version=3)
+    assert at_3.lease_number == 0
+
+
+def test_walkaways_are_counted_cooled_down_struck_and_banned(store: Store):
+    _register(store)
+    for index, now in enumerate((T0, T0 + 20_000)):
+        for step in range(2):
+            lease = store.issue_lease("node-a", now + step, 5, _fresh_factory("node-a", now_ms=now + step),
+                                      walkaway_limit=WALKAWAY_LIMIT)
+            store.close_lease(lease.lease_id, LeaseState.RELEASED, now + step, WALKAWAY_LIMIT)
+        node = store.get_node("node-a")
+        assert (node.num_leases_released, node.num_lease_cooldowns) == (2 * index + 2, index + 1)
+        assert node.lease_cooldown_until_ms == now + 1 + 10_000
+        with pytest.raises(LeaseCooldownError) as refused:
+            store.issue_lease("node-a", now + 2, 5, _fresh_factory("node-a"), walkaway_limit=WALKAWAY_LIMIT)
+        assert refused.value.until_ms == now + 10_001
+    assert store.get_node("node-a").num_strikes == 1  # the second cool-down came within 4 leases of the first
+    for step in range(2):
+        now = T0 + 40_000 + step
+        store.issue_lease("node-a", now, 5, _fresh_factory("node-a", deadline_ms=5_000, now_ms=now),
+                          walkaway_limit=WALKAWAY_LIMIT)
+    store.expire_leases(T0 + 50_000, WALKAWAY_LIMIT)
+    node = store.get_node("node-a")
+    assert (node.num_leases_expired, node.num_strikes, node.banned) == (2, 2, True)
+    assert node.reputation == 0.0 and "walked away" in node.ban_reason
+    outcomes = [(lease.state, lease.closed_ms) for lease in store.list_leases("node-a", 3)]
+    assert outcomes == [(LeaseState.EXPIRED, T0 + 50_000)] * 2 + [(LeaseState.RELEASED, T0 + 20_001)]
+
+
+def test_the_coordinator_secret_is_made_once_and_shared(store_url: str):
+    first, second = open_store(store_url), open_store(store_url)
+    made = _run_in_threads(lambda index: (first if index % 2 else second).secret("seed-key"), 8)
+    assert len(set(made)) == 1 and len(made[0]) == 32
+    first.close()
+    second.close()
+    reopened = open_store(store_url)
+    assert reopened.secret("seed-key") == made[0]
+    reopened.close()
+
+
+def test_concurrent_requests_take_each_requeued_set_once_and_never_their_own(store: Store):
+    for node_id in ("node-a", "node-b", "node-c"):
+        _register(store, node_id)
+    for _ in range(4):
+        store.issue_lease("node-a", T0, 10, _fresh_factory("node-a", deadline_ms=10))
+    store.expire_leases(T0 + 10)
+    leases = _run_in_threads(
+        lambda index: store.issue_lease(
+            ("node-a", "node-b", "node-c")[index % 3], T0 + 20, 10, _fresh_factory(("node-a", "node-b", "node-c")[index % 3])
+        ),
+        12,
+    )
+    requeued = [lease for lease in leases if lease.lease_number < 4]
+    assert sorted(lease.lease_number for lease in requeued) == [0, 1, 2, 3]
+    assert all(lease.node_id != "node-a" for lease in requeued)
+    assert store.num_requeued() == 0
+
+
+def test_node_token_windows_keep_the_newest_groups_that_cover_the_window_once(store: Store):
+    """A node's token window sums its newest groups that together cover window_tokens tokens; a group
+    joins only while it waits for validation, and only once; an unban starts the window over."""
+    for node_id in ("node-a", "node-b"):
+        _register(store, node_id)
+    groups_a: list[str] = []
+    for i in range(2):
+        _, submission = _leased_submission(store, "node-a", f"ta-{i}".encode(), state=GroupState.PENDING_VALIDATION)
+        store.record_submission(submission)
+        groups_a += [g.group_id for g in submission.groups]
+    _, other = _leased_submission(store, "node-b", b"tb-0", state=GroupState.PENDING_VALIDATION)
+    store.record_submission(other)
+    group_b = other.groups[0].group_id
+
+    def stats(num_tokens: int) -> TokenStats:  # quarters: sums are exact in any order
+        return TokenStats(num_tokens, num_tokens // 50, num_tokens // 60, num_tokens // 120, num_tokens // 100,
+                          num_tokens / 200, num_tokens / 400, -num_tokens / 4, num_tokens / 8)
+
+    assert store.add_node_tokens([(groups_a[0], stats(100)), (group_b, stats(70)), (groups_a[1], stats(200))],
+                                 window_tokens=450) == [
+        TokenWindow("node-a", 1, stats(100)), TokenWindow("node-b", 1, stats(70)),
+        TokenWindow("node-a", 2, stats(100) + stats(200))]
+    store.record_validation(groups_a[3], True, "all", "{}", T0)
+    assert store.add_node_tokens([
+        (groups_a[0], stats(100)),  # added before
+        ("unknown", stats(10)),
+        (groups_a[3], stats(50)),  # decided already
+        (groups_a[2], stats(300)),  # 300 + 200 cover 450: the oldest group leaves
+    ], window_tokens=450) == [None, None, None, TokenWindow("node-a", 2, stats(200) + stats(300))]
+    assert store.node_token_window("node-a") == TokenWindow("node-a", 2, stats(200) + stats(300))
+    assert store.add_node_tokens([], window_tokens=450) == []
+    store.ban_node("node-a", "window")
+    store.unban_node("node-a")  # the window starts over
+    assert store.node_token_window("node-a") == TokenWindow("node-a", 0, TokenStats())
+    assert store.node_token_window("node-b") == TokenWindow("node-b", 1, stats(70))

@@ -2,6 +2,7 @@
 replay reports: the termination rule, and the log-probability drift bound at a temperature; and
 the validator's device setting."""
 
+import dataclasses
 import json
 import math
 
@@ -12,6 +13,7 @@ import torch
 from coordinator.store import ChunkStats, GroupState, open_store, sqlite_url
 from coordinator.validation import (
     MIN_EOS_LOGPROB,
+    MIN_WINDOW_CHUNKS,
     TOLERANCES,
     GroupChecker,
     GroupJob,
@@ -20,6 +22,7 @@ from coordinator.validation import (
     Verdict,
     check_rollout,
     chunk_stats,
+    group_verdict,
     verdict_from_proto,
     verdict_to_proto,
 )
@@ -32,16 +35,18 @@ from protocol.sampling import TokenChecks, TokenVerdict
 from protocol.types import FinishReason, Rollout
 
 EOS = 2
+CLEAN_CHUNK = commitment.ChunkCheck(0, 0.0, 0.0, 128)
 
 
 def _verdict(last_token_verdict: TokenVerdict, eos_logprob: float, finish_reason=FinishReason.STOP, *,
-             dtype: str = "float32", drift: float = 0.0, temperature: float = 1.0):
+             dtype: str = "float32", drift: float = 0.0, temperature: float = 1.0,
+             chunk: commitment.ChunkCheck = CLEAN_CHUNK):
     logprobs = np.array([-0.1, -0.2, eos_logprob], dtype=np.float32)
     report = ReplayReport(
         token_checks=TokenChecks(np.array([TokenVerdict.EXACT, TokenVerdict.EXACT, last_token_verdict]), logprobs,
                                  np.zeros(3, dtype=np.float32)),
         logprob_drift=np.array([0.0, drift, 0.0], dtype=np.float32),
-        commitment_checks=[commitment.ChunkCheck(0, 0.0, 0.0, 128)],
+        commitment_checks=[chunk],
         temperature=temperature,
     )
     rollout = Rollout(sample_index=0, token_ids=(7, 8, EOS), sampled_mask=(True,) * 3,
@@ -190,11 +195,95 @@ def test_a_deviation_each_group_hides_shows_in_the_nodes_window(tiny_model, tmp_
 
     cheat_states = report_one_by_one("cheat", cheat_verdicts)
     caught = cheat_states.index(GroupState.REJECTED)
-    assert caught == 128 // 8 - 1  # the 16th group of 8 chunks fills the window
+    assert caught == MIN_WINDOW_CHUNKS // 8 - 1  # on probation: judged once 8 groups of 8 chunks are in
     assert set(cheat_states) == {GroupState.REJECTED, GroupState.QUARANTINED}
     failure = store.list_validations("cheat", 1)[0]
-    assert failure.check_name == "commitment_node_pooled"
+    assert failure.check_name == "commitment_node_pooled" and failure.num_groups_consumed == 0
     window = json.loads(failure.evidence_json)
-    assert window["num_chunks"] == 128 and window["mantissa_error_mean"] > window["allowed"]["mantissa_error_mean"]
+    assert window["num_chunks"] == MIN_WINDOW_CHUNKS
+    assert window["mantissa_error_mean"] > window["allowed"]["mantissa_error_mean"]
+    # 100 tokens a group: its probation verdict comes with its 8th group, when the window holds 64 chunks
     assert report_one_by_one("honest", verdicts[32:]) == [GroupState.READY] * 24
+    assert not store.get_node("honest").on_probation
+    store.close()
+
+
+# ---- no strike on thin evidence ----
+
+
+def test_a_complete_chunk_over_its_bounds_is_doubt_and_a_chunk_with_a_cut_a_failure():
+    """Issue 16: a one-token last chunk of an honest bf16 rollout, replayed on another attention
+    kernel, showed 13 exponent mismatches and mantissa mean 9.1: it committed every value it holds,
+    the smallest too. Over its bounds, it passes in doubt; the same statistics in a chunk with a cut
+    fail."""
+    short = commitment.ChunkCheck(13, 9.1, 6.0, 128, complete=True)
+    doubt = _verdict(TokenVerdict.EXACT, -1.0, dtype="bfloat16", chunk=short)
+    assert doubt.passed and doubt.suspect and doubt.check == "commitment_short_chunk_doubt"
+    assert doubt.evidence["exponent_mismatches"] == 13
+    failed = _verdict(TokenVerdict.EXACT, -1.0, dtype="bfloat16", chunk=dataclasses.replace(short, complete=False))
+    assert not failed.passed and failed.check == "commitment"
+    assert not _verdict(TokenVerdict.NEAR_TIE, math.log(4.4e-5), chunk=short).passed  # later checks still fail
+    assert not _verdict(TokenVerdict.EXACT, -1.0).suspect
+
+
+def test_check_points_marks_the_chunks_that_commit_every_value_they_hold():
+    rng = np.random.default_rng(5)
+    hidden = 128
+    bits = commitment.bf16_bits(rng.standard_normal((33, hidden)).astype(np.float32))
+    checks = commitment.verify(commitment.commit(bits), bits)
+    assert [c.complete for c in checks] == [False, True]  # 32 tokens have a cut; one token of 128 values none
+
+
+def _group_job(dtype: str, num_rollouts: int = 8) -> GroupJob:
+    rollouts = tuple(Rollout(i, (7, 8), (True, True), (-0.1, -0.2), b"", FinishReason.LENGTH, 0.0)
+                     for i in range(num_rollouts))
+    return GroupJob("g", "n", 1, dtype, (1, 2), None, tuple(range(num_rollouts)), rollouts)
+
+
+def _report(chunk: commitment.ChunkCheck) -> ReplayReport:
+    return ReplayReport(TokenChecks(np.array([TokenVerdict.EXACT] * 2), np.array([-0.1, -0.2], dtype=np.float32),
+                                    np.zeros(2, dtype=np.float32)),
+                        np.zeros(2, dtype=np.float32), [chunk], None, 1.0, np.zeros(2, dtype=np.float32),
+                        np.zeros(2, dtype=np.float32))
+
+
+def test_the_honest_fp32_pool_of_issue_16_passes_in_doubt_and_keeps_its_chunks():
+    """8 one-chunk rollouts, two with one exponent flip each (0.25 a chunk against 0.1 allowed, mantissa
+    error 0): too little evidence to strike. Seven flips in 8 chunks are not."""
+    clean, flipped = commitment.ChunkCheck(0, 0.0, 0.0, 128), commitment.ChunkCheck(1, 0.0, 0.0, 128)
+    verdict = group_verdict(_group_job("float32"), [_report(flipped)] * 2 + [_report(clean)] * 6,
+                            TOLERANCES["float32"])
+    assert verdict.passed and verdict.check == "commitment_pooled_doubt" and len(verdict.chunks) == 8
+    assert verdict.evidence["exponent_mismatches_per_chunk"] == 0.25
+    failed = group_verdict(_group_job("float32"), [_report(flipped)] * 7 + [_report(clean)], TOLERANCES["float32"])
+    assert not failed.passed and failed.check == "commitment_pooled"
+    short = commitment.ChunkCheck(13, 9.1, 6.0, 128, complete=True)
+    in_doubt = group_verdict(_group_job("bfloat16"), [_report(short)] + [_report(clean)] * 7, TOLERANCES["bfloat16"])
+    assert in_doubt.check == "commitment_short_chunk_doubt" and len(in_doubt.chunks) == 7  # left out of the pools
+
+
+def test_a_doubt_puts_a_trusted_node_on_probation_without_a_strike(tmp_path):
+    from tests.unit.test_store_contract import T0, _fresh_factory, _submission
+
+    store = open_store(sqlite_url(tmp_path))
+    queue = ValidationQueue(store, prompt_of=None, policy=SamplingPolicy(probation_tokens=100), clock=lambda: T0,
+                            window_chunks=8)
+    store.register_node("n", b"n".ljust(32, b"k"), "n", "torch-cpu-float32", "cpu", "0", T0)
+    lease = store.issue_lease("n", T0, 1, _fresh_factory("n", prompts_per_lease=3))
+    submission = _submission(lease, b"s", state=GroupState.PENDING_VALIDATION)
+    store.record_submission(submission)
+    first, second, third = (g.group_id for g in submission.groups)
+    clean = tuple(ChunkStats(0, 0.0, 128) for _ in range(8))
+    queue.report([(first, Verdict(True, "all", {}, clean))])  # a full clean window: probation passed
+    assert store.get_group(first).state is GroupState.READY and not store.get_node("n").on_probation
+    assert SamplingPolicy().rate(store.get_node("n")) == 1.0  # fewer than 20 passed checks
+    doubt = Verdict(True, "commitment_pooled_doubt", {"num_chunks": 8}, (ChunkStats(1, 0.0, 127),) * 2 + clean[2:])
+    queue.report([(second, doubt)])
+    node = store.get_node("n")
+    assert node.on_probation and node.num_strikes == 0 and node.num_full_checks_failed == 0
+    assert store.get_group(first).state is GroupState.PROBATION  # held again, with the doubted one
+    assert store.get_group(second).state is GroupState.PROBATION
+    assert SamplingPolicy(num_initial_checks=0).rate(node) == 1.0  # every submission checked
+    queue.report([(third, Verdict(True, "all", {}, clean))])  # the window passes again
+    assert {store.get_group(g).state for g in (first, second, third)} == {GroupState.READY}
     store.close()

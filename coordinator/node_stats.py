@@ -1,0 +1,192 @@
+"""Node-level statistics of fully checked tokens: what per-rollout bounds cannot see.
+
+A bf16 node's tokens are replayed under tolerances that must pass honest drift between engines, so a
+node may take a near-tie (a token within the tolerance of the validator's choice) at will, shade its
+log-probabilities within the drift bound, or sample at a slightly wrong temperature or with an unasked
+filter, and every single rollout still passes. Each such deviation is small and *directed*; honest
+drift is neither frequent nor directed. So the validator reports, per passed group, a few sums
+(records.TokenStats, built by `group_token_stats`); the coordinator pools a node's newest groups
+covering NODE_WINDOW_TOKENS tokens across validators and restarts (the store's node token windows),
+and `judge_tokens` tests the window:
+
+* node_near_tie_rate: more near-ties than an honest engine of the declared precision takes (exact
+  binomial tail against NEAR_TIE_RATE_BOUND).
+* node_near_tie_direction: near-ties concentrated in rollouts of positive advantage (reward above the
+  group's mean, from rewards the coordinator recomputed): steering toward reward. Under honest drift
+  a near-tie falls on any token of the group's rollouts of nonzero advantage alike; Bernstein's bound
+  on the excess over that expectation.
+* node_logprob_direction: claimed - recomputed log-probabilities correlated with the advantage (the
+  trainer's importance-ratio denominators shaded toward reward): sum over rollouts of advantage times
+  the rollout's mean offset (in logit units), self-normalised; two-sided Hoeffding bound (advantages
+  sum to zero in a group, so a constant offset of an engine cancels).
+* node_temperature_fit: near-ties taken at T > 0 systematically toward the likelier token (a colder
+  temperature, or a top-k/top-p the lease did not ask for, cuts unlikely tokens) or the less likely
+  one (a hotter temperature): two-sided exact sign test. Greedy near-ties have no direction.
+
+Each test fails at most at FALSE_POSITIVE_RATE per window it judges when its null hypothesis holds;
+the bounds are checked against simulation in tests/unit/test_node_stats.py and the honest rates were
+measured by bench/validation.py. A window with fewer than NODE_WINDOW_TOKENS tokens decides nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from coordinator.store import TokenStats
+
+# Tokens a node's window covers before it is judged: its newest fully checked groups that sum to at
+# least this many. A new node's groups are trainable only after its first judged window (probation).
+NODE_WINDOW_TOKENS = 4096
+# Per test and judged window, for an honest node. Windows are judged after every group, overlapping,
+# so over a node's life the chance of a false strike grows with (its tokens / the window) times this.
+FALSE_POSITIVE_RATE = 1e-6
+# The near-tie rate the binomial test holds a node to, per declared precision: above every honest
+# rate measured (bench/validation.py, see NEAR_TIE_RATE_MEASURED), with room for engines not measured.
+NEAR_TIE_RATE_BOUND = {"float32": 1e-3, "bfloat16": 0.015}
+NEAR_TIE_RATE_MEASURED = {"float32": 0.0, "bfloat16": 0.007}
+
+CHECKS = ("node_near_tie_rate", "node_near_tie_direction", "node_logprob_direction", "node_temperature_fit")
+
+
+@dataclass(frozen=True)
+class RolloutTokens:
+    """One replayed rollout, as the statistics need it."""
+
+    near_ties: np.ndarray  # bool per token
+    near_tie_lifts: np.ndarray  # per token: claimed logit - the validator's choice's, at near-ties
+    logprob_offsets: np.ndarray  # per token: claimed - recomputed log-probability
+    temperature: float
+    reward: float  # recomputed by the coordinator (the cheap checks reject a claim that differs)
+
+
+def group_token_stats(rollouts: Sequence[RolloutTokens]) -> TokenStats:
+    """The sums one group adds to its node's window."""
+    if not rollouts:
+        return TokenStats()
+    rewards = np.array([r.reward for r in rollouts], dtype=np.float64)
+    advantages = rewards - rewards.mean()
+    num_tokens = [len(r.near_ties) for r in rollouts]
+    num_near_ties = [int(r.near_ties.sum()) for r in rollouts]
+    directed = [r.near_ties & (r.near_tie_lifts != 0) if r.temperature > 0 else np.zeros_like(r.near_ties)
+                for r in rollouts]
+    positive, negative = advantages > 0, advantages < 0
+    tokens_positive = sum(n for n, p in zip(num_tokens, positive) if p)
+    tokens_signed = tokens_positive + sum(n for n, m in zip(num_tokens, negative) if m)
+    near_ties_signed = sum(n for n, a in zip(num_near_ties, advantages) if a != 0)
+    share = tokens_positive / tokens_signed if tokens_signed else 0.0
+    weighted = [a * (r.temperature or 1.0) * float(np.mean(r.logprob_offsets)) if len(r.logprob_offsets) else 0.0
+                for a, r in zip(advantages, rollouts)]
+    return TokenStats(
+        num_tokens=sum(num_tokens),
+        num_near_ties=sum(num_near_ties),
+        num_directed_near_ties=sum(int(d.sum()) for d in directed),
+        num_near_ties_up=sum(int((r.near_tie_lifts[d] > 0).sum()) for r, d in zip(rollouts, directed)),
+        num_near_ties_positive=sum(n for n, p in zip(num_near_ties, positive) if p),
+        near_ties_positive_expected=near_ties_signed * share,
+        near_ties_positive_variance=near_ties_signed * share * (1.0 - share),
+        logprob_advantage_sum=float(sum(weighted)),
+        logprob_advantage_sum_squares=float(sum(w * w for w in weighted)),
+    )
+
+
+def binomial_upper_tail(successes: int, trials: int, probability: float) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, probability)."""
+    if successes <= 0:
+        return 1.0
+    if successes > trials or probability <= 0.0:
+        return 0.0
+    if probability >= 1.0:
+        return 1.0
+    log_p, log_q = math.log(probability), math.log1p(-probability)
+    log_terms: list[float] = []
+    top = -math.inf
+    for k in range(successes, trials + 1):
+        log_term = (math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
+                    + k * log_p + (trials - k) * log_q)
+        log_terms.append(log_term)
+        top = max(top, log_term)
+        # Past the mode the terms fall ever faster: stop once the rest cannot count (below 1e-17 of
+        # the sum however many are left).
+        if k > trials * probability and log_term < top - 40 - math.log(trials):
+            break
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
+def sign_test(num_up: int, num_directed: int) -> float:
+    """Two-sided p-value of num_up of num_directed signs being positive, each with probability 1/2."""
+    if num_directed == 0:
+        return 1.0
+    return min(1.0, 2.0 * binomial_upper_tail(max(num_up, num_directed - num_up), num_directed, 0.5))
+
+
+def bernstein_upper_bound(excess: float, variance: float) -> float:
+    """Bound on P(X - E[X] >= excess) for a sum X of independent Bernoulli variables with this total
+    variance (Bernstein: exp(-t^2 / (2 (v + t / 3))))."""
+    if excess <= 0.0:
+        return 1.0
+    return math.exp(-excess * excess / (2.0 * (variance + excess / 3.0)))
+
+
+def self_normalized_bound(total: float, sum_squares: float) -> float:
+    """Two-sided bound on P(|sum of x_i| >= |total|) for independent x_i of symmetric sign given their
+    magnitudes, where sum_squares = sum of x_i^2 (Hoeffding: 2 exp(-total^2 / (2 sum_squares)))."""
+    if sum_squares <= 0.0:
+        return 1.0
+    return min(1.0, 2.0 * math.exp(-total * total / (2.0 * sum_squares)))
+
+
+@dataclass(frozen=True)
+class NodeTestFailure:
+    check: str  # one of CHECKS
+    evidence: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TokenJudgement:
+    """A node's window of fully checked tokens, judged: decided once it holds window_tokens tokens."""
+
+    num_tokens: int
+    decided: bool
+    failure: NodeTestFailure | None
+
+    @property
+    def passed(self) -> bool:
+        return self.decided and self.failure is None
+
+
+def judge_tokens(stats: TokenStats, dtype: str, *, window_tokens: int = NODE_WINDOW_TOKENS,
+                 false_positive_rate: float = FALSE_POSITIVE_RATE) -> TokenJudgement:
+    """The four tests of the module docstring on a node's pooled statistics, in order; the first
+    failure is the judgement's. `dtype` is the precision the node declared."""
+    if dtype not in NEAR_TIE_RATE_BOUND:
+        raise ValueError(f"no honest near-tie rate for dtype {dtype!r}: expected one of {sorted(NEAR_TIE_RATE_BOUND)}")
+    if stats.num_tokens < window_tokens:
+        return TokenJudgement(stats.num_tokens, False, None)
+    base = {"num_tokens": stats.num_tokens, "false_positive_rate": false_positive_rate, "dtype": dtype}
+    rate_bound = NEAR_TIE_RATE_BOUND[dtype]
+    tests = (
+        ("node_near_tie_rate", binomial_upper_tail(stats.num_near_ties, stats.num_tokens, rate_bound), {
+            "num_near_ties": stats.num_near_ties, "near_tie_rate": stats.num_near_ties / stats.num_tokens,
+            "allowed_rate": rate_bound}),
+        ("node_near_tie_direction", bernstein_upper_bound(
+            stats.num_near_ties_positive - stats.near_ties_positive_expected, stats.near_ties_positive_variance), {
+            "num_near_ties_positive": stats.num_near_ties_positive,
+            "expected": stats.near_ties_positive_expected, "variance": stats.near_ties_positive_variance}),
+        ("node_logprob_direction", self_normalized_bound(
+            stats.logprob_advantage_sum, stats.logprob_advantage_sum_squares), {
+            "logprob_advantage_sum": stats.logprob_advantage_sum,
+            "z": stats.logprob_advantage_sum / math.sqrt(stats.logprob_advantage_sum_squares)
+            if stats.logprob_advantage_sum_squares > 0 else 0.0}),
+        ("node_temperature_fit", sign_test(stats.num_near_ties_up, stats.num_directed_near_ties), {
+            "num_near_ties_up": stats.num_near_ties_up, "num_directed_near_ties": stats.num_directed_near_ties}),
+    )
+    for check, p_value, evidence in tests:
+        if p_value < false_positive_rate:
+            return TokenJudgement(stats.num_tokens, True, NodeTestFailure(check, {**base, **evidence,
+                                                                                  "p_value": p_value}))
+    return TokenJudgement(stats.num_tokens, True, None)

@@ -1,0 +1,179 @@
+"""The node-level token statistics (coordinator/node_stats.py): each bound against a naive reference,
+each test's false-positive rate against simulation of honest windows, and what each test catches."""
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from coordinator import node_stats
+from coordinator.node_stats import (
+    NODE_WINDOW_TOKENS,
+    RolloutTokens,
+    bernstein_upper_bound,
+    binomial_upper_tail,
+    group_token_stats,
+    judge_tokens,
+    self_normalized_bound,
+    sign_test,
+)
+from coordinator.store import TokenStats
+
+
+def naive_upper_tail(successes: int, trials: int, probability: float) -> float:
+    """The exact sum, in integers: the probability as the decimal fraction a / b."""
+    p = Fraction(str(probability))
+    a, b = p.numerator, p.denominator
+    total = sum(math.comb(trials, k) * a**k * (b - a) ** (trials - k) for k in range(max(0, successes), trials + 1))
+    return float(Fraction(total, b**trials))
+
+
+@pytest.mark.parametrize(("successes", "trials", "probability"), [
+    (0, 10, 0.3), (3, 10, 0.2), (10, 10, 0.5), (11, 10, 0.5), (60, 100, 0.5), (2, 400, 0.001), (45, 4096, 0.007),
+    (90, 4096, 0.015),
+])
+def test_the_binomial_tail_equals_the_exact_sum(successes, trials, probability):
+    assert binomial_upper_tail(successes, trials, probability) == pytest.approx(
+        naive_upper_tail(successes, trials, probability), rel=1e-9, abs=1e-300)
+
+
+def test_the_sign_test_is_two_sided_and_exact():
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(20, 20) == pytest.approx(2 * 0.5**20)
+    assert sign_test(0, 20) == sign_test(20, 20)
+    assert sign_test(15, 20) == pytest.approx(2 * naive_upper_tail(15, 20, 0.5))
+    assert sign_test(10, 20) == 1.0
+
+
+def _honest_windows(rng, num_windows, rate, *, num_groups=64, group_size=8):
+    """Windows of groups whose near-ties fall on any token alike, whose rewards are independent of
+    them, and whose log-probability offsets are noise with an engine's constant bias."""
+    windows = []
+    for _ in range(num_windows):
+        window = TokenStats()
+        for _ in range(num_groups):
+            rollouts = []
+            for _ in range(group_size):
+                length = int(rng.integers(1, 17))
+                near_ties = rng.random(length) < rate
+                rollouts.append(RolloutTokens(
+                    near_ties, np.where(near_ties, rng.choice([-1.0, 1.0], length), 0.0).astype(np.float32),
+                    (0.02 + 0.05 * rng.standard_normal(length)).astype(np.float32), float(rng.choice([0.7, 1.0])),
+                    float(rng.random() < 0.3)))
+            window += group_token_stats(rollouts)
+        windows.append(window)
+    return windows
+
+
+def test_each_test_flags_honest_windows_at_most_at_its_stated_rate():
+    """At a stated rate of 2%, over 300 simulated honest windows: each test's empirical rate stays
+    below it (the bounds are conservative; the rate test runs at its bound's own rate)."""
+    rng = np.random.default_rng(7)
+    stated = 0.02
+    windows = _honest_windows(rng, 300, node_stats.NEAR_TIE_RATE_BOUND["bfloat16"], num_groups=16)
+    p_values = {
+        "node_near_tie_rate": [binomial_upper_tail(w.num_near_ties, w.num_tokens, node_stats.NEAR_TIE_RATE_BOUND[
+            "bfloat16"]) for w in windows],
+        "node_near_tie_direction": [bernstein_upper_bound(w.num_near_ties_positive - w.near_ties_positive_expected,
+                                                          w.near_ties_positive_variance) for w in windows],
+        "node_logprob_direction": [self_normalized_bound(w.logprob_advantage_sum, w.logprob_advantage_sum_squares)
+                                   for w in windows],
+        "node_temperature_fit": [sign_test(w.num_near_ties_up, w.num_directed_near_ties) for w in windows],
+    }
+    for check, values in p_values.items():
+        assert np.mean(np.array(values) < stated) <= stated, check
+
+
+def test_group_statistics_equal_a_token_by_token_count():
+    rng = np.random.default_rng(3)
+    rollouts = []
+    for index in range(6):
+        length = 5 + index
+        near_ties = rng.random(length) < 0.4
+        lifts = np.where(near_ties, rng.normal(size=length), 0.0).astype(np.float32)
+        lifts[0] = 0.0  # a near-tie between equal logits has no direction
+        rollouts.append(RolloutTokens(near_ties, lifts, rng.normal(size=length).astype(np.float32),
+                                      0.0 if index == 5 else 0.8, [1.0, 0.0, 0.0, 0.5, 1.0, 0.0][index]))
+    stats = group_token_stats(rollouts)
+    mean_reward = np.mean([r.reward for r in rollouts])
+    expected = dict(num_tokens=0, num_near_ties=0, num_directed_near_ties=0, num_near_ties_up=0,
+                    num_near_ties_positive=0)
+    tokens_positive = tokens_signed = near_ties_signed = 0
+    logprob_terms = []
+    for r in rollouts:
+        advantage = r.reward - mean_reward
+        for position in range(len(r.near_ties)):
+            expected["num_tokens"] += 1
+            if advantage > 0:
+                tokens_positive += 1
+            if advantage != 0:
+                tokens_signed += 1
+            if r.near_ties[position]:
+                expected["num_near_ties"] += 1
+                near_ties_signed += advantage != 0
+                expected["num_near_ties_positive"] += advantage > 0
+                if r.temperature > 0 and r.near_tie_lifts[position] != 0:
+                    expected["num_directed_near_ties"] += 1
+                    expected["num_near_ties_up"] += r.near_tie_lifts[position] > 0
+        logprob_terms.append(advantage * (r.temperature or 1.0) * np.mean(r.logprob_offsets))
+    for name, value in expected.items():
+        assert getattr(stats, name) == value, name
+    share = tokens_positive / tokens_signed
+    assert stats.near_ties_positive_expected == pytest.approx(near_ties_signed * share)
+    assert stats.near_ties_positive_variance == pytest.approx(near_ties_signed * share * (1 - share))
+    assert stats.logprob_advantage_sum == pytest.approx(sum(logprob_terms))
+    assert stats.logprob_advantage_sum_squares == pytest.approx(sum(t * t for t in logprob_terms))
+    assert group_token_stats([]) == TokenStats()
+
+
+def _window(**overrides) -> TokenStats:
+    honest = dict(num_tokens=NODE_WINDOW_TOKENS, num_near_ties=28, num_directed_near_ties=26, num_near_ties_up=14,
+                  num_near_ties_positive=6, near_ties_positive_expected=5.5, near_ties_positive_variance=4.5,
+                  logprob_advantage_sum=0.3, logprob_advantage_sum_squares=0.5)
+    return TokenStats(**{**honest, **overrides})
+
+
+def test_a_window_decides_only_once_it_holds_enough_tokens():
+    thin = judge_tokens(_window(num_tokens=NODE_WINDOW_TOKENS - 1, num_near_ties=400), "bfloat16")
+    assert not thin.decided and thin.failure is None and not thin.passed
+    honest = judge_tokens(_window(), "bfloat16")
+    assert honest.decided and honest.passed
+
+
+@pytest.mark.parametrize(("overrides", "check"), [
+    ({"num_near_ties": 140}, "node_near_tie_rate"),  # steering: ~3.4% of tokens
+    ({"num_near_ties_positive": 26}, "node_near_tie_direction"),  # near-ties where the reward is
+    ({"logprob_advantage_sum": 4.0, "logprob_advantage_sum_squares": 0.5}, "node_logprob_direction"),
+    ({"num_near_ties_up": 26}, "node_temperature_fit"),  # always the likelier token: colder, or filtered
+    ({"num_near_ties_up": 0}, "node_temperature_fit"),  # always the less likely one: hotter
+])
+def test_each_directed_deviation_fails_its_test_with_evidence(overrides, check):
+    judgement = judge_tokens(_window(**overrides), "bfloat16")
+    assert judgement.decided and judgement.failure is not None
+    assert judgement.failure.check == check
+    evidence = judgement.failure.evidence
+    assert evidence["p_value"] < evidence["false_positive_rate"] == node_stats.FALSE_POSITIVE_RATE
+
+
+def test_an_fp32_node_is_held_to_the_fp32_near_tie_rate():
+    assert judge_tokens(_window(num_near_ties=28, num_directed_near_ties=0, num_near_ties_up=0),
+                        "float32").failure.check == "node_near_tie_rate"
+    with pytest.raises(ValueError, match="no honest near-tie rate"):
+        judge_tokens(_window(), "float16")
+
+
+def test_token_statistics_travel_with_a_passed_verdict_and_bad_ones_are_refused():
+    from coordinator.validation import Verdict, verdict_from_proto, verdict_to_proto
+
+    stats = _window()
+    message = verdict_to_proto("g", Verdict(True, "all", {}, (), stats))
+    assert verdict_from_proto(message) == ("g", Verdict(True, "all", {}, (), stats))
+    assert verdict_from_proto(verdict_to_proto("g", Verdict(True, "all", {})))[1].tokens is None
+    failed = verdict_to_proto("g", Verdict(False, "sampling", {}, (), stats))
+    with pytest.raises(ValueError, match="only a passed group's token statistics"):
+        verdict_from_proto(failed)
+    for bad in ({"num_near_ties_up": 27}, {"near_ties_positive_variance": -1.0},
+                {"logprob_advantage_sum": math.inf}):
+        with pytest.raises(ValueError, match="group 'g'"):
+            verdict_from_proto(verdict_to_proto("g", Verdict(True, "all", {}, (), _window(**bad))))
