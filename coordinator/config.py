@@ -89,10 +89,11 @@ class ValidationSection(_Section):
     floor_rate: float = Field(0.05, gt=0.0, le=1.0, description="the lowest sampling rate, reached with high reputation")
     max_strikes: int = Field(2, ge=1, description="failed submissions (one strike each) before a node is banned")
     probation_tokens: int = Field(
-        512, ge=0,
+        4096, ge=0,
         description="fully checked tokens a node passes before its groups are trainable: its first node-level "
-                    "verdict (the window judged over at least 128 chunks, see coordinator/validation.py); 0 holds no "
-                    "groups (a new or doubted node is then only checked fully until that verdict)",
+                    "verdict (its chunk window judged over at least 128 chunks and its token window over 4096 "
+                    "tokens, see coordinator/validation.py); 0 holds no groups (a new or doubted node is then only "
+                    "checked fully until that verdict)",
     )
     device: str = Field("cpu", description="where the in-process validator replays: cpu, cuda or cuda:N")
     precisions: list[Literal["float32", "bfloat16"]] = Field(

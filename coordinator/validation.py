@@ -84,8 +84,10 @@ NODE_WINDOW_CHUNKS = 256
 # 1.14 a chunk against 3.0); an honest vLLM bf16 node replayed by torch stayed at or below 0.64 in
 # windows of 256. So a probation verdict is taken over 128 chunks at least, where no honest torch window
 # came within 0.1 of the bound, and may release the node's groups there; over the bound there, it only
-# keeps the node on probation, and fails it once the window is full (NODE_WINDOW_CHUNKS).
-PROBATION_TOKENS = 512
+# keeps the node on probation, and fails it once the window is full (NODE_WINDOW_CHUNKS). The node's
+# token window (coordinator/node_stats.py) must have been judged and passed too, which takes
+# NODE_WINDOW_TOKENS tokens: a bf16 node steering its near-ties passes every chunk check.
+PROBATION_TOKENS = node_stats.NODE_WINDOW_TOKENS
 MIN_WINDOW_CHUNKS = 128
 
 
@@ -375,27 +377,29 @@ def pooled_verdict(check: str, pooled: commitment.PooledCheck, thresholds: commi
 
 
 def judge_token_windows(store: Store, verdicts: Sequence[tuple[str, Verdict]],
-                        window_tokens: int = node_stats.NODE_WINDOW_TOKENS) -> list[tuple[str, Verdict]]:
+                        window_tokens: int = node_stats.NODE_WINDOW_TOKENS) -> list[tuple[str, Verdict, bool]]:
     """A passed group's token statistics join its node's token window; once the window covers
     window_tokens tokens, a group that leaves it failing a node-level test (coordinator/node_stats.py)
-    fails with that test's name."""
+    fails with that test's name. Per group: (group id, verdict, whether its node's token window was
+    judged with it and passed)."""
     passed = [(group_id, verdict.tokens) for group_id, verdict in verdicts
               if verdict.passed and verdict.tokens is not None]
-    if not passed:
-        return list(verdicts)
-    windows = dict(zip([group_id for group_id, _ in passed], store.add_node_tokens(passed, window_tokens)))
+    windows = dict(zip([group_id for group_id, _ in passed], store.add_node_tokens(passed, window_tokens))) \
+        if passed else {}
     judged = []
     for group_id, verdict in verdicts:
         window = windows.get(group_id)
+        window_passed = False
         if window is not None:
             node = store.get_node(window.node_id)
             judgement = node_stats.judge_tokens(window.stats, declared_dtype(node.engine if node is not None else ""),
                                                 window_tokens=window_tokens)
+            window_passed = judgement.passed
             if judgement.failure is not None:
                 verdict = Verdict(False, judgement.failure.check, {
                     **judgement.failure.evidence, "num_groups": window.num_groups,
                     "window": "the node's last fully checked tokens"})
-        judged.append((group_id, verdict))
+        judged.append((group_id, verdict, window_passed))
     return judged
 
 
@@ -496,7 +500,8 @@ class ValidationQueue:
 
     def __init__(self, store: Store, prompt_of: Callable[[int], LeasedPrompt], policy: SamplingPolicy, *,
                  clock: Callable[[], int], lease_ms: int = DEFAULT_VALIDATION_LEASE_MS,
-                 tolerances: dict[str, Tolerances] = TOLERANCES, window_chunks: int = NODE_WINDOW_CHUNKS):
+                 tolerances: dict[str, Tolerances] = TOLERANCES, window_chunks: int = NODE_WINDOW_CHUNKS,
+                 window_tokens: int = node_stats.NODE_WINDOW_TOKENS):
         self.store = store
         self.prompt_of = prompt_of
         self.policy = policy
@@ -504,6 +509,7 @@ class ValidationQueue:
         self.lease_ms = lease_ms
         self.tolerances = tolerances
         self.window_chunks = window_chunks
+        self.window_tokens = window_tokens
         self._leases: dict[str, tuple[str, int]] = {}  # group id -> (validator id, deadline ms)
         self._lock = threading.Lock()
 
@@ -564,16 +570,18 @@ class ValidationQueue:
         """A passed group's chunks join its node's window, which is judged once full, and while its
         node is on probation once it holds MIN_WINDOW_CHUNKS chunks: a group that leaves it over the
         pooled bounds fails, or passes in doubt where the evidence is too thin to strike. Per group:
-        (group id, verdict, whether a node-level verdict was taken with it and passed)."""
-        verdicts = judge_token_windows(self.store, verdicts)
-        passed = [(group_id, verdict.chunks) for group_id, verdict in verdicts if verdict.passed and verdict.chunks]
+        (group id, verdict, whether node-level verdicts were taken with it, on both its chunk and its token
+        window, and passed)."""
+        token_judged = judge_token_windows(self.store, verdicts, self.window_tokens)
+        passed = [(group_id, verdict.chunks) for group_id, verdict, _ in token_judged
+                  if verdict.passed and verdict.chunks]
         if not passed:
-            return [(group_id, verdict, False) for group_id, verdict in verdicts]
+            return [(group_id, verdict, False) for group_id, verdict, _ in token_judged]
         windows = dict(zip([group_id for group_id, _ in passed],
                            self.store.add_node_chunks(passed, self.window_chunks)))
         nodes: dict[str, NodeRecord | None] = {}
         judged = []
-        for group_id, verdict in verdicts:
+        for group_id, verdict, tokens_passed in token_judged:
             window = windows.get(group_id)
             window_passed = False
             if window is not None:
@@ -583,7 +591,7 @@ class ValidationQueue:
                 on_probation = node is not None and node.on_probation
                 if window.num_chunks >= self.window_chunks or (on_probation and window.num_chunks >= MIN_WINDOW_CHUNKS):
                     window_verdict = self._judge_window(window, node)
-                    window_passed = window_verdict is None
+                    window_passed = window_verdict is None and tokens_passed
                     verdict = window_verdict if window_verdict is not None and verdict.passed else verdict
             judged.append((group_id, verdict, window_passed))
         return judged

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.store import ChunkStats, GroupState, open_store, sqlite_url
+from coordinator.store import ChunkStats, GroupState, TokenStats, open_store, sqlite_url
 from coordinator.validation import (
     MIN_EOS_LOGPROB,
     MIN_WINDOW_CHUNKS,
@@ -182,7 +182,8 @@ def test_a_deviation_each_group_hides_shows_in_the_nodes_window(tiny_model, tmp_
     assert all(v.passed for v in verdicts[32:])
 
     store = open_store(sqlite_url(tmp_path))
-    queue = ValidationQueue(store, prompt_of=None, policy=SamplingPolicy(), clock=lambda: T0, window_chunks=128)
+    queue = ValidationQueue(store, prompt_of=None, policy=SamplingPolicy(probation_tokens=2048), clock=lambda: T0,
+                            window_chunks=128, window_tokens=2048)
 
     def report_one_by_one(node_id: str, node_verdicts) -> list[GroupState]:
         store.register_node(node_id, node_id.encode().ljust(32, b"k"), node_id, "torch-cpu-bfloat16", "cpu", "0", T0)
@@ -202,7 +203,8 @@ def test_a_deviation_each_group_hides_shows_in_the_nodes_window(tiny_model, tmp_
     window = json.loads(failure.evidence_json)
     assert window["num_chunks"] == MIN_WINDOW_CHUNKS
     assert window["mantissa_error_mean"] > window["allowed"]["mantissa_error_mean"]
-    # 100 tokens a group: its probation verdict comes with its 8th group, when the window holds 64 chunks
+    # ~100 tokens a group: its probation verdict comes once its token window holds 2048 tokens (its chunk
+    # window is past MIN_WINDOW_CHUNKS by then), and releases every group held before
     assert report_one_by_one("honest", verdicts[32:]) == [GroupState.READY] * 24
     assert not store.get_node("honest").on_probation
     store.close()
@@ -267,23 +269,25 @@ def test_a_doubt_puts_a_trusted_node_on_probation_without_a_strike(tmp_path):
 
     store = open_store(sqlite_url(tmp_path))
     queue = ValidationQueue(store, prompt_of=None, policy=SamplingPolicy(probation_tokens=100), clock=lambda: T0,
-                            window_chunks=8)
+                            window_chunks=8, window_tokens=100)
     store.register_node("n", b"n".ljust(32, b"k"), "n", "torch-cpu-float32", "cpu", "0", T0)
     lease = store.issue_lease("n", T0, 1, _fresh_factory("n", prompts_per_lease=3))
     submission = _submission(lease, b"s", state=GroupState.PENDING_VALIDATION)
     store.record_submission(submission)
     first, second, third = (g.group_id for g in submission.groups)
     clean = tuple(ChunkStats(0, 0.0, 128) for _ in range(8))
-    queue.report([(first, Verdict(True, "all", {}, clean))])  # a full clean window: probation passed
+    tokens = TokenStats(num_tokens=100)  # no near-tie, no drift: a clean token window
+    queue.report([(first, Verdict(True, "all", {}, clean, tokens))])  # clean windows: probation passed
     assert store.get_group(first).state is GroupState.READY and not store.get_node("n").on_probation
     assert SamplingPolicy().rate(store.get_node("n")) == 1.0  # fewer than 20 passed checks
-    doubt = Verdict(True, "commitment_pooled_doubt", {"num_chunks": 8}, (ChunkStats(1, 0.0, 127),) * 2 + clean[2:])
+    doubt = Verdict(True, "commitment_pooled_doubt", {"num_chunks": 8}, (ChunkStats(1, 0.0, 127),) * 2 + clean[2:],
+                    tokens)
     queue.report([(second, doubt)])
     node = store.get_node("n")
     assert node.on_probation and node.num_strikes == 0 and node.num_full_checks_failed == 0
     assert store.get_group(first).state is GroupState.PROBATION  # held again, with the doubted one
     assert store.get_group(second).state is GroupState.PROBATION
     assert SamplingPolicy(num_initial_checks=0).rate(node) == 1.0  # every submission checked
-    queue.report([(third, Verdict(True, "all", {}, clean))])  # the window passes again
+    queue.report([(third, Verdict(True, "all", {}, clean, tokens))])  # the windows pass again
     assert {store.get_group(g).state for g in (first, second, third)} == {GroupState.READY}
     store.close()
