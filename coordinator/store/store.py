@@ -35,6 +35,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
+    Table,
     and_,
     bindparam,
     case,
@@ -1627,6 +1628,24 @@ class Store:
         nodes[node.node_id] = node
         return ValidationOutcome(validation, node, struck, num_quarantined, num_voided, banned_now)
 
+    def _groups_joining_window(
+        self, connection: Connection, window: Table, group_ids: Sequence[str]
+    ) -> dict[str, str]:
+        """Of group_ids, those still pending validation whose statistics are not in the window table yet,
+        with their nodes, whose rows are locked in id order: one writer per node's window, and a verdict
+        reported again (or by a second validator) adds nothing."""
+        rows = connection.execute(
+            select(_groups.c.group_id, _groups.c.node_id, _groups.c.state).where(_groups.c.group_id.in_(group_ids))
+        ).all()
+        pending = {row.group_id: row.node_id for row in rows if GroupState(row.state) is GroupState.PENDING_VALIDATION}
+        added = set(connection.execute(
+            select(window.c.group_id).where(window.c.group_id.in_(list(pending))).distinct()
+        ).scalars())
+        joining = {group_id: node_id for group_id, node_id in pending.items() if group_id not in added}
+        for node_id in sorted(set(joining.values())):
+            self._get_node(connection, node_id, for_update=True)
+        return joining
+
     def add_node_chunks(
         self, groups: Sequence[tuple[str, Sequence[ChunkStats]]], window_size: int
     ) -> list[ChunkWindow | None]:
@@ -1635,24 +1654,13 @@ class Store:
         its node's window right after the group's chunks joined it; None for a group that no longer
         waits, or whose chunks were added before (a verdict reported again adds nothing)."""
         with self._write() as connection:
-            rows = connection.execute(
-                select(_groups.c.group_id, _groups.c.node_id, _groups.c.state)
-                .where(_groups.c.group_id.in_([group_id for group_id, _ in groups]))
-            ).all()
-            pending = {row.group_id: row.node_id for row in rows
-                       if GroupState(row.state) is GroupState.PENDING_VALIDATION}
-            added = set(connection.execute(
-                select(_node_chunks.c.group_id).where(_node_chunks.c.group_id.in_(list(pending))).distinct()
-            ).scalars())
-            for node_id in sorted({pending[group_id] for group_id, _ in groups if group_id in pending}):
-                self._get_node(connection, node_id, for_update=True)  # one writer per node's window
+            joining = self._groups_joining_window(connection, _node_chunks, [group_id for group_id, _ in groups])
             windows: list[ChunkWindow | None] = []
             for group_id, chunks in groups:
-                if group_id not in pending or group_id in added or not chunks:
+                node_id = joining.pop(group_id, None) if chunks else None
+                if node_id is None:
                     windows.append(None)
                     continue
-                added.add(group_id)
-                node_id = pending[group_id]
                 connection.execute(insert(_node_chunks), [
                     {"node_id": node_id, "group_id": group_id, "exponent_mismatches": chunk.exponent_mismatches,
                      "mantissa_error_sum": chunk.mantissa_error_sum, "num_matched": chunk.num_matched}
@@ -1685,24 +1693,13 @@ class Store:
         in input order: its node's window right after the group joined it; None for a group that no
         longer waits, or that was added before (a verdict reported again adds nothing)."""
         with self._write() as connection:
-            rows = connection.execute(
-                select(_groups.c.group_id, _groups.c.node_id, _groups.c.state)
-                .where(_groups.c.group_id.in_([group_id for group_id, _ in groups]))
-            ).all()
-            pending = {row.group_id: row.node_id for row in rows
-                       if GroupState(row.state) is GroupState.PENDING_VALIDATION}
-            added = set(connection.execute(
-                select(_node_tokens.c.group_id).where(_node_tokens.c.group_id.in_(list(pending)))
-            ).scalars())
-            for node_id in sorted({pending[group_id] for group_id, _ in groups if group_id in pending}):
-                self._get_node(connection, node_id, for_update=True)  # one writer per node's window
+            joining = self._groups_joining_window(connection, _node_tokens, [group_id for group_id, _ in groups])
             windows: list[TokenWindow | None] = []
             for group_id, stats in groups:
-                if group_id not in pending or group_id in added:
+                node_id = joining.pop(group_id, None)
+                if node_id is None:
                     windows.append(None)
                     continue
-                added.add(group_id)
-                node_id = pending[group_id]
                 connection.execute(insert(_node_tokens).values(
                     node_id=node_id, group_id=group_id, **dataclasses.asdict(stats)))
                 newest = connection.execute(
