@@ -9,6 +9,7 @@ UNKNOWN), each logged as one line, and every refusal is counted by method and st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -166,17 +167,23 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         log.debug("%s failed", method, exc_info=error)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); the operator's log has it")
 
+    @contextlib.asynccontextmanager
+    async def _outcome_counted(self, method: str, context) -> AsyncIterator[None]:
+        """Count a refusal; turn an unexpected error into one log line and INTERNAL."""
+        try:
+            yield
+        except grpc.aio.AbortError:
+            self._refused(method, context)
+            raise
+        except Exception as error:
+            await self._failed(method, error, context)
+
     def _unary(self, method: str, behavior: Callable) -> Callable:
         async def guarded(request, context):
             if isinstance(request, _MalformedRequest):
                 await self._refuse_malformed(method, request, context)
-            try:
+            async with self._outcome_counted(method, context):
                 return await behavior(request, context)
-            except grpc.aio.AbortError:
-                self._refused(method, context)
-                raise
-            except Exception as error:
-                await self._failed(method, error, context)
 
         return guarded
 
@@ -184,26 +191,16 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         async def guarded(request, context):
             if isinstance(request, _MalformedRequest):
                 await self._refuse_malformed(method, request, context)
-            try:
+            async with self._outcome_counted(method, context):
                 async for response in behavior(request, context):
                     yield response
-            except grpc.aio.AbortError:
-                self._refused(method, context)
-                raise
-            except Exception as error:
-                await self._failed(method, error, context)
 
         return guarded
 
     def _stream_unary(self, method: str, behavior: Callable) -> Callable:
         async def guarded(requests, context):
-            try:
+            async with self._outcome_counted(method, context):
                 return await behavior(_checked_requests(requests), context)
-            except grpc.aio.AbortError:
-                self._refused(method, context)
-                raise
-            except Exception as error:
-                await self._failed(method, error, context)
 
         return guarded
 
