@@ -379,21 +379,16 @@ def test_15_malformed_and_oversized_messages(cluster, trusted):
     MARGINS["15-malformed-oversized"] = {"check": "INVALID_ARGUMENT / RESOURCE_EXHAUSTED", "exact": True}
 
 
-def test_2_int8_under_a_bf16_declaration_is_caught_over_its_groups(cluster, trusted):
-    """int8 linear layers run in bf16 by a node that declares bf16, whose bounds must let honest
-    cross-engine drift pass: most of its groups pass one by one; its last NODE_WINDOW_CHUNKS chunks
-    pooled do not. By chance one chunk may fail first, in any group, the first included (about one
-    group in sixteen fails so). Either way none of its groups, those that had passed included, can
-    reach the trainer."""
-    from coordinator.validation import NODE_WINDOW_CHUNKS
-
-    model, tokenizer = trusted
+def int8_bf16_attack_until_caught(cluster, model, tokenizer, max_chunks: int):
+    """A node running int8 linear layers in bf16 under a bf16 declaration submits until a full check
+    fails it (or max_chunks chunks went by); returns the attacker, its full-check results and the
+    first failure's check and evidence, asserting that there is one, of the commitment family."""
     cheat = int8_linear_weights(model).to(torch.bfloat16)
 
     async def scenario():
         attacker = await Attacker(cluster, cheat, tokenizer, engine_name="torch-cpu-bfloat16").start()
         num_chunks = 0
-        while num_chunks < 2 * NODE_WINDOW_CHUNKS:
+        while num_chunks < max_chunks:
             batch = attacker.generate(await attacker.lease())
             num_chunks += sum(-(-len(r.token_ids) // 32) for g in batch.groups for r in g.rollouts)
             await attacker.submit(batch)
@@ -408,6 +403,20 @@ def test_2_int8_under_a_bf16_declaration_is_caught_over_its_groups(cluster, trus
     assert failures, f"passed {len(results)} full checks"
     check, evidence = failures[0]
     assert check in {"commitment", "commitment_node_pooled"}, evidence
+    return attacker, results, check, evidence
+
+
+def test_2_int8_under_a_bf16_declaration_is_caught_over_its_groups(cluster, trusted):
+    """int8 linear layers run in bf16 by a node that declares bf16, whose bounds must let honest
+    cross-engine drift pass: most of its groups pass one by one; its last NODE_WINDOW_CHUNKS chunks
+    pooled do not. By chance one chunk may fail first, in any group, the first included (about one
+    group in sixteen fails so). Either way none of its groups, those that had passed included, can
+    reach the trainer."""
+    from coordinator.validation import NODE_WINDOW_CHUNKS
+
+    model, tokenizer = trusted
+    attacker, results, check, evidence = int8_bf16_attack_until_caught(
+        cluster, model, tokenizer, 2 * NODE_WINDOW_CHUNKS)
     assert trainable_groups(cluster, attacker.node_id) == 0
     MARGINS["2-int8-linear-declared-bf16"] = {"check": check, "num_groups_passed_before": sum(
         passed for passed, _, _ in results), **margin_of(check, evidence)}

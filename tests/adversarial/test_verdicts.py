@@ -17,7 +17,7 @@ from tests.adversarial.harness import (
     trainable_groups,
     wait_for_validation,
 )
-from tests.adversarial.test_attacks import int8_linear_weights, perturbed
+from tests.adversarial.test_attacks import int8_bf16_attack_until_caught, perturbed
 from tests.integration.cluster import Cluster
 
 PROBATION_TOKENS = 512
@@ -219,26 +219,8 @@ def test_a_node_caught_on_probation_had_none_of_its_groups_trained_on(cluster, t
     it once full (or by chance one chunk fails first). Meanwhile the trainer consumed every ready group it could, and
     none of this node's: its groups were held."""
     model, tokenizer = trusted
-    cheat = int8_linear_weights(model).to(torch.bfloat16)
-
-    async def scenario():
-        attacker = await Attacker(cluster, cheat, tokenizer, engine_name="torch-cpu-bfloat16").start()
-        num_chunks = 0
-        while num_chunks < NODE_WINDOW_CHUNKS + 64:
-            batch = attacker.generate(await attacker.lease())
-            num_chunks += sum(-(-len(r.token_ids) // 32) for g in batch.groups for r in g.rollouts)
-            await attacker.submit(batch)
-            if not all(passed for passed, _, _ in wait_for_validation(cluster, attacker.node_id)):
-                break
-        await attacker.close()
-        return attacker
-
-    attacker = run(scenario())
-    results = wait_for_validation(cluster, attacker.node_id)
-    failures = [(check, evidence) for passed, check, evidence in results if not passed]
-    assert failures, f"passed {len(results)} full checks"
-    check, evidence = failures[0]
-    assert check in {"commitment", "commitment_node_pooled"}, evidence
+    attacker, results, check, evidence = int8_bf16_attack_until_caught(
+        cluster, model, tokenizer, NODE_WINDOW_CHUNKS + 64)
     consumed_when_caught = cluster.query(
         "SELECT num_groups_consumed FROM validation_results WHERE node_id = ? AND passed = 0", attacker.node_id)
     assert consumed_when_caught == [(0,)]
