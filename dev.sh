@@ -2,6 +2,8 @@
 # The two set-up commands of the README:
 #   ./dev.sh up [ARGS]     install into .venv if needed, then `rollproof up ARGS`
 #   ./dev.sh test [ARGS]   install into .venv (with test extras) if needed, then pytest ARGS
+# and for contributors:
+#   ./dev.sh lint          ruff (lint and format check) and mypy (strict where pyproject.toml says)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -48,8 +50,14 @@ case "$command" in
         ensure_chromium
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
+    lint)
+        ensure_env dev
+        "$VENV/bin/ruff" check .
+        "$VENV/bin/ruff" format --check .
+        exec "$VENV/bin/mypy"
+        ;;
     *)
-        echo "usage: ./dev.sh up [ARGS] | ./dev.sh test [PYTEST ARGS]" >&2
+        echo "usage: ./dev.sh up [ARGS] | ./dev.sh test [PYTEST ARGS] | ./dev.sh lint" >&2
         exit 2
         ;;
 esac

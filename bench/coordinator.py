@@ -78,19 +78,49 @@ def start_coordinator(root: Path, model_dir: Path, trainer: Identity) -> tuple[s
     blobs = BlobStore(data_dir / "policy", run_id="demo", trainer_public_key=trainer.public_key)
     PolicyPublisher(trainer, "demo", blobs).publish_model(1, load_model(model_dir))
     port = free_port()
-    popen = subprocess.Popen(
-        [
-            sys.executable, "-m", "rollproof.cli", "--log-level", "WARNING", "coordinator", "serve",
-            "--data-dir", str(data_dir), "--model", str(model_dir), "--grpc-port", str(port), "--http-port", "0",
-            "--trainer-key-fingerprint", trainer.key_id,
-            "--set", "validation.enabled=false", "--set", "run.prompts_per_lease=1",
-            "--set", f"run.group_size={GROUP_SIZE}", "--set", f"run.sampling.max_tokens={NUM_TOKENS}",
-            "--set", "server.requests_per_second_per_node=100000", "--set", "server.request_burst_per_node=100000",
-            "--set", "lease.max_open_per_node=64", "--set", "run.max_backlog_groups=0",
-            "--set", "server.registration_burst_per_address=100000",
-        ],
-        stdout=subprocess.DEVNULL, stderr=open(root / "coordinator.log", "wb"), start_new_session=True,
-    )
+    with open(root / "coordinator.log", "wb") as log:
+        popen = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rollproof.cli",
+                "--log-level",
+                "WARNING",
+                "coordinator",
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--model",
+                str(model_dir),
+                "--grpc-port",
+                str(port),
+                "--http-port",
+                "0",
+                "--trainer-key-fingerprint",
+                trainer.key_id,
+                "--set",
+                "validation.enabled=false",
+                "--set",
+                "run.prompts_per_lease=1",
+                "--set",
+                f"run.group_size={GROUP_SIZE}",
+                "--set",
+                f"run.sampling.max_tokens={NUM_TOKENS}",
+                "--set",
+                "server.requests_per_second_per_node=100000",
+                "--set",
+                "server.request_burst_per_node=100000",
+                "--set",
+                "lease.max_open_per_node=64",
+                "--set",
+                "run.max_backlog_groups=0",
+                "--set",
+                "server.registration_burst_per_address=100000",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
     endpoints = data_dir / "endpoints.json"
     deadline = time.monotonic() + 120
     while not endpoints.exists():
@@ -235,12 +265,16 @@ async def rejected_amplification(address: str, store_file: Path, num_rounds: int
     for round_index in range(num_rounds):
         lease = (await owner.lease(1)).lease
         empty = rollout_pb2.RolloutBatch(
-            lease_id=lease.lease_id, policy_version=lease.policy_version,
+            lease_id=lease.lease_id,
+            policy_version=lease.policy_version,
             groups=[
-                rollout_pb2.RolloutGroup(prompt_index=prompt.prompt_index, rollouts=[
-                    rollout_pb2.Rollout(sample_index=i, finish_reason=int(FinishReason.LENGTH))
-                    for i in range(lease.group_size)
-                ])
+                rollout_pb2.RolloutGroup(
+                    prompt_index=prompt.prompt_index,
+                    rollouts=[
+                        rollout_pb2.Rollout(sample_index=i, finish_reason=int(FinishReason.LENGTH))
+                        for i in range(lease.group_size)
+                    ],
+                )
                 for prompt in lease.prompts
             ],
         )
@@ -272,9 +306,23 @@ def store_baseline(root: Path, num_submissions: int) -> float:
         store.create_lease(LeaseRecord(lease_id, "n", index, (index,), GROUP_SIZE, SamplingParams(), 1, 1, 0, 10**12))
         store.record_submission(
             NewSubmission(
-                batch_hash=index.to_bytes(32, "big"), lease_id=lease_id, node_id="n", created_ms=0, receipt=b"r" * 600,
-                groups=(NewGroup(f"{lease_id}-0", index, 1, group_bytes, GROUP_SIZE * NUM_TOKENS, GROUP_SIZE,
-                                 GroupState.READY, 0.0),),
+                batch_hash=index.to_bytes(32, "big"),
+                lease_id=lease_id,
+                node_id="n",
+                created_ms=0,
+                receipt=b"r" * 600,
+                groups=(
+                    NewGroup(
+                        f"{lease_id}-0",
+                        index,
+                        1,
+                        group_bytes,
+                        GROUP_SIZE * NUM_TOKENS,
+                        GROUP_SIZE,
+                        GroupState.READY,
+                        0.0,
+                    ),
+                ),
                 verdicts=tuple(NewVerdict(index, s, True) for s in range(GROUP_SIZE)),
                 rollout_hashes=tuple(index.to_bytes(24, "big") + s.to_bytes(8, "big") for s in range(GROUP_SIZE)),
             )
@@ -302,7 +350,9 @@ def main() -> None:
         trainer = Identity.generate()
         popen, address = start_coordinator(root, root / "model", trainer)
         try:
-            rollouts_per_s, latencies = asyncio.run(ingest(address, args.nodes, seconds, make_reward_of(root / "model")))
+            rollouts_per_s, latencies = asyncio.run(
+                ingest(address, args.nodes, seconds, make_reward_of(root / "model"))
+            )
             beats_per_s, beat_p99 = asyncio.run(heartbeats(address, args.heartbeat_nodes, seconds / 2))
             num_trainer_calls = 50
             num_trainer_ok, num_forged_refused = asyncio.run(
@@ -315,12 +365,20 @@ def main() -> None:
             os.kill(popen.pid, signal.SIGTERM)
             popen.wait(timeout=60)
     quantiles = statistics.quantiles(latencies, n=100)
-    print(json.dumps({
-        "nodes": args.nodes, "seconds": seconds, "submissions": len(latencies),
-        "p50_ms": round(1000 * quantiles[49], 1), "store_only_rollouts_per_s": round(baseline),
-        "heartbeat_p99_ms": round(beat_p99, 1),
-        "trainer_calls_ok_in_flood": f"{num_trainer_ok}/{num_trainer_calls}", "forged_refused": num_forged_refused,
-    }))
+    print(
+        json.dumps(
+            {
+                "nodes": args.nodes,
+                "seconds": seconds,
+                "submissions": len(latencies),
+                "p50_ms": round(1000 * quantiles[49], 1),
+                "store_only_rollouts_per_s": round(baseline),
+                "heartbeat_p99_ms": round(beat_p99, 1),
+                "trainer_calls_ok_in_flood": f"{num_trainer_ok}/{num_trainer_calls}",
+                "forged_refused": num_forged_refused,
+            }
+        )
+    )
     print(f"ingest-vs-store-ratio: {rollouts_per_s / baseline:.2f} (end to end ÷ store alone)")
     print(f"ingest-rollouts-per-s: {rollouts_per_s} (target: >= 2000 on 2 cores)")
     print(f"ingest-p99-ms: {1000 * quantiles[98]:.1f} (target: < 100)")

@@ -35,8 +35,9 @@ class VllmThroughput:
         return self.engine_tokens_per_s / self.vllm_tokens_per_s
 
 
-def measure_vllm_throughput(model: torch.nn.Module, requests: Sequence[GenerationRequest],
-                            repeats: int) -> VllmThroughput:
+def measure_vllm_throughput(
+    model: torch.nn.Module, requests: Sequence[GenerationRequest], repeats: int
+) -> VllmThroughput:
     """Best-of-`repeats` tokens/s of the vLLM engine and of plain vLLM on `requests` (one batch,
     no stop tokens), `model` saved to a temporary directory and loaded by both in float32."""
     from engine import best_times
@@ -52,12 +53,21 @@ def measure_vllm_throughput(model: torch.nn.Module, requests: Sequence[Generatio
         model.save_pretrained(model_dir)
         engine = VllmEngine(Path(model_dir), stop_token_ids=(), max_batch_size=batch_size)
         on_cpu = engine.llm.llm_engine.vllm_config.device_config.device_type == "cpu"
-        plain = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32", seed=0, max_num_seqs=batch_size,
-                    kv_cache_memory_bytes=DEFAULT_CPU_KV_CACHE_BYTES if on_cpu else None, enforce_eager=on_cpu,
-                    async_scheduling=False, disable_log_stats=True)
+        plain = LLM(
+            model=model_dir,
+            skip_tokenizer_init=True,
+            dtype="float32",
+            seed=0,
+            max_num_seqs=batch_size,
+            kv_cache_memory_bytes=DEFAULT_CPU_KV_CACHE_BYTES if on_cpu else None,
+            enforce_eager=on_cpu,
+            async_scheduling=False,
+            disable_log_stats=True,
+        )
     prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
-    own_sampling = VllmSamplingParams(temperature=1.0, max_tokens=max_tokens, min_tokens=max_tokens,
-                                      ignore_eos=True, detokenize=False)
+    own_sampling = VllmSamplingParams(
+        temperature=1.0, max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, detokenize=False
+    )
 
     def plain_generate() -> None:
         outputs = plain.generate(prompts, own_sampling, use_tqdm=False)
@@ -73,8 +83,9 @@ def measure_vllm_throughput(model: torch.nn.Module, requests: Sequence[Generatio
     return VllmThroughput(num_tokens / seconds["engine"], num_tokens / seconds["plain"])
 
 
-def print_vllm_throughput(model: torch.nn.Module, requests: Sequence[GenerationRequest],
-                          torch_engine_seconds: float, repeats: int) -> None:
+def print_vllm_throughput(
+    model: torch.nn.Module, requests: Sequence[GenerationRequest], torch_engine_seconds: float, repeats: int
+) -> None:
     """The vLLM lines of bench/engine.py (`vllm-throughput-ratio` last); nothing without vLLM."""
     if importlib.util.find_spec("vllm") is None:
         return
@@ -88,7 +99,6 @@ def print_vllm_throughput(model: torch.nn.Module, requests: Sequence[GenerationR
 
 def main() -> None:
     import numpy as np
-
     from engine import best_times, build_model
 
     from policy.engine import TorchEngine
@@ -111,8 +121,12 @@ def main() -> None:
     model = build_model(hidden_size=256, num_layers=4, vocab_size=512)
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=1.0, max_tokens=max_tokens)
-    requests = [GenerationRequest(tuple(int(t) for t in rng.integers(2, 512, rng.integers(8, 24))), params,
-                                  rule.derive_sample_seed(1, i, 0)) for i in range(batch_size)]
+    requests = [
+        GenerationRequest(
+            tuple(int(t) for t in rng.integers(2, 512, rng.integers(8, 24))), params, rule.derive_sample_seed(1, i, 0)
+        )
+        for i in range(batch_size)
+    ]
     torch_engine = TorchEngine(model, stop_token_ids=(), max_batch_size=batch_size)
     torch_engine.generate(requests[:2])
     torch_seconds = best_times({"torch": lambda: torch_engine.generate(requests)}, repeats)["torch"]

@@ -40,11 +40,15 @@ TRAINER = Identity.from_seed(bytes(32))
 
 
 def sign_version(run_id: str, version: int, blobs: list[bytes]) -> bytes:
-    manifest = policy_pb2.PolicyManifest(run_id=run_id, version=version, base_version=version, codec=policy_pb2.CODEC_KEYFRAME)
+    manifest = policy_pb2.PolicyManifest(
+        run_id=run_id, version=version, base_version=version, codec=policy_pb2.CODEC_KEYFRAME
+    )
     for blob in blobs:
         manifest.blobs.add(hash=hashlib.sha256(blob).digest(), size=len(blob), uncompressed_size=len(blob))
     payload = manifest.SerializeToString()
-    return policy_pb2.SignedManifest(manifest=payload, signer_public_key=TRAINER.public_key, signature=TRAINER.sign(payload)).SerializeToString()
+    return policy_pb2.SignedManifest(
+        manifest=payload, signer_public_key=TRAINER.public_key, signature=TRAINER.sign(payload)
+    ).SerializeToString()
 
 
 def verify_version(data: bytes) -> policy_pb2.PolicyManifest:
@@ -154,11 +158,15 @@ class NodeProcess:
             self.process.wait()
 
 
-def run_swarm(pool: list[NodeProcess], num_nodes: int, blobs: list[bytes], settings: P2PSettings) -> tuple[float, float]:
+def run_swarm(
+    pool: list[NodeProcess], num_nodes: int, blobs: list[bytes], settings: P2PSettings
+) -> tuple[float, float]:
     """(origin egress ÷ version size, seconds from publish until the last node holds the version)."""
     run_id = f"{RUN_ID}-{num_nodes}-{time.monotonic_ns()}"
     origin = {hashlib.sha256(b).digest(): b for b in blobs}
-    seed = SeedHost(Identity.generate(), run_id, blob_source=origin.get, verify_manifest=verify_version, settings=settings)
+    seed = SeedHost(
+        Identity.generate(), run_id, blob_source=origin.get, verify_manifest=verify_version, settings=settings
+    )
     seed.start()
     nodes = pool[:num_nodes]
     try:
@@ -202,7 +210,10 @@ def main() -> None:
         serve_node_process(settings)
         return
     blobs = [os.urandom(blob_kib * 1024) for _ in range(args.num_blobs)]
-    print(f"version: {args.num_blobs} blobs x {blob_kib} KiB = {blob_kib * args.num_blobs} KiB; every host uploads at most {upload_kib_per_s} KiB/s")
+    print(
+        f"version: {args.num_blobs} blobs x {blob_kib} KiB = {blob_kib * args.num_blobs} KiB; "
+        f"every host uploads at most {upload_kib_per_s} KiB/s"
+    )
     print(f"every node is its own process and keeps up to {settings.max_peers} peers; the seed runs in this one")
     pool = [NodeProcess(["--upload-kib-per-s", str(upload_kib_per_s)]) for _ in range(16)]
     try:
@@ -214,7 +225,8 @@ def main() -> None:
             ratios[num_nodes] = (egress_ratio, spread_s / alone_s)
             print(
                 f"{num_nodes:2d} nodes: origin sent {egress_ratio:.2f}x the version (origin alone: {num_nodes}x); "
-                f"last node after {spread_s:.2f} s = {spread_s / alone_s:.2f}x the one-node time (origin alone: ~{num_nodes}x)"
+                f"last node after {spread_s:.2f} s = {spread_s / alone_s:.2f}x the one-node time "
+                f"(origin alone: ~{num_nodes}x)"
             )
     finally:
         for node in pool:

@@ -1,7 +1,7 @@
 """Asynchronous against synchronous RL (issue 6): wall-clock time to a held-out reward target with
 the trainer's staleness bound k = 2 against k = 0.
 
-Each arm runs the real one-machine loop (rollproof.up.Launcher: coordinator with its validator,
+Each arm runs the real one-machine loop (rollproof.launcher.Launcher: coordinator with its validator,
 trainer and N nodes as child processes on loopback) on the same model, task and settings, except
 the trainer's `max_staleness`. An arm ends when the published policy's held-out reward reaches the
 target (the first evaluation's reward + --gain) or after --budget-s seconds of training. The
@@ -12,6 +12,13 @@ step waited for rollouts against the time it trained.
 it is async ÷ sync time per trainer step over the budget, and the line says so: with equal
 progress per step that is the same ratio, but progress per step is what k changes, so only the
 first form is the issue's figure.
+
+`--compare probation` runs instead two arms that differ only in the coordinator's
+`validation.probation_tokens` (the default against 0: issue 16's probation, where a new node's groups
+are trainable only after its first node-level verdict). Its cost is the later first trainer step; it
+prints both arms' time to the target and `probation-cost-ratio` (with ÷ without probation, on time to
+target when both reach it, else on the time to the first trainer step). One pair of runs is noisy: the
+nodes' rollouts, the held-out evaluations and other load on the machine all move it.
 """
 
 from __future__ import annotations
@@ -26,14 +33,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rollproof.up import Launcher, UpOptions, as_set_flags  # noqa: E402
+from rollproof.launcher import Launcher, UpOptions, as_set_flags  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What one arm changes: the trainer's staleness bound, and coordinator settings."""
+
+    label: str
+    max_staleness: int = 2
+    coordinator_settings: tuple[str, ...] = ()
+
+
+STALENESS_ARMS = (Arm("k=2", 2), Arm("k=0", 0))
+PROBATION_ARMS = (Arm("probation"), Arm("probation_tokens=0", coordinator_settings=("validation.probation_tokens=0",)))
 
 
 @dataclass(frozen=True)
 class ArmResult:
-    max_staleness: int
+    arm: Arm
     num_steps: int
     train_seconds: float
+    seconds_to_first_step: float  # from the first held-out evaluation (the trainer's start) to its first step
+    seconds_from_launch_to_first_step: float  # from starting the coordinator to the trainer's first step
     seconds_to_target: float | None
     first_reward: float
     best_reward: float
@@ -46,17 +68,27 @@ class ArmResult:
         return self.train_seconds / max(1, self.num_steps)
 
 
-def run_arm(model: Path, task: str, max_staleness: int, args: argparse.Namespace, run_dir: Path) -> ArmResult:
+def run_arm(model: Path, task: str, arm: Arm, args: argparse.Namespace, run_dir: Path) -> ArmResult:
     trainer_settings = [
-        f"max_staleness={max_staleness}", f"eval_every={args.eval_every}", f"eval_problems={args.eval_problems}",
+        f"max_staleness={arm.max_staleness}",
+        f"eval_every={args.eval_every}",
+        f"eval_problems={args.eval_problems}",
         *([f"groups_per_step={args.groups_per_step}"] if args.groups_per_step else []),
     ]
-    launcher = Launcher(UpOptions(
-        model=model, task=task, num_nodes=args.nodes, num_steps=0, run_dir=run_dir,
-        extra_trainer=as_set_flags(trainer_settings),
-    ))
+    launcher = Launcher(
+        UpOptions(
+            model=model,
+            task=task,
+            num_nodes=args.nodes,
+            num_steps=0,
+            run_dir=run_dir,
+            extra_trainer=as_set_flags(trainer_settings),
+            extra_coordinator=as_set_flags(list(arm.coordinator_settings)),
+        )
+    )
     target = None
     started = None
+    launched = time.time()  # the trainer's metrics are stamped with time.time()
     try:
         launcher.start()
         deadline = time.monotonic() + args.startup_timeout_s
@@ -83,9 +115,11 @@ def run_arm(model: Path, task: str, max_staleness: int, args: argparse.Namespace
     first_time = records[0]["time"]
     trained = [r for r in steps if not r.get("skipped")]
     return ArmResult(
-        max_staleness=max_staleness,
+        arm=arm,
         num_steps=len(steps),
         train_seconds=last_time - first_time,
+        seconds_to_first_step=steps[0]["time"] - first_time if steps else last_time - first_time,
+        seconds_from_launch_to_first_step=(steps[0]["time"] if steps else last_time) - launched,
         seconds_to_target=reached,
         first_reward=curve[0][2],
         best_reward=max(reward for _, _, reward in curve),
@@ -97,10 +131,14 @@ def run_arm(model: Path, task: str, max_staleness: int, args: argparse.Namespace
 
 def describe(arm: ArmResult) -> str:
     reached = f"{arm.seconds_to_target:.0f} s" if arm.seconds_to_target is not None else "not reached"
-    return (f"k={arm.max_staleness}: {arm.num_steps} steps in {arm.train_seconds:.0f} s "
-            f"({arm.seconds_per_step:.2f} s/step), held-out {arm.first_reward:.3f} -> best {arm.best_reward:.3f}, "
-            f"target {reached}; trainer {arm.tokens_per_second:,.0f} tokens/s, per step "
-            f"{arm.mean_wait_seconds:.2f} s waiting for rollouts vs {arm.mean_step_seconds:.2f} s training")
+    return (
+        f"{arm.arm.label}: {arm.num_steps} steps in {arm.train_seconds:.0f} s "
+        f"({arm.seconds_per_step:.2f} s/step, {1 / arm.seconds_per_step:.2f} steps/s; first step after "
+        f"{arm.seconds_to_first_step:.1f} s, {arm.seconds_from_launch_to_first_step:.1f} s after launch), "
+        f"held-out {arm.first_reward:.3f} -> best {arm.best_reward:.3f}, "
+        f"target {reached}; trainer {arm.tokens_per_second:,.0f} tokens/s, per step "
+        f"{arm.mean_wait_seconds:.2f} s waiting for rollouts vs {arm.mean_step_seconds:.2f} s training"
+    )
 
 
 def main() -> None:
@@ -111,10 +149,17 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--gain", type=float, default=0.1, help="target = first held-out reward + gain")
     parser.add_argument("--budget-s", type=float, help="training seconds per arm (default 600, quick 8)")
-    parser.add_argument("--groups-per-step", type=int, help="default: the embedded run's (rollproof.up)")
+    parser.add_argument("--groups-per-step", type=int, help="default: the embedded run's (rollproof.launcher)")
     parser.add_argument("--eval-every", type=int, help="trainer steps between evaluations (default 5, quick 2)")
     parser.add_argument("--eval-problems", type=int, help="held-out problems per evaluation (default 200, quick 30)")
     parser.add_argument("--startup-timeout-s", type=float, default=120)
+    parser.add_argument(
+        "--compare",
+        choices=("staleness", "probation"),
+        default="staleness",
+        help="staleness: k=2 against k=0 (async-speedup-ratio); probation: the default "
+        "validation.probation_tokens against 0 (probation-cost-ratio)",
+    )
     args = parser.parse_args()
     args.budget_s = args.budget_s or (8 if args.quick else 600)
     args.eval_every = args.eval_every or (2 if args.quick else 5)
@@ -124,20 +169,44 @@ def main() -> None:
 
         args.model = bootstrapped_model_dir(args.task)
 
+    arms = STALENESS_ARMS if args.compare == "staleness" else PROBATION_ARMS
     with tempfile.TemporaryDirectory(prefix="rollproof-bench-rl-") as scratch:
-        arms = {k: run_arm(args.model, args.task, k, args, Path(scratch) / f"k{k}") for k in (2, 0)}
-    async_arm, sync_arm = arms[2], arms[0]
-    print(f"model {args.model}, task {args.task}, {args.nodes} nodes, {args.groups_per_step or 'embedded'} groups a step, "
-          f"target = first held-out reward + {args.gain}, budget {args.budget_s:.0f} s an arm")
-    for arm in (async_arm, sync_arm):
-        print(describe(arm))
+        results = [run_arm(args.model, args.task, arm, args, Path(scratch) / f"arm{i}") for i, arm in enumerate(arms)]
+    print(
+        f"model {args.model}, task {args.task}, {args.nodes} nodes, "
+        f"{args.groups_per_step or 'embedded'} groups a step, "
+        f"target = first held-out reward + {args.gain}, budget {args.budget_s:.0f} s an arm"
+    )
+    for result in results:
+        print(describe(result))
+    if args.compare == "staleness":
+        print_async_speedup(*results)
+    else:
+        print_probation_cost(*results)
+
+
+def print_async_speedup(async_arm: ArmResult, sync_arm: ArmResult) -> None:
     if async_arm.seconds_to_target is not None and sync_arm.seconds_to_target is not None:
         ratio = async_arm.seconds_to_target / max(sync_arm.seconds_to_target, 1e-9)
         print(f"async-speedup-ratio: {ratio:.3f} (target: <= 0.7; time to held-out target, k=2 / k=0)")
     else:
         ratio = async_arm.seconds_per_step / sync_arm.seconds_per_step
-        print(f"async-speedup-ratio: {ratio:.3f} (target: <= 0.7; time per trainer step, k=2 / k=0: "
-              f"the held-out target was not reached by both arms)")
+        print(
+            f"async-speedup-ratio: {ratio:.3f} (target: <= 0.7; time per trainer step, k=2 / k=0: "
+            f"the held-out target was not reached by both arms)"
+        )
+
+
+def print_probation_cost(with_probation: ArmResult, without: ArmResult) -> None:
+    if with_probation.seconds_to_target is not None and without.seconds_to_target is not None:
+        ratio = with_probation.seconds_to_target / max(without.seconds_to_target, 1e-9)
+        print(f"probation-cost-ratio: {ratio:.3f} (time to held-out target, probation / probation_tokens=0)")
+    else:
+        ratio = with_probation.seconds_to_first_step / max(without.seconds_to_first_step, 1e-9)
+        print(
+            f"probation-cost-ratio: {ratio:.3f} (time to the first trainer step, probation / probation_tokens=0: "
+            f"the held-out target was not reached by both arms)"
+        )
 
 
 if __name__ == "__main__":

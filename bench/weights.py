@@ -158,8 +158,7 @@ def best_seconds(action, num_repeats: int, before=None, synchronize=lambda: None
     return min(times)
 
 
-def measure_apply(size: ModelSize, run: DeltaRun, num_repeats: int, device: torch.device
-                  ) -> tuple[float, float, float]:
+def measure_apply(size: ModelSize, run: DeltaRun, num_repeats: int, device: torch.device) -> tuple[float, float, float]:
     """Seconds to apply the run's last delta in place, to load the full checkpoint from
     safetensors, and to rehash the node's full state (which a node does every
     DEFAULT_FULL_CHECK_INTERVAL deltas, not on each), with the node's model on `device`."""
@@ -168,7 +167,7 @@ def measure_apply(size: ModelSize, run: DeltaRun, num_repeats: int, device: torc
     update = run.last_update
     assert update is not None
     signed = sign_manifest(TRAINER, update.manifest)
-    blobs = {ref.hash: blob for ref, blob in zip(update.manifest.blobs, update.blobs)}
+    blobs = {ref.hash: blob for ref, blob in zip(update.manifest.blobs, update.blobs, strict=True)}
     node = NodePolicy(model, run_id=RUN, trainer_public_key=TRAINER.public_key)
     base_version = update.manifest.base_version
 
@@ -186,7 +185,9 @@ def measure_apply(size: ModelSize, run: DeltaRun, num_repeats: int, device: torc
         load_checkpoint()
         load_seconds = best_seconds(load_checkpoint, num_repeats, synchronize=synchronize)
     apply_seconds = best_seconds(
-        lambda: node.apply(signed, blobs), num_repeats, before=lambda: node.adopt(base_version, run.last_base),
+        lambda: node.apply(signed, blobs),
+        num_repeats,
+        before=lambda: node.adopt(base_version, run.last_base),
         synchronize=synchronize,
     )
     hash_seconds = best_seconds(node.check_state_hash, num_repeats)
@@ -196,8 +197,9 @@ def measure_apply(size: ModelSize, run: DeltaRun, num_repeats: int, device: torc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model only, fewer steps (< 1 minute)")
-    parser.add_argument("--device", default="cpu",
-                        help="cpu, cuda or cuda:N: where the optimizer steps run and the node's model lives")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N: where the optimizer steps run and the node's model lives"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     # One intra-op thread: on a shared machine, torch's spinning worker threads can make a
@@ -221,7 +223,9 @@ def main() -> None:
     state = export_bf16_state(model)
     keyframe = build_keyframe(RUN, 0, state)
     keyframe_ratio = update_bytes(keyframe) / raw_bytes(state)
-    apply_seconds, load_seconds, hash_seconds = measure_apply(headline_size, results[(headline_size.name, 1e-6)], 5, device)
+    apply_seconds, load_seconds, hash_seconds = measure_apply(
+        headline_size, results[(headline_size.name, 1e-6)], 5, device
+    )
 
     print()
     print(f"steps {HEADLINE_FIRST_STEP}-{min(num_steps, HEADLINE_LAST_STEP)}, medians:")

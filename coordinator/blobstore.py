@@ -29,11 +29,13 @@ from protocol.manifest import (
     HASH_BYTES,
     MAX_BLOB_BYTES,
     PolicyUpdateError,
-    blob_hash as compute_blob_hash,
     check_blob,
     signed_manifest_from_bytes,
     signed_manifest_to_bytes,
     verify_manifest,
+)
+from protocol.manifest import (
+    blob_hash as compute_blob_hash,
 )
 from protocol.types import Codec, PolicyManifest, SignedManifest
 
@@ -264,8 +266,10 @@ class BlobStore:
             return
         if manifest.version < latest:
             raise VersionOrderError(f"version {manifest.version} is older than the latest stored, {latest}")
-        previous = latest if manifest.version > latest else max(
-            (version for version, _ in self._versions if version < latest), default=None
+        previous = (
+            latest
+            if manifest.version > latest
+            else max((version for version, _ in self._versions if version < latest), default=None)
         )
         if manifest.codec == Codec.DELTA and manifest.base_version != previous:
             raise VersionOrderError(
@@ -282,9 +286,7 @@ class BlobStore:
             return
         oldest_kept = keyframes[-self.num_keyframes_kept]
         dropped = [
-            key
-            for key in self._versions
-            if key[0] < oldest_kept or (key[0] == oldest_kept and key[1] == Codec.DELTA)
+            key for key in self._versions if key[0] < oldest_kept or (key[0] == oldest_kept and key[1] == Codec.DELTA)
         ]
         dropped_hashes = {ref.hash for key in dropped for ref in self._versions[key][1].blobs}
         for key in dropped:

@@ -41,14 +41,14 @@ class LeaseRejection(ValueError):
 class RunFacts:
     vocab_size: int
     eos_token_id: int
-    commitment_bytes: Callable[[int], int]   # expected commitment length for n sampled tokens
-    multi_turn: bool = False                 # single-turn tasks: every token is sampled
+    commitment_bytes: Callable[[int], int]  # expected commitment length for n sampled tokens
+    multi_turn: bool = False  # single-turn tasks: every token is sampled
 
 
 @dataclass(frozen=True)
 class LeaseView:
     lease: WorkLease
-    state: str        # "open", "submitted", "released", "expired"
+    state: str  # "open", "submitted", "released", "expired"
 
 
 def check_lease(batch: RolloutBatch, lease_state: LeaseView | None, signer_id: str, now_ms: int) -> WorkLease:
@@ -84,9 +84,7 @@ def rollout_content_hash(lease: WorkLease, prompt_index: int, rollout: Rollout) 
 
 def _logprobs_problem(logprobs: tuple[float, ...]) -> bool:
     """Whether any log-probability is NaN, infinite or positive (min/max/isnan run in C)."""
-    return bool(logprobs) and (
-        max(logprobs) > 0.0 or min(logprobs) == -math.inf or any(map(math.isnan, logprobs))
-    )
+    return bool(logprobs) and (max(logprobs) > 0.0 or min(logprobs) == -math.inf or any(map(math.isnan, logprobs)))
 
 
 def _schema_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts) -> tuple[RejectReason, str] | None:
@@ -113,7 +111,20 @@ def _schema_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts) -> tupl
             RejectReason.COMMITMENT_MISMATCH,
             f"commitment has {len(rollout.commitment)} bytes, expected {expected_commitment} for {num_sampled} tokens",
         )
-    sampled = tuple(compress(token_ids, rollout.sampled_mask))
+    finish_problem = _finish_problem(rollout, lease, facts, num_sampled)
+    if finish_problem is not None:
+        return finish_problem
+    if not (0.0 <= rollout.claimed_reward <= 1.0):
+        return RejectReason.SCHEMA, f"claimed reward {rollout.claimed_reward} is outside [0, 1]"
+    return None
+
+
+def _finish_problem(
+    rollout: Rollout, lease: WorkLease, facts: RunFacts, num_sampled: int
+) -> tuple[RejectReason, str] | None:
+    """Whether the finish reason disagrees with the sampled tokens: 'stop' ends in the one EOS,
+    'length' has none and max_tokens tokens."""
+    sampled = tuple(compress(rollout.token_ids, rollout.sampled_mask))
     num_eos = sampled.count(facts.eos_token_id)
     if rollout.finish_reason == FinishReason.STOP:
         if num_eos != 1 or sampled[-1] != facts.eos_token_id:
@@ -125,15 +136,13 @@ def _schema_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts) -> tupl
             RejectReason.FINISH_REASON_INCONSISTENT,
             f"finish reason 'length' after {num_sampled} tokens, max_tokens is {lease.sampling.max_tokens}",
         )
-    if not (0.0 <= rollout.claimed_reward <= 1.0):
-        return RejectReason.SCHEMA, f"claimed reward {rollout.claimed_reward} is outside [0, 1]"
     return None
 
 
 @dataclass(frozen=True)
 class CheckedGroup:
     prompt: LeasedPrompt
-    group_index: int             # position of the group in the batch
+    group_index: int  # position of the group in the batch
     verdicts: tuple[RolloutVerdict, ...]
     content_hashes: tuple[bytes, ...]
 
@@ -154,9 +163,7 @@ def check_rollouts(
     so one bad rollout rejects its group; the others in the group are marked with why."""
     prompts = {p.prompt_index: p for p in lease.prompts}
     seen_prompts: set[int] = set()
-    hashes = [
-        [rollout_content_hash(lease, g.prompt_index, r) for r in g.rollouts] for g in batch.groups
-    ]
+    hashes = [[rollout_content_hash(lease, g.prompt_index, r) for r in g.rollouts] for g in batch.groups]
     known = already_seen([h for group_hashes in hashes for h in group_hashes])
     checked = []
     for group_index, group in enumerate(batch.groups):
@@ -173,7 +180,7 @@ def check_rollouts(
         seen_prompts.add(group.prompt_index)
         problems: list[tuple[RejectReason, str] | None] = []
         batch_hashes: set[bytes] = set()
-        for rollout, content_hash in zip(group.rollouts, hashes[group_index]):
+        for rollout, content_hash in zip(group.rollouts, hashes[group_index], strict=False):
             problem = group_problem or _schema_problem(rollout, lease, facts)
             if problem is None and (content_hash in known or content_hash in batch_hashes):
                 problem = (RejectReason.DUPLICATE, "this rollout was already submitted")
@@ -188,7 +195,7 @@ def check_rollouts(
             problems.append(problem)
         first_problem = next((p for p in problems if p is not None), None)
         verdicts = []
-        for rollout, problem in zip(group.rollouts, problems):
+        for rollout, problem in zip(group.rollouts, problems, strict=False):
             if problem is None and first_problem is not None:
                 problem = (first_problem[0], "another rollout of this group was rejected")
             verdicts.append(

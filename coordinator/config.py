@@ -39,14 +39,17 @@ class ServerSection(_Section):
     grpc_port: int = Field(7470, ge=0, le=65535)
     http_port: int = Field(7471, ge=0, le=65535)
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    requests_per_second_per_node: float = Field(50.0, gt=0, description="signed requests of one node, charged once its signature is verified")
+    requests_per_second_per_node: float = Field(
+        50.0, gt=0, description="signed requests of one node, charged once its signature is verified"
+    )
     request_burst_per_node: int = Field(100, ge=1)
     requests_per_second_trainer: float = Field(1000.0, gt=0, description="the trainer key's own allowance")
     request_burst_trainer: int = Field(2000, ge=1)
     unauthenticated_requests_per_second_per_address: float = Field(
-        200.0, gt=0,
+        200.0,
+        gt=0,
         description="per peer host: unsigned RPCs (run info, manifests, blobs) and requests whose envelope or "
-                    "operator token fails; refused past it, without touching any signer's allowance",
+        "operator token fails; refused past it, without touching any signer's allowance",
     )
     unauthenticated_request_burst_per_address: int = Field(1000, ge=1)
     registrations_per_second_per_address: float = Field(
@@ -73,33 +76,46 @@ class LeaseSection(_Section):
         20, ge=2, description="the number of a node's newest closed leases its releases and expiries are counted over"
     )
     max_walkaway_fraction: float = Field(
-        0.25, ge=0.0, lt=1.0,
+        0.25,
+        ge=0.0,
+        lt=1.0,
         description="a node that released or let expire more than this fraction of its last walkaway_window leases "
-                    "gets no leases for cooldown_s; doing so again within walkaway_window leases after a cool-down is "
-                    "also a strike (validation.max_strikes bans)",
+        "gets no leases for cooldown_s; doing so again within walkaway_window leases after a cool-down is "
+        "also a strike (validation.max_strikes bans)",
     )
     cooldown_s: float = Field(600.0, ge=0.0)
 
 
 class ValidationSection(_Section):
     enabled: bool = Field(True, description="fully check a sample of submissions")
-    in_process: bool = Field(True, description="run a validator inside the coordinator; false: only `rollproof validator run` processes check")
-    lease_s: float = Field(300.0, gt=0, description="how long a validator holds the groups it took before another one gets them")
-    num_initial_checks: int = Field(20, ge=0, description="a new node's submissions are all checked until it passed this many")
-    floor_rate: float = Field(0.05, gt=0.0, le=1.0, description="the lowest sampling rate, reached with high reputation")
+    in_process: bool = Field(
+        True,
+        description="run a validator inside the coordinator; false: only `rollproof validator run` processes check",
+    )
+    lease_s: float = Field(
+        300.0, gt=0, description="how long a validator holds the groups it took before another one gets them"
+    )
+    num_initial_checks: int = Field(
+        20, ge=0, description="a new node's submissions are all checked until it passed this many"
+    )
+    floor_rate: float = Field(
+        0.05, gt=0.0, le=1.0, description="the lowest sampling rate, reached with high reputation"
+    )
     max_strikes: int = Field(2, ge=1, description="failed submissions (one strike each) before a node is banned")
     probation_tokens: int = Field(
-        4096, ge=0,
+        4096,
+        ge=0,
         description="fully checked tokens a node passes before its groups are trainable: its first node-level "
-                    "verdict (its chunk window judged over at least 128 chunks and its token window over 4096 "
-                    "tokens, see coordinator/validation.py); 0 holds no groups (a new or doubted node is then only "
-                    "checked fully until that verdict)",
+        "verdict (its chunk window judged over at least 128 chunks and its token window over 4096 "
+        "tokens, see coordinator/validation.py); 0 holds no groups (a new or doubted node is then only "
+        "checked fully until that verdict)",
     )
     device: str = Field("cpu", description="where the in-process validator replays: cpu, cuda or cuda:N")
     precisions: list[Literal["float32", "bfloat16"]] = Field(
-        ["float32", "bfloat16"], min_length=1,
+        ["float32", "bfloat16"],
+        min_length=1,
         description="the compute precisions a node may declare (by its engine); each is held to its own bounds, "
-                    "and bfloat16's are far looser, so a run whose nodes compute in float32 should accept that alone",
+        "and bfloat16's are far looser, so a run whose nodes compute in float32 should accept that alone",
     )
 
 

@@ -47,10 +47,10 @@ class Caller:
 
 @dataclass(frozen=True)
 class GateLimits:
-    node: RateLimiter             # per verified node key
-    trainer: RateLimiter          # the trainer's key
+    node: RateLimiter  # per verified node key
+    trainer: RateLimiter  # the trainer's key
     unauthenticated: RateLimiter  # per peer host: unsigned RPCs and failed requests
-    registration: RateLimiter     # per peer host: keys registering for the first time
+    registration: RateLimiter  # per peer host: keys registering for the first time
 
     @classmethod
     def from_config(cls, server: ServerSection) -> GateLimits:
@@ -60,7 +60,9 @@ class GateLimits:
             unauthenticated=RateLimiter(
                 server.unauthenticated_requests_per_second_per_address, server.unauthenticated_request_burst_per_address
             ),
-            registration=RateLimiter(server.registrations_per_second_per_address, server.registration_burst_per_address),
+            registration=RateLimiter(
+                server.registrations_per_second_per_address, server.registration_burst_per_address
+            ),
         )
 
 
@@ -169,7 +171,9 @@ class Gate:
         node = self.find_node(opened.signer_id)
         if node is None and not registering:
             self.unauthenticated(peer)
-            raise GateError(grpc.StatusCode.UNAUTHENTICATED, f"node {opened.signer_id} is not registered; register first")
+            raise GateError(
+                grpc.StatusCode.UNAUTHENTICATED, f"node {opened.signer_id} is not registered; register first"
+            )
         if node is None:
             _charge(self.limits.registration, peer, f"registrations of new keys from {peer}")
         if node is not None and node.banned:
@@ -186,7 +190,9 @@ class Gate:
     def operator(self, metadata, peer: str) -> None:
         if not self.operator_token:
             self.unauthenticated(peer)
-            raise GateError(grpc.StatusCode.PERMISSION_DENIED, "admin RPCs are disabled: the coordinator has no operator token")
+            raise GateError(
+                grpc.StatusCode.PERMISSION_DENIED, "admin RPCs are disabled: the coordinator has no operator token"
+            )
         supplied = dict(metadata or ()).get("authorization", "")
         expected = f"Bearer {self.operator_token}"
         if not hmac.compare_digest(supplied.encode(), expected.encode()):

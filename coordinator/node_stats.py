@@ -22,6 +22,15 @@ and `judge_tokens` tests the window:
 * node_temperature_fit: near-ties taken at T > 0 systematically toward the likelier token (a colder
   temperature, or a top-k/top-p the lease did not ask for, cuts unlikely tokens) or the less likely
   one (a hotter temperature): two-sided exact sign test. Greedy near-ties have no direction.
+* node_near_ties_combined: the three near-tie tests' p-values pooled by Fisher's method (chi-square,
+  6 degrees of freedom). A node steering its near-ties leaves some evidence in each (too many, in
+  rollouts of positive advantage, toward one side) and, over one window, often not enough in any one:
+  near-ties steered toward the answer (issue 16, measured on the default model, 402 windows of 4,096
+  tokens) passed all three in 36% of windows (rate test p up to 6.5e-3, direction never below 1.6e-5,
+  sign test up to 4.3e-3) and failed the combination in every window (p at most 2.8e-7). It is valid
+  because p_rate is a function of the near-tie count alone, and given the near-ties the direction test
+  (which rollouts hold them) and the sign test (their lifts' signs) are valid p-values, independent of
+  each other under honest drift, whose near-ties fall on any token alike and lean neither way.
 
 Each test fails at most at FALSE_POSITIVE_RATE per window it judges when its null hypothesis holds;
 the bounds are checked against simulation in tests/unit/test_node_stats.py and the honest rates were
@@ -31,6 +40,7 @@ measured by bench/validation.py. A window with fewer than NODE_WINDOW_TOKENS tok
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +60,15 @@ FALSE_POSITIVE_RATE = 1e-6
 NEAR_TIE_RATE_BOUND = {"float32": 1e-3, "bfloat16": 0.015}
 NEAR_TIE_RATE_MEASURED = {"float32": 0.0, "bfloat16": 0.007}
 
-CHECKS = ("node_near_tie_rate", "node_near_tie_direction", "node_logprob_direction", "node_temperature_fit")
+CHECKS = (
+    "node_near_tie_rate",
+    "node_near_tie_direction",
+    "node_logprob_direction",
+    "node_temperature_fit",
+    "node_near_ties_combined",
+)
+# The near-tie tests whose evidence node_near_ties_combined pools.
+NEAR_TIE_CHECKS = ("node_near_tie_rate", "node_near_tie_direction", "node_temperature_fit")
 
 
 @dataclass(frozen=True)
@@ -72,21 +90,24 @@ def group_token_stats(rollouts: Sequence[RolloutTokens]) -> TokenStats:
     advantages = rewards - rewards.mean()
     num_tokens = [len(r.near_ties) for r in rollouts]
     num_near_ties = [int(r.near_ties.sum()) for r in rollouts]
-    directed = [r.near_ties & (r.near_tie_lifts != 0) if r.temperature > 0 else np.zeros_like(r.near_ties)
-                for r in rollouts]
+    directed = [
+        r.near_ties & (r.near_tie_lifts != 0) if r.temperature > 0 else np.zeros_like(r.near_ties) for r in rollouts
+    ]
     positive, negative = advantages > 0, advantages < 0
-    tokens_positive = sum(n for n, p in zip(num_tokens, positive) if p)
-    tokens_signed = tokens_positive + sum(n for n, m in zip(num_tokens, negative) if m)
-    near_ties_signed = sum(n for n, a in zip(num_near_ties, advantages) if a != 0)
+    tokens_positive = sum(n for n, p in zip(num_tokens, positive, strict=True) if p)
+    tokens_signed = tokens_positive + sum(n for n, m in zip(num_tokens, negative, strict=True) if m)
+    near_ties_signed = sum(n for n, a in zip(num_near_ties, advantages, strict=True) if a != 0)
     share = tokens_positive / tokens_signed if tokens_signed else 0.0
-    weighted = [a * (r.temperature or 1.0) * float(np.mean(r.logprob_offsets)) if len(r.logprob_offsets) else 0.0
-                for a, r in zip(advantages, rollouts)]
+    weighted = [
+        a * (r.temperature or 1.0) * float(np.mean(r.logprob_offsets)) if len(r.logprob_offsets) else 0.0
+        for a, r in zip(advantages, rollouts, strict=True)
+    ]
     return TokenStats(
         num_tokens=sum(num_tokens),
         num_near_ties=sum(num_near_ties),
         num_directed_near_ties=sum(int(d.sum()) for d in directed),
-        num_near_ties_up=sum(int((r.near_tie_lifts[d] > 0).sum()) for r, d in zip(rollouts, directed)),
-        num_near_ties_positive=sum(n for n, p in zip(num_near_ties, positive) if p),
+        num_near_ties_up=sum(int((r.near_tie_lifts[d] > 0).sum()) for r, d in zip(rollouts, directed, strict=True)),
+        num_near_ties_positive=sum(n for n, p in zip(num_near_ties, positive, strict=True) if p),
         near_ties_positive_expected=near_ties_signed * share,
         near_ties_positive_variance=near_ties_signed * share * (1.0 - share),
         logprob_advantage_sum=float(sum(weighted)),
@@ -106,8 +127,13 @@ def binomial_upper_tail(successes: int, trials: int, probability: float) -> floa
     log_terms: list[float] = []
     top = -math.inf
     for k in range(successes, trials + 1):
-        log_term = (math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
-                    + k * log_p + (trials - k) * log_q)
+        log_term = (
+            math.lgamma(trials + 1)
+            - math.lgamma(k + 1)
+            - math.lgamma(trials - k + 1)
+            + k * log_p
+            + (trials - k) * log_q
+        )
         log_terms.append(log_term)
         top = max(top, log_term)
         # Past the mode the terms fall ever faster: stop once the rest cannot count (below 1e-17 of
@@ -140,6 +166,16 @@ def self_normalized_bound(total: float, sum_squares: float) -> float:
     return min(1.0, 2.0 * math.exp(-total * total / (2.0 * sum_squares)))
 
 
+def fisher_combined(p_values: Sequence[float]) -> float:
+    """Fisher's combination of k p-values: P(chi-square with 2k degrees of freedom >= -2 sum log p),
+    in closed form exp(-h) sum_{i<k} h^i / i! with h = -sum log p. A valid p-value when each input is,
+    given the ones before it (conditionally super-uniform)."""
+    if not p_values:
+        return 1.0
+    half = -sum(math.log(max(p, sys.float_info.min)) for p in p_values)
+    return min(1.0, math.exp(-half) * sum(half**i / math.factorial(i) for i in range(len(p_values))))
+
+
 @dataclass(frozen=True)
 class NodeTestFailure:
     check: str  # one of CHECKS
@@ -159,8 +195,13 @@ class TokenJudgement:
         return self.decided and self.failure is None
 
 
-def judge_tokens(stats: TokenStats, dtype: str, *, window_tokens: int = NODE_WINDOW_TOKENS,
-                 false_positive_rate: float = FALSE_POSITIVE_RATE) -> TokenJudgement:
+def judge_tokens(
+    stats: TokenStats,
+    dtype: str,
+    *,
+    window_tokens: int = NODE_WINDOW_TOKENS,
+    false_positive_rate: float = FALSE_POSITIVE_RATE,
+) -> TokenJudgement:
     """The four tests of the module docstring on a node's pooled statistics, in order; the first
     failure is the judgement's. `dtype` is the precision the node declared."""
     if dtype not in NEAR_TIE_RATE_BOUND:
@@ -170,23 +211,50 @@ def judge_tokens(stats: TokenStats, dtype: str, *, window_tokens: int = NODE_WIN
     base = {"num_tokens": stats.num_tokens, "false_positive_rate": false_positive_rate, "dtype": dtype}
     rate_bound = NEAR_TIE_RATE_BOUND[dtype]
     tests = (
-        ("node_near_tie_rate", binomial_upper_tail(stats.num_near_ties, stats.num_tokens, rate_bound), {
-            "num_near_ties": stats.num_near_ties, "near_tie_rate": stats.num_near_ties / stats.num_tokens,
-            "allowed_rate": rate_bound}),
-        ("node_near_tie_direction", bernstein_upper_bound(
-            stats.num_near_ties_positive - stats.near_ties_positive_expected, stats.near_ties_positive_variance), {
-            "num_near_ties_positive": stats.num_near_ties_positive,
-            "expected": stats.near_ties_positive_expected, "variance": stats.near_ties_positive_variance}),
-        ("node_logprob_direction", self_normalized_bound(
-            stats.logprob_advantage_sum, stats.logprob_advantage_sum_squares), {
-            "logprob_advantage_sum": stats.logprob_advantage_sum,
-            "z": stats.logprob_advantage_sum / math.sqrt(stats.logprob_advantage_sum_squares)
-            if stats.logprob_advantage_sum_squares > 0 else 0.0}),
-        ("node_temperature_fit", sign_test(stats.num_near_ties_up, stats.num_directed_near_ties), {
-            "num_near_ties_up": stats.num_near_ties_up, "num_directed_near_ties": stats.num_directed_near_ties}),
+        (
+            "node_near_tie_rate",
+            binomial_upper_tail(stats.num_near_ties, stats.num_tokens, rate_bound),
+            {
+                "num_near_ties": stats.num_near_ties,
+                "near_tie_rate": stats.num_near_ties / stats.num_tokens,
+                "allowed_rate": rate_bound,
+            },
+        ),
+        (
+            "node_near_tie_direction",
+            bernstein_upper_bound(
+                stats.num_near_ties_positive - stats.near_ties_positive_expected, stats.near_ties_positive_variance
+            ),
+            {
+                "num_near_ties_positive": stats.num_near_ties_positive,
+                "expected": stats.near_ties_positive_expected,
+                "variance": stats.near_ties_positive_variance,
+            },
+        ),
+        (
+            "node_logprob_direction",
+            self_normalized_bound(stats.logprob_advantage_sum, stats.logprob_advantage_sum_squares),
+            {
+                "logprob_advantage_sum": stats.logprob_advantage_sum,
+                "z": stats.logprob_advantage_sum / math.sqrt(stats.logprob_advantage_sum_squares)
+                if stats.logprob_advantage_sum_squares > 0
+                else 0.0,
+            },
+        ),
+        (
+            "node_temperature_fit",
+            sign_test(stats.num_near_ties_up, stats.num_directed_near_ties),
+            {"num_near_ties_up": stats.num_near_ties_up, "num_directed_near_ties": stats.num_directed_near_ties},
+        ),
     )
-    for check, p_value, evidence in tests:
+    combined = ("node_near_ties_combined", fisher_combined([p for c, p, _ in tests if c in NEAR_TIE_CHECKS]), {})
+    all_tests = (*tests, combined)
+    for check, p_value, evidence in all_tests:
         if p_value < false_positive_rate:
-            return TokenJudgement(stats.num_tokens, True, NodeTestFailure(check, {**base, **evidence,
-                                                                                  "p_value": p_value}))
+            p_values = {c: p for c, p, _ in all_tests}  # every test's, for the margins
+            return TokenJudgement(
+                stats.num_tokens,
+                True,
+                NodeTestFailure(check, {**base, **evidence, "p_value": p_value, "p_values": p_values}),
+            )
     return TokenJudgement(stats.num_tokens, True, None)

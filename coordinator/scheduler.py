@@ -56,9 +56,7 @@ def keyed_permutation(key: bytes, index: int, size: int) -> int:
     while True:
         left, right = value >> half_bits, value & half_mask
         for round_number in range(_FEISTEL_ROUNDS):
-            digest = hashlib.blake2b(
-                right.to_bytes(8, "big") + bytes([round_number]), key=key, digest_size=8
-            ).digest()
+            digest = hashlib.blake2b(right.to_bytes(8, "big") + bytes([round_number]), key=key, digest_size=8).digest()
             left, right = right, left ^ (int.from_bytes(digest, "big") & half_mask)
         value = (left << half_bits) | right
         if value < size:

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import grpc
 
-from coordinator.app import Coordinator, RunSetup
 from coordinator.blobstore import BlobStore
 from coordinator.config import CoordinatorConfig
+from coordinator.core import Coordinator, RunSetup
 from coordinator.gate import Gate, GateLimits
-from coordinator.service import AdminServicer, GuardInterceptor, NodeServicer, TrainerServicer
+from coordinator.grpc_servicers import AdminServicer, GuardInterceptor, NodeServicer, TrainerServicer
+from coordinator.policy_history import PolicyHistory
 from coordinator.store import Store, open_store, sqlite_url
 from coordinator.transport import server_credentials
-from coordinator.validation import GroupChecker, PolicyHistory, SamplingPolicy, ValidationQueue, Validator
+from coordinator.validation import GroupChecker, SamplingPolicy, ValidationQueue, Validator
 from coordinator.validator_service import ValidatorServicer
 from coordinator.versions import PolicyVersions
 from protocol.envelope import EnvelopeVerifier
@@ -50,9 +51,16 @@ def trainer_key(config: CoordinatorConfig) -> bytes:
 
 
 def model_directory(config: CoordinatorConfig) -> Path:
+    from policy.model import check_model_directory
+
     if config.run.model is None:
-        raise ValueError("run.model is not set: point it at a Hugging Face model directory (`rollproof bootstrap` makes the default one)")
-    return config.run.model.expanduser()
+        raise ValueError(
+            "run.model is not set: point it at a Hugging Face model directory"
+            " (`rollproof bootstrap` makes the default one)"
+        )
+    directory = config.run.model.expanduser()
+    check_model_directory(directory)
+    return directory
 
 
 def count_parameters(directory: Path) -> int:
@@ -62,7 +70,8 @@ def count_parameters(directory: Path) -> int:
     total = 0
     for path in sorted(directory.glob("*.safetensors")):
         with safe_open(str(path), framework="numpy") as weights:
-            for name in weights.keys():
+            names = weights.keys()  # a safe_open handle is not iterable
+            for name in names:
                 shape = weights.get_slice(name).get_shape()
                 count = 1
                 for dim in shape:
@@ -94,9 +103,28 @@ def load_run_setup(config: CoordinatorConfig) -> RunSetup:
 
 
 def open_coordinator_store(config: CoordinatorConfig) -> Store:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
     data_dir = config.data_dir.expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
-    return open_store(config.store.url or sqlite_url(data_dir))
+    url = config.store.url or sqlite_url(data_dir)
+    try:
+        return open_store(url)
+    except OperationalError as error:
+        cause = str(error.orig or error).strip().splitlines()[0]
+        shown = make_url(url).render_as_string(hide_password=True)
+        raise ValueError(
+            f"cannot open the store {shown}: {cause}. Check store.url (for PostgreSQL the database must exist: "
+            "`createdb NAME`)"
+        ) from None
+
+
+def _bind_error(what: str, address: str, flag: str, cause: str) -> ValueError:
+    return ValueError(
+        f"cannot listen for {what} on {address} ({cause}): another process (another coordinator?) holds the "
+        f"port, or the host is not an address of this machine; stop it, or pick a port with {flag} (0: any free one)"
+    )
 
 
 @dataclass
@@ -133,8 +161,9 @@ def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> Built:
     )
     queue = validator = None
     if config.validation.enabled:
-        queue = ValidationQueue(store, app.prompt, sampling_policy, clock=app.clock,
-                                lease_ms=round(config.validation.lease_s * 1000))
+        queue = ValidationQueue(
+            store, app.prompt, sampling_policy, clock=app.clock, lease_ms=round(config.validation.lease_s * 1000)
+        )
     if queue is not None and config.validation.in_process:
         history = PolicyHistory(blobs, config.run.run_id, setup.trainer_public_key, config.run.max_staleness + 1)
         validator = Validator(queue, GroupChecker(history, model_directory(config), device=config.validation.device))
@@ -207,8 +236,11 @@ def grpc_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials | None
     if config.server.tls_cert is not None and config.server.tls_key is not None:
         return server_credentials(config.server.tls_cert, config.server.tls_key)
     if not is_loopback_host(config.server.host):
-        log.warning("gRPC on %s is plaintext: nodes cannot check whom they talk to, and operator calls are "
-                    "refused from other machines; set server.tls_cert and server.tls_key", config.server.host)
+        log.warning(
+            "gRPC on %s is plaintext: nodes cannot check whom they talk to, and operator calls are "
+            "refused from other machines; set server.tls_cert and server.tls_key",
+            config.server.host,
+        )
     return None
 
 
@@ -227,8 +259,8 @@ async def serve(config: CoordinatorConfig) -> None:
         log.info("gave %d leases that were open at the last stop a fresh deadline", num_extended)
     limit = config.server.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[GuardInterceptor(gate, app.refusals)],
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        interceptors=[GuardInterceptor(gate, app.refusals, app.rpc_latency)],
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 64 * 1024 * 1024)],
     )
     service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(app, gate), server)
     service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(app, gate), server)
@@ -236,16 +268,24 @@ async def serve(config: CoordinatorConfig) -> None:
     if built.validation is not None:
         validation_pb2_grpc.add_ValidatorServiceServicer_to_server(ValidatorServicer(built.validation, gate), server)
     grpc_address = f"{config.server.host}:{config.server.grpc_port}"
-    if credentials is None:
-        grpc_port = server.add_insecure_port(grpc_address)
-    else:
-        grpc_port = server.add_secure_port(grpc_address, credentials)
     http_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    http_socket.bind((config.server.host, config.server.http_port))
-    http = uvicorn.Server(
-        uvicorn.Config(create_http_app(app), log_level="warning", lifespan="off")
-    )
+    try:
+        if credentials is None:
+            grpc_port = server.add_insecure_port(grpc_address)
+        else:
+            grpc_port = server.add_secure_port(grpc_address, credentials)
+    except RuntimeError:
+        store.close()
+        raise _bind_error("gRPC", grpc_address, "--grpc-port", "the bind failed") from None
+    try:
+        http_socket.bind((config.server.host, config.server.http_port))
+    except OSError as error:
+        store.close()
+        raise _bind_error(
+            "HTTP", f"{config.server.host}:{config.server.http_port}", "--http-port", error.strerror or str(error)
+        ) from None
+    http = uvicorn.Server(uvicorn.Config(create_http_app(app), log_level="warning", lifespan="off"))
     seed = await asyncio.to_thread(start_seed, config, app) if config.p2p.enabled else None
     await server.start()
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
@@ -258,8 +298,14 @@ async def serve(config: CoordinatorConfig) -> None:
         p2p=list(app.p2p_bootstrap),
     )
     (config.data_dir.expanduser() / ENDPOINTS_FILE).write_text(json.dumps(endpoints.__dict__))
-    log.info("coordinator of run %s on gRPC %s (%s), HTTP %s (%s store)", config.run.run_id, endpoints.grpc,
-             "plaintext" if credentials is None else "TLS", endpoints.http, store.backend)
+    log.info(
+        "coordinator of run %s on gRPC %s (%s), HTTP %s (%s store)",
+        config.run.run_id,
+        endpoints.grpc,
+        "plaintext" if credentials is None else "TLS",
+        endpoints.http,
+        store.backend,
+    )
     print(f"coordinator grpc={endpoints.grpc} http={endpoints.http}", flush=True)
 
     stop = asyncio.Event()

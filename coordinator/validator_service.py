@@ -35,8 +35,9 @@ class ValidatorServicer(validation_pb2_grpc.ValidatorServiceServicer):
     async def TakeValidation(self, request, context):
         await self._authorize(context)
         if not request.validator_id or not 1 <= request.max_groups <= MAX_GROUPS_PER_TAKE:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"need a validator_id and 1 <= max_groups <= {MAX_GROUPS_PER_TAKE}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"need a validator_id and 1 <= max_groups <= {MAX_GROUPS_PER_TAKE}"
+            )
         jobs, deadline_ms = await asyncio.to_thread(self.queue.take, request.validator_id, request.max_groups)
         return validation_pb2.ValidationWork(jobs=[job_to_proto(job) for job in jobs], deadline_ms=deadline_ms)
 
@@ -56,4 +57,5 @@ class ValidatorServicer(validation_pb2_grpc.ValidatorServiceServicer):
         if num_applied:
             log.info("validator %s: %d verdicts applied", request.validator_id, num_applied)
         return validation_pb2.ReportValidationResponse(
-            num_applied=num_applied, num_ignored=len(request.verdicts) - num_applied)
+            num_applied=num_applied, num_ignored=len(request.verdicts) - num_applied
+        )

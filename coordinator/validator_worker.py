@@ -13,7 +13,8 @@ from pathlib import Path
 import grpc
 
 from coordinator.blobstore import NoUpdatePathError
-from coordinator.validation import GroupChecker, PolicyHistory, job_from_proto, verdict_to_proto
+from coordinator.policy_history import PolicyHistory
+from coordinator.validation import GroupChecker, job_from_proto, verdict_to_proto
 from protocol import convert
 from protocol.channel import open_channel
 from protocol.proto import service_pb2, service_pb2_grpc, validation_pb2, validation_pb2_grpc
@@ -60,7 +61,9 @@ class RemotePolicySource:
         try:
             path = call_with_retry(
                 lambda: self.stub.GetUpdatePath(request, timeout=RPC_TIMEOUT_S),
-                address=self.address, what="update path", policy=POLICY_FETCH_RETRY,
+                address=self.address,
+                what="update path",
+                policy=POLICY_FETCH_RETRY,
             )
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
@@ -82,8 +85,9 @@ class RemotePolicySource:
                     )
                 data.extend(chunk.data)
 
-        call_with_retry(fetch_rest, address=self.address, what=f"fetch blob {blob_hash.hex()[:16]}",
-                        policy=POLICY_FETCH_RETRY)
+        call_with_retry(
+            fetch_rest, address=self.address, what=f"fetch blob {blob_hash.hex()[:16]}", policy=POLICY_FETCH_RETRY
+        )
         return bytes(data)
 
 
@@ -95,10 +99,16 @@ def run_validator(settings: ValidatorSettings, stop: threading.Event) -> None:
         work = validation_pb2_grpc.ValidatorServiceStub(channel)
         run_info = call_with_retry(
             lambda: nodes.GetRunInfo(service_pb2.RunInfoRequest(), timeout=RPC_TIMEOUT_S),
-            address=settings.coordinator, what="run info", stop=stop,
+            address=settings.coordinator,
+            what="run info",
+            stop=stop,
         )
-        history = PolicyHistory(RemotePolicySource(nodes, settings.coordinator), run_info.run_id,
-                                run_info.trainer_public_key, run_info.max_staleness + 1)
+        history = PolicyHistory(
+            RemotePolicySource(nodes, settings.coordinator),
+            run_info.run_id,
+            run_info.trainer_public_key,
+            run_info.max_staleness + 1,
+        )
         checker = GroupChecker(history, settings.model_dir, device=settings.device)
         log.info("validator %s working for run %s at %s", settings.validator_id, run_info.run_id, settings.coordinator)
         while not stop.is_set():
@@ -116,12 +126,19 @@ def run_validator(settings: ValidatorSettings, stop: threading.Event) -> None:
                 stop.wait(settings.idle_s)
 
 
-def _take_check_report(settings: ValidatorSettings, work: validation_pb2_grpc.ValidatorServiceStub,
-                       checker: GroupChecker, metadata, stop: threading.Event) -> int:
+def _take_check_report(
+    settings: ValidatorSettings,
+    work: validation_pb2_grpc.ValidatorServiceStub,
+    checker: GroupChecker,
+    metadata,
+    stop: threading.Event,
+) -> int:
     take = validation_pb2.TakeValidationRequest(validator_id=settings.validator_id, max_groups=settings.max_groups)
     taken = call_with_retry(
         lambda: work.TakeValidation(take, metadata=metadata, timeout=RPC_TIMEOUT_S),
-        address=settings.coordinator, what="take validation", stop=stop,
+        address=settings.coordinator,
+        what="take validation",
+        stop=stop,
     )
     if not taken.jobs:
         return 0
@@ -129,12 +146,19 @@ def _take_check_report(settings: ValidatorSettings, work: validation_pb2_grpc.Va
     verdicts = checker.check(jobs)
     report = validation_pb2.ReportValidationRequest(
         validator_id=settings.validator_id,
-        verdicts=[verdict_to_proto(job.group_id, v) for job, v in zip(jobs, verdicts)],
+        verdicts=[verdict_to_proto(job.group_id, v) for job, v in zip(jobs, verdicts, strict=True)],
     )
     answer = call_with_retry(
         lambda: work.ReportValidation(report, metadata=metadata, timeout=RPC_TIMEOUT_S),
-        address=settings.coordinator, what="report validation", stop=stop,
+        address=settings.coordinator,
+        what="report validation",
+        stop=stop,
     )
-    log.info("validator %s: %d groups checked (%d failed), %d verdicts applied", settings.validator_id,
-             len(jobs), sum(not v.passed for v in verdicts), answer.num_applied)
+    log.info(
+        "validator %s: %d groups checked (%d failed), %d verdicts applied",
+        settings.validator_id,
+        len(jobs),
+        sum(not v.passed for v in verdicts),
+        answer.num_applied,
+    )
     return len(jobs)

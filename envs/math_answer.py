@@ -22,8 +22,20 @@ LATEX_SHORT_FRACTION = re.compile(r"\\[dt]?frac(\d)(\d)")
 VARIABLE_ASSIGNMENT = re.compile(r"[a-z]=(.+)")
 TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}")
 DROPPED_FRAGMENTS = (
-    "\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ",
-    "^{\\circ}", "^\\circ", "°", "\\%", "%", "$",
+    "\\left",
+    "\\right",
+    "\\displaystyle",
+    "\\!",
+    "\\,",
+    "\\;",
+    "\\:",
+    "\\ ",
+    "^{\\circ}",
+    "^\\circ",
+    "°",
+    "\\%",
+    "%",
+    "$",
 )
 
 

@@ -16,7 +16,6 @@ from protocol.retry import RetryPolicy, call_with_retry_async
 from protocol.tls import CoordinatorTls
 from protocol.types import SignedManifest
 
-
 BLOB_FETCH_RETRY = RetryPolicy(initial_backoff_s=0.5, max_backoff_s=4.0, max_attempts=3)
 
 
@@ -25,8 +24,14 @@ class BlobFetchError(ValueError):
 
 
 class CoordinatorClient:
-    def __init__(self, address: str, identity: Identity, *, tls: CoordinatorTls = CoordinatorTls(),
-                 max_message_bytes: int = 64 * 1024 * 1024):
+    def __init__(
+        self,
+        address: str,
+        identity: Identity,
+        *,
+        tls: CoordinatorTls = CoordinatorTls(),
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ):
         self.address = address
         self.identity = identity
         self.channel = open_aio_channel(address, tls, max_message_bytes=max_message_bytes)
@@ -96,4 +101,3 @@ class CoordinatorClient:
         if hashlib.sha256(received).digest() != blob_hash:
             raise BlobFetchError(f"blob {blob_hash.hex()[:16]} does not match its hash")
         return bytes(received)
-

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protocol.identity import public_key_from_key_id
 from protocol.tls import CoordinatorTls
 
 
@@ -51,11 +52,18 @@ class NodeConfig(_Section):
     engine: EngineSection = EngineSection()
     p2p: P2PSection = P2PSection()
 
+    @field_validator("trainer_key_fingerprint")
+    @classmethod
+    def _check_trainer_key_fingerprint(cls, value: str) -> str:
+        if value:
+            public_key_from_key_id(value)  # raises naming the value: a typo fails at start, not at first contact
+        return value
+
     @property
     def coordinator_tls(self) -> CoordinatorTls:
         return CoordinatorTls(self.coordinator_ca, self.coordinator_fingerprint)
 
     @model_validator(mode="after")
     def _check_coordinator_tls(self) -> NodeConfig:
-        self.coordinator_tls  # raises on a malformed fingerprint, or on both being set
+        _ = self.coordinator_tls  # raises on a malformed fingerprint, or on both being set
         return self

@@ -4,6 +4,7 @@ spool, submit. One asyncio loop; generation runs in a worker thread so heartbeat
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ from node.client import CoordinatorClient
 from node.config import NodeConfig
 from node.spool import Spool
 from protocol import convert
-from protocol.identity import Identity, key_id
+from protocol.identity import key_id, load_role_identity
 from protocol.proto import rollout_pb2, service_pb2
 from protocol.retry import call_with_retry_async, transient_status
 from protocol.types import WorkLease
@@ -73,9 +74,14 @@ class NodeDaemon:
         self.accept_trainer_key = accept_trainer_key
         self.state_dir = config.state_dir.expanduser()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.identity = Identity.load_or_create(
-            (config.key_file or self.state_dir / "node.key").expanduser()
-        )
+        self.identity, created = load_role_identity(config.key_file, self.state_dir / "node.key")
+        if created:
+            log.warning(
+                "created a new node key %s (node id %s): it is this node's identity and holds its credit; "
+                "back it up, and pass it with --key-file when you move the node",
+                self.state_dir / "node.key",
+                self.identity.key_id,
+            )
         self.spool = Spool(self.state_dir / "spool")
         self.status = NodeStatus(node_id=self.identity.key_id, coordinator=config.coordinator)
         self.stop_event = asyncio.Event()
@@ -92,11 +98,16 @@ class NodeDaemon:
         temp.write_text(json.dumps(asdict(self.status)))
         temp.replace(path)
 
-    async def _call(self, what: str, make_call):
+    async def _call(self, what: str, make_call, on_first_failure=None):
         """Run an RPC under the retry policy (protocol/retry.py) while the link is down; a stop
         while it is down raises _Stopping."""
+        num_failures = 0
 
         def reconnecting(error: grpc.aio.AioRpcError) -> None:
+            nonlocal num_failures
+            num_failures += 1
+            if num_failures == 1 and on_first_failure is not None:
+                on_first_failure(error)
             self.status.link = "reconnecting"
             self.status.last_error = f"{what}: {error.code().name}: {error.details()}"
             self._write_status()
@@ -113,6 +124,16 @@ class NodeDaemon:
             self.status.link = "connected"
             self._write_status()
         return result
+
+    def _explain_unreachable(self, error: grpc.aio.AioRpcError) -> None:
+        log.error(
+            "no coordinator answers at %s (%s: %s). Check --coordinator: it is the gRPC address that "
+            "`rollproof coordinator serve` prints as grpc=HOST:PORT (the HTTP port of the dashboard does not "
+            "speak gRPC). Retrying until it answers; Ctrl-C stops.",
+            self.config.coordinator,
+            error.code().name,
+            error.details(),
+        )
 
     def _pinned_fingerprint(self, offered: str) -> str:
         pin_file = self.state_dir / TRAINER_PIN_FILE
@@ -150,7 +171,7 @@ class NodeDaemon:
             serve_metrics(self.config.metrics_port, lambda: self.status)
         client = CoordinatorClient(self.config.coordinator, self.identity, tls=self.config.coordinator_tls)
         try:
-            run_info = await self._call("run info", client.run_info)
+            run_info = await self._call("run info", client.run_info, on_first_failure=self._explain_unreachable)
             self._pinned_fingerprint(key_id(run_info.trainer_public_key))
             self.task = get_task(run_info.task)
             self.run_info = run_info
@@ -181,13 +202,16 @@ class NodeDaemon:
             try:
                 await self._resend_spool(client)
                 await self._work(client)
-            except _Stopping as stopping:
-                log.warning("stopping while the coordinator is unreachable (%s); %d spooled batches will be "
-                            "re-sent on restart", stopping, len(self.spool))
             finally:
                 heartbeat.cancel()
                 if self.peers is not None:
                     await asyncio.to_thread(self.peers.stop)
+        except _Stopping as stopping:
+            log.warning(
+                "stopping while the coordinator is unreachable (%s); %d spooled batches will be re-sent on restart",
+                stopping,
+                len(self.spool),
+            )
         except grpc.aio.AioRpcError as error:
             raise CoordinatorRefusedError(
                 f"the coordinator refused a request ({error.code().name}): {error.details()}"
@@ -201,10 +225,9 @@ class NodeDaemon:
         """The node's libp2p host (peer id = node id) when p2p is enabled and the run has a seed."""
         if not self.config.p2p.enabled:
             return None
+        from node.policy_sync import BlobCache
         from p2p import P2PHost, P2PSettings
         from protocol.manifest import signed_manifest_from_bytes, verify_manifest
-
-        from node.policy_sync import BlobCache
 
         bootstrap = list(self.config.p2p.bootstrap) or list(run_info.p2p_bootstrap)
         if not bootstrap:
@@ -245,7 +268,7 @@ class NodeDaemon:
     async def _resend_spool(self, client: CoordinatorClient) -> None:
         for batch in self.spool.pending():
             log.info("re-sending spooled batch %s", batch.batch_hash[:16])
-            receipt = await self._call("submit", lambda: client.submit(batch.payload))
+            receipt = await self._call("submit", functools.partial(client.submit, batch.payload))
             self._count_receipt(receipt)
             self.spool.remove(batch)
         self._write_status()
@@ -266,7 +289,7 @@ class NodeDaemon:
                 break
             payload = await asyncio.to_thread(self._generate, lease)
             spooled = self.spool.put(payload)
-            receipt = await self._call("submit", lambda: client.submit(payload))
+            receipt = await self._call("submit", functools.partial(client.submit, payload))
             self._count_receipt(receipt)
             self.spool.remove(spooled)
             self._write_status()
@@ -297,8 +320,8 @@ class NodeDaemon:
         elapsed = time.perf_counter() - started
         self.status.num_tokens_generated += generated.num_tokens
         rate = generated.num_tokens / elapsed if elapsed > 0 else 0.0
-        self.status.tokens_per_second = rate if not self.status.tokens_per_second else (
-            0.7 * self.status.tokens_per_second + 0.3 * rate
+        self.status.tokens_per_second = (
+            rate if not self.status.tokens_per_second else (0.7 * self.status.tokens_per_second + 0.3 * rate)
         )
         return convert.batch_to_proto(generated.batch).SerializeToString()
 

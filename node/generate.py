@@ -21,16 +21,18 @@ class GeneratedBatch:
     num_tokens: int
 
 
-def build_engine(config: EngineSection, model_dir: Path, stop_token_ids: Collection[int],
-                 pad_token_id: int) -> tuple[GenerationEngine, Any, str]:
+def build_engine(
+    config: EngineSection, model_dir: Path, stop_token_ids: Collection[int], pad_token_id: int
+) -> tuple[GenerationEngine, Any, str]:
     """The engine `config.kind` selects, the torch module the node's policy applies updates to
     (NodePolicy), and the engine's name as the node registers it."""
     name = f"{config.kind}-{config.device}-{config.dtype}"
     if config.kind == "vllm":
         from policy.vllm_engine import VllmEngine
 
-        engine = VllmEngine(model_dir, stop_token_ids, max_batch_size=config.batch_size, dtype=config.dtype,
-                            device=config.device)
+        engine = VllmEngine(
+            model_dir, stop_token_ids, max_batch_size=config.batch_size, dtype=config.dtype, device=config.device
+        )
         return engine, engine.policy_model, name
     from policy.engine import TorchEngine
     from policy.model import load_model

@@ -16,8 +16,12 @@ class NodeStatusCollector(Collector):
         status = self.status()
         yield GaugeMetricFamily("rollproof_node_policy_version", "policy version the node holds", status.policy_version)
         yield GaugeMetricFamily("rollproof_node_tokens_per_second", "generation speed", status.tokens_per_second)
-        yield GaugeMetricFamily("rollproof_node_batches_spooled", "batches waiting for a receipt", status.num_batches_spooled)
-        yield GaugeMetricFamily("rollproof_node_connected", "1 while the coordinator answers", float(status.link == "connected"))
+        yield GaugeMetricFamily(
+            "rollproof_node_batches_spooled", "batches waiting for a receipt", status.num_batches_spooled
+        )
+        yield GaugeMetricFamily(
+            "rollproof_node_connected", "1 while the coordinator answers", float(status.link == "connected")
+        )
         yield CounterMetricFamily("rollproof_node_tokens_generated", "tokens generated", status.num_tokens_generated)
         yield CounterMetricFamily("rollproof_node_rollouts_accepted", "rollouts accepted", status.num_rollouts_accepted)
         yield CounterMetricFamily("rollproof_node_rollouts_rejected", "rollouts rejected", status.num_rollouts_rejected)

@@ -16,10 +16,9 @@ from typing import Any
 import grpc
 import trio
 
-from p2p import P2PHostError
-from p2p.service import BlobFetchError as PeerFetchError
-
 from node.client import BlobFetchError, CoordinatorClient
+from p2p import BlobFetchError as PeerFetchError
+from p2p import P2PHostError
 from policy.weights import NodePolicy
 from protocol.manifest import (
     BaseStateMismatchError,
@@ -66,8 +65,14 @@ class BlobCache:
 
 class PolicySync:
     def __init__(
-        self, model: Any, client: CoordinatorClient, run_info: service_pb2.RunInfo, peers=None, *,
-        full_check_interval: int = DEFAULT_FULL_CHECK_INTERVAL, clock: Callable[[], float] = time.monotonic,
+        self,
+        model: Any,
+        client: CoordinatorClient,
+        run_info: service_pb2.RunInfo,
+        peers=None,
+        *,
+        full_check_interval: int = DEFAULT_FULL_CHECK_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
     ):
         """peers: a started p2p.P2PHost to fetch blobs from other nodes first, or None."""
         if full_check_interval < 1:
@@ -135,9 +140,7 @@ class PolicySync:
             except MissingBaseError as error:
                 # A delta made against other contents of this node's version: the keyframe
                 # path helps only if this node's own state lost its hash.
-                if fell_back_to_keyframe or (
-                    isinstance(error, BaseStateMismatchError) and await self._state_intact()
-                ):
+                if fell_back_to_keyframe or (isinstance(error, BaseStateMismatchError) and await self._state_intact()):
                     return self._refused(error, changed)
                 log.warning("%s; fetching the keyframe path", error)
                 fell_back_to_keyframe = True
@@ -160,7 +163,10 @@ class PolicySync:
                 log.info("policy version %d: %d blobs fetched through the peer network", manifest.version, len(blobs))
                 return blobs
             except (PeerFetchError, P2PHostError, trio.TooSlowError) as error:
-                log.warning("peer network could not deliver version %d (%s); fetching from the coordinator",
-                            manifest.version, error)
-        fetched = await asyncio.gather(*(self.client.fetch_blob(h, n) for h, n in zip(hashes, sizes)))
-        return dict(zip(hashes, fetched))
+                log.warning(
+                    "peer network could not deliver version %d (%s); fetching from the coordinator",
+                    manifest.version,
+                    error,
+                )
+        fetched = await asyncio.gather(*(self.client.fetch_blob(h, n) for h, n in zip(hashes, sizes, strict=True)))
+        return dict(zip(hashes, fetched, strict=True))

@@ -14,8 +14,8 @@ _SUFFIX = ".batch"
 
 @dataclass(frozen=True)
 class SpooledBatch:
-    batch_hash: str       # hex SHA-256 of the payload: the coordinator's idempotency key
-    payload: bytes        # serialized RolloutBatch, re-signed with a fresh envelope on each send
+    batch_hash: str  # hex SHA-256 of the payload: the coordinator's idempotency key
+    payload: bytes  # serialized RolloutBatch, re-signed with a fresh envelope on each send
     path: Path
 
 

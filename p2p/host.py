@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from typing import TypeVar
 
 import trio
 
 from p2p.scoring import PeerScores
-from p2p.service import EgressCounters, PeerService
+from p2p.service import PeerService
 from p2p.settings import AnnouncementHandler, BlobSink, BlobSource, OriginFetch, P2PSettings, VerifyManifest
+from p2p.uploader import EgressCounters
 from protocol.identity import Identity
 
 T = TypeVar("T")
+DEFAULT_SETTINGS = P2PSettings()
 log = logging.getLogger(__name__)
 
 
@@ -28,11 +31,13 @@ class P2PHostError(RuntimeError):
 
 
 class P2PHost:
+    """A PeerService running in its own thread; each method blocks until the trio side answers."""
+
     def __init__(
         self,
         identity: Identity,
         run_id: str,
-        settings: P2PSettings = P2PSettings(),
+        settings: P2PSettings = DEFAULT_SETTINGS,
         *,
         blob_source: BlobSource,
         blob_sink: BlobSink,
@@ -86,10 +91,8 @@ class P2PHost:
         if thread is None or not thread.is_alive():
             return
         if self._token is not None and self._cancel_scope is not None:
-            try:
+            with suppress(trio.RunFinishedError):  # the host ended on its own
                 trio.from_thread.run_sync(self._cancel_scope.cancel, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
         thread.join(timeout_s)
         if thread.is_alive():
             raise P2PHostError(f"the peer host thread did not stop within {timeout_s} s")

@@ -49,7 +49,14 @@ class P2PSettings:
     connect_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("upload_bytes_per_s", "max_concurrent_uploads", "max_peers", "max_concurrent_downloads", "chunk_bytes", "origin_copies_per_blob"):
+        for name in (
+            "upload_bytes_per_s",
+            "max_concurrent_uploads",
+            "max_peers",
+            "max_concurrent_downloads",
+            "chunk_bytes",
+            "origin_copies_per_blob",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"p2p setting {name} must be at least 1, got {getattr(self, name)}")
 

@@ -29,7 +29,9 @@ class UploadThrottle:
     """Pace the bytes a host sends to `bytes_per_s`, over all its concurrent uploads."""
 
     def __init__(self, bytes_per_s: int, burst_bytes: int) -> None:
-        self._bucket = TokenBucket(rate=float(bytes_per_s), burst=float(burst_bytes), level=float(burst_bytes), updated_at=trio.current_time())
+        self._bucket = TokenBucket(
+            rate=float(bytes_per_s), burst=float(burst_bytes), level=float(burst_bytes), updated_at=trio.current_time()
+        )
 
     async def pace(self, num_bytes: int) -> None:
         delay = self._bucket.take(num_bytes, trio.current_time())

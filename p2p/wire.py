@@ -8,6 +8,7 @@ WireFormatError and the caller scores the sender down.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ MAX_ADDR_CHARS = 256
 _BLOB_REQUEST = struct.Struct(">32sQ?")
 _BLOB_RESPONSE_HEADER = struct.Struct(">BQ")
 _LENGTH_PREFIX = struct.Struct(">I")
+LENGTH_PREFIX_BYTES = _LENGTH_PREFIX.size
 
 
 class WireFormatError(ValueError):
@@ -40,6 +42,11 @@ class BlobStatus(enum.IntEnum):
     BUSY = 2
     BAD_REQUEST = 3
     ELSEWHERE = 4  # the origin has seeded this blob already: ask the peers that hold it
+
+
+def sha256(data: bytes | bytearray) -> bytes:
+    """The name of a blob (and the key of a gossiped manifest): its SHA-256."""
+    return hashlib.sha256(data).digest()
 
 
 def manifest_topic(run_id: str) -> str:
@@ -97,23 +104,25 @@ def encode_hashes(hashes: list[bytes]) -> bytes:
 
 
 def hashes_frame_size(num_hashes: int) -> int:
-    return _LENGTH_PREFIX.size + num_hashes * HASH_BYTES
+    return LENGTH_PREFIX_BYTES + num_hashes * HASH_BYTES
 
 
 def decode_num_hashes(prefix: bytes) -> int:
     (num_hashes,) = _LENGTH_PREFIX.unpack(prefix)
     if num_hashes > MAX_HASHES_PER_MESSAGE:
         raise WireFormatError(f"at most {MAX_HASHES_PER_MESSAGE} hashes per message, got {num_hashes}")
-    return num_hashes
+    return int(num_hashes)
 
 
 def decode_hashes(frame: bytes) -> list[bytes]:
-    if len(frame) < _LENGTH_PREFIX.size:
+    if len(frame) < LENGTH_PREFIX_BYTES:
         raise WireFormatError("a hash list is shorter than its length prefix")
-    num_hashes = decode_num_hashes(frame[: _LENGTH_PREFIX.size])
+    num_hashes = decode_num_hashes(frame[:LENGTH_PREFIX_BYTES])
     if len(frame) != hashes_frame_size(num_hashes):
-        raise WireFormatError(f"a list of {num_hashes} hashes has {hashes_frame_size(num_hashes)} bytes, got {len(frame)}")
-    body = frame[_LENGTH_PREFIX.size :]
+        raise WireFormatError(
+            f"a list of {num_hashes} hashes has {hashes_frame_size(num_hashes)} bytes, got {len(frame)}"
+        )
+    body = frame[LENGTH_PREFIX_BYTES:]
     return [body[i : i + HASH_BYTES] for i in range(0, len(body), HASH_BYTES)]
 
 
@@ -136,7 +145,7 @@ def decode_peer_list_length(prefix: bytes) -> int:
     (length,) = _LENGTH_PREFIX.unpack(prefix)
     if length > MAX_PEER_LIST_BYTES:
         raise WireFormatError(f"a peer list is at most {MAX_PEER_LIST_BYTES} bytes, got {length}")
-    return length
+    return int(length)
 
 
 def decode_peer_list_body(body: bytes) -> list[PeerRecord]:

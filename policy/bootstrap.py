@@ -143,9 +143,15 @@ def run_bootstrap(settings: BootstrapSettings, directory: Path) -> dict[str, Any
     summary = summarize_model(model)
     log.info(
         "bootstrap %s: %s model, %d parameters (hidden %d, %d layers, %d heads, vocab %d), %d steps of %d",
-        settings.task, summary.model_type, summary.num_parameters, summary.hidden_size,
-        summary.num_hidden_layers, summary.num_attention_heads, summary.vocab_size,
-        settings.num_steps, settings.batch_size,
+        settings.task,
+        summary.model_type,
+        summary.num_parameters,
+        summary.hidden_size,
+        summary.num_hidden_layers,
+        summary.num_attention_heads,
+        summary.vocab_size,
+        settings.num_steps,
+        settings.batch_size,
     )
     eval_problems = task.problems(Split.EVAL, settings.seed, settings.num_eval_problems)
     reward_before = evaluate_greedy(task, model, tokenizer, eval_problems)
@@ -243,14 +249,22 @@ def train(settings: BootstrapSettings, task: Task, model: Any, tokenizer: Any) -
         if (step + 1) % log_every == 0 or step + 1 == settings.num_steps:
             log.info(
                 "step %d/%d  loss %.3f  lr %.2e  %.1f s",
-                step + 1, settings.num_steps, loss.item(), learning_rate, time.monotonic() - started,
+                step + 1,
+                settings.num_steps,
+                loss.item(),
+                learning_rate,
+                time.monotonic() - started,
             )
         if settings.stop_at_reward is not None and (step + 1) % settings.check_every == 0:
             model.eval()
             check_reward = evaluate_greedy(task, model, tokenizer, check_problems)
             if check_reward >= settings.stop_at_reward:
-                log.info("step %d: validation reward %.3f reached %.3f; stopping", step + 1, check_reward,
-                         settings.stop_at_reward)
+                log.info(
+                    "step %d: validation reward %.3f reached %.3f; stopping",
+                    step + 1,
+                    check_reward,
+                    settings.stop_at_reward,
+                )
                 return step + 1, check_reward
     model.eval()
     return settings.num_steps, check_reward
@@ -274,9 +288,7 @@ def greedy_completions(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-        completions.extend(
-            tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-        )
+        completions.extend(tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True))
     return completions
 
 

@@ -70,8 +70,9 @@ def bf16_bits(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
 
 
-def chunk_points(chunk_bits: torch.Tensor, num_points: int,
-                 num_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_points(
+    chunk_bits: torch.Tensor, num_points: int, num_values: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-magnitude points of flattened chunks [rows, n] (ties: lower index), as the numpy
     reference protocol.commitment.top_indices selects them: (indices, bf16 bits), [rows, k], on the
     chunks' device. A row with num_values[row] < n holds a shorter chunk in its first values: only
@@ -81,24 +82,24 @@ def chunk_points(chunk_bits: torch.Tensor, num_points: int,
     if flat_size > 2**_INDEX_BITS:
         raise EngineRequestError(f"a commitment chunk of {flat_size} values is too large")
     index = torch.arange(flat_size, dtype=torch.int64, device=chunk_bits.device)
-    keys = ((chunk_bits & commitment.BF16_MAGNITUDE_MASK).to(torch.int64) << _INDEX_BITS) | (
-        2**_INDEX_BITS - 1 - index)
+    keys = ((chunk_bits & commitment.BF16_MAGNITUDE_MASK).to(torch.int64) << _INDEX_BITS) | (2**_INDEX_BITS - 1 - index)
     if num_values is not None:
         keys = torch.where(index[None, :] < num_values[:, None], keys, -1 - index)
     indices = keys.topk(num_points, dim=1, sorted=num_values is not None).indices
     return indices, chunk_bits.gather(1, indices)
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """input_ids, attention_mask and position_ids for left-padded sequences."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.int64)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.int64)
     for row, tokens in enumerate(sequences):
         if tokens:
-            input_ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.int64)
-            attention_mask[row, width - len(tokens):] = 1
+            input_ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.int64)
+            attention_mask[row, width - len(tokens) :] = 1
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
@@ -109,8 +110,7 @@ class _CommitmentBuilder:
     decoding never waits for the host."""
 
     def __init__(self, num_rows: int, hidden_size: int, device: torch.device):
-        self.buffer = torch.zeros((num_rows, commitment.CHUNK_TOKENS, hidden_size),
-                                  dtype=torch.int32, device=device)
+        self.buffer = torch.zeros((num_rows, commitment.CHUNK_TOKENS, hidden_size), dtype=torch.int32, device=device)
         self.hidden_size = hidden_size
         self.closed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -133,15 +133,16 @@ class _CommitmentBuilder:
 
     def proofs(self, num_rows: int) -> list[bytes]:
         """Each row's commitment: its chunks' proofs in order."""
-        rows, num_points, indices, values = (torch.cat(parts).cpu().numpy() for parts in zip(*self.closed))
+        rows, num_points, indices, values = (torch.cat(parts).cpu().numpy() for parts in zip(*self.closed, strict=True))
         proofs = [b""] * len(rows)
         for size in np.unique(num_points):
             chunks = np.flatnonzero(num_points == size)
-            for chunk, proof in zip(chunks, commitment.proofs_from_points(indices[chunks, :size],
-                                                                          values[chunks, :size])):
+            for chunk, proof in zip(
+                chunks, commitment.proofs_from_points(indices[chunks, :size], values[chunks, :size]), strict=True
+            ):
                 proofs[chunk] = proof
         commitments: list[list[bytes]] = [[] for _ in range(num_rows)]
-        for row, proof in zip(rows, proofs):
+        for row, proof in zip(rows, proofs, strict=True):
             commitments[row].append(proof)
         return [b"".join(parts) for parts in commitments]
 
@@ -152,15 +153,19 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, model: PreTrainedModel, stop_token_ids: Collection[int],
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, pad_token_id: int = 0):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        stop_token_ids: Collection[int],
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        pad_token_id: int = 0,
+    ):
         if max_batch_size < 1:
             raise EngineRequestError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model.eval()
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
-        self.stop_token_ids = torch.tensor(sorted(stop_token_ids), dtype=torch.int64,
-                                           device=model.device)
+        self.stop_token_ids = torch.tensor(sorted(stop_token_ids), dtype=torch.int64, device=model.device)
         self.max_batch_size = max_batch_size
         self.pad_token_id = pad_token_id
 
@@ -168,27 +173,30 @@ class TorchEngine:
         check_requests(requests)
         results: list[GenerationResult] = []
         for start in range(0, len(requests), self.max_batch_size):
-            results.extend(self._generate_batch(requests[start:start + self.max_batch_size]))
+            results.extend(self._generate_batch(requests[start : start + self.max_batch_size]))
         return results
 
     @torch.inference_mode()
     def _generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         device = self.model.device
         num_rows = len(requests)
-        rows = sampling.RowSampling.build([r.sampling for r in requests],
-                                          [r.seed for r in requests], device)
+        rows = sampling.RowSampling.build([r.sampling for r in requests], [r.seed for r in requests], device)
         input_ids, attention_mask, position_ids = left_pad(
-            [r.prompt_token_ids for r in requests], self.pad_token_id, device)
+            [r.prompt_token_ids for r in requests], self.pad_token_id, device
+        )
         num_steps = max(r.sampling.max_tokens for r in requests)
         prompt_width = attention_mask.shape[1]
-        attention_mask = torch.cat(
-            [attention_mask, attention_mask.new_ones((num_rows, num_steps))], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((num_rows, num_steps))], dim=1)
         positions = torch.arange(num_steps, dtype=torch.int64, device=device)
         keys = sampling.noise_keys(rows.seed_lo[:, None], rows.seed_hi[:, None], positions[None, :])
         cache = DynamicCache(config=self.model.config)
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask[:, :prompt_width],
-                              position_ids=position_ids, past_key_values=cache,
-                              use_cache=True).last_hidden_state[:, -1]
+        hidden = self.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask[:, :prompt_width],
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
         builder = _CommitmentBuilder(num_rows, hidden.shape[-1], device)
         step_tokens, step_logprobs, step_margins = [], [], []
         max_tokens = torch.tensor([r.sampling.max_tokens for r in requests], dtype=torch.int64, device=device)
@@ -208,17 +216,19 @@ class TorchEngine:
             lengths = torch.where(active, step + 1, lengths)
             stopped |= active & is_stop
             finished |= is_stop | (max_tokens == step + 1)
-            last_step = step + 1 == num_steps or (
-                (step + 1) % done_check_interval == 0 and bool(finished.all()))
+            last_step = step + 1 == num_steps or ((step + 1) % done_check_interval == 0 and bool(finished.all()))
             if (step + 1) % commitment.CHUNK_TOKENS == 0 or last_step:
                 builder.close_chunks(step + 1, lengths)
             if last_step:
                 break
             position_ids = position_ids[:, -1:] + 1
-            hidden = self.decoder(input_ids=sampled.token_ids[:, None],
-                                  attention_mask=attention_mask[:, :prompt_width + step + 1],
-                                  position_ids=position_ids, past_key_values=cache,
-                                  use_cache=True).last_hidden_state[:, -1]
+            hidden = self.decoder(
+                input_ids=sampled.token_ids[:, None],
+                attention_mask=attention_mask[:, : prompt_width + step + 1],
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
         tokens = torch.stack(step_tokens, dim=1).cpu().tolist()
         logprobs = torch.stack(step_logprobs, dim=1).cpu().tolist()
         margins = torch.stack(step_margins, dim=1).cpu().tolist()
@@ -231,5 +241,5 @@ class TorchEngine:
                 finish_reason=FinishReason.STOP if is_stopped else FinishReason.LENGTH,
                 commitment=commitments[row],
             )
-            for row, (length, is_stopped) in enumerate(zip(lengths.tolist(), stopped.tolist()))
+            for row, (length, is_stopped) in enumerate(zip(lengths.tolist(), stopped.tolist(), strict=True))
         ]

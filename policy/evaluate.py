@@ -33,13 +33,15 @@ def evaluate(
 ) -> EvalResult:
     """Mean reward of greedy (T = 0) completions on the first `num_problems` eval problems."""
     problems = task.problems(Split.EVAL, seed, num_problems)
-    engine = TorchEngine(model, stop_token_ids={tokenizer.eos_token_id}, max_batch_size=batch_size,
-                         pad_token_id=tokenizer.pad_token_id or 0)
-    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    results = engine.generate(
-        [GenerationRequest(tuple(tokenizer.encode(p.prompt)), greedy, seed=0) for p in problems]
+    engine = TorchEngine(
+        model,
+        stop_token_ids={tokenizer.eos_token_id},
+        max_batch_size=batch_size,
+        pad_token_id=tokenizer.pad_token_id or 0,
     )
-    rewards = [task.reward(p, completion_text(tokenizer, r.token_ids)) for p, r in zip(problems, results)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    results = engine.generate([GenerationRequest(tuple(tokenizer.encode(p.prompt)), greedy, seed=0) for p in problems])
+    rewards = [task.reward(p, completion_text(tokenizer, r.token_ids)) for p, r in zip(problems, results, strict=True)]
     return EvalResult(
         task=task.name,
         num_problems=len(problems),

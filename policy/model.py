@@ -78,6 +78,17 @@ def check_device(device: str) -> None:
 
 
 def check_model_directory(directory: Path) -> None:
+    """Refuse, saying what to pass instead, a path that is not a Hugging Face model directory."""
+    if not directory.exists():
+        raise ModelLoadError(f"model directory {directory} does not exist")
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory} is a file, not a model directory (the directory holding config.json)")
+    is_checkpoint = (directory / "optimizer.pt").is_file() or any(directory.glob("step-*/optimizer.pt"))
+    if is_checkpoint:
+        raise ModelLoadError(
+            f"{directory} is a trainer checkpoint, not a model directory: write one from a published version "
+            "with `rollproof trainer export --policy-dir <coordinator data dir>/policy --model <base model> --out DIR`"
+        )
     if not (directory / "config.json").is_file():
         raise ModelLoadError(f"{directory} is not a model directory: it has no config.json")
     if not any(directory.glob("*.safetensors")):

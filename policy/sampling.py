@@ -29,8 +29,7 @@ class RowSampling:
     uses_top_p: bool
 
     @classmethod
-    def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int],
-              device: torch.device | str) -> RowSampling:
+    def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], device: torch.device | str) -> RowSampling:
         if len(params) != len(seeds):
             raise rule.SamplingParamsError("need one seed per row of sampling parameters")
         for row_params in params:
@@ -49,8 +48,15 @@ class RowSampling:
         )
 
     def select(self, rows: torch.Tensor) -> RowSampling:
-        return RowSampling(self.temperature[rows], self.top_k[rows], self.top_p[rows],
-                           self.seed_lo[rows], self.seed_hi[rows], self.uses_top_k, self.uses_top_p)
+        return RowSampling(
+            self.temperature[rows],
+            self.top_k[rows],
+            self.top_p[rows],
+            self.seed_lo[rows],
+            self.seed_hi[rows],
+            self.uses_top_k,
+            self.uses_top_p,
+        )
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +91,7 @@ def noise_bits_at(keys: NoiseKeys, vocab_size: int) -> torch.Tensor:
     return bits >> (32 - rule.NOISE_BITS)
 
 
-def noise_bits(seed_lo: torch.Tensor, seed_hi: torch.Tensor, positions: torch.Tensor,
-               vocab_size: int) -> torch.Tensor:
+def noise_bits(seed_lo: torch.Tensor, seed_hi: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return noise_bits_at(noise_keys(seed_lo, seed_hi, positions), vocab_size)
 
 
@@ -103,8 +108,9 @@ def _top_k_threshold(descending: torch.Tensor, rows: RowSampling) -> torch.Tenso
     return torch.where(uses_k, descending.gather(1, k_index)[:, 0], minus_inf)
 
 
-def _nucleus_cutoff(descending: torch.Tensor, threshold_k: torch.Tensor, top_p: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _nucleus_cutoff(
+    descending: torch.Tensor, threshold_k: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """As protocol.sampling._nucleus_cutoff, with a top_p per row."""
     survives = descending >= threshold_k[:, None]
     survivors = torch.where(survives, descending, -torch.inf)
@@ -124,24 +130,32 @@ def _filter_threshold(descending: torch.Tensor, rows: RowSampling) -> torch.Tens
     return threshold
 
 
-def _filter_band(descending: torch.Tensor, rows: RowSampling, tolerance: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _filter_band(
+    descending: torch.Tensor, rows: RowSampling, tolerance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """protocol.sampling.filter_band with parameters and a tolerance per row, over the scaled
     logits sorted descending."""
     threshold_k = _top_k_threshold(descending, rows)
     certain, possible = threshold_k + tolerance, threshold_k - tolerance
     if rows.uses_top_p:
         uses_p = rows.top_p < 1.0
-        bands = [rule.nucleus_band(top_p, row_tolerance)
-                 for top_p, row_tolerance in zip(rows.top_p.tolist(), tolerance.tolist())]
-        narrow, wide = (torch.tensor(values, dtype=torch.float32, device=descending.device) for values in zip(*bands))
+        bands = [
+            rule.nucleus_band(top_p, row_tolerance)
+            for top_p, row_tolerance in zip(rows.top_p.tolist(), tolerance.tolist(), strict=True)
+        ]
+        narrow, wide = (
+            torch.tensor(values, dtype=torch.float32, device=descending.device) for values in zip(*bands, strict=True)
+        )
         cutoff, _ = _nucleus_cutoff(descending, threshold_k, narrow)
-        certain = torch.where(uses_p, torch.maximum(certain, descending.gather(1, cutoff[:, None])[:, 0] + tolerance),
-                              certain)
+        certain = torch.where(
+            uses_p, torch.maximum(certain, descending.gather(1, cutoff[:, None])[:, 0] + tolerance), certain
+        )
         cutoff, is_reached = _nucleus_cutoff(descending, threshold_k, wide)
-        possible = torch.where(uses_p & is_reached,
-                               torch.maximum(possible, descending.gather(1, cutoff[:, None])[:, 0] - tolerance),
-                               possible)
+        possible = torch.where(
+            uses_p & is_reached,
+            torch.maximum(possible, descending.gather(1, cutoff[:, None])[:, 0] - tolerance),
+            possible,
+        )
     return certain, possible
 
 
@@ -156,8 +170,7 @@ class _Scored:
     descending: torch.Tensor | None  # scaled sorted descending per row, where filters are used
 
 
-def _score(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling,
-           keys: NoiseKeys | None = None) -> _Scored:
+def _score(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling, keys: NoiseKeys | None = None) -> _Scored:
     logits = logits.to(torch.float32)
     greedy = rows.temperature == 0.0
     inverse_t = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, rows.temperature)).to(torch.float32)
@@ -189,8 +202,9 @@ class SampledTokens:
     margins: torch.Tensor  # float32 [rows]
 
 
-def sample(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling,
-           keys: NoiseKeys | None = None) -> SampledTokens:
+def sample(
+    logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling, keys: NoiseKeys | None = None
+) -> SampledTokens:
     """One step of the rule for logits [rows, vocab] at per-row positions (int64 [rows]); `keys`:
     the rows' noise keys at those positions, when the caller computed them ahead."""
     scored = _score(logits, positions, rows, keys)
@@ -209,8 +223,9 @@ class TokenChecks:
     score_gaps: torch.Tensor  # float32
 
 
-def check_tokens(logits: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor, rows: RowSampling,
-                 logit_tolerance: float) -> TokenChecks:
+def check_tokens(
+    logits: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor, rows: RowSampling, logit_tolerance: float
+) -> TokenChecks:
     """protocol.sampling.check_tokens for rows with their own seed, position and parameters: the
     same verdicts and score gaps bit for bit; log-probabilities within float32 rounding."""
     scored = _score(logits, positions, rows)
@@ -221,19 +236,25 @@ def check_tokens(logits: torch.Tensor, token_ids: torch.Tensor, positions: torch
     best = scored.scores.argmax(dim=1)
     tolerance = torch.tensor(logit_tolerance, dtype=torch.float32, device=logits.device) * scored.inverse_t
     claimed_scaled = scored.scaled.gather(1, claim)[:, 0]
-    claimed = torch.where(scored.greedy, scored.scores.gather(1, claim)[:, 0],
-                          claimed_scaled + scored.noise.gather(1, claim)[:, 0])
+    claimed = torch.where(
+        scored.greedy, scored.scores.gather(1, claim)[:, 0], claimed_scaled + scored.noise.gather(1, claim)[:, 0]
+    )
     minus_inf = torch.full_like(tolerance, -torch.inf)
     certain = possible = minus_inf
     if scored.descending is not None:
-        certain, possible = (torch.where(scored.greedy, minus_inf, bound)
-                             for bound in _filter_band(scored.descending, rows, tolerance))
+        certain, possible = (
+            torch.where(scored.greedy, minus_inf, bound) for bound in _filter_band(scored.descending, rows, tolerance)
+        )
     best_certain = torch.where(scored.scaled >= certain[:, None], scored.scores, -torch.inf).max(dim=1).values
     is_best = best == token_ids
     score_gaps = torch.where(is_best, 0.0, torch.clamp_min(best_certain - claimed, 0.0))
     may_be_allowed = claimed_scaled >= possible
-    verdicts = torch.where(is_best, int(rule.TokenVerdict.EXACT),
-                           torch.where((score_gaps <= tolerance) & may_be_allowed, int(rule.TokenVerdict.NEAR_TIE),
-                                       int(rule.TokenVerdict.MISMATCH))).to(torch.int8)
+    verdicts = torch.where(
+        is_best,
+        int(rule.TokenVerdict.EXACT),
+        torch.where(
+            (score_gaps <= tolerance) & may_be_allowed, int(rule.TokenVerdict.NEAR_TIE), int(rule.TokenVerdict.MISMATCH)
+        ),
+    ).to(torch.int8)
     allowed_with_claim = scored.allowed.scatter(1, claim, True)
     return TokenChecks(verdicts, _log_softmax_at(scored.scaled, allowed_with_claim, token_ids), score_gaps)

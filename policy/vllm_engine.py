@@ -117,8 +117,9 @@ class _SeededRuleProcessor:
             self.rows.pop(index, None)
         for index, params, _, output_token_ids in batch_update.added:
             key, seed, temperature, top_k, top_p = params.extra_args[REQUEST_KEY]
-            self.rows[index] = _Row(key, seed, SamplingParams(temperature, top_k, top_p, params.max_tokens),
-                                    output_token_ids)
+            self.rows[index] = _Row(
+                key, seed, SamplingParams(temperature, top_k, top_p, params.max_tokens), output_token_ids
+            )
         for source, target, direction in batch_update.moved:
             moving = self.rows.pop(source, None)
             if direction == MoveDirectionality.SWAP:
@@ -136,11 +137,13 @@ class _SeededRuleProcessor:
         assert hidden is not None and hidden.shape[0] == num_rows, "logits without their hidden states"
         rows = [self.rows[index] for index in range(num_rows)]
         if self.row_sampling is None:
-            self.row_sampling = sampling.RowSampling.build([r.params for r in rows], [r.seed for r in rows],
-                                                           logits.device)
+            self.row_sampling = sampling.RowSampling.build(
+                [r.params for r in rows], [r.seed for r in rows], logits.device
+            )
         positions = [len(r.output_token_ids) for r in rows]
-        sampled = sampling.sample(logits, torch.tensor(positions, dtype=torch.int64, device=logits.device),
-                                  self.row_sampling)
+        sampled = sampling.sample(
+            logits, torch.tensor(positions, dtype=torch.int64, device=logits.device), self.row_sampling
+        )
         recorder.steps.append(_Step([r.key for r in rows], positions, sampled, hidden.to(torch.bfloat16)))
         forced = torch.full_like(logits, -torch.inf)
         return forced.scatter_(1, sampled.token_ids[:, None], 0.0)
@@ -187,9 +190,17 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, model_dir: Path, stop_token_ids: Collection[int], *, max_batch_size: int = 32,
-                 dtype: str = "float32", device: str = "cpu", kv_cache_bytes: int | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        model_dir: Path,
+        stop_token_ids: Collection[int],
+        *,
+        max_batch_size: int = 32,
+        dtype: str = "float32",
+        device: str = "cpu",
+        kv_cache_bytes: int | None = None,
+        seed: int = 0,
+    ):
         if max_batch_size < 1:
             raise EngineRequestError(f"max_batch_size must be >= 1, got {max_batch_size}")
         model_dir = Path(model_dir).expanduser()
@@ -202,8 +213,10 @@ class VllmEngine:
         from vllm.platforms import current_platform
 
         if device.split(":")[0] != current_platform.device_type:
-            raise ModelLoadError(f"this vLLM build runs on {current_platform.device_type!r}, not {device!r}; "
-                                 "install the vLLM build for that device or change engine.device")
+            raise ModelLoadError(
+                f"this vLLM build runs on {current_platform.device_type!r}, not {device!r}; "
+                "install the vLLM build for that device or change engine.device"
+            )
         on_cpu = current_platform.device_type == "cpu"
         if kv_cache_bytes is None and on_cpu:
             kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
@@ -215,10 +228,18 @@ class VllmEngine:
         # which is off here; keep the real one for the rest of the process.
         set_num_threads = torch.set_num_threads
         try:
-            self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
-                           max_num_seqs=max_batch_size, logits_processors=[_processor_class(self._recorder)],
-                           kv_cache_memory_bytes=kv_cache_bytes, enforce_eager=on_cpu,
-                           async_scheduling=False, disable_log_stats=True)
+            self.llm = LLM(
+                model=str(model_dir),
+                skip_tokenizer_init=True,
+                dtype=dtype,
+                seed=seed,
+                max_num_seqs=max_batch_size,
+                logits_processors=[_processor_class(self._recorder)],
+                kv_cache_memory_bytes=kv_cache_bytes,
+                enforce_eager=on_cpu,
+                async_scheduling=False,
+                disable_log_stats=True,
+            )
         finally:
             torch.set_num_threads = set_num_threads
         self.llm.apply_model(lambda model: _record_hidden_states(model, self._recorder))
@@ -236,8 +257,7 @@ class VllmEngine:
         """Reload a whole bf16 state (names as the model's Hugging Face parameters) into the live
         model, in place, and forget every cached prefix computed with the old weights."""
         weights = ((name, bf16_tensor(bits)) for name, bits in state.items())
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
-                                                          "is_checkpoint_format": True})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.apply_model(_repack_tied_output_embeddings)
         self.llm.reset_prefix_cache()
 
@@ -259,7 +279,8 @@ class VllmEngine:
             if len(request.prompt_token_ids) + request.sampling.max_tokens > self.max_model_len:
                 raise EngineRequestError(
                     f"a prompt of {len(request.prompt_token_ids)} tokens and max_tokens "
-                    f"{request.sampling.max_tokens} exceed the model's {self.max_model_len} positions")
+                    f"{request.sampling.max_tokens} exceed the model's {self.max_model_len} positions"
+                )
         if not requests:
             return []
         sampling.RowSampling.build([r.sampling for r in requests], [r.seed for r in requests], "cpu")  # validates
@@ -267,10 +288,14 @@ class VllmEngine:
         keys = [next(self._keys) for _ in requests]
         params = [
             VllmSamplingParams(
-                temperature=0.0, max_tokens=r.sampling.max_tokens, stop_token_ids=self.stop_token_ids,
-                ignore_eos=True, detokenize=False,
-                extra_args={REQUEST_KEY: (key, r.seed, r.sampling.temperature, r.sampling.top_k, r.sampling.top_p)})
-            for key, r in zip(keys, requests)
+                temperature=0.0,
+                max_tokens=r.sampling.max_tokens,
+                stop_token_ids=self.stop_token_ids,
+                ignore_eos=True,
+                detokenize=False,
+                extra_args={REQUEST_KEY: (key, r.seed, r.sampling.temperature, r.sampling.top_k, r.sampling.top_p)},
+            )
+            for key, r in zip(keys, requests, strict=True)
         ]
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
         try:
@@ -286,13 +311,18 @@ class VllmEngine:
         margins = torch.cat([s.sampled.margins for s in steps]).tolist()
         hidden = torch.cat([s.hidden for s in steps])
         record = {}  # (key, position) -> flat row; later samples at a position replace discarded ones
-        for row, key_position in enumerate(itertools.chain.from_iterable(zip(s.keys, s.positions) for s in steps)):
+        for row, key_position in enumerate(
+            itertools.chain.from_iterable(zip(s.keys, s.positions, strict=True) for s in steps)
+        ):
             record[key_position] = row
-        rows = [[record[key, position] for position in range(len(completion.token_ids))]
-                for key, completion in zip(keys, completions)]
-        for row_list, completion in zip(rows, completions):
-            assert [token_ids[row] for row in row_list] == list(completion.token_ids), \
+        rows = [
+            [record[key, position] for position in range(len(completion.token_ids))]
+            for key, completion in zip(keys, completions, strict=True)
+        ]
+        for row_list, completion in zip(rows, completions, strict=True):
+            assert [token_ids[row] for row in row_list] == list(completion.token_ids), (
                 "vLLM emitted a token the rule did not choose"
+            )
         proofs = _commitment_proofs([hidden[torch.tensor(row_list, device=hidden.device)] for row_list in rows])
         return [
             GenerationResult(
@@ -302,7 +332,7 @@ class VllmEngine:
                 finish_reason=FinishReason.STOP if completion.finish_reason == "stop" else FinishReason.LENGTH,
                 commitment=b"".join(request_proofs),
             )
-            for row_list, completion, request_proofs in zip(rows, completions, proofs)
+            for row_list, completion, request_proofs in zip(rows, completions, proofs, strict=True)
         ]
 
 
@@ -317,7 +347,8 @@ def _commitment_proofs(hidden_states: Sequence[torch.Tensor]) -> list[list[bytes
     for _, same_length in sorted(chunks.items(), reverse=True):  # full chunks before a last, shorter one
         bits = bf16_bits(torch.stack([chunk for _, chunk in same_length]))
         indices, values = chunk_points(bits, min(commitment.TOP_K, bits.shape[1]))
-        for (index, _), proof in zip(same_length, commitment.proofs_from_points(indices.cpu().numpy(),
-                                                                                values.cpu().numpy())):
+        for (index, _), proof in zip(
+            same_length, commitment.proofs_from_points(indices.cpu().numpy(), values.cpu().numpy()), strict=True
+        ):
             proofs[index].append(proof)
     return proofs

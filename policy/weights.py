@@ -114,11 +114,12 @@ class NodePolicy:
     `apply` takes one signed update and either moves model and state to its version or
     raises a PolicyUpdateError subclass (protocol/manifest.py) and leaves both as they were
     (every check comes before the first write; should writing itself fail, e.g. out of
-    memory, the node forgets its version and catches up through a keyframe). Where a parameter can share its memory with its bf16 bits (`shared_bits`), the state is
-    that view, and applying a delta is one XOR scatter into the weights; other parameters
-    (float64, non-contiguous, on an accelerator) keep their bits in a separate array and are
-    written after it. A delta's result is not rehashed (protocol/manifest.py says why):
-    `check_state_hash` does that, and the node's owner calls it now and then.
+    memory, the node forgets its version and catches up through a keyframe). Where a parameter
+    can share its memory with its bf16 bits (`shared_bits`), the state is that view, and applying a
+    delta is one XOR scatter into the weights; other parameters (float64, non-contiguous, on an
+    accelerator) keep their bits in a separate array and are written after it. A delta's result is
+    not rehashed (protocol/manifest.py says why): `check_state_hash` does that, and the node's
+    owner calls it now and then.
     """
 
     def __init__(self, model: Any, *, run_id: str, trainer_public_key: bytes):
@@ -186,8 +187,7 @@ class NodePolicy:
         if state_hash(self._state) != self._state_hash:
             version, self._version, self._state_hash = self._version, None, None
             raise StateHashMismatchError(
-                f"the state held as version {version} does not have that version's hash; "
-                "fetch the keyframe path"
+                f"the state held as version {version} does not have that version's hash; fetch the keyframe path"
             )
         self._num_unchecked_deltas = 0
 
@@ -195,8 +195,7 @@ class NodePolicy:
         def write() -> None:
             load_bf16_state(self.model, state)
             self._state = {
-                name: bits.copy() if self._shared[name] is None else self._shared[name]
-                for name, bits in state.items()
+                name: bits.copy() if self._shared[name] is None else self._shared[name] for name, bits in state.items()
             }
 
         self._guarded(write)

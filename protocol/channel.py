@@ -83,8 +83,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
     return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
 
 
-def open_channel(address: str, tls: CoordinatorTls = CoordinatorTls(), *,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+def open_channel(
+    address: str, tls: CoordinatorTls = CoordinatorTls(), *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> grpc.Channel:
     import grpc
 
     credentials, security_options = channel_security(address, tls)
@@ -94,8 +95,9 @@ def open_channel(address: str, tls: CoordinatorTls = CoordinatorTls(), *,
     return grpc.secure_channel(address, credentials, options=options)
 
 
-def open_aio_channel(address: str, tls: CoordinatorTls = CoordinatorTls(), *,
-                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
+def open_aio_channel(
+    address: str, tls: CoordinatorTls = CoordinatorTls(), *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> grpc.aio.Channel:
     import grpc
 
     credentials, security_options = channel_security(address, tls)

@@ -43,9 +43,10 @@ import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from protocol.types import TensorSpec
 
@@ -130,7 +131,7 @@ def state_hash(state: Mapping[str, np.ndarray]) -> bytes:
     digests = list(_TENSOR_POOL.map(lambda name: _tensor_digest(state[name]), names))
     outer = hashlib.sha256(STATE_HASH_DOMAIN)
     outer.update(struct.pack(">I", len(names)))
-    for name, digest in zip(names, digests):
+    for name, digest in zip(names, digests, strict=True):
         encoded_name = name.encode()
         shape = state[name].shape
         outer.update(struct.pack(">I", len(encoded_name)) + encoded_name)
@@ -418,7 +419,7 @@ def _decode_quotients(header: _DeltaHeader, quotient_bytes: np.ndarray) -> tuple
 def _decode_gaps(header: _DeltaHeader, quotient_bytes: np.ndarray, remainder_bytes: np.ndarray) -> np.ndarray:
     name, count, k = header.spec.name, num_elements(header.spec), header.rice_k
     quotients, max_quotient = _decode_quotients(header, quotient_bytes)
-    planes = remainder_bytes.reshape(-1, header.num_changed)
+    planes: npt.NDArray[np.uint8] = remainder_bytes.reshape(-1, header.num_changed)
     if k % 8 and planes[-1].max() >> (k % 8):
         raise MalformedPayloadError(f"tensor {name!r}: a Rice remainder has bits above bit {k}")
     # The step from one changed position to the next, gap + 1 = (quotient << k | remainder) + 1,
@@ -426,7 +427,7 @@ def _decode_gaps(header: _DeltaHeader, quotient_bytes: np.ndarray, remainder_byt
     # uint16, a quarter of the memory traffic of int64), then summed into int64 positions.
     max_step = ((max_quotient << k) | ((1 << k) - 1)) + 1
     step_type = np.uint16 if max_step < 1 << 16 else np.uint32 if max_step < 1 << 32 else np.int64
-    steps = quotients.astype(step_type)
+    steps: npt.NDArray[np.integer[Any]] = quotients.astype(step_type)
     steps <<= k
     for plane_index, plane in enumerate(planes):
         steps |= plane if plane_index == 0 else plane.astype(step_type) << (8 * plane_index)
@@ -457,9 +458,7 @@ def _decode_bitmap(header: _DeltaHeader, bitmap: np.ndarray) -> np.ndarray:
     return flat_indices
 
 
-def decode_delta_payload(
-    payload: bytes | bytearray | memoryview, specs: Sequence[TensorSpec]
-) -> list[TensorChange]:
+def decode_delta_payload(payload: bytes | bytearray | memoryview, specs: Sequence[TensorSpec]) -> list[TensorChange]:
     """Parse and fully check a delta payload against the manifest's tensor list."""
     view = memoryview(payload).cast("B")
     data = np.frombuffer(view, dtype=np.uint8)
@@ -494,8 +493,16 @@ def decode_delta_payload(
         return TensorChange(name=header.spec.name, flat_indices=flat_indices, xor_bits=xor_bits)
 
     jobs = [
-        (header, [take(0, header.num_quotient_bytes), take(1, header.num_remainder_bytes),
-                  take(2, header.num_bitmap_bytes), take(3, header.num_changed), take(4, header.num_changed)])
+        (
+            header,
+            [
+                take(0, header.num_quotient_bytes),
+                take(1, header.num_remainder_bytes),
+                take(2, header.num_bitmap_bytes),
+                take(3, header.num_changed),
+                take(4, header.num_changed),
+            ],
+        )
         for header in headers
         if header.num_changed
     ]
@@ -523,8 +530,11 @@ def apply_changes_in_place(state: Mapping[str, np.ndarray], changes: Sequence[Te
             flat[flat_indices[start : start + _SCATTER_ROUND]] ^= xor_bits[start : start + _SCATTER_ROUND]
 
     pieces = [
-        (change.name, change.flat_indices[start : start + _APPLY_PIECE_CHANGES],
-         change.xor_bits[start : start + _APPLY_PIECE_CHANGES])
+        (
+            change.name,
+            change.flat_indices[start : start + _APPLY_PIECE_CHANGES],
+            change.xor_bits[start : start + _APPLY_PIECE_CHANGES],
+        )
         for change in changes
         for start in range(0, change.flat_indices.size, _APPLY_PIECE_CHANGES)
     ]

@@ -7,10 +7,12 @@ are the coordinator's checks.
 
 from __future__ import annotations
 
+import enum
 import math
+from typing import TypeVar, cast
 
 import numpy as np
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from protocol import types
@@ -26,12 +28,14 @@ _UNSIGNED_64 = (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64)
 _COUNTED = (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
 _HAS_BOUNDS: dict[str, bool] = {}  # by message type: see _has_bounds
 
+EnumT = TypeVar("EnumT", bound=enum.IntEnum)
+
 
 class WireFormatError(ValueError):
     """A message decoded, but a field holds a value the protocol does not allow."""
 
 
-def _has_bounds(descriptor, seen: frozenset = frozenset()) -> bool:
+def _has_bounds(descriptor: Descriptor, seen: frozenset[str] = frozenset()) -> bool:
     """Whether messages of this type can hold anything check_bounds refuses (most rollout fields
     cannot, so a batch's rollouts are not walked)."""
     if descriptor.full_name in seen:
@@ -39,7 +43,8 @@ def _has_bounds(descriptor, seen: frozenset = frozenset()) -> bool:
     for field in descriptor.fields:
         if field.type in _UNSIGNED_64 or (field.is_repeated and field.type in _COUNTED):
             return True
-        if field.type == FieldDescriptor.TYPE_MESSAGE and _has_bounds(field.message_type, seen | {descriptor.full_name}):
+        nested = field.message_type if field.type == FieldDescriptor.TYPE_MESSAGE else None
+        if nested is not None and _has_bounds(nested, seen | {descriptor.full_name}):
             return True
     return False
 
@@ -48,7 +53,7 @@ def check_bounds(message: Message, path: str = "") -> None:
     """The schema check of every decoded request: no 64-bit unsigned integer above MAX_UINT_VALUE,
     and no repeated message or string field longer than MAX_REPEATED_ELEMENTS (the count of a
     packed number field is bounded by the message size). Raises WireFormatError naming the field."""
-    descriptor = message.DESCRIPTOR
+    descriptor = cast(Descriptor, message.DESCRIPTOR)  # the upb descriptor has the same interface
     if descriptor.full_name not in _HAS_BOUNDS:
         _HAS_BOUNDS[descriptor.full_name] = _has_bounds(descriptor)
     if not _HAS_BOUNDS[descriptor.full_name]:
@@ -71,7 +76,7 @@ def check_bounds(message: Message, path: str = "") -> None:
             raise WireFormatError(f"{name}: {value} is larger than {MAX_UINT_VALUE}")
 
 
-def _enum_from_proto(enum_cls, value: int, field_name: str):
+def _enum_from_proto(enum_cls: type[EnumT], value: int, field_name: str) -> EnumT:
     try:
         return enum_cls(value)
     except ValueError:
@@ -123,7 +128,7 @@ def manifest_to_proto(manifest: types.PolicyManifest) -> policy_pb2.PolicyManife
         run_id=manifest.run_id,
         version=manifest.version,
         base_version=manifest.base_version,
-        codec=int(manifest.codec),
+        codec=policy_pb2.Codec.ValueType(manifest.codec),
         tensors=[tensor_spec_to_proto(t) for t in manifest.tensors],
         blobs=[blob_ref_to_proto(b) for b in manifest.blobs],
         state_hash=manifest.state_hash,
@@ -218,7 +223,7 @@ def rollout_to_proto(rollout: types.Rollout) -> rollout_pb2.Rollout:
         sampled_mask=pack_mask(rollout.sampled_mask),
         logprobs=list(rollout.logprobs),
         commitment=rollout.commitment,
-        finish_reason=int(rollout.finish_reason),
+        finish_reason=rollout_pb2.FinishReason.ValueType(rollout.finish_reason),
         claimed_reward=rollout.claimed_reward,
     )
 
@@ -274,7 +279,7 @@ def receipt_to_proto(receipt: types.Receipt) -> rollout_pb2.Receipt:
                 prompt_index=v.prompt_index,
                 sample_index=v.sample_index,
                 accepted=v.accepted,
-                reason=int(v.reason) if v.reason is not None else 0,
+                reason=rollout_pb2.RejectReason.ValueType(v.reason if v.reason is not None else 0),
                 message=v.message,
             )
             for v in receipt.verdicts

@@ -146,17 +146,14 @@ class EnvelopeVerifier:
                 f"signer public key has {len(envelope.signer_public_key)} bytes, expected {PUBLIC_KEY_BYTES}"
             )
         if len(envelope.signature) != SIGNATURE_BYTES:
-            raise MalformedEnvelopeError(
-                f"signature has {len(envelope.signature)} bytes, expected {SIGNATURE_BYTES}"
-            )
+            raise MalformedEnvelopeError(f"signature has {len(envelope.signature)} bytes, expected {SIGNATURE_BYTES}")
         if len(envelope.nonce) != NONCE_BYTES:
             raise MalformedEnvelopeError(f"nonce has {len(envelope.nonce)} bytes, expected {NONCE_BYTES}")
         if envelope.method != method:
             raise WrongMethodError(f"envelope was signed for {envelope.method!r}, not {method!r}")
         if expected_public_key is not None and envelope.signer_public_key != expected_public_key:
             raise WrongSignerError(
-                f"envelope is signed by {key_id(envelope.signer_public_key)}, "
-                f"expected {key_id(expected_public_key)}"
+                f"envelope is signed by {key_id(envelope.signer_public_key)}, expected {key_id(expected_public_key)}"
             )
         message = signing_bytes(
             envelope.method, envelope.payload, envelope.signer_public_key, envelope.timestamp_ms, envelope.nonce

@@ -96,9 +96,7 @@ class Identity:
 
     @property
     def public_key(self) -> bytes:
-        return self.private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        return self.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
     @property
     def key_id(self) -> str:
@@ -130,11 +128,14 @@ class Identity:
         try:
             mode = stat.S_IMODE(path.stat().st_mode)
         except FileNotFoundError:
-            raise KeyFileError(f"key file {path} does not exist; create one with `rollproof keygen`") from None
+            raise KeyFileError(
+                f"key file {path} does not exist; create one with `rollproof keygen --out {path}`"
+            ) from None
+        if stat.S_ISDIR(path.stat().st_mode):
+            raise KeyFileError(f"key file {path} is a directory; name the key file itself (e.g. {path / 'node.key'})")
         if mode & 0o077:
             raise KeyFileError(
-                f"key file {path} is accessible by group or others (mode {mode:04o}); "
-                f"run `chmod 600 {path}`"
+                f"key file {path} is accessible by group or others (mode {mode:04o}); run `chmod 600 {path}`"
             )
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
@@ -151,3 +152,14 @@ class Identity:
         identity = cls.generate()
         identity.save(path)
         return identity
+
+
+def load_role_identity(key_file: Path | None, default_path: Path) -> tuple[Identity, bool]:
+    """A role's key and whether it was just created. A key file the user named must exist: a
+    mistyped path must not become a new identity (a node's credit would split across two ids).
+    Without one, the key at `default_path` is used, created there on first start."""
+    if key_file is not None:
+        return Identity.load(Path(key_file).expanduser()), False
+    path = Path(default_path).expanduser()
+    created = not path.exists()
+    return Identity.load_or_create(path), created

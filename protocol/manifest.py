@@ -51,8 +51,8 @@ from protocol.codec import (
     decode_delta_payload,
     decode_keyframe_payload,
     delta_sections,
-    keyframe_sections,
     keyframe_payload_size,
+    keyframe_sections,
     max_delta_payload_size,
     state_hash,
     tensor_specs,
@@ -76,7 +76,12 @@ KEYFRAME_ZSTD_PARAMETERS = zstandard.ZstdCompressionParameters.from_level(3)
 # Delta payloads are small, skewed streams: zstd's optimal parser (btopt) with a small search
 # codes them near their entropy, where the fast levels lose 0.5 bit per symbol to short matches.
 DELTA_ZSTD_PARAMETERS = zstandard.ZstdCompressionParameters(
-    window_log=17, hash_log=12, chain_log=12, search_log=1, min_match=4, target_length=16,
+    window_log=17,
+    hash_log=12,
+    chain_log=12,
+    search_log=1,
+    min_match=4,
+    target_length=16,
     strategy=zstandard.STRATEGY_BTOPT,
 )
 # zstd and hashlib release the GIL, so blobs compress, hash and decompress in parallel.
@@ -252,7 +257,7 @@ def compress_payload(
     blobs = tuple(_BLOB_POOL.map(lambda runs: _compress_runs(runs, parameters), chunks))
     refs = tuple(
         BlobRef(hash=blob_hash(blob), size=len(blob), uncompressed_size=sum(map(len, runs)))
-        for blob, runs in zip(blobs, chunks)
+        for blob, runs in zip(blobs, chunks, strict=True)
     )
     return refs, blobs
 
@@ -279,8 +284,16 @@ def read_payload(refs: Sequence[BlobRef], blobs: Mapping[bytes, bytes]) -> bytea
 
 
 def _build_update(
-    run_id: str, version: int, base_version: int, codec: Codec, sections, zstd_parameters, chunk_size: int,
-    state: BF16State, base_state_hash: bytes, created_at_ms: int | None,
+    run_id: str,
+    version: int,
+    base_version: int,
+    codec: Codec,
+    sections: Iterable[Iterable[bytes]],
+    zstd_parameters: zstandard.ZstdCompressionParameters,
+    chunk_size: int,
+    state: BF16State,
+    base_state_hash: bytes,
+    created_at_ms: int | None,
 ) -> PolicyUpdate:
     refs, blobs = compress_payload(sections, zstd_parameters, chunk_size=chunk_size)
     manifest = PolicyManifest(
@@ -298,12 +311,18 @@ def _build_update(
     return PolicyUpdate(manifest=manifest, blobs=blobs)
 
 
-def build_keyframe(
-    run_id: str, version: int, state: BF16State, *, created_at_ms: int | None = None
-) -> PolicyUpdate:
+def build_keyframe(run_id: str, version: int, state: BF16State, *, created_at_ms: int | None = None) -> PolicyUpdate:
     return _build_update(
-        run_id, version, version, Codec.KEYFRAME, keyframe_sections(state), KEYFRAME_ZSTD_PARAMETERS,
-        MAX_BLOB_UNCOMPRESSED_BYTES, state, b"", created_at_ms,
+        run_id,
+        version,
+        version,
+        Codec.KEYFRAME,
+        keyframe_sections(state),
+        KEYFRAME_ZSTD_PARAMETERS,
+        MAX_BLOB_UNCOMPRESSED_BYTES,
+        state,
+        b"",
+        created_at_ms,
     )
 
 
@@ -320,8 +339,15 @@ def build_delta(
     """The delta taking `base_state` to `state`. `base_state_hash`: state_hash(base_state),
     when the caller already has it (a publisher does: it is the previous manifest's)."""
     return _build_update(
-        run_id, version, base_version, Codec.DELTA, delta_sections(base_state, state), DELTA_ZSTD_PARAMETERS,
-        DELTA_BLOB_UNCOMPRESSED_BYTES, state, state_hash(base_state) if base_state_hash is None else base_state_hash,
+        run_id,
+        version,
+        base_version,
+        Codec.DELTA,
+        delta_sections(base_state, state),
+        DELTA_ZSTD_PARAMETERS,
+        DELTA_BLOB_UNCOMPRESSED_BYTES,
+        state,
+        state_hash(base_state) if base_state_hash is None else base_state_hash,
         created_at_ms,
     )
 
@@ -361,6 +387,12 @@ def signed_manifest_from_bytes(data: bytes) -> SignedManifest:
 
 def check_manifest_structure(manifest: PolicyManifest) -> None:
     """Field bounds a manifest must meet whoever signed it."""
+    _check_header(manifest)
+    _check_tensors(manifest)
+    _check_blobs(manifest)
+
+
+def _check_header(manifest: PolicyManifest) -> None:
     if not manifest.run_id:
         raise MalformedManifestError("run_id is empty")
     if manifest.codec == Codec.KEYFRAME and manifest.base_version != manifest.version:
@@ -371,13 +403,6 @@ def check_manifest_structure(manifest: PolicyManifest) -> None:
         raise MalformedManifestError(
             f"a delta's base_version ({manifest.base_version}) must be below its version ({manifest.version})"
         )
-    names = [spec.name for spec in manifest.tensors]
-    if any(not name for name in names):
-        raise MalformedManifestError("a tensor has an empty name")
-    if names != sorted(set(names)):
-        raise MalformedManifestError("tensor names must be unique and sorted")
-    if sum(math.prod(spec.shape) for spec in manifest.tensors) > MAX_STATE_ELEMENTS:
-        raise MalformedManifestError(f"the tensors hold more than {MAX_STATE_ELEMENTS} elements")
     if len(manifest.state_hash) != HASH_BYTES:
         raise MalformedManifestError(f"state_hash has {len(manifest.state_hash)} bytes, expected {HASH_BYTES}")
     expected_base_hash_bytes = HASH_BYTES if manifest.codec == Codec.DELTA else 0
@@ -386,6 +411,19 @@ def check_manifest_structure(manifest: PolicyManifest) -> None:
             f"base_state_hash has {len(manifest.base_state_hash)} bytes; a {manifest.codec.name.lower()} needs "
             f"{expected_base_hash_bytes}"
         )
+
+
+def _check_tensors(manifest: PolicyManifest) -> None:
+    names = [spec.name for spec in manifest.tensors]
+    if any(not name for name in names):
+        raise MalformedManifestError("a tensor has an empty name")
+    if names != sorted(set(names)):
+        raise MalformedManifestError("tensor names must be unique and sorted")
+    if sum(math.prod(spec.shape) for spec in manifest.tensors) > MAX_STATE_ELEMENTS:
+        raise MalformedManifestError(f"the tensors hold more than {MAX_STATE_ELEMENTS} elements")
+
+
+def _check_blobs(manifest: PolicyManifest) -> None:
     for index, ref in enumerate(manifest.blobs):
         if len(ref.hash) != HASH_BYTES:
             raise MalformedManifestError(f"blobs[{index}].hash has {len(ref.hash)} bytes, expected {HASH_BYTES}")
@@ -499,9 +537,7 @@ def check_delta_base(state: BF16State | None, held_state_hash: bytes | None, upd
     return state
 
 
-def apply_update(
-    state: BF16State | None, update: OpenedUpdate, *, held_state_hash: bytes | None = None
-) -> BF16State:
+def apply_update(state: BF16State | None, update: OpenedUpdate, *, held_state_hash: bytes | None = None) -> BF16State:
     """The state after `update`, whose hash is then the manifest's state_hash (see the module
     docstring). A keyframe's state is hashed in full and `state` left untouched; a delta is
     checked against its base (`held_state_hash`: the hash of `state` if known, else it is
@@ -511,4 +547,3 @@ def apply_update(
     base = check_delta_base(state, held_state_hash, update)
     apply_changes_in_place(base, update.changes)
     return base
-

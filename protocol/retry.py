@@ -6,6 +6,7 @@ cause. `call_with_retry` and `call_with_retry_async` are the sync and asyncio va
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -13,7 +14,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import tenacity
 
@@ -46,7 +47,7 @@ class RetryPolicy:
 
     def backoff_s(self, attempt: int) -> float:
         """The wait after the `attempt`-th failure (1-based)."""
-        base = min(self.max_backoff_s, self.initial_backoff_s * 2 ** min(attempt - 1, 62))
+        base = min(self.max_backoff_s, self.initial_backoff_s * 2.0 ** min(attempt - 1, 62))
         return base * random.uniform(0.5, 1.0)
 
 
@@ -76,7 +77,7 @@ def retry_hint_s(error: BaseException) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def _trailing_metadata(error: BaseException) -> tuple:
+def _trailing_metadata(error: BaseException) -> tuple[tuple[str, str | bytes], ...]:
     getter = getattr(error, "trailing_metadata", None)
     metadata = getter() if callable(getter) else None
     return tuple(metadata or ())
@@ -92,11 +93,17 @@ class _Wait(tenacity.wait.wait_base):
         self.policy = policy
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        error = retry_state.outcome.exception() if retry_state.outcome else None
+        error = _outcome_error(retry_state)
         hint = retry_hint_s(error) if error is not None else None
         if hint is not None:
             return min(self.policy.max_backoff_s, hint * random.uniform(1.0, 1.25))
         return self.policy.backoff_s(retry_state.attempt_number)
+
+
+def _outcome_error(retry_state: tenacity.RetryCallState) -> BaseException | None:
+    outcome = retry_state.outcome
+    error = outcome.exception() if outcome is not None else None
+    return error if isinstance(error, BaseException) else None
 
 
 def _never() -> bool:
@@ -104,17 +111,28 @@ def _never() -> bool:
 
 
 def _retrying_arguments(
-    address: str, what: str, policy: RetryPolicy, is_stopping: Callable[[], bool],
+    address: str,
+    what: str,
+    policy: RetryPolicy,
+    is_stopping: Callable[[], bool],
     on_retry: Callable[[BaseException], None] | None,
-) -> dict:
+) -> dict[str, Any]:
     def stop(retry_state: tenacity.RetryCallState) -> bool:
         return is_stopping() or 0 < policy.max_attempts <= retry_state.attempt_number
 
     def before_sleep(retry_state: tenacity.RetryCallState) -> None:
-        error = retry_state.outcome.exception()
+        error = _outcome_error(retry_state)
+        assert error is not None, "tenacity sleeps only after a failed attempt"
         details = _details(error).replace("\n", " ")[:MAX_LOGGED_DETAILS_CHARS]
-        log.warning("%s %s: %s (%s); retry %d in %.1fs", address, what, transient_status(error), details,
-                    retry_state.attempt_number, retry_state.upcoming_sleep)
+        log.warning(
+            "%s %s: %s (%s); retry %d in %.1fs",
+            address,
+            what,
+            transient_status(error),
+            details,
+            retry_state.attempt_number,
+            retry_state.upcoming_sleep,
+        )
         if on_retry is not None:
             on_retry(error)
 
@@ -128,21 +146,38 @@ def _retrying_arguments(
 
 
 def call_with_retry(
-    call: Callable[[], T], *, address: str, what: str, policy: RetryPolicy = DEFAULT_POLICY,
-    stop: threading.Event | None = None, on_retry: Callable[[BaseException], None] | None = None,
+    call: Callable[[], T],
+    *,
+    address: str,
+    what: str,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    stop: threading.Event | None = None,
+    on_retry: Callable[[BaseException], None] | None = None,
 ) -> T:
     """`call()` under the policy. A non-transient error, the last one once `max_attempts` are
     spent, or a transient one after `stop` is set is raised as it is."""
+
+    def sleep(seconds: float) -> None:
+        if stop is None:
+            time.sleep(seconds)
+        else:
+            stop.wait(seconds)
+
     retrying = tenacity.Retrying(
-        sleep=stop.wait if stop is not None else time.sleep,
+        sleep=sleep,
         **_retrying_arguments(address, what, policy, stop.is_set if stop is not None else _never, on_retry),
     )
     return retrying(call)
 
 
 async def call_with_retry_async(
-    call: Callable[[], Awaitable[T]], *, address: str, what: str, policy: RetryPolicy = DEFAULT_POLICY,
-    stop: asyncio.Event | None = None, on_retry: Callable[[BaseException], None] | None = None,
+    call: Callable[[], Awaitable[T]],
+    *,
+    address: str,
+    what: str,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    stop: asyncio.Event | None = None,
+    on_retry: Callable[[BaseException], None] | None = None,
 ) -> T:
     """The asyncio variant of `call_with_retry`: `call()` makes a fresh awaitable per attempt."""
 
@@ -150,10 +185,8 @@ async def call_with_retry_async(
         if stop is None:
             await asyncio.sleep(seconds)
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
 
     async def attempt() -> T:  # tenacity awaits only what it sees is a coroutine function
         return await call()

@@ -102,8 +102,9 @@ class CertificatePair:
     fingerprint: str
 
 
-def make_self_signed_pair(directory: Path, hosts: Sequence[str] = (), *, days: int = 3650,
-                          overwrite: bool = False) -> CertificatePair:
+def make_self_signed_pair(
+    directory: Path, hosts: Sequence[str] = (), *, days: int = 3650, overwrite: bool = False
+) -> CertificatePair:
     """An ECDSA P-256 key (file mode 0600) and a self-signed certificate for it, valid for loopback
     and `hosts` (names or IP addresses), written as coordinator.key and coordinator.crt."""
     from cryptography import x509

@@ -12,11 +12,6 @@ class Codec(enum.IntEnum):
     DELTA = 2
 
 
-class TurnRole(enum.IntEnum):
-    MODEL = 1
-    ENVIRONMENT = 2
-
-
 class FinishReason(enum.IntEnum):
     STOP = 1
     LENGTH = 2

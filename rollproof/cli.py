@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from rollproof.commands import COMMAND_MODULES
@@ -24,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # gRPC's core logs its own copy of errors we report in one line (GRPC_VERBOSITY=debug brings it back)
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from rollproof.logs import setup_logging
 
     setup_logging(args.log_level, json_lines=args.log_json, process_name=args.command)
@@ -31,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (`rollproof admin versions | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except ValueError as error:
         # User errors (bad config, bad key file, bad input) are ValueErrors with an actionable message.
         print(f"rollproof {args.command}: error: {error}", file=sys.stderr)

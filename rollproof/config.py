@@ -7,6 +7,7 @@ environment variables (nested keys joined by `__`, e.g. `ROLLPROOF_NODE_ENGINE__
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -64,12 +65,27 @@ def parse_assignment(assignment: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _describe(error: ValidationError, sources: str) -> str:
+def _known_keys(model_cls: type[BaseModel], location: tuple[int | str, ...]) -> list[str]:
+    """The keys of the section that holds `location`'s last part."""
+    section = model_cls
+    for part in location[:-1]:
+        field = section.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        section = annotation
+    return list(section.model_fields)
+
+
+def _describe(error: ValidationError, sources: str, model_cls: type[BaseModel]) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(root)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
+            close = difflib.get_close_matches(str(item["loc"][-1]), _known_keys(model_cls, item["loc"]), n=1)
+            parent = ".".join(str(part) for part in item["loc"][:-1])
+            suggestion = f"{parent}.{close[0]}" if parent and close else close[0] if close else ""
+            lines.append(f"{key}: unknown key" + (f"; did you mean {suggestion!r}?" if suggestion else ""))
         else:
             lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
     return f"invalid configuration ({sources}):\n  " + "\n  ".join(lines)
@@ -113,4 +129,4 @@ def load_config(
     try:
         return model_cls.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, " → ".join(sources))) from None
+        raise ConfigError(_describe(error, " → ".join(sources), model_cls)) from None

@@ -37,8 +37,13 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = False, process_name
         from rich.console import Console
         from rich.logging import RichHandler
 
-        handler = RichHandler(console=Console(stderr=True), show_path=False, log_time_format="%H:%M:%S",
-                              markup=False, rich_tracebacks=True)
+        handler = RichHandler(
+            console=Console(stderr=True),
+            show_path=False,
+            log_time_format="%H:%M:%S",
+            markup=False,
+            rich_tracebacks=True,
+        )
         handler.setFormatter(logging.Formatter(f"[{process_name}] %(name)s: %(message)s"))
     else:
         # Files, pipes, journald: one unwrapped line per record, so logs stay greppable.

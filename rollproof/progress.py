@@ -10,7 +10,7 @@ from rich.table import Table
 
 from protocol.channel import open_channel
 from protocol.proto import service_pb2, service_pb2_grpc
-from rollproof.up import REFRESH_S, Launcher
+from rollproof.launcher import REFRESH_S, Launcher
 
 
 def _run_status(stub, token: str) -> service_pb2.RunStatus | None:

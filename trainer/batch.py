@@ -13,13 +13,13 @@ from trainer.loss import group_advantages, informative_groups
 
 @dataclass(frozen=True)
 class TrainingBatch:
-    input_ids: torch.Tensor       # [B, L] prompt + completion, right-padded
+    input_ids: torch.Tensor  # [B, L] prompt + completion, right-padded
     attention_mask: torch.Tensor  # [B, L]
-    target_ids: torch.Tensor      # [B, L-1] input_ids shifted left: the token each position predicts
-    loss_mask: torch.Tensor       # [B, L-1] 1 where the target is a token the node sampled
-    old_logprobs: torch.Tensor    # [B, L-1] node-reported log-probabilities at loss positions
-    advantages: torch.Tensor      # [B]
-    rewards: torch.Tensor         # [B]
+    target_ids: torch.Tensor  # [B, L-1] input_ids shifted left: the token each position predicts
+    loss_mask: torch.Tensor  # [B, L-1] 1 where the target is a token the node sampled
+    old_logprobs: torch.Tensor  # [B, L-1] node-reported log-probabilities at loss positions
+    advantages: torch.Tensor  # [B]
+    rewards: torch.Tensor  # [B]
     num_groups_used: int
     num_groups_uninformative: int
 
@@ -41,9 +41,9 @@ def build_batch(
     if not bool(keep.any()):
         return None
     advantages = group_advantages(reward_tensor[keep], normalize_std=normalize_std)
-    kept_groups = [g for g, k in zip(groups, keep.tolist()) if k]
+    kept_groups = [g for g, k in zip(groups, keep.tolist(), strict=True) if k]
     sequences = []
-    for group, group_advantage in zip(kept_groups, advantages):
+    for group, group_advantage in zip(kept_groups, advantages, strict=True):
         for rollout in sorted(group.group.rollouts, key=lambda r: r.sample_index):
             sequences.append((group.prompt_token_ids, rollout, float(group_advantage[rollout.sample_index])))
     max_len = max(len(p) + len(r.token_ids) for p, r, _ in sequences)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from trainer.distributed import (
+    SINGLE_PROCESS,
     Workers,
     barrier,
     gather_model_state,
@@ -37,7 +38,7 @@ _PREFIX = "step-"
 class TrainerState:
     step: int = 0
     latest_published_version: int = 0
-    consumed_groups: dict[int, list[str]] = field(default_factory=dict)   # step → group ids
+    consumed_groups: dict[int, list[str]] = field(default_factory=dict)  # step → group ids
     num_groups_stale: int = 0
 
 
@@ -58,7 +59,7 @@ def save_checkpoint(
     state: TrainerState,
     *,
     keep: int = 3,
-    workers: Workers = Workers(),
+    workers: Workers = SINGLE_PROCESS,
 ) -> Path:
     """Write a checkpoint of `state.step`; under torchrun every rank calls this, rank 0 writes."""
     if workers.sharded:
@@ -91,8 +92,10 @@ def _write(
         save_model(model, str(temp / "model.safetensors"))
     else:
         kept = set(parameter_names(model)) | {name for name, _ in model.named_buffers()}
-        save_file({name: tensor.contiguous() for name, tensor in model_state.items() if name in kept},
-                  str(temp / "model.safetensors"))
+        save_file(
+            {name: tensor.contiguous() for name, tensor in model_state.items() if name in kept},
+            str(temp / "model.safetensors"),
+        )
     torch.save({**optimizer_extra, "rng": _rng_state()}, temp / "optimizer.pt")
     (temp / "state.json").write_text(
         json.dumps(
@@ -121,7 +124,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, workers: Workers = Workers()
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, workers: Workers = SINGLE_PROCESS
 ) -> TrainerState:
     """Restore model, optimizer and RNG from `path` and return the trainer state (under
     torchrun, every rank calls this)."""

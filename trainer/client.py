@@ -29,7 +29,11 @@ T = TypeVar("T")
 
 class TrainerClient:
     def __init__(
-        self, address: str, identity: Identity, *, tls: CoordinatorTls = CoordinatorTls(),
+        self,
+        address: str,
+        identity: Identity,
+        *,
+        tls: CoordinatorTls = CoordinatorTls(),
         max_message_bytes: int = 64 * 1024 * 1024,
         stop: threading.Event | None = None,
     ):
@@ -52,9 +56,10 @@ class TrainerClient:
         return call_with_retry(call, address=self.address, what=what, policy=TRAINER_RETRY, stop=self.stop)
 
     def run_info(self, timeout: float = 30.0) -> service_pb2.RunInfo:
-        return self._retried("run info", lambda: self.node_stub.GetRunInfo(
-            service_pb2.RunInfoRequest(), timeout=timeout, wait_for_ready=True
-        ))
+        return self._retried(
+            "run info",
+            lambda: self.node_stub.GetRunInfo(service_pb2.RunInfoRequest(), timeout=timeout, wait_for_ready=True),
+        )
 
     def ready_groups(self, max_groups: int, max_staleness: int, timeout: float = 60.0) -> list[ReadyGroup]:
         request = service_pb2.StreamGroupsRequest(max_groups=max_groups, max_staleness=max_staleness)

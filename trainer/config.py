@@ -66,5 +66,5 @@ class TrainerConfig(_Section):
 
     @model_validator(mode="after")
     def _check_coordinator_tls(self) -> TrainerConfig:
-        self.coordinator_tls  # raises on a malformed fingerprint, or on both being set
+        _ = self.coordinator_tls  # raises on a malformed fingerprint, or on both being set
         return self

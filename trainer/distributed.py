@@ -36,11 +36,14 @@ class Workers:
         return self.rank == 0
 
 
+SINGLE_PROCESS = Workers()
+
+
 def start_workers(device: str) -> tuple[Workers, str]:
     """Join torchrun's process group, if this process was started by torchrun; this
     process's place among the workers and the device it trains on."""
     if "WORLD_SIZE" not in os.environ or "LOCAL_RANK" not in os.environ:
-        return Workers(), device
+        return SINGLE_PROCESS, device
     import torch.distributed as dist
 
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -145,7 +148,10 @@ def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def load_full_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor], optimizer_state: dict
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
 ) -> None:
     """Shard full model and optimizer states (every rank holds them) into `model` and `optimizer`.
     The model state may leave out a tied parameter's other names."""

@@ -60,7 +60,9 @@ def update_path(stored: dict[tuple[int, Codec], Path], version: int) -> list[Pat
         held = sorted({v for v, _ in stored})
         raise ExportError(
             f"version {version} cannot be rebuilt: no keyframe at or before it is stored "
-            f"(stored versions: {held[0]}..{held[-1]})" if held else "the policy store is empty"
+            f"(stored versions: {held[0]}..{held[-1]})"
+            if held
+            else "the policy store is empty"
         )
     start = max(keyframes)
     later = sorted({v for v, _ in stored if start < v <= version})
@@ -84,9 +86,12 @@ def rebuild_version(policy_dir: Path, version: int, trainer_public_key: bytes) -
             declared = verify_manifest(signed, trainer_public_key)
             blobs = {ref.hash: _read_blob(policy_dir, ref.hash) for ref in declared.blobs}
             update = open_update(
-                signed, blobs, trainer_public_key=trainer_public_key,
+                signed,
+                blobs,
+                trainer_public_key=trainer_public_key,
                 run_id=(manifest or declared).run_id,
-                current_version=manifest.version if manifest else None, current_specs=None,
+                current_version=manifest.version if manifest else None,
+                current_specs=None,
             )
             state = apply_update(state, update, held_state_hash=held_hash)
         except PolicyUpdateError as error:

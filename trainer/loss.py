@@ -31,8 +31,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 @dataclass(frozen=True)
 class PolicyLoss:
     loss: torch.Tensor
-    num_tokens: int              # tokens that carry gradient
-    masked_fraction: float       # of loss tokens, the fraction masked for an out-of-bounds ratio
+    num_tokens: int  # tokens that carry gradient
+    masked_fraction: float  # of loss tokens, the fraction masked for an out-of-bounds ratio
     mean_ratio: float
     mean_abs_logprob_diff: float  # |trainer − node| log-prob mismatch over loss tokens
     kl: float

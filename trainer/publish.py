@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 from policy.weights import export_bf16_state
 from protocol.codec import BF16State, check_bf16_state
-from protocol.identity import Identity
 from protocol.envelope import now_ms
+from protocol.identity import Identity
 from protocol.manifest import PolicyUpdate, build_delta, build_keyframe, sign_manifest
 from protocol.types import PolicyManifest, SignedManifest
 
@@ -98,15 +98,18 @@ class PolicyPublisher:
             assert self._version is not None
             delta = self._send(
                 build_delta(
-                    self.run_id, version, self._version, self._state, state,
-                    base_state_hash=self._state_hash, created_at_ms=created_at_ms,
+                    self.run_id,
+                    version,
+                    self._version,
+                    self._state,
+                    state,
+                    base_state_hash=self._state_hash,
+                    created_at_ms=created_at_ms,
                 )
             )
         keyframe = None
         if delta is None or version % self.keyframe_interval == 0:
-            keyframe = self._send(
-                build_keyframe(self.run_id, version, state, created_at_ms=created_at_ms)
-            )
+            keyframe = self._send(build_keyframe(self.run_id, version, state, created_at_ms=created_at_ms))
         published = delta or keyframe
         assert published is not None
         self._version, self._state, self._state_hash = version, state, published.manifest.state_hash
@@ -114,7 +117,9 @@ class PolicyPublisher:
 
     def _send(self, update: PolicyUpdate) -> PublishedUpdate:
         signed = sign_manifest(self.identity, update.manifest)
-        self.sink.put_version(signed, {ref.hash: blob for ref, blob in zip(update.manifest.blobs, update.blobs)})
+        self.sink.put_version(
+            signed, {ref.hash: blob for ref, blob in zip(update.manifest.blobs, update.blobs, strict=True)}
+        )
         return PublishedUpdate(
             signed=signed, manifest=update.manifest, num_blob_bytes=sum(ref.size for ref in update.manifest.blobs)
         )

@@ -12,7 +12,7 @@ import torch
 from protocol.types import ReadyGroup
 from trainer.batch import TrainingBatch, build_batch
 from trainer.config import LossSection, OptimizerSection
-from trainer.distributed import Workers, clip_grad_norm, sum_across
+from trainer.distributed import SINGLE_PROCESS, Workers, clip_grad_norm, sum_across
 from trainer.loss import policy_gradient_loss, token_logprobs
 
 
@@ -83,7 +83,7 @@ def train_step(
     loss_config: LossSection,
     grad_clip: float,
     reference_model: torch.nn.Module | None = None,
-    workers: Workers = Workers(),
+    workers: Workers = SINGLE_PROCESS,
 ) -> StepMetrics:
     """Advantages, loss and one AdamW step over `groups`. When no group has any reward
     spread (nothing to learn) the model is left unchanged and `skipped` is set.
@@ -104,9 +104,20 @@ def train_step(
     )
     if batch is None:
         return StepMetrics(
-            **common, num_groups_uninformative=len(groups), num_sequences=0, num_loss_tokens=0, loss=0.0,
-            advantage_mean_abs=0.0, masked_fraction=0.0, mean_ratio=1.0, logprob_mismatch=0.0, kl=0.0,
-            grad_norm=0.0, step_seconds=time.perf_counter() - started, tokens_per_second=0.0, skipped=True,
+            **common,
+            num_groups_uninformative=len(groups),
+            num_sequences=0,
+            num_loss_tokens=0,
+            loss=0.0,
+            advantage_mean_abs=0.0,
+            masked_fraction=0.0,
+            mean_ratio=1.0,
+            logprob_mismatch=0.0,
+            kl=0.0,
+            grad_norm=0.0,
+            step_seconds=time.perf_counter() - started,
+            tokens_per_second=0.0,
+            skipped=True,
         )
     device = next(model.parameters()).device
     shard = shard_batch(batch, workers.rank, workers.world_size)
@@ -137,13 +148,16 @@ def train_step(
     grad_norm = clip_grad_norm(model, grad_clip)
     optimizer.step()
     num_shard_tokens = shard.num_loss_tokens
-    loss_sum, masked_sum, ratio_sum, mismatch_sum, kl_sum = sum_across(workers, [
-        float(loss.detach()),
-        result.masked_fraction * num_shard_tokens,
-        result.mean_ratio * num_shard_tokens,
-        result.mean_abs_logprob_diff * num_shard_tokens,
-        result.kl * num_shard_tokens,
-    ])
+    loss_sum, masked_sum, ratio_sum, mismatch_sum, kl_sum = sum_across(
+        workers,
+        [
+            float(loss.detach()),
+            result.masked_fraction * num_shard_tokens,
+            result.mean_ratio * num_shard_tokens,
+            result.mean_abs_logprob_diff * num_shard_tokens,
+            result.kl * num_shard_tokens,
+        ],
+    )
     num_loss_tokens = batch.num_loss_tokens
     elapsed = time.perf_counter() - started
     num_tokens = int(batch.attention_mask.sum())

@@ -103,9 +103,8 @@ def line_chart_svg(
     for tick in y_ticks:
         y = scale(tick, y_domain, y_extent)
         parts.append(f'<line x1="{MARGIN_LEFT}" x2="{WIDTH - MARGIN_RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        parts.append(
-            f'<text class="tick" x="{MARGIN_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{escape(format_y(tick))}</text>'
-        )
+        label = escape(format_y(tick))
+        parts.append(f'<text class="tick" x="{MARGIN_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
     for tick in x_ticks:
         x = scale(tick, x_domain, x_extent)
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{bottom}"/>')
@@ -124,14 +123,12 @@ def line_chart_svg(
     legend_x = MARGIN_LEFT
     for line in series:
         css_class = escape(line.css_class)
-        coordinates = [
-            (scale(x, x_domain, x_extent), scale(y, y_domain, y_extent)) for x, y in line.points
-        ]
+        coordinates = [(scale(x, x_domain, x_extent), scale(y, y_domain, y_extent)) for x, y in line.points]
         parts.append(f'<g class="series {css_class}">')
         if len(coordinates) > 1:
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coordinates)
             parts.append(f'<polyline fill="none" points="{path}"/>')
-        for (x, y), (raw_x, raw_y) in zip(coordinates, line.points):
+        for (x, y), (raw_x, raw_y) in zip(coordinates, line.points, strict=True):
             tooltip = f"{line.name}: {format_y(raw_y)} at {format_x(raw_x)}"
             parts.append(
                 f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="3" data-x="{raw_x!r}" data-y="{raw_y!r}">'

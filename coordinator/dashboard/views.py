@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from coordinator.app import Coordinator
-from coordinator.store import ContributionTotals, GroupState, NodeRecord, RejectionRecord, WorkTotals
+from coordinator.core import Coordinator
+from coordinator.store import (
+    ContributionTotals,
+    GroupState,
+    MetricsRecord,
+    NodeRecord,
+    RejectionRecord,
+    WorkTotals,
+)
 from protocol.identity import key_id
 from protocol.types import Codec, NodeState
 
-NUM_TRAINING_POINTS = 500
+NUM_TRAINING_POINTS = 500  # the charts' points over the whole run
+MAX_TRAINING_POINTS = 2000  # the most the API returns
+MAX_SCANNED_METRICS_ROWS = 20_000  # past this a long run is read every k-th step (store.list_metrics_between)
+LAST_STEP = 2**63 - 1
 NUM_RECENT_SUBMISSIONS = 25
 NUM_RECENT_REJECTIONS = 25
 NUM_RECENT_LEASES = 25
@@ -140,7 +151,8 @@ class NodeDetailView(BaseModel):
     on_probation: bool = Field(description="its groups are held (not trained on) until its next node-level verdict")
     num_checked_tokens: int
     num_groups_consumed_when_caught: int | None = Field(
-        description="at its newest failed full check: how many of its groups the trainer had used (0 on probation)")
+        description="at its newest failed full check: how many of its groups the trainer had used (0 on probation)"
+    )
     num_leases_released: int
     num_leases_expired: int
     num_lease_cooldowns: int
@@ -228,6 +240,45 @@ def evidence_value(evidence_json: str) -> Any:
         return evidence_json[:MAX_EVIDENCE_CHARS]
 
 
+def training_point(record: MetricsRecord) -> TrainingPoint:
+    metrics = parse_metrics(record.metrics_json)
+    version = finite_number(metrics, "policy_version")
+    return TrainingPoint(
+        step=record.step,
+        created_ms=record.created_ms,
+        policy_version=None if version is None else int(version),
+        reward_mean=finite_number(metrics, "reward_mean"),
+        eval_reward=finite_number(metrics, "eval_reward"),
+        tokens_per_second=finite_number(metrics, "tokens_per_second"),
+        loss=finite_number(metrics, "loss"),
+        skipped=metrics.get("skipped") is True,
+    )
+
+
+def extreme_indices(values: Sequence[float | None], num_buckets: int) -> set[int]:
+    """Cut the rows into num_buckets runs of consecutive rows; keep each run's first and last row
+    holding a value, and the rows of its lowest and highest value (min/max downsampling: a spike
+    or a dip survives, where keeping every k-th row would drop it)."""
+    present = [index for index, value in enumerate(values) if value is not None]
+    kept: set[int] = set()
+    for bucket in range(num_buckets):
+        run = present[bucket * len(present) // num_buckets : (bucket + 1) * len(present) // num_buckets]
+        if run:
+            kept.update((run[0], run[-1], min(run, key=values.__getitem__), max(run, key=values.__getitem__)))
+    return kept
+
+
+def downsample_keeping_extremes(points: list[TrainingPoint], num_points: int) -> list[TrainingPoint]:
+    """At most num_points of points, in step order: the extremes of the train reward and of the
+    held-out reward (sparse: every eval_every steps), each over num_points / 8 stretches."""
+    if len(points) <= num_points:
+        return points
+    num_buckets = max(1, num_points // 8)
+    kept = extreme_indices([p.reward_mean for p in points], num_buckets)
+    kept |= extreme_indices([p.eval_reward for p in points], num_buckets)
+    return [points[index] for index in sorted(kept)]
+
+
 def rejection_view(record: RejectionRecord) -> RejectionView:
     return RejectionView(
         source=record.source.value,
@@ -258,31 +309,23 @@ class DashboardData:
             max_staleness=config.run.max_staleness,
         )
 
-    def training(self, limit: int = NUM_TRAINING_POINTS) -> list[TrainingPoint]:
-        points = []
-        for record in self.app.store.list_metrics(limit):
-            metrics = parse_metrics(record.metrics_json)
-            version = finite_number(metrics, "policy_version")
-            points.append(
-                TrainingPoint(
-                    step=record.step,
-                    created_ms=record.created_ms,
-                    policy_version=None if version is None else int(version),
-                    reward_mean=finite_number(metrics, "reward_mean"),
-                    eval_reward=finite_number(metrics, "eval_reward"),
-                    tokens_per_second=finite_number(metrics, "tokens_per_second"),
-                    loss=finite_number(metrics, "loss"),
-                    skipped=metrics.get("skipped") is True,
-                )
-            )
-        return points
+    def training(
+        self, *, since: int = 0, until: int = LAST_STEP, num_points: int = NUM_TRAINING_POINTS
+    ) -> list[TrainingPoint]:
+        """The trainer's steps since..until, at most num_points of them chosen to keep each
+        stretch's extremes (downsample_keeping_extremes)."""
+        records = self.app.store.list_metrics_between(since, until, MAX_SCANNED_METRICS_ROWS)
+        return downsample_keeping_extremes([training_point(record) for record in records], num_points)
+
+    def latest_training(self, num_steps: int) -> list[TrainingPoint]:
+        return [training_point(record) for record in self.app.store.list_metrics(num_steps)]
 
     def overview(self) -> OverviewView:
         counters = self.app.run_counters()
         nodes = self.app.store.list_nodes()
         now = self.app.clock()
         online = [n for n in nodes if n.state(now, self.app.liveness) == NodeState.ONLINE]
-        points = self.training()
+        points = self.latest_training(NUM_TRAINING_POINTS)
         latest = points[-1] if points else None
         last_trained = next((p for p in reversed(points) if not p.skipped), None)
         last_eval = next((p.eval_reward for p in reversed(points) if p.eval_reward is not None), None)
@@ -354,8 +397,13 @@ class DashboardData:
             on_probation=node.on_probation,
             num_checked_tokens=node.num_checked_tokens,
             num_groups_consumed_when_caught=next(
-                (v.num_groups_consumed for v in self.app.store.list_validations(node_id, NUM_RECENT_REJECTIONS)
-                 if not v.passed), None),
+                (
+                    v.num_groups_consumed
+                    for v in self.app.store.list_validations(node_id, NUM_RECENT_REJECTIONS)
+                    if not v.passed
+                ),
+                None,
+            ),
             num_leases_released=node.num_leases_released,
             num_leases_expired=node.num_leases_expired,
             num_lease_cooldowns=node.num_lease_cooldowns,
@@ -391,7 +439,7 @@ class DashboardData:
                     num_tokens=bucket.work.num_tokens,
                     cumulative_tokens=total,
                 )
-                for bucket, total in zip(buckets, running)
+                for bucket, total in zip(buckets, running, strict=True)
             ],
         )
 

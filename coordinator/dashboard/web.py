@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from sqlalchemy.exc import SQLAlchemyError
 
-from coordinator.app import Coordinator
 from coordinator.blob_http import blob_routes
+from coordinator.core import Coordinator
 from coordinator.dashboard.charts import Series, line_chart_svg
 from coordinator.dashboard.prometheus import metrics_registry, render_metrics
 from coordinator.dashboard.views import (
+    LAST_STEP,
+    MAX_TRAINING_POINTS,
+    NUM_TRAINING_POINTS,
     DashboardData,
     NodeDetailView,
     NodeRow,
@@ -180,7 +184,6 @@ def template_environment() -> Environment:
 
 def create_http_app(app: Coordinator) -> FastAPI:
     data = DashboardData(app)
-    registry = metrics_registry(app)
     templates = template_environment()
     http = FastAPI(
         title="rollproof coordinator",
@@ -200,25 +203,39 @@ def create_http_app(app: Coordinator) -> FastAPI:
         )
         return HTMLResponse(html, status_code=status_code, headers=SECURITY_HEADERS)
 
-    def find_node(node_id: str) -> NodeDetailView:
-        if len(node_id) > MAX_NODE_ID_CHARS:
-            raise HTTPException(404, "no such node")
-        try:
-            return data.node(node_id)
-        except UnknownNodePageError as error:
-            raise HTTPException(404, str(error)) from None
+    _add_api_routes(http, data)
+    _add_operation_routes(http, app, metrics_registry(app))
+    _add_page_routes(http, data, page)
+    return http
 
-    # ---- JSON API ----
 
+def _find_node(data: DashboardData, node_id: str) -> NodeDetailView:
+    if len(node_id) > MAX_NODE_ID_CHARS:
+        raise HTTPException(404, "no such node")
+    try:
+        return data.node(node_id)
+    except UnknownNodePageError as error:
+        raise HTTPException(404, str(error)) from None
+
+
+def _add_api_routes(http: FastAPI, data: DashboardData) -> None:
     @http.get("/api/v1/overview", response_model=OverviewView, tags=["api"])
     def api_overview() -> OverviewView:
         """Run, trainer step, policy version, node and rollout counts, throughput, latest reward."""
         return data.overview()
 
     @http.get("/api/v1/training", response_model=list[TrainingPoint], tags=["api"])
-    def api_training() -> list[TrainingPoint]:
-        """The trainer's per-step metrics (the reward curve), oldest first."""
-        return data.training()
+    def api_training(
+        since: Annotated[int, Query(ge=0, description="first step")] = 0,
+        until: Annotated[int, Query(ge=0, le=LAST_STEP, description="last step")] = LAST_STEP,
+        points: Annotated[int, Query(ge=8, le=MAX_TRAINING_POINTS, description="at most this many steps")] = (
+            NUM_TRAINING_POINTS
+        ),
+    ) -> list[TrainingPoint]:
+        """The trainer's per-step metrics (the reward curve) from step `since` to `until`, oldest
+        first; over more steps than `points`, the ones holding each stretch's lowest and highest
+        rewards."""
+        return data.training(since=since, until=until, num_points=points)
 
     @http.get("/api/v1/nodes", response_model=list[NodeRow], tags=["api"])
     def api_nodes() -> list[NodeRow]:
@@ -228,15 +245,15 @@ def create_http_app(app: Coordinator) -> FastAPI:
     @http.get("/api/v1/nodes/{node_id}", response_model=NodeDetailView, tags=["api"])
     def api_node(node_id: str) -> NodeDetailView:
         """One node: submissions, rejections with evidence, contribution over time, credit."""
-        return find_node(node_id)
+        return _find_node(data, node_id)
 
     @http.get("/api/v1/versions", response_model=list[VersionView], tags=["api"])
     def api_versions() -> list[VersionView]:
         """Published policy versions, newest first, with update sizes and holders."""
         return data.versions()
 
-    # ---- operations ----
 
+def _add_operation_routes(http: FastAPI, app: Coordinator, registry: CollectorRegistry) -> None:
     @http.get("/metrics", tags=["operations"], response_class=Response)
     def metrics() -> Response:
         """Prometheus text exposition of the run's counters."""
@@ -251,8 +268,8 @@ def create_http_app(app: Coordinator) -> FastAPI:
             return JSONResponse({"status": "unavailable", "error": type(error).__name__}, status_code=503)
         return JSONResponse({"status": "ok", "store": app.store.backend, "latest_policy_version": version})
 
-    # ---- pages ----
 
+def _add_page_routes(http: FastAPI, data: DashboardData, page: Callable[..., HTMLResponse]) -> None:
     @http.get("/", response_class=HTMLResponse, include_in_schema=False)
     def overview_page() -> HTMLResponse:
         points = data.training()
@@ -270,7 +287,7 @@ def create_http_app(app: Coordinator) -> FastAPI:
     @http.get("/nodes/{node_id}", response_class=HTMLResponse, include_in_schema=False)
     def node_page(node_id: str) -> HTMLResponse:
         try:
-            detail = find_node(node_id)
+            detail = _find_node(data, node_id)
         except HTTPException:
             return page("not_found.html", status_code=404, what="node", missing=node_id[:MAX_NODE_ID_CHARS])
         return page("node.html", detail=detail, contribution_svg=Markup(contribution_chart(detail)))
@@ -278,5 +295,3 @@ def create_http_app(app: Coordinator) -> FastAPI:
     @http.get("/versions", response_class=HTMLResponse, include_in_schema=False)
     def versions_page() -> HTMLResponse:
         return page("versions.html", versions=data.versions())
-
-    return http

@@ -84,8 +84,9 @@ GROUP_STATE_SOURCES: dict[GroupState, frozenset[GroupState]] = {
     GroupState.CONSUMED: frozenset({GroupState.READY}),
     GroupState.STALE: frozenset({GroupState.READY, GroupState.PENDING_VALIDATION}),
     GroupState.QUARANTINED: frozenset({GroupState.PENDING_VALIDATION, GroupState.READY, GroupState.PROBATION}),
-    GroupState.REJECTED: frozenset({GroupState.PENDING_VALIDATION, GroupState.READY, GroupState.QUARANTINED,
-                                    GroupState.PROBATION}),
+    GroupState.REJECTED: frozenset(
+        {GroupState.PENDING_VALIDATION, GroupState.READY, GroupState.QUARANTINED, GroupState.PROBATION}
+    ),
     GroupState.PROBATION: frozenset({GroupState.PENDING_VALIDATION, GroupState.READY}),
 }
 
@@ -370,7 +371,7 @@ class TokenStats:
     logprob_advantage_sum_squares: float = 0.0
 
     def __add__(self, other: TokenStats) -> TokenStats:
-        return TokenStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        return TokenStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)))
 
 
 @dataclass(frozen=True)

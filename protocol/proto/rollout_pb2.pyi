@@ -19,27 +19,6 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class _TurnRole:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _TurnRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TurnRole.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    TURN_ROLE_UNSPECIFIED: _TurnRole.ValueType  # 0
-    TURN_ROLE_MODEL: _TurnRole.ValueType  # 1
-    """sampled by the policy"""
-    TURN_ROLE_ENVIRONMENT: _TurnRole.ValueType  # 2
-    """inserted by the environment, re-derived by the coordinator"""
-
-class TurnRole(_TurnRole, metaclass=_TurnRoleEnumTypeWrapper): ...
-
-TURN_ROLE_UNSPECIFIED: TurnRole.ValueType  # 0
-TURN_ROLE_MODEL: TurnRole.ValueType  # 1
-"""sampled by the policy"""
-TURN_ROLE_ENVIRONMENT: TurnRole.ValueType  # 2
-"""inserted by the environment, re-derived by the coordinator"""
-Global___TurnRole: _TypeAlias = TurnRole  # noqa: Y015
-
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015

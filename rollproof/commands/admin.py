@@ -33,46 +33,57 @@ class AdminRequestError(ValueError):
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("admin", help="operate a run: list, ban and unban nodes, show status and versions")
+    # the connection flags go before the action or after it
+    add_connection_arguments(parser)
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     nodes = actions.add_parser("nodes", help="list the registered nodes")
-    add_connection_arguments(nodes)
+    add_connection_arguments(nodes, defaults=argparse.SUPPRESS)
     nodes.set_defaults(func=run_nodes)
     ban = actions.add_parser("ban", help="ban a node: its requests are refused and its groups are not trained on")
-    add_connection_arguments(ban)
+    add_connection_arguments(ban, defaults=argparse.SUPPRESS)
     ban.add_argument("node_id", metavar="NODE_ID")
     ban.add_argument("--reason", required=True, help="shown to the node and on the dashboard")
     ban.set_defaults(func=run_ban)
     unban = actions.add_parser("unban", help="lift a node's ban")
-    add_connection_arguments(unban)
+    add_connection_arguments(unban, defaults=argparse.SUPPRESS)
     unban.add_argument("node_id", metavar="NODE_ID")
     unban.set_defaults(func=run_unban)
     status = actions.add_parser("status", help="show the run's counters")
-    add_connection_arguments(status)
+    add_connection_arguments(status, defaults=argparse.SUPPRESS)
     status.set_defaults(func=run_status)
     versions = actions.add_parser("versions", help="list the published policy versions")
-    add_connection_arguments(versions)
+    add_connection_arguments(versions, defaults=argparse.SUPPRESS)
     versions.set_defaults(func=run_versions)
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+def add_connection_arguments(parser: argparse.ArgumentParser, defaults: Any = None) -> None:
+    """The connection flags; `defaults=argparse.SUPPRESS` on an action's parser keeps the values
+    given before the action."""
     parser.add_argument(
-        "--coordinator", default=DEFAULT_COORDINATOR, help=f"coordinator gRPC address HOST:PORT (default {DEFAULT_COORDINATOR})"
+        "--coordinator",
+        default=DEFAULT_COORDINATOR if defaults is None else defaults,
+        help=f"coordinator gRPC address HOST:PORT (default {DEFAULT_COORDINATOR})",
     )
-    parser.add_argument("--token", help=f"operator token (default: ${TOKEN_ENVIRONMENT_VARIABLE})")
-    add_tls_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print JSON")
-
-
-def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", default=defaults, help=f"operator token (default: ${TOKEN_ENVIRONMENT_VARIABLE})")
+    add_tls_arguments(parser, defaults)
     parser.add_argument(
-        "--coordinator-ca", type=Path,
+        "--json", action="store_true", default=False if defaults is None else defaults, help="print JSON"
+    )
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser, defaults: Any = None) -> None:
+    parser.add_argument(
+        "--coordinator-ca",
+        type=Path,
+        default=defaults,
         help="PEM file of the CA (or self-signed certificate) of the coordinator's TLS "
-             f"(default: ${CA_ENVIRONMENT_VARIABLE})",
+        f"(default: ${CA_ENVIRONMENT_VARIABLE})",
     )
     parser.add_argument(
         "--coordinator-fingerprint",
+        default=defaults,
         help="pinned SHA-256 fingerprint of the coordinator's TLS certificate "
-             f"(default: ${FINGERPRINT_ENVIRONMENT_VARIABLE})",
+        f"(default: ${FINGERPRINT_ENVIRONMENT_VARIABLE})",
     )
 
 
@@ -114,9 +125,12 @@ def call(args: argparse.Namespace, method: str, request: Any) -> Any:
         stub = service_pb2_grpc.AdminServiceStub(channel)
         try:
             return call_with_retry(
-                lambda: getattr(stub, method)(request, metadata=(("authorization", f"Bearer {token}"),),
-                                              timeout=TIMEOUT_S),
-                address=args.coordinator, what=method, policy=RetryPolicy(max_backoff_s=4.0, max_attempts=NUM_ATTEMPTS),
+                lambda: getattr(stub, method)(
+                    request, metadata=(("authorization", f"Bearer {token}"),), timeout=TIMEOUT_S
+                ),
+                address=args.coordinator,
+                what=method,
+                policy=RetryPolicy(max_backoff_s=4.0, max_attempts=NUM_ATTEMPTS),
             )
         except grpc.RpcError as error:
             code = error.code()
@@ -135,7 +149,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     cells = [list(headers)] + [[printable(str(cell)) for cell in row] for row in rows]
     widths = [max(len(row[column]) for row in cells) for column in range(len(headers))]
     for row in cells:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def print_json(message: Any) -> None:
@@ -248,4 +262,3 @@ def run_versions(args: argparse.Namespace) -> int:
         print_table(("VERSION", "BASE", "KIND", "BYTES", "OF_FULL", "PUBLISHED_UTC", "HOLDERS"), rows)
 
     return show(args, reply, print_versions)
-

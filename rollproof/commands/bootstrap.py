@@ -16,14 +16,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--task", help="task name (default: the default task, addition)")
     parser.add_argument("--steps", type=int, help="most training steps (default 1500)")
     parser.add_argument(
-        "--stop-at-reward", type=float,
+        "--stop-at-reward",
+        type=float,
         help="stop once the greedy reward on unseen train-split problems reaches this (default 0.25); "
         "0 trains all --steps",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data (default: 0)")
     parser.add_argument("--out", type=Path, help="write the model here instead of the cache")
     parser.add_argument(
-        "--data-dir", type=Path,
+        "--data-dir",
+        type=Path,
         help="cache root; the model goes to DATA_DIR/models/<task>-<hash> (default: ~/.cache/rollproof "
         "or $ROLLPROOF_CACHE_DIR)",
     )

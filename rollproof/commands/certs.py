@@ -13,7 +13,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for coordinator.crt and coordinator.key")
     parser.add_argument(
-        "--host", action="append", default=[], metavar="NAME",
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="a DNS name or IP address clients dial the coordinator by (repeatable; loopback is always included)",
     )
     parser.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")

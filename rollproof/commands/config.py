@@ -14,7 +14,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every role shares: a TOML file and dotted-key overrides."""
     parser.add_argument("--config", type=Path, help="TOML config file")
     parser.add_argument(
-        "--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one key (dotted for sections, e.g. engine.threads=2); repeatable",
     )
 
@@ -28,7 +32,8 @@ def load_role_config(role: str, args: argparse.Namespace, flag_overrides: dict |
     module_name, class_name = ROLE_MODELS[role].split(":")
     model_cls = getattr(importlib.import_module(module_name), class_name)
     overrides = dict(parse_assignment(a) for a in args.assignments)
-    overrides.update(flag_overrides or {})
+    # an unset flag (None) leaves a --set of the same key in place
+    overrides.update({key: value for key, value in (flag_overrides or {}).items() if value is not None})
     return load_config(model_cls, role, config_file=args.config, overrides=overrides)
 
 
@@ -42,6 +47,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    import json
+
     config = load_role_config(args.role, args)
-    print(config.model_dump_json(indent=2))
+    print(json.dumps(_without_passwords(config.model_dump(mode="json")), indent=2))
     return 0
+
+
+def _without_passwords(value):
+    """The config with the password of every URL (a PostgreSQL store.url) replaced by ***."""
+    from urllib.parse import urlsplit
+
+    if isinstance(value, dict):
+        return {key: _without_passwords(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_passwords(item) for item in value]
+    if isinstance(value, str) and "://" in value:
+        parts = urlsplit(value)
+        if parts.password:
+            return value.replace(f":{parts.password}@", ":***@", 1)
+    return value

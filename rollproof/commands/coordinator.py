@@ -11,7 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     serve = actions.add_parser("serve", help="serve gRPC (nodes, trainer, operator) and HTTP (blobs, dashboard)")
     add_config_arguments(serve)
-    serve.add_argument("--data-dir", type=Path, help="store, blobs and endpoints.json (default ~/.rollproof/coordinator)")
+    serve.add_argument(
+        "--data-dir", type=Path, help="store, blobs and endpoints.json (default ~/.rollproof/coordinator)"
+    )
     serve.add_argument("--model", type=Path, help="model directory of the run (sets run.model)")
     serve.add_argument("--task", help="task name (sets run.task)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port, 0 for any free port")

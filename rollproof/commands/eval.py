@@ -29,12 +29,18 @@ def run(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     result = evaluate(
-        model, load_tokenizer(args.model.expanduser()), task,
-        num_problems=args.num_problems, seed=args.seed, max_tokens=args.max_tokens,
+        model,
+        load_tokenizer(args.model.expanduser()),
+        task,
+        num_problems=args.num_problems,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
     )
     if args.json:
         print(json.dumps(asdict(result)))
     else:
-        print(f"{result.task}: mean reward {result.mean_reward:.3f} over {result.num_problems} held-out problems "
-              f"({result.num_exact} fully correct)")
+        print(
+            f"{result.task}: mean reward {result.mean_reward:.3f} over {result.num_problems} held-out problems "
+            f"({result.num_exact} fully correct)"
+        )
     return 0

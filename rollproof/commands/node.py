@@ -12,12 +12,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = actions.add_parser("run", help="run the worker daemon against a coordinator")
     add_config_arguments(run)
     run.add_argument("--coordinator", help="coordinator gRPC address HOST:PORT")
-    run.add_argument("--coordinator-ca", type=Path, help="PEM file of the CA (or self-signed certificate) of the coordinator's TLS")
-    run.add_argument("--coordinator-fingerprint", help="SHA-256 fingerprint of the coordinator's TLS certificate (pinned)")
-    run.add_argument("--model", type=Path, required=True, help="model directory (config and tokenizer of the run's model)")
+    run.add_argument(
+        "--coordinator-ca", type=Path, help="PEM file of the CA (or self-signed certificate) of the coordinator's TLS"
+    )
+    run.add_argument(
+        "--coordinator-fingerprint", help="SHA-256 fingerprint of the coordinator's TLS certificate (pinned)"
+    )
+    run.add_argument(
+        "--model", type=Path, required=True, help="model directory (config and tokenizer of the run's model)"
+    )
     run.add_argument("--state-dir", type=Path, help="key, spool and status (default ~/.rollproof/node)")
+    run.add_argument(
+        "--key-file",
+        type=Path,
+        help="the node's key (must exist; default <state-dir>/node.key, created on first start)",
+    )
     run.add_argument("--trainer-key-fingerprint", help="key id of the trainer key to trust")
-    run.add_argument("--accept-trainer-key", action="store_true", help="pin the coordinator's trainer key on first contact")
+    run.add_argument(
+        "--accept-trainer-key", action="store_true", help="pin the coordinator's trainer key on first contact"
+    )
     run.add_argument("--threads", type=int, help="torch threads (sets engine.threads)")
     run.add_argument("--batch-size", type=int, help="generation batch size (sets engine.batch_size)")
     run.add_argument("--name", help="display name on the dashboard")
@@ -42,6 +55,7 @@ def run_node(args: argparse.Namespace) -> int:
             "coordinator_ca": args.coordinator_ca,
             "coordinator_fingerprint": args.coordinator_fingerprint,
             "state_dir": args.state_dir,
+            "key_file": args.key_file,
             "trainer_key_fingerprint": args.trainer_key_fingerprint,
             "engine.threads": args.threads,
             "engine.batch_size": args.batch_size,

@@ -12,12 +12,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", type=Path, help="model directory (default: the bootstrapped tiny model)")
     parser.add_argument("--task", default="addition", help="task name (default: addition)")
     parser.add_argument("--steps", type=int, default=0, help="trainer steps, then stop (default: until Ctrl-C)")
-    parser.add_argument("--data-dir", type=Path, default=Path("~/.rollproof/up"),
-                        help="each run gets a directory under DATA_DIR/runs/ (default ~/.rollproof/up)")
-    parser.add_argument("--coordinator-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a coordinator config key; repeatable")
-    parser.add_argument("--trainer-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a trainer config key; repeatable")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("~/.rollproof/up"),
+        help="each run gets a directory under DATA_DIR/runs/ (default ~/.rollproof/up)",
+    )
+    parser.add_argument(
+        "--coordinator-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a coordinator config key; repeatable",
+    )
+    parser.add_argument(
+        "--trainer-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a trainer config key; repeatable",
+    )
+    parser.add_argument(
+        "--node-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key of every node, e.g. engine.kind=vllm; repeatable",
+    )
     parser.set_defaults(func=run)
 
 
@@ -26,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
     import time
 
+    from rollproof.launcher import Launcher, UpOptions, as_set_flags
     from rollproof.progress import ChildExitedError, watch
-    from rollproof.up import Launcher, UpOptions, as_set_flags
 
     if args.nodes < 1:
         raise ValueError("--nodes must be at least 1")
@@ -42,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir=run_dir,
         extra_coordinator=as_set_flags(args.coordinator_set),
         extra_trainer=as_set_flags(args.trainer_set),
+        extra_node=as_set_flags(args.node_set),
     )
     launcher = Launcher(options)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the children like Ctrl-C

@@ -19,13 +19,22 @@ from rollproof.commands.admin import (
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("validator", help="run a validator process for a coordinator")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    run = actions.add_parser("run", help="take sampled submissions from the coordinator, fully check them, report verdicts")
-    run.add_argument("--coordinator", default=DEFAULT_COORDINATOR,
-                     help=f"coordinator gRPC address HOST:PORT (default {DEFAULT_COORDINATOR})")
+    run = actions.add_parser(
+        "run", help="take sampled submissions from the coordinator, fully check them, report verdicts"
+    )
+    run.add_argument(
+        "--coordinator",
+        default=DEFAULT_COORDINATOR,
+        help=f"coordinator gRPC address HOST:PORT (default {DEFAULT_COORDINATOR})",
+    )
     run.add_argument("--token", help="operator token (default: $ROLLPROOF_OPERATOR_TOKEN)")
     add_tls_arguments(run)
-    run.add_argument("--model", type=Path, required=True,
-                     help="the run's model directory (its config and tokenizer; weights come from the coordinator)")
+    run.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="the run's model directory (its config and tokenizer; weights come from the coordinator)",
+    )
     run.add_argument("--id", dest="validator_id", help="name shown in the coordinator's log (default HOST-PID)")
     run.add_argument("--max-groups", type=int, default=64, help="groups taken and replayed together (default 64)")
     run.add_argument("--device", default="cpu", help="where the replay runs: cpu, cuda or cuda:N (default cpu)")

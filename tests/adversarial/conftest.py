@@ -3,28 +3,19 @@ from pathlib import Path
 
 import pytest
 
-from protocol.identity import Identity
 from tests.adversarial.harness import MARGINS
-from tests.integration.cluster import Cluster
+from tests.integration.cluster import checking_cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory, tiny_model):
-    """A coordinator that fully checks every submission, with a fixed published policy."""
-    cluster = Cluster(tmp_path_factory.mktemp("adversarial"), tiny_model, Identity.generate())
-    cluster.publish_fixed_policy()
-    cluster.start_coordinator(
-        "--set", "validation.num_initial_checks=1000000",
-        "--set", "lease.max_open_per_node=4",
-        "--set", "run.prompts_per_lease=2",
-        "--set", "run.group_size=8",
-        "--set", "run.sampling.max_tokens=32",
-        "--set", "server.max_message_bytes=262144",
-    )
-    yield cluster
-    cluster.stop_all()
+    """The attack suite's coordinator, shared by every module that does not start its own."""
+    with checking_cluster(
+        tmp_path_factory.mktemp("adversarial"), tiny_model, "server.max_message_bytes=262144"
+    ) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -73,9 +73,7 @@ def rejected_reasons(receipt) -> set[str]:
 
 def replace_rollout(batch: RolloutBatch, group_index: int, sample_index: int, **changes) -> RolloutBatch:
     group = batch.groups[group_index]
-    rollouts = tuple(
-        dataclasses.replace(r, **changes) if r.sample_index == sample_index else r for r in group.rollouts
-    )
+    rollouts = tuple(dataclasses.replace(r, **changes) if r.sample_index == sample_index else r for r in group.rollouts)
     groups = list(batch.groups)
     groups[group_index] = dataclasses.replace(group, rollouts=rollouts)
     return dataclasses.replace(batch, groups=tuple(groups))
@@ -85,10 +83,12 @@ def wait_for_validation(cluster: Cluster, node_id: str, timeout_s: float = 120) 
     """The full checks of the node's groups, once no group of it is pending."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        pending = cluster.query("SELECT COUNT(*) FROM groups WHERE node_id = ? AND state = 'pending_validation'", node_id
+        pending = cluster.query(
+            "SELECT COUNT(*) FROM groups WHERE node_id = ? AND state = 'pending_validation'", node_id
         )[0][0]
         if pending == 0:
-            rows = cluster.query("SELECT passed, check_name, evidence_json FROM validation_results WHERE node_id = ?", node_id
+            rows = cluster.query(
+                "SELECT passed, check_name, evidence_json FROM validation_results WHERE node_id = ?", node_id
             )
             return [(bool(passed), check, json.loads(evidence)) for passed, check, evidence in rows]
         time.sleep(0.3)
@@ -97,41 +97,57 @@ def wait_for_validation(cluster: Cluster, node_id: str, timeout_s: float = 120) 
 
 def trainable_groups(cluster: Cluster, node_id: str) -> int:
     """Groups of the node the trainer could use (ready) or used (consumed)."""
-    return cluster.query("SELECT COUNT(*) FROM groups WHERE node_id = ? AND state IN ('ready', 'consumed')", node_id
-    )[0][0]
+    return cluster.query("SELECT COUNT(*) FROM groups WHERE node_id = ? AND state IN ('ready', 'consumed')", node_id)[
+        0
+    ][0]
 
 
 def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def rebuilt_batch(attacker: Attacker, model, lease: WorkLease, completions: list[list[tuple[int, ...]]]) -> RolloutBatch:
+def rebuilt_batch(
+    attacker: Attacker, model, lease: WorkLease, completions: list[list[tuple[int, ...]]]
+) -> RolloutBatch:
     """A batch of whatever completions the attacker chose (one list per leased prompt), dressed as an
     honest node would report them under the lease: log-probabilities and activation commitment from a
     prefill on its own model, finish reasons from the last token, rewards from the task's verifier."""
 
     eos = attacker.tokenizer.eos_token_id
     groups = []
-    for position, (prompt, tokens_of_group) in enumerate(zip(lease.prompts, completions)):
+    for position, (prompt, tokens_of_group) in enumerate(zip(lease.prompts, completions, strict=True)):
         problem = attacker.task.problem(Split.TRAIN, attacker.run_info.run_seed, prompt.prompt_index)
         outputs = prefill(model, [(prompt.prompt_token_ids, tokens) for tokens in tokens_of_group])
         rollouts = []
-        for sample_index, (tokens, output) in enumerate(zip(tokens_of_group, outputs)):
+        for sample_index, (tokens, output) in enumerate(zip(tokens_of_group, outputs, strict=True)):
             seed = derive_sample_seed(lease.sampling_seed, position, sample_index)
-            logprobs = rule.check_tokens(output.logits, np.array(tokens), np.uint64(seed),
-                                         np.arange(len(tokens), dtype=np.uint64), lease.sampling).logprobs
-            rollouts.append(Rollout(
-                sample_index=sample_index, token_ids=tuple(tokens), sampled_mask=(True,) * len(tokens),
-                logprobs=tuple(float(x) for x in logprobs), commitment=commitment.commit(output.hidden_bits),
-                finish_reason=FinishReason.STOP if tokens[-1] == eos else FinishReason.LENGTH,
-                claimed_reward=attacker.task.reward(problem, completion_text(attacker.tokenizer, tokens))))
+            logprobs = rule.check_tokens(
+                output.logits,
+                np.array(tokens),
+                np.uint64(seed),
+                np.arange(len(tokens), dtype=np.uint64),
+                lease.sampling,
+            ).logprobs
+            rollouts.append(
+                Rollout(
+                    sample_index=sample_index,
+                    token_ids=tuple(tokens),
+                    sampled_mask=(True,) * len(tokens),
+                    logprobs=tuple(float(x) for x in logprobs),
+                    commitment=commitment.commit(output.hidden_bits),
+                    finish_reason=FinishReason.STOP if tokens[-1] == eos else FinishReason.LENGTH,
+                    claimed_reward=attacker.task.reward(problem, completion_text(attacker.tokenizer, tokens)),
+                )
+            )
         groups.append(RolloutGroup(prompt.prompt_index, tuple(rollouts)))
-    return RolloutBatch(lease_id=lease.lease_id, policy_version=lease.policy_version, groups=tuple(groups),
-                        engine=attacker.engine_name)
+    return RolloutBatch(
+        lease_id=lease.lease_id, policy_version=lease.policy_version, groups=tuple(groups), engine=attacker.engine_name
+    )
 
 
-def careful_completions(attacker: Attacker, model, lease: WorkLease, tolerance: float, pick
-                        ) -> list[list[tuple[int, ...]]]:
+def careful_completions(
+    attacker: Attacker, model, lease: WorkLease, tolerance: float, pick
+) -> list[list[tuple[int, ...]]]:
     """Completions under the lease's seeded rule, except that where a runner-up scores within
     `tolerance` (in scaled logits) of the rule's token, `pick` may take it: a cheat that never strays
     past what a bf16 validator forgives as a near-tie. pick(near, choice, logits, noise, answer, step)
@@ -139,16 +155,20 @@ def careful_completions(attacker: Attacker, model, lease: WorkLease, tolerance: 
     the prompt's reference answer and the position; it returns a token of `near`."""
     params = lease.sampling
     eos = attacker.tokenizer.eos_token_id
-    rows = [(position, sample_index) for position in range(len(lease.prompts)) for sample_index in range(lease.group_size)]
-    answers = [attacker.task.problem(Split.TRAIN, attacker.run_info.run_seed, prompt.prompt_index).answer
-               for prompt in lease.prompts]
+    rows = [
+        (position, sample_index) for position in range(len(lease.prompts)) for sample_index in range(lease.group_size)
+    ]
+    answers = [
+        attacker.task.problem(Split.TRAIN, attacker.run_info.run_seed, prompt.prompt_index).answer
+        for prompt in lease.prompts
+    ]
     tokens: list[list[int]] = [[] for _ in rows]
     for step in range(params.max_tokens):
         active = [i for i, t in enumerate(tokens) if not t or (t[-1] != eos and len(t) < params.max_tokens)]
         if not active:
             break
         outputs = prefill(model, [(lease.prompts[rows[i][0]].prompt_token_ids, (*tokens[i], 0)) for i in active])
-        for i, output in zip(active, outputs):
+        for i, output in zip(active, outputs, strict=True):
             position, sample_index = rows[i]
             seed = np.uint64(derive_sample_seed(lease.sampling_seed, position, sample_index))
             logits = output.logits[-1:]
@@ -159,5 +179,7 @@ def careful_completions(attacker: Attacker, model, lease: WorkLease, tolerance: 
             choice = int(scores.argmax())
             near = np.flatnonzero(scores >= scores[choice] - tolerance)
             tokens[i].append(int(pick(near, choice, logits[0], noise[0], answers[position], step)))
-    return [[tuple(tokens[position * lease.group_size + s]) for s in range(lease.group_size)]
-            for position in range(len(lease.prompts))]
+    return [
+        [tuple(tokens[position * lease.group_size + s]) for s in range(lease.group_size)]
+        for position in range(len(lease.prompts))
+    ]

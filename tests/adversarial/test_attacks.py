@@ -29,13 +29,13 @@ def margin_of(check: str, evidence: dict) -> dict:
     """How far past its bound the attack landed."""
     allowed = evidence.get("allowed")
     if check == "sampling":
-        return {"num_mismatches": evidence["num_mismatches"], "max_score_gap": evidence["max_score_gap"],
-                "allowed_score_gap": evidence["allowed_score_gap"]}
+        return {k: evidence[k] for k in ("num_mismatches", "max_score_gap", "allowed_score_gap", "doubt_score_gap")}
     if check == "logprob_drift":
-        return {"max_drift": evidence["max_drift"], "allowed": allowed}
+        return {"max_drift": evidence["max_drift"], "allowed": allowed, "doubt_drift": evidence["doubt_drift"]}
     if check == "commitment" and "exponent_mismatches" in evidence:
         return {k: evidence[k] for k in ("exponent_mismatches", "mantissa_error_mean", "mantissa_error_median")} | {
-            "allowed": allowed}
+            "allowed": allowed
+        }
     if check in ("commitment_pooled", "commitment_node_pooled"):
         return {k: evidence[k] for k in ("exponent_mismatches_per_chunk", "mantissa_error_mean")} | {"allowed": allowed}
     if check == "termination":
@@ -164,11 +164,16 @@ def _truncate_with_eos(batch, attacker, lease):
     rollout = next(r for r in batch.groups[0].rollouts if r.finish_reason == FinishReason.LENGTH)
     cut = 5
     tokens = (*rollout.token_ids[:cut], eos)
-    commitment = rollout.commitment[: 258]
+    commitment = rollout.commitment[:258]
     changed = replace_rollout(
-        batch, 0, rollout.sample_index,
-        token_ids=tokens, sampled_mask=(True,) * len(tokens), logprobs=rollout.logprobs[: len(tokens)],
-        commitment=commitment, finish_reason=FinishReason.STOP,
+        batch,
+        0,
+        rollout.sample_index,
+        token_ids=tokens,
+        sampled_mask=(True,) * len(tokens),
+        logprobs=rollout.logprobs[: len(tokens)],
+        commitment=commitment,
+        finish_reason=FinishReason.STOP,
     )
     return _rescored(attacker, lease, changed)
 
@@ -196,17 +201,25 @@ def test_4_cherry_picking(cluster, trusted):
 
     def cherry_pick(batch, attacker, lease):
         groups = []
-        for position, (prompt, group) in enumerate(zip(lease.prompts, batch.groups)):
+        for position, (prompt, group) in enumerate(zip(lease.prompts, batch.groups, strict=True)):
             requests = [
-                GenerationRequest(prompt.prompt_token_ids, lease.sampling, derive_sample_seed(lease.sampling_seed + 1, position, i))
+                GenerationRequest(
+                    prompt.prompt_token_ids, lease.sampling, derive_sample_seed(lease.sampling_seed + 1, position, i)
+                )
                 for i in range(3 * lease.group_size)
             ]
             results = attacker.engine.generate(requests)
             best = sorted(results, key=lambda r: -len(r.token_ids))[: lease.group_size]
             rollouts = tuple(
-                dataclasses.replace(r0, token_ids=b.token_ids, sampled_mask=(True,) * len(b.token_ids),
-                                    logprobs=b.logprobs, commitment=b.commitment, finish_reason=b.finish_reason)
-                for r0, b in zip(group.rollouts, best)
+                dataclasses.replace(
+                    r0,
+                    token_ids=b.token_ids,
+                    sampled_mask=(True,) * len(b.token_ids),
+                    logprobs=b.logprobs,
+                    commitment=b.commitment,
+                    finish_reason=b.finish_reason,
+                )
+                for r0, b in zip(group.rollouts, best, strict=True)
             )
             groups.append(dataclasses.replace(group, rollouts=rollouts))
         return _rescored(attacker, lease, dataclasses.replace(batch, groups=tuple(groups)))
@@ -264,8 +277,11 @@ def test_9_forged_signature_and_another_nodes_id(cluster, trusted):
         batch = attacker.generate(await attacker.lease())
         from protocol import convert
 
-        impostor = seal(attacker.identity, method_name("NodeService", "SubmitRollouts"),
-                        convert.batch_to_proto(batch).SerializeToString())
+        impostor = seal(
+            attacker.identity,
+            method_name("NodeService", "SubmitRollouts"),
+            convert.batch_to_proto(batch).SerializeToString(),
+        )
         impostor.signer_public_key = victim.identity.public_key
         try:
             await attacker.client.stub.SubmitRollouts(impostor, timeout=10)
@@ -319,7 +335,7 @@ def test_12_another_nodes_rollouts_copied(cluster, trusted):
         lease = await copier.lease()
         groups = tuple(
             dataclasses.replace(source, prompt_index=prompt.prompt_index)
-            for source, prompt in zip(original.groups, lease.prompts)
+            for source, prompt in zip(original.groups, lease.prompts, strict=True)
         )
         copied = _rescored(copier, lease, dataclasses.replace(original, lease_id=lease.lease_id, groups=groups))
         receipt = await copier.submit(copied)
@@ -341,20 +357,34 @@ def test_13_substituted_prompt(cluster, trusted):
             lease, prompts=tuple(LeasedPrompt(p.prompt_index, "1+1=", easy) for p in lease.prompts)
         )
         generated = generate_batch(
-            attacker.engine, attacker.tokenizer, attacker.task, attacker.run_info.run_seed, swapped, attacker.engine_name
+            attacker.engine,
+            attacker.tokenizer,
+            attacker.task,
+            attacker.run_info.run_seed,
+            swapped,
+            attacker.engine_name,
         ).batch
         return _rescored(attacker, lease, generated)
 
     attacker, receipt = _honest(cluster, trusted, substitute)
-    expect_full_check_failure(cluster, attacker, receipt, "13-substituted-prompt", {"sampling", "commitment", "logprob_drift"})
+    expect_full_check_failure(
+        cluster, attacker, receipt, "13-substituted-prompt", {"sampling", "commitment", "logprob_drift"}
+    )
 
 
 def test_14_stop_without_eos(cluster, trusted):
     def no_eos(batch, attacker, lease):
         rollout = batch.groups[0].rollouts[0]
         tokens = tuple(t for t in rollout.token_ids if t != attacker.tokenizer.eos_token_id) or (40,)
-        return replace_rollout(batch, 0, 0, token_ids=tokens, sampled_mask=(True,) * len(tokens),
-                               logprobs=rollout.logprobs[: len(tokens)], finish_reason=FinishReason.STOP)
+        return replace_rollout(
+            batch,
+            0,
+            0,
+            token_ids=tokens,
+            sampled_mask=(True,) * len(tokens),
+            logprobs=rollout.logprobs[: len(tokens)],
+            finish_reason=FinishReason.STOP,
+        )
 
     attacker, receipt = _honest(cluster, trusted, no_eos)
     expect_cheap_rejection(cluster, attacker, receipt, "14-stop-without-eos", "FINISH_REASON_INCONSISTENT")
@@ -382,7 +412,8 @@ def test_15_malformed_and_oversized_messages(cluster, trusted):
 def int8_bf16_attack_until_caught(cluster, model, tokenizer, max_chunks: int):
     """A node running int8 linear layers in bf16 under a bf16 declaration submits until a full check
     fails it (or max_chunks chunks went by); returns the attacker, its full-check results and the
-    first failure's check and evidence, asserting that there is one, of the commitment family."""
+    first failure's check and evidence, asserting that there is one, of the commitment family (or the
+    node's rate of doubts, which those checks raise)."""
     cheat = int8_linear_weights(model).to(torch.bfloat16)
 
     async def scenario():
@@ -402,7 +433,8 @@ def int8_bf16_attack_until_caught(cluster, model, tokenizer, max_chunks: int):
     failures = [(check, evidence) for passed, check, evidence in results if not passed]
     assert failures, f"passed {len(results)} full checks"
     check, evidence = failures[0]
-    assert check in {"commitment", "commitment_node_pooled"}, evidence
+    # or, where its groups' own commitment checks doubt it far more often than honest nodes, its doubt rate
+    assert check in {"commitment", "commitment_node_pooled", "node_doubt_rate"}, evidence
     return attacker, results, check, evidence
 
 
@@ -416,10 +448,14 @@ def test_2_int8_under_a_bf16_declaration_is_caught_over_its_groups(cluster, trus
 
     model, tokenizer = trusted
     attacker, results, check, evidence = int8_bf16_attack_until_caught(
-        cluster, model, tokenizer, 2 * NODE_WINDOW_CHUNKS)
+        cluster, model, tokenizer, 2 * NODE_WINDOW_CHUNKS
+    )
     assert trainable_groups(cluster, attacker.node_id) == 0
-    MARGINS["2-int8-linear-declared-bf16"] = {"check": check, "num_groups_passed_before": sum(
-        passed for passed, _, _ in results), **margin_of(check, evidence)}
+    MARGINS["2-int8-linear-declared-bf16"] = {
+        "check": check,
+        "num_groups_passed_before": sum(passed for passed, _, _ in results),
+        **margin_of(check, evidence),
+    }
 
 
 def test_repeat_offender_is_banned_and_loses_its_credit(cluster, trusted):
@@ -436,11 +472,15 @@ def test_repeat_offender_is_banned_and_loses_its_credit(cluster, trusted):
     attacker = run(scenario())
     results = wait_for_validation(cluster, attacker.node_id)
     assert not any(passed for passed, _, _ in results)
-    
+
     banned, strikes = cluster.query("SELECT banned, num_strikes FROM nodes WHERE node_id = ?", attacker.node_id)[0]
     assert banned and strikes >= 2
-    assert cluster.query("SELECT COUNT(*) FROM contributions WHERE node_id = ? AND voided = 0 AND settled = 0", attacker.node_id
-    )[0][0] == 0
+    assert (
+        cluster.query(
+            "SELECT COUNT(*) FROM contributions WHERE node_id = ? AND voided = 0 AND settled = 0", attacker.node_id
+        )[0][0]
+        == 0
+    )
     assert trainable_groups(cluster, attacker.node_id) == 0
 
 

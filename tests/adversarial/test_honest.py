@@ -17,7 +17,8 @@ CONFIGS = {
 
 def _validated_rollouts(cluster, node_ids) -> int:
     marks = ",".join("?" * len(node_ids))
-    return cluster.query(f"SELECT COALESCE(SUM(g.num_rollouts), 0) FROM validation_results v JOIN groups g ON g.group_id = v.group_id "
+    return cluster.query(
+        f"SELECT COALESCE(SUM(g.num_rollouts), 0) FROM validation_results v JOIN groups g ON g.group_id = v.group_id "
         f"WHERE v.node_id IN ({marks})",
         *node_ids,
     )[0][0]
@@ -27,19 +28,29 @@ def _run_honest_nodes(cluster, names: list[str], num_rollouts: int, timeout_s: f
     nodes = [cluster.start_node(f"honest-{name}", *CONFIGS[name]) for name in names]
     try:
         node_ids = wait_for(
-            lambda: [
-                row[0] for row in cluster.query("SELECT node_id FROM nodes WHERE display_name LIKE 'honest-%'")
-            ] if len(cluster.query("SELECT node_id FROM nodes WHERE display_name LIKE 'honest-%'")) >= len(names) else None,
+            lambda: (
+                [row[0] for row in cluster.query("SELECT node_id FROM nodes WHERE display_name LIKE 'honest-%'")]
+                if len(cluster.query("SELECT node_id FROM nodes WHERE display_name LIKE 'honest-%'")) >= len(names)
+                else None
+            ),
             120,
             "the honest nodes to register",
         )
-        wait_for(lambda: _validated_rollouts(cluster, node_ids) >= num_rollouts, timeout_s, f"{num_rollouts} checked rollouts")
+        wait_for(
+            lambda: _validated_rollouts(cluster, node_ids) >= num_rollouts,
+            timeout_s,
+            f"{num_rollouts} checked rollouts",
+        )
     finally:
         for node in nodes:
             node.terminate()
     marks = ",".join("?" * len(node_ids))
-    failed = cluster.query(f"SELECT check_name, evidence_json FROM validation_results WHERE passed = 0 AND node_id IN ({marks})", *node_ids)
-    rejected = cluster.query(f"SELECT reason, message FROM verdicts WHERE accepted = 0 AND node_id IN ({marks})", *node_ids)
+    failed = cluster.query(
+        f"SELECT check_name, evidence_json FROM validation_results WHERE passed = 0 AND node_id IN ({marks})", *node_ids
+    )
+    rejected = cluster.query(
+        f"SELECT reason, message FROM verdicts WHERE accepted = 0 AND node_id IN ({marks})", *node_ids
+    )
     banned = cluster.query(f"SELECT node_id FROM nodes WHERE banned = 1 AND node_id IN ({marks})", *node_ids)
     assert failed == [] and rejected == [] and banned == [], (failed[:3], rejected[:3], banned)
     return _validated_rollouts(cluster, node_ids)

@@ -30,7 +30,14 @@ pytestmark = pytest.mark.slow
 
 BF16 = "torch-cpu-bfloat16"
 # Per-rollout checks a deviation may also trip first, and the node-level ones.
-CAUGHT_BY = set(CHECKS) | {"sampling", "near_ties", "logprob_drift", "commitment", "commitment_node_pooled"}
+CAUGHT_BY = set(CHECKS) | {
+    "sampling",
+    "near_ties",
+    "logprob_drift",
+    "commitment",
+    "commitment_node_pooled",
+    "node_doubt_rate",
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +47,20 @@ def warm_cluster(tmp_path_factory):
     cluster = Cluster(tmp_path_factory.mktemp("node-stats"), bootstrapped_model_dir(), Identity.generate())
     cluster.publish_fixed_policy()
     cluster.start_coordinator(
-        "--set", "validation.num_initial_checks=1000000",
-        "--set", "lease.max_open_per_node=4",
-        "--set", "run.prompts_per_lease=8",
-        "--set", "run.group_size=8",
-        "--set", "run.sampling.max_tokens=16",
-        "--set", "run.max_backlog_groups=0",  # no trainer here: passed groups stay ready until caught
-        "--set", "server.max_message_bytes=1048576",
+        "--set",
+        "validation.num_initial_checks=1000000",
+        "--set",
+        "lease.max_open_per_node=4",
+        "--set",
+        "run.prompts_per_lease=8",
+        "--set",
+        "run.group_size=8",
+        "--set",
+        "run.sampling.max_tokens=16",
+        "--set",
+        "run.max_backlog_groups=0",  # no trainer here: passed groups stay ready until caught
+        "--set",
+        "server.max_message_bytes=1048576",
     )
     yield cluster
     cluster.stop_all()
@@ -62,34 +76,42 @@ def bf16_policy(warm_cluster):
 
 def careful(pick):
     """A cheat that deviates only where a bf16 validator forgives it (harness.careful_completions)."""
+
     def make(attacker, model, lease):
         tolerance = 0.9 * DEFAULT_LOGIT_TOLERANCE / lease.sampling.temperature
         return rebuilt_batch(attacker, model, lease, careful_completions(attacker, model, lease, tolerance, pick))
+
     return make
 
 
 def toward_the_answer(tokenizer):
     """Near-ties steered toward reward: the token that spells the answer's next character."""
+
     def pick(near, choice, logits, noise, answer, step):
         wanted = [t for t in near if step < len(answer) and tokenizer.decode([int(t)]) == answer[step]]
         return wanted[0] if wanted else choice
+
     return pick
 
 
 def at_temperature(temperature: float):
     """The token the rule picks at another temperature than the leased 1.0, where it is a near-tie."""
+
     def pick(near, choice, logits, noise, answer, step):
         cheat = int(np.argmax(logits / np.float32(temperature) + noise))
         return cheat if cheat in near else choice
+
     return pick
 
 
 def with_top_p(top_p: float):
     """The token the rule picks with an unasked top-p filter, where it is a near-tie."""
+
     def pick(near, choice, logits, noise, answer, step):
         threshold = rule.filter_threshold(logits[None], 0, top_p)[0]
         cheat = int(np.argmax(np.where(logits >= threshold, logits + noise, -np.inf)))
         return cheat if cheat in near else choice
+
     return pick
 
 
@@ -100,8 +122,10 @@ def shade_logprobs(attacker, model, lease):
     groups = []
     for group in batch.groups:
         rewards = np.array([r.claimed_reward for r in group.rollouts])
-        shaded = [dataclasses.replace(r, logprobs=tuple(min(0.0, x + 0.3 * float(np.sign(a))) for x in r.logprobs))
-                  for r, a in zip(group.rollouts, rewards - rewards.mean())]
+        shaded = [
+            dataclasses.replace(r, logprobs=tuple(min(0.0, x + 0.3 * float(np.sign(a))) for x in r.logprobs))
+            for r, a in zip(group.rollouts, rewards - rewards.mean(), strict=True)
+        ]
         groups.append(dataclasses.replace(group, rollouts=tuple(shaded)))
     return dataclasses.replace(batch, groups=tuple(groups))
 
@@ -125,37 +149,45 @@ def one_adamw_step(model, tokenizer):
 def caught_after(cluster, model, tokenizer, make_batch, max_leases: int):
     """A bf16 node that leases, cheats, submits and waits for the full checks, until one fails:
     (the node, the results, leases used)."""
+
     async def scenario():
         attacker = await Attacker(cluster, model, tokenizer, engine_name=BF16).start()
-        for number in range(1, max_leases + 1):
+        num_leases = 0
+        while num_leases < max_leases:
+            num_leases += 1
             lease = await attacker.lease()
             await attacker.submit(make_batch(attacker, model, lease))
             results = wait_for_validation(cluster, attacker.node_id, timeout_s=600)
             if not all(passed for passed, _, _ in results):
                 break
         await attacker.close()
-        return attacker, results, number
+        return attacker, results, num_leases
 
     return run(scenario())
 
 
-@pytest.mark.parametrize(("attack", "make_batch", "tampered"), [
-    ("16-2-near-ties-steered-toward-reward", "steer", None),
-    ("16-3-temperature-0.9-for-1.0", careful(at_temperature(0.9)), None),
-    ("16-3-temperature-1.1-for-1.0", careful(at_temperature(1.1)), None),
-    ("16-4-unasked-top-p-0.95", careful(with_top_p(0.95)), None),
-    ("16-5-logprobs-shaded-with-advantage", shade_logprobs, None),
-    ("16-6-policy-one-adamw-step-ahead", lambda a, m, lease: a.generate(lease), one_adamw_step),
-])
-def test_bf16_deviation_is_caught_before_any_group_is_trained_on(warm_cluster, bf16_policy, attack, make_batch,
-                                                                   tampered):
+@pytest.mark.parametrize(
+    ("attack", "make_batch", "tampered"),
+    [
+        ("16-2-near-ties-steered-toward-reward", "steer", None),
+        ("16-3-temperature-0.9-for-1.0", careful(at_temperature(0.9)), None),
+        ("16-3-temperature-1.1-for-1.0", careful(at_temperature(1.1)), None),
+        ("16-4-unasked-top-p-0.95", careful(with_top_p(0.95)), None),
+        ("16-5-logprobs-shaded-with-advantage", shade_logprobs, None),
+        ("16-6-policy-one-adamw-step-ahead", lambda a, m, lease: a.generate(lease), one_adamw_step),
+    ],
+)
+def test_bf16_deviation_is_caught_before_any_group_is_trained_on(
+    warm_cluster, bf16_policy, attack, make_batch, tampered
+):
     model, tokenizer = bf16_policy
     node_model = tampered(model, tokenizer) if tampered is not None else model
     if make_batch == "steer":
         make_batch = careful(toward_the_answer(tokenizer))
     # Windows of NODE_WINDOW_TOKENS tokens; a lease of 64 short rollouts holds a few hundred.
-    attacker, results, num_leases = caught_after(warm_cluster, node_model, tokenizer, make_batch,
-                                                 max_leases=4 * NODE_WINDOW_TOKENS // 256)
+    attacker, results, num_leases = caught_after(
+        warm_cluster, node_model, tokenizer, make_batch, max_leases=4 * NODE_WINDOW_TOKENS // 256
+    )
     expect_caught(warm_cluster, attacker, results, num_leases, attack)
 
 
@@ -164,23 +196,27 @@ def expect_caught(cluster, attacker, results, num_leases: int, attack: str) -> N
     assert failures, f"{attack}: passed all {len(results)} full checks over {num_leases} leases"
     check, evidence = failures[0]
     assert check in CAUGHT_BY, f"{attack}: failed {check}: {evidence}"
-    consumed = cluster.query("SELECT COUNT(*) FROM groups WHERE node_id = ? AND state = 'consumed'",
-                             attacker.node_id)[0][0]
+    consumed = cluster.query("SELECT COUNT(*) FROM groups WHERE node_id = ? AND state = 'consumed'", attacker.node_id)[
+        0
+    ][0]
     assert consumed == 0 and trainable_groups(cluster, attacker.node_id) == 0
-    MARGINS[attack] = {"check": check, "num_leases": num_leases,
-                       "num_groups_passed_before": sum(passed for passed, _, _ in results),
-                       **{k: evidence[k] for k in ("p_value", "false_positive_rate", "num_tokens") if k in evidence},
-                       **({"evidence": evidence} if check not in CHECKS else {})}
-
-
+    MARGINS[attack] = {
+        "check": check,
+        "num_leases": num_leases,
+        "num_groups_passed_before": sum(passed for passed, _, _ in results),
+        **{k: evidence[k] for k in ("p_value", "p_values", "false_positive_rate", "num_tokens") if k in evidence},
+        **({"evidence": evidence} if check not in CHECKS else {}),
+    }
 
 
 def test_an_honest_bf16_node_passes_its_windows(warm_cluster, bf16_policy):
     """The same node without the cheat, over two windows' worth of tokens: no check fails."""
     model, tokenizer = bf16_policy
-    attacker, results, num_leases = caught_after(warm_cluster, model, tokenizer, lambda a, m, lease: a.generate(lease),
-                                                 max_leases=2 * NODE_WINDOW_TOKENS // 256)
+    attacker, results, num_leases = caught_after(
+        warm_cluster, model, tokenizer, lambda a, m, lease: a.generate(lease), max_leases=2 * NODE_WINDOW_TOKENS // 256
+    )
     assert all(passed for passed, _, _ in results), [r for r in results if not r[0]][:2]
-    tokens = warm_cluster.query("SELECT COALESCE(SUM(num_tokens), 0) FROM node_tokens WHERE node_id = ?",
-                                attacker.node_id)[0][0]
+    tokens = warm_cluster.query(
+        "SELECT COALESCE(SUM(num_tokens), 0) FROM node_tokens WHERE node_id = ?", attacker.node_id
+    )[0][0]
     assert tokens >= NODE_WINDOW_TOKENS, f"{num_leases} leases held only {tokens} tokens"

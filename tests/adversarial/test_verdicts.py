@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from coordinator.validation import MIN_WINDOW_CHUNKS, NODE_WINDOW_CHUNKS
-from protocol.identity import Identity
 from tests.adversarial.harness import (
     MARGINS,
     Attacker,
@@ -18,7 +17,7 @@ from tests.adversarial.harness import (
     wait_for_validation,
 )
 from tests.adversarial.test_attacks import int8_bf16_attack_until_caught, perturbed
-from tests.integration.cluster import Cluster
+from tests.integration.cluster import checking_cluster
 
 PROBATION_TOKENS = 512
 
@@ -26,19 +25,13 @@ PROBATION_TOKENS = 512
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_model):
     """This module's own coordinator (the attack suite's publishes a second version at its end)."""
-    cluster = Cluster(tmp_path_factory.mktemp("verdicts"), tiny_model, Identity.generate())
-    cluster.publish_fixed_policy()
-    cluster.start_coordinator(
-        "--set", "validation.num_initial_checks=1000000",
-        "--set", f"validation.probation_tokens={PROBATION_TOKENS}",
-        "--set", "lease.max_open_per_node=4",
-        "--set", "run.prompts_per_lease=2",
-        "--set", "run.group_size=8",
-        "--set", "run.sampling.max_tokens=32",
-        "--set", "run.max_backlog_groups=0",
-    )
-    yield cluster
-    cluster.stop_all()
+    with checking_cluster(
+        tmp_path_factory.mktemp("verdicts"),
+        tiny_model,
+        f"validation.probation_tokens={PROBATION_TOKENS}",
+        "run.max_backlog_groups=0",
+    ) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +63,15 @@ def _consumed(cluster, node_id: str) -> int:
     """The node's groups in the trainer's consumption ledger."""
     return cluster.query(
         "SELECT COUNT(*) FROM group_consumptions c JOIN groups g ON g.group_id = c.group_id WHERE g.node_id = ?",
-        node_id)[0][0]
+        node_id,
+    )[0][0]
 
 
 def _node(cluster, node_id: str) -> tuple[int, int, int, int]:
     """(num_strikes, banned, on_probation, num_checked_tokens)"""
-    return cluster.query("SELECT num_strikes, banned, on_probation, num_checked_tokens FROM nodes WHERE node_id = ?",
-                         node_id)[0]
+    return cluster.query(
+        "SELECT num_strikes, banned, on_probation, num_checked_tokens FROM nodes WHERE node_id = ?", node_id
+    )[0]
 
 
 def with_attention(model, implementation: str):
@@ -109,22 +104,16 @@ def test_one_submission_with_two_bad_groups_is_one_strike(cluster, trusted, gree
 @pytest.fixture(scope="module")
 def cluster_without_validator(tmp_path_factory, tiny_model):
     """A coordinator whose groups only a validator the test plays checks, as many a pass as it likes."""
-    cluster = Cluster(tmp_path_factory.mktemp("verdicts-by-hand"), tiny_model, Identity.generate())
-    cluster.publish_fixed_policy()
-    cluster.start_coordinator(
-        "--set", "validation.in_process=false",
-        "--set", "validation.num_initial_checks=1000000",
-        "--set", "run.prompts_per_lease=2",
-        "--set", "run.group_size=8",
-        "--set", "run.sampling.max_tokens=32",
-    )
-    yield cluster
-    cluster.stop_all()
+    with checking_cluster(
+        tmp_path_factory.mktemp("verdicts-by-hand"), tiny_model, "validation.in_process=false"
+    ) as cluster:
+        yield cluster
 
 
 @pytest.mark.parametrize("groups_per_pass", [1, 2])
-def test_one_strike_per_submission_however_the_validator_batches(cluster_without_validator, trusted, tiny_model,
-                                                                 groups_per_pass):
+def test_one_strike_per_submission_however_the_validator_batches(
+    cluster_without_validator, trusted, tiny_model, groups_per_pass
+):
     """The same two bad groups of one submission, checked one per pass or both in one pass, each
     pass's verdicts reported (and reported again): one strike either way."""
     from coordinator.validation import GroupChecker, job_from_proto, verdict_to_proto
@@ -150,13 +139,21 @@ def test_one_strike_per_submission_however_the_validator_batches(cluster_without
     with cluster.channel() as channel:
         stub = validation_pb2_grpc.ValidatorServiceStub(channel)
         while True:
-            work = stub.TakeValidation(validation_pb2.TakeValidationRequest(
-                validator_id="by-hand", max_groups=groups_per_pass), metadata=operator, timeout=30)
+            work = stub.TakeValidation(
+                validation_pb2.TakeValidationRequest(validator_id="by-hand", max_groups=groups_per_pass),
+                metadata=operator,
+                timeout=30,
+            )
             if not work.jobs:
                 break
             jobs = [job_from_proto(job) for job in work.jobs]
-            report = validation_pb2.ReportValidationRequest(validator_id="by-hand", verdicts=[
-                verdict_to_proto(job.group_id, verdict) for job, verdict in zip(jobs, checker.check(jobs))])
+            report = validation_pb2.ReportValidationRequest(
+                validator_id="by-hand",
+                verdicts=[
+                    verdict_to_proto(job.group_id, verdict)
+                    for job, verdict in zip(jobs, checker.check(jobs), strict=True)
+                ],
+            )
             for _ in range(2):  # a re-report changes nothing
                 stub.ReportValidation(report, metadata=operator, timeout=30)
     results = wait_for_validation(cluster, attacker.node_id)
@@ -184,21 +181,30 @@ def _run_honest(cluster, model, tokenizer, engine_name: str, num_leases: int) ->
     return node.node_id
 
 
-@pytest.mark.parametrize(("engine_name", "dtype", "attention"), [
-    ("torch-cpu-float32", torch.float32, "eager"),
-    ("torch-cpu-bfloat16", torch.bfloat16, "eager"),
-    ("torch-cpu-bfloat16", torch.bfloat16, "sdpa"),
-])
-def test_honest_nodes_pass_probation_and_are_never_struck(cluster, trusted, greedy_trainer, engine_name, dtype,
-                                                          attention):
+@pytest.mark.parametrize(
+    ("engine_name", "dtype", "attention"),
+    [
+        ("torch-cpu-float32", torch.float32, "eager"),
+        ("torch-cpu-bfloat16", torch.bfloat16, "eager"),
+        ("torch-cpu-bfloat16", torch.bfloat16, "sdpa"),
+    ],
+)
+def test_honest_nodes_pass_probation_and_are_never_struck(
+    cluster, trusted, greedy_trainer, engine_name, dtype, attention
+):
     """An honest node on another attention kernel than the validator's, in fp32 and bf16: every
     full check passed, no strike, probation passed, its groups trained on."""
     import copy
 
     model, tokenizer = trusted
     num_leases = -(-MIN_WINDOW_CHUNKS // 16) + 2  # 16 rollouts, a chunk each at least, a lease
-    node_id = _run_honest(cluster, with_attention(copy.deepcopy(model).to(dtype), attention), tokenizer,
-                          engine_name, num_leases=num_leases)
+    node_id = _run_honest(
+        cluster,
+        with_attention(copy.deepcopy(model).to(dtype), attention),
+        tokenizer,
+        engine_name,
+        num_leases=num_leases,
+    )
     assert trainable_groups(cluster, node_id) == 2 * num_leases
 
 
@@ -208,8 +214,13 @@ def test_honest_bf16_nodes_over_a_long_run_are_never_struck(cluster, trusted, gr
 
     model, tokenizer = trusted
     for attention in ("eager", "sdpa"):
-        node_id = _run_honest(cluster, with_attention(copy.deepcopy(model).to(torch.bfloat16), attention),
-                              tokenizer, "torch-cpu-bfloat16", num_leases=60)
+        node_id = _run_honest(
+            cluster,
+            with_attention(copy.deepcopy(model).to(torch.bfloat16), attention),
+            tokenizer,
+            "torch-cpu-bfloat16",
+            num_leases=60,
+        )
         assert trainable_groups(cluster, node_id) == 120
 
 
@@ -220,11 +231,16 @@ def test_a_node_caught_on_probation_had_none_of_its_groups_trained_on(cluster, t
     none of this node's: its groups were held."""
     model, tokenizer = trusted
     attacker, results, check, evidence = int8_bf16_attack_until_caught(
-        cluster, model, tokenizer, NODE_WINDOW_CHUNKS + 64)
+        cluster, model, tokenizer, NODE_WINDOW_CHUNKS + 64
+    )
     consumed_when_caught = cluster.query(
-        "SELECT num_groups_consumed FROM validation_results WHERE node_id = ? AND passed = 0", attacker.node_id)
+        "SELECT num_groups_consumed FROM validation_results WHERE node_id = ? AND passed = 0", attacker.node_id
+    )
     assert consumed_when_caught == [(0,)]
     assert _consumed(cluster, attacker.node_id) == 0 and trainable_groups(cluster, attacker.node_id) == 0
     MARGINS["16-caught-on-probation-int8-declared-bf16"] = {
-        "check": check, "num_groups_passed_before": sum(passed for passed, _, _ in results),
-        "num_groups_consumed": 0, **{k: evidence.get(k) for k in ("num_chunks", "mantissa_error_mean", "allowed")}}
+        "check": check,
+        "num_groups_passed_before": sum(passed for passed, _, _ in results),
+        "num_groups_consumed": 0,
+        **{k: evidence.get(k) for k in ("num_chunks", "mantissa_error_mean", "allowed")},
+    }

@@ -12,10 +12,9 @@ import grpc
 import pytest
 
 from protocol import convert
-from protocol.identity import Identity
 from protocol.types import RolloutBatch, WorkLease
 from tests.adversarial.harness import MARGINS, Attacker, run, trainable_groups
-from tests.integration.cluster import Cluster
+from tests.integration.cluster import Cluster, checking_cluster
 
 DEADLINE_S = 10
 COOLDOWN_S = 2
@@ -23,26 +22,23 @@ COOLDOWN_S = 2
 # one: a strike; the second strike (validation.max_strikes) bans. Lease-level rules only, so the
 # cluster skips full checks.
 SETTINGS = (
-    "--set", f"lease.deadline_s={DEADLINE_S}",
-    "--set", "lease.max_open_per_node=2",
-    "--set", "lease.walkaway_window=4",
-    "--set", "lease.max_walkaway_fraction=0.25",
-    "--set", f"lease.cooldown_s={COOLDOWN_S}",
-    "--set", "run.prompts_per_lease=1",
-    "--set", "run.group_size=2",
-    "--set", "run.sampling.max_tokens=8",
-    "--set", "validation.enabled=false",
+    f"lease.deadline_s={DEADLINE_S}",
+    "lease.max_open_per_node=2",
+    "lease.walkaway_window=4",
+    "lease.max_walkaway_fraction=0.25",
+    f"lease.cooldown_s={COOLDOWN_S}",
+    "run.prompts_per_lease=1",
+    "run.group_size=2",
+    "run.sampling.max_tokens=8",
+    "validation.enabled=false",
 )
 MAX_LEASE_REQUESTS = 40
 
 
 @pytest.fixture(scope="module")
 def walkaway_cluster(tmp_path_factory, tiny_model):
-    cluster = Cluster(tmp_path_factory.mktemp("walkaway"), tiny_model, Identity.generate())
-    cluster.publish_fixed_policy()
-    cluster.start_coordinator(*SETTINGS)
-    yield cluster
-    cluster.stop_all()
+    with checking_cluster(tmp_path_factory.mktemp("walkaway"), tiny_model, *SETTINGS) as cluster:
+        yield cluster
 
 
 def looks_bad(batch: RolloutBatch) -> bool:
@@ -117,7 +113,7 @@ async def take_walked_sets(cluster: Cluster, taker: Attacker, walked: dict[int, 
 def node_row(cluster: Cluster, node_id: str) -> dict:
     columns = ("num_leases_released", "num_leases_expired", "num_lease_cooldowns", "num_strikes", "banned")
     (row,) = cluster.query(f"SELECT {', '.join(columns)} FROM nodes WHERE node_id = ?", node_id)
-    return dict(zip(columns, row))
+    return dict(zip(columns, row, strict=True))
 
 
 @pytest.mark.parametrize("walk_away", ["release", pytest.param("expire", marks=pytest.mark.slow)])

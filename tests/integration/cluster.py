@@ -12,6 +12,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,16 @@ from protocol.tls import CoordinatorTls, make_self_signed_pair
 from rollproof.commands.admin import CA_ENVIRONMENT_VARIABLE
 
 OPERATOR_TOKEN = "test-operator-token"
+
+# The coordinator the attack suites and the rejection tests run against: every submission fully
+# checked (a node never leaves its initial checks), small leases of small groups.
+CHECKING_SETTINGS = (
+    "validation.num_initial_checks=1000000",
+    "lease.max_open_per_node=4",
+    "run.prompts_per_lease=2",
+    "run.group_size=8",
+    "run.sampling.max_tokens=32",
+)
 
 
 def free_port() -> int:
@@ -86,8 +98,11 @@ class Cluster:
     def tls_environment(self) -> dict[str, str]:
         """Every client role spawned (node, trainer, validator, admin) trusts the cluster's certificate."""
         ca_file = str(self.certificate_pair.certificate_file)
-        return {"ROLLPROOF_NODE_COORDINATOR_CA": ca_file, "ROLLPROOF_TRAINER_COORDINATOR_CA": ca_file,
-                CA_ENVIRONMENT_VARIABLE: ca_file}
+        return {
+            "ROLLPROOF_NODE_COORDINATOR_CA": ca_file,
+            "ROLLPROOF_TRAINER_COORDINATOR_CA": ca_file,
+            CA_ENVIRONMENT_VARIABLE: ca_file,
+        }
 
     @property
     def coordinator_dir(self) -> Path:
@@ -103,15 +118,14 @@ class Cluster:
         """`rollproof ARGS` as a child process; `launcher`: interpreter arguments before the
         CLI module (e.g. torchrun's `-m torch.distributed.run ...`)."""
         log_path = self.root / f"{name}.log"
-        handle = open(log_path, "ab")
-        popen = subprocess.Popen(
-            [sys.executable, *launcher, "-m", "rollproof.cli", *args],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.tls_environment(), **(env or {})},
-            start_new_session=True,
-        )
-        handle.close()
+        with open(log_path, "ab") as handle:
+            popen = subprocess.Popen(
+                [sys.executable, *launcher, "-m", "rollproof.cli", *args],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.tls_environment(), **(env or {})},
+                start_new_session=True,
+            )
         process = Process(name, popen, log_path)
         self.processes.append(process)
         return process
@@ -122,14 +136,22 @@ class Cluster:
         process = self.spawn(
             "coordinator",
             [
-                "coordinator", "serve",
-                "--data-dir", str(self.coordinator_dir),
-                "--model", str(self.model_dir),
-                "--grpc-port", str(self.grpc_port),
-                "--http-port", "0",
-                "--trainer-key-fingerprint", self.trainer_identity.key_id,
-                "--set", f"server.tls_cert={self.certificate_pair.certificate_file}",
-                "--set", f"server.tls_key={self.certificate_pair.key_file}",
+                "coordinator",
+                "serve",
+                "--data-dir",
+                str(self.coordinator_dir),
+                "--model",
+                str(self.model_dir),
+                "--grpc-port",
+                str(self.grpc_port),
+                "--http-port",
+                "0",
+                "--trainer-key-fingerprint",
+                self.trainer_identity.key_id,
+                "--set",
+                f"server.tls_cert={self.certificate_pair.certificate_file}",
+                "--set",
+                f"server.tls_key={self.certificate_pair.key_file}",
                 *extra,
             ],
             env={"ROLLPROOF_COORDINATOR_OPERATOR_TOKEN": OPERATOR_TOKEN},
@@ -145,12 +167,18 @@ class Cluster:
         return self.spawn(
             name,
             [
-                "node", "run",
-                "--coordinator", self.address,
-                "--model", str(self.model_dir),
-                "--state-dir", str(self.root / name),
-                "--trainer-key-fingerprint", self.trainer_identity.key_id,
-                "--name", name,
+                "node",
+                "run",
+                "--coordinator",
+                self.address,
+                "--model",
+                str(self.model_dir),
+                "--state-dir",
+                str(self.root / name),
+                "--trainer-key-fingerprint",
+                self.trainer_identity.key_id,
+                "--name",
+                name,
                 *extra,
             ],
         )
@@ -177,3 +205,18 @@ class Cluster:
     def stop_all(self) -> None:
         for process in reversed(self.processes):
             process.terminate(timeout_s=30)
+
+
+@contextmanager
+def checking_cluster(root: Path, model_dir: Path, *settings: str) -> Iterator[Cluster]:
+    """A coordinator that fully checks every submission, with a fixed published policy (version 1
+    of `model_dir`) and a fresh trainer key, stopped on exit. `settings` (`KEY=VALUE`, as `--set`
+    takes them) replace CHECKING_SETTINGS of the same key or add to them."""
+    merged = dict(setting.split("=", 1) for setting in (*CHECKING_SETTINGS, *settings))
+    cluster = Cluster(root, model_dir, Identity.generate())
+    try:
+        cluster.publish_fixed_policy()
+        cluster.start_coordinator(*(flag for key, value in merged.items() for flag in ("--set", f"{key}={value}")))
+        yield cluster
+    finally:
+        cluster.stop_all()

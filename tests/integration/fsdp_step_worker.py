@@ -25,8 +25,15 @@ def main() -> None:
         model = load_training_model(args.model, dtype="float32", device=device, workers=workers)
         optimizer = make_optimizer(model, OptimizerSection(lr=args.lr))
         metrics = train_step(
-            model, optimizer, pickle.loads(args.groups.read_bytes()), current_version=1, temperature=1.0,
-            pad_token_id=0, loss_config=LossSection(), grad_clip=args.grad_clip, workers=workers,
+            model,
+            optimizer,
+            pickle.loads(args.groups.read_bytes()),
+            current_version=1,
+            temperature=1.0,
+            pad_token_id=0,
+            loss_config=LossSection(),
+            grad_clip=args.grad_clip,
+            workers=workers,
         )
         state = gather_model_state(model, workers)
         if workers.is_main:

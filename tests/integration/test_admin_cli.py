@@ -44,9 +44,21 @@ def admin(cluster: Cluster, *args: str, token: str | None = None) -> subprocess.
     if token is not None:
         env["ROLLPROOF_OPERATOR_TOKEN"] = token
     return subprocess.run(
-        [sys.executable, "-m", "rollproof.cli", "admin", *args, "--coordinator", cluster.address,
-         "--coordinator-ca", str(cluster.certificate_pair.certificate_file)],
-        capture_output=True, text=True, env=env, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "rollproof.cli",
+            "admin",
+            *args,
+            "--coordinator",
+            cluster.address,
+            "--coordinator-ca",
+            str(cluster.certificate_pair.certificate_file),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
 
 

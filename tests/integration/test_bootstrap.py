@@ -69,8 +69,14 @@ def test_bootstrap_stops_once_the_validation_reward_reaches_its_target(tmp_path:
     """The warm-up stops at the first check that reaches the target, and trains every step when no
     target is set."""
     monkeypatch.setitem(registry._FACTORIES, ConstantAnswerTask.name, ConstantAnswerTask)  # this test only
-    settings = replace(TINY_SETTINGS, task=ConstantAnswerTask.name, num_steps=200, check_every=5,
-                       stop_at_reward=0.9, num_check_problems=8)
+    settings = replace(
+        TINY_SETTINGS,
+        task=ConstantAnswerTask.name,
+        num_steps=200,
+        check_every=5,
+        stop_at_reward=0.9,
+        num_check_problems=8,
+    )
     stopped = ensure_bootstrapped(settings, out_dir=tmp_path / "stopped").report
     assert stopped["num_steps_trained"] % 5 == 0 and stopped["num_steps_trained"] < 200
     assert stopped["check_reward"] >= 0.9
@@ -132,7 +138,9 @@ def test_bootstrapped_model_dir_reuses_the_cache_entry_of_the_default_settings(t
 def test_cli_unknown_task_is_a_user_error(tmp_path: Path, rollproof_command: list[str]) -> None:
     result = subprocess.run(
         [*rollproof_command, "bootstrap", "--task", "nope", "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2
     assert "unknown task 'nope'" in result.stderr

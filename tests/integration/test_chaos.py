@@ -19,8 +19,16 @@ from tests.integration.cluster import Cluster, Process, wait_for
 
 GROUPS_PER_STEP = 2
 # No backlog limit: the nodes never wait for the trainer, so a coordinator kill finds them generating.
-COORDINATOR_SETTINGS = ["--set", "run.group_size=4", "--set", "run.prompts_per_lease=2",
-                        "--set", "run.sampling.max_tokens=8", "--set", "run.max_backlog_groups=0"]
+COORDINATOR_SETTINGS = [
+    "--set",
+    "run.group_size=4",
+    "--set",
+    "run.prompts_per_lease=2",
+    "--set",
+    "run.sampling.max_tokens=8",
+    "--set",
+    "run.max_backlog_groups=0",
+]
 NODE_FLAGS = ["--batch-size", "8"]
 STEP_LINE = re.compile(r"step (\d+): reward")
 RESENT_LINE = re.compile(r"re-sending spooled batch ([0-9a-f]{16})")
@@ -41,9 +49,20 @@ class ChaosRun:
         self.root = root
         self.cluster = Cluster(root, model_dir, identity)
         self.trainer_args = [
-            "trainer", "run", "--coordinator", self.cluster.address, "--model", str(model_dir),
-            "--data-dir", str(root / "trainer"), "--set", f"groups_per_step={GROUPS_PER_STEP}",
-            "--set", f"checkpoint_every={checkpoint_every}", "--set", "eval_every=0",
+            "trainer",
+            "run",
+            "--coordinator",
+            self.cluster.address,
+            "--model",
+            str(model_dir),
+            "--data-dir",
+            str(root / "trainer"),
+            "--set",
+            f"groups_per_step={GROUPS_PER_STEP}",
+            "--set",
+            f"checkpoint_every={checkpoint_every}",
+            "--set",
+            "eval_every=0",
         ]
         self.num_starts = {"coordinator": 0, "trainer": 0, "node-1": 0}
         self.processes: dict[str, Process] = {}
@@ -64,8 +83,11 @@ class ChaosRun:
             self.processes[role] = self.cluster.spawn(f"trainer-{self.num_starts[role]}", [*self.trainer_args, *resume])
         else:
             self.processes[role] = self.cluster.start_node(role, *NODE_FLAGS)
-            wait_for(lambda: self.node_log().count(NODE_ID_LINE) == self.num_starts[role], PROGRESS_TIMEOUT_S,
-                     "node-1 to register")
+            wait_for(
+                lambda: self.node_log().count(NODE_ID_LINE) == self.num_starts[role],
+                PROGRESS_TIMEOUT_S,
+                "node-1 to register",
+            )
 
     def node_log(self) -> str:
         return (self.root / "node-1.log").read_text(errors="replace")
@@ -77,8 +99,12 @@ class ChaosRun:
     def wait_for_a_new_step(self) -> None:
         trainer = self.processes["trainer"]
         num_steps = len(self.trainer_steps())
-        wait_for(lambda: len(self.trainer_steps()) > num_steps or trainer.popen.poll() is not None,
-                 PROGRESS_TIMEOUT_S, "the trainer to make a step", interval_s=0.2)
+        wait_for(
+            lambda: len(self.trainer_steps()) > num_steps or trainer.popen.poll() is not None,
+            PROGRESS_TIMEOUT_S,
+            "the trainer to make a step",
+            interval_s=0.2,
+        )
         assert trainer.popen.poll() is None, f"the trainer exited:\n{trainer.log()[-3000:]}"
 
     def kill(self, role: str, rng: random.Random) -> None:
@@ -108,8 +134,12 @@ class ChaosRun:
         spool = self.root / "node-1" / "spool"
         for _ in range(MAX_SPOOL_TRIES):
             num_tokens = read_status(self.root / "node-1").num_tokens_generated
-            wait_for(lambda: read_status(self.root / "node-1").num_tokens_generated > num_tokens, PROGRESS_TIMEOUT_S,
-                     "node-1 to generate", interval_s=0.1)
+            wait_for(
+                lambda num_tokens=num_tokens: read_status(self.root / "node-1").num_tokens_generated > num_tokens,
+                PROGRESS_TIMEOUT_S,
+                "node-1 to generate",
+                interval_s=0.1,
+            )
             num_resent = len(RESENT_LINE.findall(self.node_log()))
             self.processes["coordinator"].kill9()
             try:
@@ -120,8 +150,11 @@ class ChaosRun:
             self.processes["node-1"].kill9()
             self.restart_coordinator()
             self._start("node-1")
-            wait_for(lambda: len(RESENT_LINE.findall(self.node_log())) > num_resent, PROGRESS_TIMEOUT_S,
-                     "node-1 to re-send its spooled batch")
+            wait_for(
+                lambda num_resent=num_resent: len(RESENT_LINE.findall(self.node_log())) > num_resent,
+                PROGRESS_TIMEOUT_S,
+                "node-1 to re-send its spooled batch",
+            )
             return
         raise AssertionError(f"node-1 spooled no batch in {MAX_SPOOL_TRIES} coordinator outages")
 
@@ -170,8 +203,8 @@ def assert_nothing_lost_or_repeated(run: ChaosRun) -> None:
     # a stored group.
     consumed = {group_id for (group_id,) in query("SELECT group_id FROM groups WHERE state = 'consumed'")}
     assert consumed == {group_id for group_id, _ in ledger}
-    (num_accepted,), = query("SELECT COALESCE(SUM(num_accepted), 0) FROM submissions")
-    (num_grouped,), = query("SELECT COALESCE(SUM(num_rollouts), 0) FROM groups")
+    ((num_accepted,),) = query("SELECT COALESCE(SUM(num_accepted), 0) FROM submissions")
+    ((num_grouped,),) = query("SELECT COALESCE(SUM(num_rollouts), 0) FROM groups")
     assert num_accepted == num_grouped > 0
 
     versions = [version for (version,) in query("SELECT version FROM policy_versions ORDER BY version")]
@@ -194,8 +227,8 @@ def assert_nothing_lost_or_repeated(run: ChaosRun) -> None:
         "WHERE c.group_id IS NULL OR c.node_id != g.node_id OR c.num_tokens != g.num_tokens "
         "OR c.num_rollouts != g.num_rollouts"
     )
-    (num_contributions,), = query("SELECT COUNT(*) FROM contributions")
-    (num_groups,), = query("SELECT COUNT(*) FROM groups")
+    ((num_contributions,),) = query("SELECT COUNT(*) FROM contributions")
+    ((num_groups,),) = query("SELECT COUNT(*) FROM groups")
     assert num_contributions == num_groups
 
 

@@ -6,12 +6,18 @@ from protocol.identity import Identity
 from tests.integration.cluster import Cluster, wait_for
 
 COORDINATOR_FLAGS = [
-    "--set", "lease.deadline_s=8",
-    "--set", "run.prompts_per_lease=2",
-    "--set", "run.group_size=4",
-    "--set", "run.sampling.max_tokens=12",
-    "--set", "heartbeat_interval_s=1",
-    "--set", "run.max_backlog_groups=0",  # no trainer consumes here: never throttle the nodes
+    "--set",
+    "lease.deadline_s=8",
+    "--set",
+    "run.prompts_per_lease=2",
+    "--set",
+    "run.group_size=4",
+    "--set",
+    "run.sampling.max_tokens=12",
+    "--set",
+    "heartbeat_interval_s=1",
+    "--set",
+    "run.max_backlog_groups=0",  # no trainer consumes here: never throttle the nodes
 ]
 
 
@@ -35,7 +41,8 @@ def test_nodes_survive_crashes_of_a_node_and_of_the_coordinator(tmp_path, tiny_m
 
         node_1_id = wait_for(lambda: node_status(cluster, "node-1").get("node_id"), 60, "node-1 to write its status")
         open_lease = wait_for(
-            lambda: cluster.query("SELECT lease_id, lease_number FROM leases WHERE node_id = ? AND state = 'open'", node_1_id
+            lambda: cluster.query(
+                "SELECT lease_id, lease_number FROM leases WHERE node_id = ? AND state = 'open'", node_1_id
             ),
             60,
             "node-1 to hold a lease",
@@ -51,7 +58,8 @@ def test_nodes_survive_crashes_of_a_node_and_of_the_coordinator(tmp_path, tiny_m
         assert cluster.query("SELECT state FROM leases WHERE lease_id = ?", lease_id)[0][0] in ("expired", "submitted")
         if cluster.query("SELECT state FROM leases WHERE lease_id = ?", lease_id)[0][0] == "expired":
             reassigned = wait_for(
-                lambda: cluster.query("SELECT node_id FROM leases WHERE lease_number = ? AND lease_id != ?",
+                lambda: cluster.query(
+                    "SELECT node_id FROM leases WHERE lease_number = ? AND lease_id != ?",
                     lease_number,
                     lease_id,
                 ),
@@ -62,11 +70,15 @@ def test_nodes_survive_crashes_of_a_node_and_of_the_coordinator(tmp_path, tiny_m
 
         before_crash = accepted_total(cluster)
         coordinator.kill9()
-        wait_for(lambda: node_status(cluster, "node-2").get("num_batches_spooled", 0) >= 1, 120, "node-2 to spool a batch")
+        wait_for(
+            lambda: node_status(cluster, "node-2").get("num_batches_spooled", 0) >= 1, 120, "node-2 to spool a batch"
+        )
         cluster.start_coordinator(*COORDINATOR_FLAGS)
         wait_for(
-            lambda: node_status(cluster, "node-2").get("num_batches_spooled", 1) == 0
-            and accepted_total(cluster) > before_crash,
+            lambda: (
+                node_status(cluster, "node-2").get("num_batches_spooled", 1) == 0
+                and accepted_total(cluster) > before_crash
+            ),
             120,
             "node-2 to re-send its spool",
         )
@@ -74,9 +86,12 @@ def test_nodes_survive_crashes_of_a_node_and_of_the_coordinator(tmp_path, tiny_m
 
         cluster.processes[2].terminate()
         status = node_status(cluster, "node-2")
-        stored = cluster.query("SELECT num_rollouts_accepted + num_rollouts_rejected FROM nodes WHERE node_id = ?", status["node_id"]
+        stored = cluster.query(
+            "SELECT num_rollouts_accepted + num_rollouts_rejected FROM nodes WHERE node_id = ?", status["node_id"]
         )[0][0]
-        assert stored == status["num_rollouts_accepted"] + status["num_rollouts_rejected"], "a batch counted twice or lost"
+        assert stored == status["num_rollouts_accepted"] + status["num_rollouts_rejected"], (
+            "a batch counted twice or lost"
+        )
         assert cluster.query("SELECT COUNT(*) FROM submissions GROUP BY batch_hash HAVING COUNT(*) > 1") == []
     finally:
         cluster.stop_all()

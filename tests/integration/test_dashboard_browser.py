@@ -25,10 +25,14 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 SCRIPT_NAME = "<script>alert(1)</script>"
 CHEATER_NAME = "reward-inflater"
 COORDINATOR_FLAGS = [
-    "--set", "run.group_size=4",
-    "--set", "run.prompts_per_lease=2",
-    "--set", "run.sampling.max_tokens=8",
-    "--set", "heartbeat_interval_s=1",
+    "--set",
+    "run.group_size=4",
+    "--set",
+    "run.prompts_per_lease=2",
+    "--set",
+    "run.sampling.max_tokens=8",
+    "--set",
+    "heartbeat_interval_s=1",
 ]
 TRAINER_FLAGS = ["--set", "groups_per_step=2", "--set", "eval_every=2", "--set", "eval_problems=4"]
 NUM_TRAINER_STEPS = 4
@@ -103,10 +107,20 @@ def test_dashboard_in_a_browser(tmp_path, tiny_model, playwright_api):
         cluster.publish_fixed_policy()
         cluster.start_coordinator(*COORDINATOR_FLAGS)
         cheater_id = submit_inflated_reward(cluster, tiny_model)
-        cluster.spawn("trainer", [
-            "trainer", "run", "--coordinator", cluster.address, "--model", str(tiny_model),
-            "--data-dir", str(tmp_path / "trainer"), *TRAINER_FLAGS,
-        ])
+        cluster.spawn(
+            "trainer",
+            [
+                "trainer",
+                "run",
+                "--coordinator",
+                cluster.address,
+                "--model",
+                str(tiny_model),
+                "--data-dir",
+                str(tmp_path / "trainer"),
+                *TRAINER_FLAGS,
+            ],
+        )
         cluster.start_node("node-1", "--batch-size", "8")
         cluster.start_node("node-2", "--batch-size", "8", "--name", SCRIPT_NAME)
         wait_for(
@@ -133,7 +147,9 @@ def test_dashboard_in_a_browser(tmp_path, tiny_model, playwright_api):
             dialogs: list[str] = []
             page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
             external: list[str] = []
-            page.on("request", lambda request: None if request.url.startswith(dashboard) else external.append(request.url))
+            page.on(
+                "request", lambda request: None if request.url.startswith(dashboard) else external.append(request.url)
+            )
 
             page.goto(f"{dashboard}/leaderboard")
             rows = page.locator("table.leaderboard tbody tr")
@@ -147,14 +163,16 @@ def test_dashboard_in_a_browser(tmp_path, tiny_model, playwright_api):
             assert points.count() >= NUM_TRAINER_STEPS
             page.wait_for_function("() => document.body.dataset.refreshed !== undefined", timeout=20_000)
             assert page.evaluate("() => document.body.dataset.refreshError") is None
-            assert page.locator("#reward-chart circle.point").count() >= NUM_TRAINER_STEPS, "the chart survives a refresh"
+            assert page.locator("#reward-chart circle.point").count() >= NUM_TRAINER_STEPS, (
+                "the chart survives a refresh"
+            )
             assert int(page.locator("[data-field=trainer_step]").inner_text()) >= NUM_TRAINER_STEPS
             page.screenshot(path=str(ARTIFACTS / "dashboard-overview.png"), full_page=True)
 
             page.get_by_role("link", name=CHEATER_NAME).click()
             page.wait_for_url(f"**/nodes/{cheater_id}")
             reasons = page.locator("table.rejections .reason").all_inner_texts()
-            assert "REWARD_MISMATCH" in reasons, reasons
+            assert "reward_mismatch" in reasons, reasons
             assert "verifier gives" in " ".join(page.locator("table.rejections .message").all_inner_texts())
             page.screenshot(path=str(ARTIFACTS / "dashboard-node-rejections.png"), full_page=True)
 

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
@@ -46,10 +47,16 @@ SIGNED_64 = [-(2**63), -1, 0, 2**63 - 1]
 UNSIGNED_32 = [0, 1, 2**31, 2**32 - 1]
 SIGNED_32 = [-(2**31), -1, 0, 2**31 - 1]
 INTEGERS = {
-    FieldDescriptor.TYPE_UINT64: UNSIGNED_64, FieldDescriptor.TYPE_FIXED64: UNSIGNED_64,
-    FieldDescriptor.TYPE_INT64: SIGNED_64, FieldDescriptor.TYPE_SINT64: SIGNED_64, FieldDescriptor.TYPE_SFIXED64: SIGNED_64,
-    FieldDescriptor.TYPE_UINT32: UNSIGNED_32, FieldDescriptor.TYPE_FIXED32: UNSIGNED_32,
-    FieldDescriptor.TYPE_INT32: SIGNED_32, FieldDescriptor.TYPE_SINT32: SIGNED_32, FieldDescriptor.TYPE_SFIXED32: SIGNED_32,
+    FieldDescriptor.TYPE_UINT64: UNSIGNED_64,
+    FieldDescriptor.TYPE_FIXED64: UNSIGNED_64,
+    FieldDescriptor.TYPE_INT64: SIGNED_64,
+    FieldDescriptor.TYPE_SINT64: SIGNED_64,
+    FieldDescriptor.TYPE_SFIXED64: SIGNED_64,
+    FieldDescriptor.TYPE_UINT32: UNSIGNED_32,
+    FieldDescriptor.TYPE_FIXED32: UNSIGNED_32,
+    FieldDescriptor.TYPE_INT32: SIGNED_32,
+    FieldDescriptor.TYPE_SINT32: SIGNED_32,
+    FieldDescriptor.TYPE_SFIXED32: SIGNED_32,
     FieldDescriptor.TYPE_ENUM: [0, 1, 7, 2**31 - 1],
 }
 FLOATS = [0.0, -0.0, 1.5, -1e30, math.inf, -math.inf, math.nan]
@@ -61,10 +68,10 @@ MAX_MUTATED_BYTES = 2 * 1024 * 1024  # repeats of a large element are cut to abo
 class Rpc:
     service: str
     name: str
-    request: Message                 # for a signed RPC, the payload inside the envelope
-    signer: Identity | None = None   # signs the envelope; None: the request is sent as is
-    operator: bool = False           # sends the operator token
-    kind: str = "unary"              # "unary", "response_stream", "request_stream"
+    request: Message  # for a signed RPC, the payload inside the envelope
+    signer: Identity | None = None  # signs the envelope; None: the request is sent as is
+    operator: bool = False  # sends the operator token
+    kind: str = "unary"  # "unary", "response_stream", "request_stream"
 
     @property
     def path(self) -> str:
@@ -186,7 +193,7 @@ def store_bytes(cluster: Cluster) -> int:
 
 
 def rss_bytes(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
@@ -203,8 +210,15 @@ def synthetic_batch(lease: rollout_pb2.WorkLease, num_tokens: int = MAX_TOKENS) 
             RolloutGroup(
                 prompt.prompt_index,
                 tuple(
-                    Rollout(sample, tokens, (True,) * num_tokens, (-0.5,) * num_tokens,
-                            bytes(commitment.PROOF_BYTES * num_chunks), FinishReason.LENGTH, 0.0)
+                    Rollout(
+                        sample,
+                        tokens,
+                        (True,) * num_tokens,
+                        (-0.5,) * num_tokens,
+                        bytes(commitment.PROOF_BYTES * num_chunks),
+                        FinishReason.LENGTH,
+                        0.0,
+                    )
                     for sample in range(lease.group_size)
                 ),
             )
@@ -235,17 +249,27 @@ class Caller:
 def cluster(tmp_path_factory, tiny_model):
     cluster = Cluster(tmp_path_factory.mktemp("fuzz"), tiny_model, Identity.generate())
     cluster.publish_fixed_policy()
-    limits = ["server.requests_per_second_per_node", "server.request_burst_per_node",
-              "server.requests_per_second_trainer", "server.request_burst_trainer",
-              "server.unauthenticated_requests_per_second_per_address",
-              "server.unauthenticated_request_burst_per_address"]
+    limits = [
+        "server.requests_per_second_per_node",
+        "server.request_burst_per_node",
+        "server.requests_per_second_trainer",
+        "server.request_burst_trainer",
+        "server.unauthenticated_requests_per_second_per_address",
+        "server.unauthenticated_request_burst_per_address",
+    ]
     cluster.start_coordinator(
-        "--set", "validation.in_process=false",
-        "--set", f"run.prompts_per_lease={PROMPTS_PER_LEASE}",
-        "--set", f"run.group_size={GROUP_SIZE}",
-        "--set", f"run.sampling.max_tokens={MAX_TOKENS}",
-        "--set", "lease.max_open_per_node=64",
-        "--set", f"server.max_message_bytes={MAX_MESSAGE_BYTES}",
+        "--set",
+        "validation.in_process=false",
+        "--set",
+        f"run.prompts_per_lease={PROMPTS_PER_LEASE}",
+        "--set",
+        f"run.group_size={GROUP_SIZE}",
+        "--set",
+        f"run.sampling.max_tokens={MAX_TOKENS}",
+        "--set",
+        "lease.max_open_per_node=64",
+        "--set",
+        f"server.max_message_bytes={MAX_MESSAGE_BYTES}",
         *[argument for limit in limits for argument in ("--set", f"{limit}=1000000")],
     )
     yield cluster
@@ -254,9 +278,14 @@ def cluster(tmp_path_factory, tiny_model):
 
 def every_rpc(node: Identity, trainer: Identity, lease: rollout_pb2.WorkLease) -> list[Rpc]:
     batch = convert.batch_to_proto(synthetic_batch(lease))
-    header = seal(trainer, method_name("TrainerService", "UploadBlob"),
-                  service_pb2.BlobUploadHeader(hash=bytes(32), size=64).SerializeToString())
-    manifest = policy_pb2.SignedManifest(manifest=b"\x08\x01", signer_public_key=trainer.public_key, signature=bytes(64))
+    header = seal(
+        trainer,
+        method_name("TrainerService", "UploadBlob"),
+        service_pb2.BlobUploadHeader(hash=bytes(32), size=64).SerializeToString(),
+    )
+    manifest = policy_pb2.SignedManifest(
+        manifest=b"\x08\x01", signer_public_key=trainer.public_key, signature=bytes(64)
+    )
     return [
         Rpc("NodeService", "GetRunInfo", service_pb2.RunInfoRequest()),
         Rpc("NodeService", "Register", service_pb2.RegisterRequest(display_name="fuzz", engine="torch"), node),
@@ -269,22 +298,39 @@ def every_rpc(node: Identity, trainer: Identity, lease: rollout_pb2.WorkLease) -
         Rpc("NodeService", "ReleaseLease", service_pb2.ReleaseLeaseRequest(lease_id=lease.lease_id), node),
         Rpc("TrainerService", "UploadBlob", service_pb2.BlobUpload(header=header), kind="request_stream"),
         Rpc("TrainerService", "PublishPolicy", service_pb2.PublishRequest(manifest=manifest), trainer),
-        Rpc("TrainerService", "StreamGroups", service_pb2.StreamGroupsRequest(max_groups=4, max_staleness=2), trainer,
-            kind="response_stream"),
+        Rpc(
+            "TrainerService",
+            "StreamGroups",
+            service_pb2.StreamGroupsRequest(max_groups=4, max_staleness=2),
+            trainer,
+            kind="response_stream",
+        ),
         Rpc("TrainerService", "AckGroups", service_pb2.AckRequest(trainer_step=1, consumed_group_ids=["g"]), trainer),
         Rpc("TrainerService", "Resume", service_pb2.ResumeRequest(trainer_step=10**6), trainer),
-        Rpc("TrainerService", "ReportMetrics", service_pb2.TrainerMetrics(step=1, metrics_json='{"loss": 1.0}'), trainer),
+        Rpc(
+            "TrainerService", "ReportMetrics", service_pb2.TrainerMetrics(step=1, metrics_json='{"loss": 1.0}'), trainer
+        ),
         Rpc("AdminService", "ListNodes", service_pb2.ListNodesRequest(), operator=True),
         Rpc("AdminService", "BanNode", service_pb2.BanRequest(node_id="nobody", reason="fuzz"), operator=True),
         Rpc("AdminService", "UnbanNode", service_pb2.UnbanRequest(node_id="nobody"), operator=True),
         Rpc("AdminService", "GetRunStatus", service_pb2.RunStatusRequest(), operator=True),
         Rpc("AdminService", "ListVersions", service_pb2.ListVersionsRequest(), operator=True),
         Rpc("AdminService", "ListNodes", service_pb2.ListNodesRequest()),  # without the token
-        Rpc("ValidatorService", "TakeValidation", validation_pb2.TakeValidationRequest(validator_id="v", max_groups=1),
-            operator=True),
-        Rpc("ValidatorService", "ReportValidation",
-            validation_pb2.ReportValidationRequest(validator_id="v", verdicts=[validation_pb2.ValidationVerdict(
-                group_id="g", check="all", evidence_json="{}")]), operator=True),
+        Rpc(
+            "ValidatorService",
+            "TakeValidation",
+            validation_pb2.TakeValidationRequest(validator_id="v", max_groups=1),
+            operator=True,
+        ),
+        Rpc(
+            "ValidatorService",
+            "ReportValidation",
+            validation_pb2.ReportValidationRequest(
+                validator_id="v",
+                verdicts=[validation_pb2.ValidationVerdict(group_id="g", check="all", evidence_json="{}")],
+            ),
+            operator=True,
+        ),
     ]
 
 
@@ -342,16 +388,26 @@ def test_rejected_submissions_store_at_most_4_bytes_per_byte(cluster):
                 _, reply = await owner.signed("LeaseWork", service_pb2.LeaseRequest(policy_version=1))
                 lease = reply.lease
                 empty = rollout_pb2.RolloutBatch(
-                    lease_id=lease.lease_id, policy_version=1,
-                    groups=[rollout_pb2.RolloutGroup(prompt_index=p.prompt_index, rollouts=[
-                        rollout_pb2.Rollout(sample_index=s, finish_reason=int(FinishReason.LENGTH))
-                        for s in range(GROUP_SIZE)]) for p in lease.prompts],
+                    lease_id=lease.lease_id,
+                    policy_version=1,
+                    groups=[
+                        rollout_pb2.RolloutGroup(
+                            prompt_index=p.prompt_index,
+                            rollouts=[
+                                rollout_pb2.Rollout(sample_index=s, finish_reason=int(FinishReason.LENGTH))
+                                for s in range(GROUP_SIZE)
+                            ],
+                        )
+                        for p in lease.prompts
+                    ],
                 )
                 unknown = rollout_pb2.RolloutBatch()
                 unknown.CopyFrom(empty)
                 unknown.lease_id = f"no-such-lease-{round_index}"
                 for caller, batch in ((thief, empty), (owner, unknown), (owner, empty), (owner, empty)):
-                    envelope = seal(caller.node, method_name("NodeService", "SubmitRollouts"), batch.SerializeToString())
+                    envelope = seal(
+                        caller.node, method_name("NodeService", "SubmitRollouts"), batch.SerializeToString()
+                    )
                     num_bytes += envelope.ByteSize()
                     receipts.append(await caller.stub["NodeService"].SubmitRollouts(envelope, timeout=60))
             return store_bytes(cluster) - stored_before, num_bytes, receipts
@@ -377,8 +433,12 @@ def test_bad_blob_requests_get_clean_errors(cluster):
             return codes
 
     codes = asyncio.run(scenario())
-    assert codes == {"empty": grpc.StatusCode.INVALID_ARGUMENT, "short": grpc.StatusCode.INVALID_ARGUMENT,
-                     "long": grpc.StatusCode.INVALID_ARGUMENT, "absent": grpc.StatusCode.NOT_FOUND}
+    assert codes == {
+        "empty": grpc.StatusCode.INVALID_ARGUMENT,
+        "short": grpc.StatusCode.INVALID_ARGUMENT,
+        "long": grpc.StatusCode.INVALID_ARGUMENT,
+        "absent": grpc.StatusCode.NOT_FOUND,
+    }
     blob_name = next((cluster.coordinator_dir / "policy").rglob("[0-9a-f]" * 64)).name
     request = urllib.request.Request(
         f"{cluster.http_address()}/blobs/{blob_name}", headers={"Range": "bytes=" + "9" * 4300 + "-"}

@@ -24,14 +24,19 @@ RUN_ID = "p2p-test"
 BLOB_BYTES = 256 * 1024
 NUM_BLOBS = 4
 TRAINER = Identity.from_seed(bytes(range(32)))
+SWARM_SETTINGS = P2PSettings(upload_bytes_per_s=16 * 1024 * 1024)
 
 
 def sign_version(version: int, blobs: list[bytes], signer: Identity = TRAINER) -> bytes:
-    manifest = policy_pb2.PolicyManifest(run_id=RUN_ID, version=version, base_version=version, codec=policy_pb2.CODEC_KEYFRAME)
+    manifest = policy_pb2.PolicyManifest(
+        run_id=RUN_ID, version=version, base_version=version, codec=policy_pb2.CODEC_KEYFRAME
+    )
     for blob in blobs:
         manifest.blobs.add(hash=hashlib.sha256(blob).digest(), size=len(blob), uncompressed_size=len(blob))
     payload = manifest.SerializeToString()
-    signed = policy_pb2.SignedManifest(manifest=payload, signer_public_key=signer.public_key, signature=signer.sign(payload))
+    signed = policy_pb2.SignedManifest(
+        manifest=payload, signer_public_key=signer.public_key, signature=signer.sign(payload)
+    )
     return signed.SerializeToString()
 
 
@@ -80,7 +85,13 @@ class Swarm:
     def __init__(self, blobs: list[bytes], settings: P2PSettings) -> None:
         self.origin_blobs = {hashlib.sha256(b).digest(): b for b in blobs}
         self.settings = settings
-        self.seed = SeedHost(Identity.generate(), RUN_ID, blob_source=self.origin_blobs.get, verify_manifest=verify_version, settings=settings)
+        self.seed = SeedHost(
+            Identity.generate(),
+            RUN_ID,
+            blob_source=self.origin_blobs.get,
+            verify_manifest=verify_version,
+            settings=settings,
+        )
         self.nodes: list[Node] = []
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
@@ -153,7 +164,7 @@ class Swarm:
 def make_swarm() -> Iterator[Callable[..., Swarm]]:
     swarms: list[Swarm] = []
 
-    def make(settings: P2PSettings = P2PSettings(upload_bytes_per_s=16 * 1024 * 1024)) -> Swarm:
+    def make(settings: P2PSettings = SWARM_SETTINGS) -> Swarm:
         blobs = [os.urandom(BLOB_BYTES) for _ in range(NUM_BLOBS)]
         swarm = Swarm(blobs, settings)
         swarms.append(swarm)
@@ -182,7 +193,10 @@ def run_version_to_all(make_swarm: Callable[..., Swarm], num_nodes: int) -> None
     version_bytes = swarm.seed.version_size(version)
     ratio = swarm.seed.origin_bytes_sent(version) / version_bytes
     spread_s = max(n.fetched_versions[version] for n in swarm.nodes)
-    print(f"\n{num_nodes} nodes: origin egress {ratio:.2f}x the version ({version_bytes} bytes), last node after {spread_s:.2f}s")
+    print(
+        f"\n{num_nodes} nodes: origin egress {ratio:.2f}x the version ({version_bytes} bytes), "
+        f"last node after {spread_s:.2f}s"
+    )
     assert ratio <= 4.0
     served_by_peers = sum(n.host.egress().bytes_sent_total for n in swarm.nodes)
     assert served_by_peers >= (num_nodes - 4) * version_bytes
@@ -297,7 +311,9 @@ def test_without_peers_or_seed_the_origin_fallback_serves_and_is_hash_checked():
     blobs = [os.urandom(BLOB_BYTES) for _ in range(2)]
     origin = {hashlib.sha256(b).digest(): b for b in blobs}
     store: dict[bytes, bytes] = {}
-    host = P2PHost(Identity.generate(), RUN_ID, blob_source=store.get, blob_sink=store.__setitem__, verify_manifest=verify_version)
+    host = P2PHost(
+        Identity.generate(), RUN_ID, blob_source=store.get, blob_sink=store.__setitem__, verify_manifest=verify_version
+    )
     host.start()
     try:
         fetched = host.fetch_blobs(list(origin), [len(b) for b in blobs], origin_fetch=origin.__getitem__, timeout_s=30)

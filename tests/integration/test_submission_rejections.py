@@ -15,7 +15,7 @@ from protocol.envelope import method_name, seal
 from protocol.identity import Identity
 from protocol.proto import service_pb2
 from protocol.types import RejectReason, RolloutBatch
-from tests.integration.cluster import Cluster
+from tests.integration.cluster import checking_cluster
 
 # Long enough for a lease, generate and submit on a loaded 2-core machine; the late-submission case
 # sleeps through it.
@@ -24,18 +24,16 @@ LEASE_DEADLINE_S = 10
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_model):
-    cluster = Cluster(tmp_path_factory.mktemp("rejections"), tiny_model, Identity.generate())
-    cluster.publish_fixed_policy()
-    cluster.start_coordinator(
-        "--set", f"lease.deadline_s={LEASE_DEADLINE_S}",
-        "--set", "lease.max_open_per_node=8",
-        "--set", "run.prompts_per_lease=2",
-        "--set", "run.group_size=2",
-        "--set", "run.sampling.max_tokens=8",
-        "--set", "server.max_message_bytes=65536",
-    )
-    yield cluster
-    cluster.stop_all()
+    with checking_cluster(
+        tmp_path_factory.mktemp("rejections"),
+        tiny_model,
+        f"lease.deadline_s={LEASE_DEADLINE_S}",
+        "lease.max_open_per_node=8",
+        "run.group_size=2",
+        "run.sampling.max_tokens=8",
+        "server.max_message_bytes=65536",
+    ) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +196,9 @@ def test_envelope_rejections_and_oversized_messages(cluster, engine):
         replayed = seal(node.client.identity, method, payload)
         await attempt("first", replayed)
         await attempt("replayed", replayed)
-        await attempt("stale", seal(node.client.identity, method, payload, timestamp_ms=int(time.time() * 1000) - 600_000))
+        await attempt(
+            "stale", seal(node.client.identity, method, payload, timestamp_ms=int(time.time() * 1000) - 600_000)
+        )
         await attempt("unregistered", seal(Identity.generate(), method, payload))
         try:
             await node.client.submit(b"\x0a" + b"\xff" * 100_000)
@@ -215,10 +215,18 @@ def test_envelope_rejections_and_oversized_messages(cluster, engine):
 
     outcomes = run(scenario())
     assert outcomes["first"] == "accepted"
-    assert outcomes["unsigned"][0] == grpc.StatusCode.UNAUTHENTICATED and "malformed_envelope" in outcomes["unsigned"][1]
-    assert outcomes["badly signed"][0] == grpc.StatusCode.UNAUTHENTICATED and "bad_signature" in outcomes["badly signed"][1]
+    assert (
+        outcomes["unsigned"][0] == grpc.StatusCode.UNAUTHENTICATED and "malformed_envelope" in outcomes["unsigned"][1]
+    )
+    assert (
+        outcomes["badly signed"][0] == grpc.StatusCode.UNAUTHENTICATED
+        and "bad_signature" in outcomes["badly signed"][1]
+    )
     assert outcomes["replayed"][0] == grpc.StatusCode.UNAUTHENTICATED and "replayed_nonce" in outcomes["replayed"][1]
     assert outcomes["stale"][0] == grpc.StatusCode.UNAUTHENTICATED and "stale_timestamp" in outcomes["stale"][1]
-    assert outcomes["unregistered"][0] == grpc.StatusCode.UNAUTHENTICATED and "not registered" in outcomes["unregistered"][1]
+    assert (
+        outcomes["unregistered"][0] == grpc.StatusCode.UNAUTHENTICATED
+        and "not registered" in outcomes["unregistered"][1]
+    )
     assert outcomes["oversized"][0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert outcomes["garbage"][0] == grpc.StatusCode.INVALID_ARGUMENT and "RolloutBatch" in outcomes["garbage"][1]

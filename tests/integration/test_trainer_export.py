@@ -31,21 +31,53 @@ def test_export_a_published_version_and_evaluate_it(tmp_path, tiny_model, rollpr
     def run(*args):
         return subprocess.run([*rollproof_command, *args], capture_output=True, text=True, timeout=300)
 
-    by_key_file = run("trainer", "export", "--policy-dir", str(tmp_path / "policy"), "--model", str(tiny_model),
-                      "--data-dir", str(tmp_path / "trainer"), "--out", str(tmp_path / "v3"))
+    by_key_file = run(
+        "trainer",
+        "export",
+        "--policy-dir",
+        str(tmp_path / "policy"),
+        "--model",
+        str(tiny_model),
+        "--data-dir",
+        str(tmp_path / "trainer"),
+        "--out",
+        str(tmp_path / "v3"),
+    )
     assert by_key_file.returncode == 0, by_key_file.stderr
     assert "exported policy version 3 of run demo" in by_key_file.stdout
     exported = export_bf16_state(load_model(tmp_path / "v3"))
     assert all(np.array_equal(exported[name], states[3][name]) for name in states[3])
 
-    by_fingerprint = run("trainer", "export", "--policy-dir", str(tmp_path / "policy"), "--model", str(tiny_model),
-                         "--trainer-key-fingerprint", identity.key_id, "--version", "2", "--out", str(tmp_path / "v2"))
+    by_fingerprint = run(
+        "trainer",
+        "export",
+        "--policy-dir",
+        str(tmp_path / "policy"),
+        "--model",
+        str(tiny_model),
+        "--trainer-key-fingerprint",
+        identity.key_id,
+        "--version",
+        "2",
+        "--out",
+        str(tmp_path / "v2"),
+    )
     assert by_fingerprint.returncode == 0, by_fingerprint.stderr
     exported = export_bf16_state(load_model(tmp_path / "v2"))
     assert all(np.array_equal(exported[name], states[2][name]) for name in states[2])
 
-    wrong_key = run("trainer", "export", "--policy-dir", str(tmp_path / "policy"), "--model", str(tiny_model),
-                    "--trainer-key-fingerprint", Identity.generate().key_id, "--out", str(tmp_path / "bad"))
+    wrong_key = run(
+        "trainer",
+        "export",
+        "--policy-dir",
+        str(tmp_path / "policy"),
+        "--model",
+        str(tiny_model),
+        "--trainer-key-fingerprint",
+        Identity.generate().key_id,
+        "--out",
+        str(tmp_path / "bad"),
+    )
     assert wrong_key.returncode != 0 and "signed by" in wrong_key.stderr
     assert not (tmp_path / "bad").exists()
 

@@ -9,9 +9,12 @@ from protocol.identity import Identity
 from tests.integration.cluster import Cluster, wait_for
 
 TRAINER_FLAGS = [
-    "--set", "groups_per_step=2",
-    "--set", "checkpoint_every=10",
-    "--set", "eval_every=0",
+    "--set",
+    "groups_per_step=2",
+    "--set",
+    "checkpoint_every=10",
+    "--set",
+    "eval_every=0",
 ]
 
 
@@ -36,21 +39,27 @@ def test_trainer_killed_and_resumed_trains_no_group_twice(tmp_path, tiny_model):
     identity.save(tmp_path / "trainer" / "trainer.key")
     cluster = Cluster(tmp_path, tiny_model, identity)
     trainer_args = [
-        "trainer", "run", "--coordinator", cluster.address, "--model", str(tiny_model),
-        "--data-dir", str(tmp_path / "trainer"), *TRAINER_FLAGS,
+        "trainer",
+        "run",
+        "--coordinator",
+        cluster.address,
+        "--model",
+        str(tiny_model),
+        "--data-dir",
+        str(tmp_path / "trainer"),
+        *TRAINER_FLAGS,
     ]
     try:
-        cluster.start_coordinator("--set", "run.group_size=4", "--set", "run.prompts_per_lease=2",
-                                  "--set", "run.sampling.max_tokens=8")
+        cluster.start_coordinator(
+            "--set", "run.group_size=4", "--set", "run.prompts_per_lease=2", "--set", "run.sampling.max_tokens=8"
+        )
         trainer = cluster.spawn("trainer", trainer_args)
         cluster.start_node("node-1", "--batch-size", "8")
         wait_for(lambda: max(steps_logged(cluster), default=0) >= 12, 240, "12 trainer steps", interval_s=0.05)
         os.kill(trainer.popen.pid, signal.SIGSTOP)  # a still picture: checkpoint at 10, steps after it consumed
         trainer.kill9()
         consumed_before = consumptions(cluster)
-        last_checkpoint = max(
-            int(p.name.split("-")[1]) for p in (tmp_path / "trainer" / "checkpoints").glob("step-*")
-        )
+        last_checkpoint = max(int(p.name.split("-")[1]) for p in (tmp_path / "trainer" / "checkpoints").glob("step-*"))
         assert any(step > last_checkpoint for _, step in consumed_before), "the kill should lose some steps"
 
         resumed = cluster.spawn("trainer-resumed", [*trainer_args, "--resume"])

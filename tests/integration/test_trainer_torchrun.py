@@ -33,11 +33,17 @@ def _groups(model) -> list[ReadyGroup]:
             ids = torch.tensor([prompt + completion])
             with torch.no_grad():
                 logprobs = token_logprobs(model(input_ids=ids).logits[:, :-1], ids[:, 1:])[0, len(prompt) - 1 :]
-            rollouts.append(Rollout(
-                sample_index=sample_index, token_ids=tuple(completion), sampled_mask=(True,) * len(completion),
-                logprobs=tuple((logprobs + 0.05).tolist()), commitment=b"", finish_reason=FinishReason.STOP,
-                claimed_reward=reward,
-            ))
+            rollouts.append(
+                Rollout(
+                    sample_index=sample_index,
+                    token_ids=tuple(completion),
+                    sampled_mask=(True,) * len(completion),
+                    logprobs=tuple((logprobs + 0.05).tolist()),
+                    commitment=b"",
+                    finish_reason=FinishReason.STOP,
+                    claimed_reward=reward,
+                )
+            )
         groups.append(ReadyGroup(f"g{group_index}", 1, 0, tuple(prompt), RolloutGroup(0, tuple(rollouts)), "n"))
     return groups
 
@@ -56,9 +62,24 @@ def test_one_fsdp_step_on_two_ranks_equals_the_single_process_step(tmp_path, tin
     log_path = tmp_path / "torchrun.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, *TORCHRUN, str(WORKER), "--model", str(tiny_model), "--groups", str(tmp_path / "groups.pkl"),
-             "--out", str(tmp_path / "fsdp.pt"), "--lr", str(lr), "--grad-clip", str(grad_clip)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                *TORCHRUN,
+                str(WORKER),
+                "--model",
+                str(tiny_model),
+                "--groups",
+                str(tmp_path / "groups.pkl"),
+                "--out",
+                str(tmp_path / "fsdp.pt"),
+                "--lr",
+                str(lr),
+                "--grad-clip",
+                str(grad_clip),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             assert process.wait(timeout=300) == 0, log_path.read_text()
@@ -70,8 +91,14 @@ def test_one_fsdp_step_on_two_ranks_equals_the_single_process_step(tmp_path, tin
 
     initial = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     metrics = train_step(
-        model, make_optimizer(model, OptimizerSection(lr=lr)), groups, current_version=1, temperature=1.0,
-        pad_token_id=0, loss_config=LossSection(), grad_clip=grad_clip,
+        model,
+        make_optimizer(model, OptimizerSection(lr=lr)),
+        groups,
+        current_version=1,
+        temperature=1.0,
+        pad_token_id=0,
+        loss_config=LossSection(),
+        grad_clip=grad_clip,
     ).as_dict()
     assert metrics["grad_norm"] > grad_clip, "the test should exercise clipping by the global norm"
     assert sorted(sharded["weights"]) == sorted(initial)
@@ -101,13 +128,27 @@ def test_trainer_under_torchrun_trains_publishes_and_resumes(tmp_path):
     identity.save(data_dir / "trainer.key")
     cluster = Cluster(tmp_path, model_dir, identity)
     trainer_args = [
-        "trainer", "run", "--coordinator", cluster.address, "--model", str(model_dir), "--data-dir", str(data_dir),
-        "--set", "groups_per_step=2", "--set", "eval_every=0", "--set", "checkpoint_every=2",
-        "--set", "dtype=bfloat16",
+        "trainer",
+        "run",
+        "--coordinator",
+        cluster.address,
+        "--model",
+        str(model_dir),
+        "--data-dir",
+        str(data_dir),
+        "--set",
+        "groups_per_step=2",
+        "--set",
+        "eval_every=0",
+        "--set",
+        "checkpoint_every=2",
+        "--set",
+        "dtype=bfloat16",
     ]
     try:
-        cluster.start_coordinator("--set", "run.group_size=4", "--set", "run.prompts_per_lease=2",
-                                  "--set", "run.sampling.max_tokens=8")
+        cluster.start_coordinator(
+            "--set", "run.group_size=4", "--set", "run.prompts_per_lease=2", "--set", "run.sampling.max_tokens=8"
+        )
         cluster.start_node("node-1", "--batch-size", "8")
         first = cluster.spawn("trainer", [*trainer_args, "--max-steps", "3"], launcher=TORCHRUN)
         assert first.popen.wait(timeout=600) == 0, first.log()
@@ -124,8 +165,11 @@ def test_trainer_under_torchrun_trains_publishes_and_resumes(tmp_path):
 
         latest = max(int(p.name.split(".")[0]) for p in (cluster.coordinator_dir / "policy" / "manifests").iterdir())
         assert latest == records[-1]["policy_version"] >= 3
-        wait_for(lambda: f"policy version {latest} applied" in (tmp_path / "node-1.log").read_text(), 120,
-                 "the node to apply the newest version")
+        wait_for(
+            lambda: f"policy version {latest} applied" in (tmp_path / "node-1.log").read_text(),
+            120,
+            "the node to apply the newest version",
+        )
         ledger = [g for (g,) in cluster.query("SELECT group_id FROM group_consumptions")]
         assert len(ledger) == len(set(ledger)) == 10
 

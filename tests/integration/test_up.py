@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -30,12 +31,31 @@ def _children_of_run(run_root) -> list[int]:
 def test_up_trains_and_ctrl_c_stops_every_child(tmp_path, tiny_model):
     data_dir = tmp_path / "up"
     up = subprocess.Popen(
-        [sys.executable, "-m", "rollproof.cli", "up", "--model", str(tiny_model), "--data-dir", str(data_dir),
-         "--trainer-set", "groups_per_step=2", "--trainer-set", "eval_problems=10",
-         "--coordinator-set", "run.group_size=4"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "rollproof.cli",
+            "up",
+            "--model",
+            str(tiny_model),
+            "--data-dir",
+            str(data_dir),
+            "--trainer-set",
+            "groups_per_step=2",
+            "--trainer-set",
+            "eval_problems=10",
+            "--coordinator-set",
+            "run.group_size=4",
+            "--node-set",
+            "display_name=up-node",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
+
         def trained_steps():
             metrics = list(data_dir.glob("runs/*/trainer/metrics.jsonl"))
             if not metrics:
@@ -62,6 +82,9 @@ def test_up_trains_and_ctrl_c_stops_every_child(tmp_path, tiny_model):
     assert _children_of_run(data_dir) == []
     run_dir = next(data_dir.glob("runs/*"))
     assert list((run_dir / "trainer" / "checkpoints").glob("step-*")), "the trainer checkpoints when stopped"
+    with sqlite3.connect(next(run_dir.glob("**/coordinator.sqlite3"))) as store:
+        names = [name for (name,) in store.execute("SELECT display_name FROM nodes")]
+    assert names == ["up-node", "up-node"]  # --node-set reaches every node
 
 
 @pytest.mark.slow
@@ -71,11 +94,14 @@ def test_up_raises_the_held_out_reward_of_the_default_model(tmp_path):
     data_dir = tmp_path / "up"
     result = subprocess.run(
         [sys.executable, "-m", "rollproof.cli", "up", "--steps", "200", "--data-dir", str(data_dir)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = next(data_dir.glob("runs/*/trainer/metrics.jsonl"))
-    rewards = [record["eval_reward"] for record in map(json.loads, metrics.read_text().splitlines())
-               if "eval_reward" in record]
+    rewards = [
+        record["eval_reward"] for record in map(json.loads, metrics.read_text().splitlines()) if "eval_reward" in record
+    ]
     first, last = rewards[0], sum(rewards[-3:]) / 3
     assert last >= first + 0.15, rewards

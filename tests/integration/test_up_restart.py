@@ -3,12 +3,13 @@ under their retry policy), a bounded number of times (issue 17)."""
 
 from pathlib import Path
 
-from rollproof.up import MAX_COORDINATOR_RESTARTS, Launcher, UpOptions
+from rollproof.launcher import MAX_COORDINATOR_RESTARTS, Launcher, UpOptions
 
 
 def test_an_exited_coordinator_is_started_again_with_its_arguments(tmp_path):
-    launcher = Launcher(UpOptions(model=Path("unused"), task="addition", num_nodes=1, num_steps=1,
-                                  run_dir=tmp_path / "run"))
+    launcher = Launcher(
+        UpOptions(model=Path("unused"), task="addition", num_nodes=1, num_steps=1, run_dir=tmp_path / "run")
+    )
     first = launcher._spawn("coordinator", ["version"], {"ROLLPROOF_TEST_MARK": "1"})
     first.popen.wait(timeout=120)
     try:

@@ -20,13 +20,20 @@ def cluster(tmp_path, tiny_model):
     cluster = Cluster(tmp_path, tiny_model, Identity.generate())
     cluster.publish_fixed_policy()
     cluster.start_coordinator(
-        "--set", "validation.in_process=false",
-        "--set", f"validation.lease_s={LEASE_S}",
-        "--set", "validation.num_initial_checks=1000000",
-        "--set", "validation.probation_tokens=0",  # a passed group is trainable at once
-        "--set", "run.prompts_per_lease=2",
-        "--set", "run.group_size=4",
-        "--set", "run.sampling.max_tokens=24",
+        "--set",
+        "validation.in_process=false",
+        "--set",
+        f"validation.lease_s={LEASE_S}",
+        "--set",
+        "validation.num_initial_checks=1000000",
+        "--set",
+        "validation.probation_tokens=0",  # a passed group is trainable at once
+        "--set",
+        "run.prompts_per_lease=2",
+        "--set",
+        "run.group_size=4",
+        "--set",
+        "run.sampling.max_tokens=24",
     )
     yield cluster
     cluster.stop_all()
@@ -78,23 +85,47 @@ def test_a_validator_process_checks_groups_and_the_coordinator_applies_its_verdi
     with cluster.channel() as channel:
         taken = validation_pb2_grpc.ValidatorServiceStub(channel).TakeValidation(
             validation_pb2.TakeValidationRequest(validator_id="dead", max_groups=64),
-            metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),), timeout=30)
+            metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),),
+            timeout=30,
+        )
     assert len(taken.jobs) == 4
-    malformed = validation_pb2.ReportValidationRequest(validator_id="dead", verdicts=[
-        validation_pb2.ValidationVerdict(group_id=taken.jobs[0].group_id, passed=True, check="all",
-                                         chunks=[validation_pb2.ChunkStatistics(mantissa_error_sum=float("nan"))]),
-    ])
+    malformed = validation_pb2.ReportValidationRequest(
+        validator_id="dead",
+        verdicts=[
+            validation_pb2.ValidationVerdict(
+                group_id=taken.jobs[0].group_id,
+                passed=True,
+                check="all",
+                chunks=[validation_pb2.ChunkStatistics(mantissa_error_sum=float("nan"))],
+            ),
+        ],
+    )
     with cluster.channel() as channel, pytest.raises(grpc.RpcError) as refused:
         validation_pb2_grpc.ValidatorServiceStub(channel).ReportValidation(
-            malformed, metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),), timeout=30)
+            malformed, metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),), timeout=30
+        )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mantissa" in refused.value.details()
     assert pending(cluster) == 4
 
-    validator = cluster.spawn("validator", [
-        "validator", "run", "--coordinator", cluster.address, "--model", str(cluster.model_dir), "--id", "v1",
-    ], env={"ROLLPROOF_OPERATOR_TOKEN": OPERATOR_TOKEN})
-    wait_for(lambda: pending(cluster) == 0 or validator.popen.poll() is not None, 180,
-             "the validator process to decide every group")
+    validator = cluster.spawn(
+        "validator",
+        [
+            "validator",
+            "run",
+            "--coordinator",
+            cluster.address,
+            "--model",
+            str(cluster.model_dir),
+            "--id",
+            "v1",
+        ],
+        env={"ROLLPROOF_OPERATOR_TOKEN": OPERATOR_TOKEN},
+    )
+    wait_for(
+        lambda: pending(cluster) == 0 or validator.popen.poll() is not None,
+        180,
+        "the validator process to decide every group",
+    )
     assert validator.popen.poll() is None, validator.log()
 
     honest_results = wait_for_validation(cluster, honest)

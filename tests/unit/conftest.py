@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.app import Coordinator, RunSetup
 from coordinator.blobstore import BlobStore
 from coordinator.config import CoordinatorConfig
+from coordinator.core import Coordinator, RunSetup
 from coordinator.store import open_store, sqlite_url
 from coordinator.versions import PolicyVersions
 from envs import get_task

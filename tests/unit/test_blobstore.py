@@ -43,8 +43,12 @@ def catch_up(store, version, state):
         listed = manifest.verify_manifest(signed, TRAINER.public_key)
         blobs = {ref.hash: store.read_blob(ref.hash) for ref in listed.blobs}
         update = manifest.open_update(
-            signed, blobs, trainer_public_key=TRAINER.public_key, run_id=RUN,
-            current_version=version, current_specs=None,
+            signed,
+            blobs,
+            trainer_public_key=TRAINER.public_key,
+            run_id=RUN,
+            current_version=version,
+            current_specs=None,
         )
         state = manifest.apply_update(state, update)
         version = update.manifest.version
@@ -60,8 +64,12 @@ def path_of(store, version):
 
 def test_retention_keeps_newest_keyframes_and_the_deltas_after_them(published):
     assert published.versions() == [
-        (3, Codec.KEYFRAME), (4, Codec.DELTA), (5, Codec.DELTA),
-        (6, Codec.KEYFRAME), (6, Codec.DELTA), (7, Codec.DELTA),
+        (3, Codec.KEYFRAME),
+        (4, Codec.DELTA),
+        (5, Codec.DELTA),
+        (6, Codec.KEYFRAME),
+        (6, Codec.DELTA),
+        (7, Codec.DELTA),
     ]
     referenced = {
         ref.hash
@@ -132,13 +140,13 @@ def _hashes(update):
 
 
 def _blobs(update):
-    return dict(zip(_hashes(update), update.blobs))
+    return dict(zip(_hashes(update), update.blobs, strict=True))
 
 
 def test_uploaded_blobs_then_manifest_and_orphans_removed_on_reopen(tmp_path, states):
     store = open_store(tmp_path / "policy")
     keyframe = manifest.build_keyframe(RUN, 1, states[1])
-    for blob_hash, blob in zip(_hashes(keyframe), keyframe.blobs):
+    for blob_hash, blob in zip(_hashes(keyframe), keyframe.blobs, strict=True):
         assert store.put_blob(blob_hash, blob)
         assert not store.put_blob(blob_hash, blob)
     with pytest.raises(ValueError, match="do not hash"):

@@ -21,7 +21,7 @@ def test_round_trip_restores_everything(tmp_path):
     other_model, other_optimizer = _model_and_optimizer(1)
     restored = load_checkpoint(list_checkpoints(tmp_path)[-1], other_model, other_optimizer)
     assert restored == state
-    for a, b in zip(model.parameters(), other_model.parameters()):
+    for a, b in zip(model.parameters(), other_model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(
         optimizer.state_dict()["state"][0]["exp_avg"], other_optimizer.state_dict()["state"][0]["exp_avg"]

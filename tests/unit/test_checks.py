@@ -176,26 +176,35 @@ def _naive_schema_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts):
             RejectReason.COMMITMENT_MISMATCH,
             f"commitment has {len(rollout.commitment)} bytes, expected {expected_commitment} for {num_sampled} tokens",
         )
-    sampled = [t for t, m in zip(rollout.token_ids, rollout.sampled_mask) if m]
+    termination = _naive_termination_problem(rollout, lease, facts)
+    if termination is not None:
+        return termination
+    if not (0.0 <= rollout.claimed_reward <= 1.0):
+        return RejectReason.SCHEMA, f"claimed reward {rollout.claimed_reward} is outside [0, 1]"
+    return None
+
+
+def _naive_termination_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts):
+    sampled = [t for t, m in zip(rollout.token_ids, rollout.sampled_mask, strict=True) if m]
     eos_positions = [i for i, t in enumerate(sampled) if t == facts.eos_token_id]
     if rollout.finish_reason == FinishReason.STOP:
         if eos_positions != [len(sampled) - 1]:
             return RejectReason.FINISH_REASON_INCONSISTENT, "finish reason 'stop' needs exactly one EOS, at the end"
     elif eos_positions:
         return RejectReason.FINISH_REASON_INCONSISTENT, "an EOS was sampled but the finish reason is not 'stop'"
-    elif num_sampled != lease.sampling.max_tokens:
+    elif len(sampled) != lease.sampling.max_tokens:
         return (
             RejectReason.FINISH_REASON_INCONSISTENT,
-            f"finish reason 'length' after {num_sampled} tokens, max_tokens is {lease.sampling.max_tokens}",
+            f"finish reason 'length' after {len(sampled)} tokens, max_tokens is {lease.sampling.max_tokens}",
         )
-    if not (0.0 <= rollout.claimed_reward <= 1.0):
-        return RejectReason.SCHEMA, f"claimed reward {rollout.claimed_reward} is outside [0, 1]"
     return None
 
 
 def _random_rollout(rng: random.Random, facts: RunFacts) -> Rollout:
     num_tokens = rng.choice([0, 1, 2, 3, 4, 5])
-    tokens = tuple(rng.choice([EOS, 0, 3, 7, facts.vocab_size - 1, facts.vocab_size, 2**32 - 1]) for _ in range(num_tokens))
+    tokens = tuple(
+        rng.choice([EOS, 0, 3, 7, facts.vocab_size - 1, facts.vocab_size, 2**32 - 1]) for _ in range(num_tokens)
+    )
     mask = tuple(rng.random() < 0.8 for _ in range(num_tokens))
     num_logprobs = sum(mask) + rng.choice([0, 0, 0, -1, 1])
     special = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-9, -1e308]
@@ -222,4 +231,4 @@ def test_schema_check_matches_the_naive_reference(multi_turn):
         expected = _naive_schema_problem(r, LEASE, facts)
         assert _schema_problem(r, LEASE, facts) == expected, r
         problems[expected[1].split(" ")[0] if expected else None] += 1
-    assert len(problems) >= 8, problems   # the random rollouts reach most of the checks
+    assert len(problems) >= 8, problems  # the random rollouts reach most of the checks

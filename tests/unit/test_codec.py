@@ -1,4 +1,5 @@
 import hashlib
+import itertools
 import struct
 
 import numpy as np
@@ -148,7 +149,7 @@ def test_delta_chain_reproduces_every_version_bit_for_bit():
     for fraction in (0.01, 0.3, 0.0, 1.0, 0.002):
         versions.append(perturb(rng, versions[-1], fraction))
     held = versions[0]
-    for base, new in zip(versions, versions[1:]):
+    for base, new in itertools.pairwise(versions):
         specs = codec.tensor_specs(new)
         held = decode_onto(held, joined(codec.delta_sections(base, new)), specs)
         for name in new:

@@ -20,8 +20,9 @@ def test_vectors():
         bits = np.array(case["hidden_bf16_bits"], dtype=np.uint16).reshape(case["num_tokens"], case["hidden_size"])
         assert commitment.commit(bits).hex() == case["commitment_hex"]
         checks = commitment.verify(commitment.commit(bits), bits)
-        assert all((c.exponent_mismatches, c.mantissa_error_mean, c.mantissa_error_median) == (0, 0.0, 0.0)
-                   for c in checks)
+        assert all(
+            (c.exponent_mismatches, c.mantissa_error_mean, c.mantissa_error_median) == (0, 0.0, 0.0) for c in checks
+        )
     points = VECTORS["points"]
     proof = commitment.proofs_from_points(np.array([points["indices"]]), np.array([points["bf16_bits"]]))[0]
     assert proof.hex() == points["proof_hex"]
@@ -31,16 +32,18 @@ def test_vectors():
 def naive_interpolate(x: list[int], y: list[int]) -> list[int]:
     """Lagrange interpolation over GF(P) with Python integers."""
     coefficients = [0] * len(x)
-    for i, (xi, yi) in enumerate(zip(x, y)):
+    for i, (xi, yi) in enumerate(zip(x, y, strict=True)):
         basis = [1]
         denominator = 1
         for j, xj in enumerate(x):
             if j != i:
-                basis = [((basis[k - 1] if k else 0) - xj * (basis[k] if k < len(basis) else 0)) % P
-                         for k in range(len(basis) + 1)]
+                basis = [
+                    ((basis[k - 1] if k else 0) - xj * (basis[k] if k < len(basis) else 0)) % P
+                    for k in range(len(basis) + 1)
+                ]
                 denominator = denominator * (xi - xj) % P
         scale = yi * pow(denominator, P - 2, P) % P
-        coefficients = [(c + scale * b) % P for c, b in zip(coefficients, basis)]
+        coefficients = [(c + scale * b) % P for c, b in zip(coefficients, basis, strict=True)]
     return coefficients
 
 
@@ -60,7 +63,7 @@ def test_batched_interpolation_equals_row_by_row():
     y = rng.integers(0, 65536, (5, 128))
     batched = commitment.interpolate(x, y)
     for row in range(5):
-        np.testing.assert_array_equal(batched[row], commitment.interpolate(x[row:row + 1], y[row:row + 1])[0])
+        np.testing.assert_array_equal(batched[row], commitment.interpolate(x[row : row + 1], y[row : row + 1])[0])
 
 
 def random_hidden_bits(num_tokens: int, hidden_size: int, seed: int = 0) -> np.ndarray:
@@ -87,9 +90,12 @@ def test_top_indices_break_magnitude_ties_by_lower_index():
 
 def test_bf16_bits_match_torch_rounding():
     rng = np.random.default_rng(2)
-    values = np.concatenate([rng.standard_normal(100_000).astype(np.float32) * 10,
-                             np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, 3.0e38, 1.00390625, 1.01171875],
-                                      dtype=np.float32)])
+    values = np.concatenate(
+        [
+            rng.standard_normal(100_000).astype(np.float32) * 10,
+            np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, 3.0e38, 1.00390625, 1.01171875], dtype=np.float32),
+        ]
+    )
     expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(commitment.bf16_bits(values), expected)
 
@@ -157,22 +163,28 @@ def test_byte_compatible_with_toploc():
     for num_tokens, hidden_size, seed in ((32, 64, 0), (75, 40, 1), (33, 200, 2)):
         states = distinct_magnitude_states(num_tokens, hidden_size, seed)
         bits = states.view(torch.int16).numpy().view(np.uint16)
-        expected = toploc.build_proofs_bytes([row for row in states], decode_batching_size=32, topk=128,
-                                             skip_prefill=True)
+        expected = toploc.build_proofs_bytes(
+            [row for row in states], decode_batching_size=32, topk=128, skip_prefill=True
+        )
         assert commitment.commit(bits) == b"".join(expected)
         for ulps in (1, 5):  # a uniform shift keeps magnitudes distinct; carries change exponents
             drifted_bits = bits + np.uint16(ulps)
             drifted = torch.from_numpy(drifted_bits.view(np.int16)).view(torch.bfloat16)
-            toploc_checks = toploc.verify_proofs_bytes(drifted, expected, decode_batching_size=32, topk=128,
-                                                       skip_prefill=True)
+            toploc_checks = toploc.verify_proofs_bytes(
+                drifted, expected, decode_batching_size=32, topk=128, skip_prefill=True
+            )
             ours = commitment.verify(commitment.commit(bits), drifted_bits)
             assert [(c.exponent_mismatches, c.mantissa_error_mean, c.mantissa_error_median) for c in ours] == [
-                (c.exp_mismatches, c.mant_err_mean, c.mant_err_median) for c in toploc_checks]
+                (c.exp_mismatches, c.mant_err_mean, c.mant_err_median) for c in toploc_checks
+            ]
 
 
 def test_pooled_statistics_weigh_chunks_by_their_matched_points():
-    checks = [commitment.ChunkCheck(8, 2.0, 2.0, 128), commitment.ChunkCheck(0, 0.5, 0.0, 120),
-              commitment.ChunkCheck(4, 1.0, 1.0, 64)]
+    checks = [
+        commitment.ChunkCheck(8, 2.0, 2.0, 128),
+        commitment.ChunkCheck(0, 0.5, 0.0, 120),
+        commitment.ChunkCheck(4, 1.0, 1.0, 64),
+    ]
     pooled = commitment.pool(checks)
     assert pooled.num_chunks == 3
     assert pooled.exponent_mismatches_per_chunk == 4.0
@@ -200,13 +212,19 @@ def test_check_points_equals_check_chunk_on_many_chunks():
             reference = commitment.verify(commitment.commit(bits), other)
             for size in {len(p.coefficients) for p in proofs}:
                 chosen = [i for i, p in enumerate(proofs) if len(p.coefficients) == size]
-                flats = [other[start:end].reshape(-1)
-                         for start, end in (commitment.chunk_bounds(num_tokens)[i] for i in chosen)]
+                flats = [
+                    other[start:end].reshape(-1)
+                    for start, end in (commitment.chunk_bounds(num_tokens)[i] for i in chosen)
+                ]
                 candidates = [commitment.top_indices(flat, size + 1) for flat in flats]
                 indices = np.stack([row[:size] for row in candidates])
-                values = np.stack([flat[row] for flat, row in zip(flats, indices)])
-                cuts = np.array([int(flat[row[size]]) & commitment.BF16_MAGNITUDE_MASK if row.size > size
-                                 else commitment.NO_CUT for flat, row in zip(flats, candidates)])
+                values = np.stack([flat[row] for flat, row in zip(flats, indices, strict=True)])
+                cuts = np.array(
+                    [
+                        int(flat[row[size]]) & commitment.BF16_MAGNITUDE_MASK if row.size > size else commitment.NO_CUT
+                        for flat, row in zip(flats, candidates, strict=True)
+                    ]
+                )
                 batched = commitment.check_points([proofs[i] for i in chosen], indices, values, cuts)
                 assert batched == [reference[i] for i in chosen]
 
@@ -259,7 +277,10 @@ def test_a_pool_fails_only_on_enough_evidence():
     assert pool(16, 56).judge(bf16) is commitment.PoolVerdict.FAIL
     assert pool(256, 769).judge(bf16) is commitment.PoolVerdict.FAIL  # 3.0 a chunk is far past 1.7
     for num_chunks in (8, 16, 64, 256):
-        threshold = next(k for k in range(10_000) if commitment.poisson_tail(
-            k, fp32.honest_exponent_mismatches * num_chunks) <= fp32.max_false_positive_rate)
+        threshold = next(
+            k
+            for k in range(10_000)
+            if commitment.poisson_tail(k, fp32.honest_exponent_mismatches * num_chunks) <= fp32.max_false_positive_rate
+        )
         assert pool(num_chunks, max(threshold, 2)).judge(fp32) is commitment.PoolVerdict.FAIL
         assert pool(num_chunks, threshold - 1).judge(fp32) is not commitment.PoolVerdict.FAIL

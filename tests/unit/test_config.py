@@ -5,8 +5,8 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from node.config import NodeConfig
 from rollproof.config import ConfigError, load_config, parse_assignment
-from trainer.config import TrainerConfig
 from tests.conftest import REPO_ROOT
+from trainer.config import TrainerConfig
 
 ROLES = {"coordinator": CoordinatorConfig, "node": NodeConfig, "trainer": TrainerConfig}
 EXAMPLES = sorted((REPO_ROOT / "configs").glob("*.toml"))
@@ -30,7 +30,10 @@ def test_precedence_defaults_file_env_flags(tmp_path):
     config_file.write_text('display_name = "from-file"\n[engine]\nthreads = 3\nbatch_size = 5\n')
     environ = {"ROLLPROOF_NODE_ENGINE__THREADS": "4", "ROLLPROOF_NODE_DISPLAY_NAME": "from-env"}
     config = load_config(
-        NodeConfig, "node", config_file=config_file, environ=environ,
+        NodeConfig,
+        "node",
+        config_file=config_file,
+        environ=environ,
         overrides={"display_name": "from-flag", "engine.dtype": None},
     )
     assert config.display_name == "from-flag"
@@ -90,9 +93,15 @@ def test_operator_token_is_not_printed():
 
 
 def test_tls_settings_parse():
-    coordinator = load_config(CoordinatorConfig, "coordinator", environ={}, overrides={
-        "server.tls_cert": "/etc/rollproof/coordinator.crt", "server.tls_key": "/etc/rollproof/coordinator.key",
-    })
+    coordinator = load_config(
+        CoordinatorConfig,
+        "coordinator",
+        environ={},
+        overrides={
+            "server.tls_cert": "/etc/rollproof/coordinator.crt",
+            "server.tls_key": "/etc/rollproof/coordinator.key",
+        },
+    )
     assert coordinator.server.tls_cert == Path("/etc/rollproof/coordinator.crt")
     node = load_config(NodeConfig, "node", environ={"ROLLPROOF_NODE_COORDINATOR_CA": "/etc/rollproof/ca.pem"})
     assert node.coordinator_tls.ca_file == Path("/etc/rollproof/ca.pem")
@@ -108,5 +117,9 @@ def test_bad_tls_settings_name_the_problem():
     with pytest.raises(ConfigError, match="not a SHA-256 certificate fingerprint"):
         load_config(NodeConfig, "node", environ={}, overrides={"coordinator_fingerprint": "abc"})
     with pytest.raises(ConfigError, match="coordinator_ca or coordinator_fingerprint, not both"):
-        load_config(TrainerConfig, "trainer", environ={},
-                    overrides={"coordinator_ca": "/tmp/ca.pem", "coordinator_fingerprint": "ab" * 32})
+        load_config(
+            TrainerConfig,
+            "trainer",
+            environ={},
+            overrides={"coordinator_ca": "/tmp/ca.pem", "coordinator_fingerprint": "ab" * 32},
+        )

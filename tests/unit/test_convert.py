@@ -70,7 +70,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("value", "to_proto", "from_proto", "message_cls"), CASES, ids=lambda c: getattr(c, "__name__", ""))
+@pytest.mark.parametrize(
+    ("value", "to_proto", "from_proto", "message_cls"), CASES, ids=lambda c: getattr(c, "__name__", "")
+)
 def test_round_trip_through_wire_bytes(value, to_proto, from_proto, message_cls):
     wire = to_proto(value).SerializeToString()
     assert from_proto(message_cls.FromString(wire)) == value

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.app import Coordinator
-from coordinator.dashboard.views import contribution_bucket_ms, cumulative, finite_number, submission_status
+from coordinator.core import Coordinator
+from coordinator.dashboard.views import (
+    contribution_bucket_ms,
+    cumulative,
+    extreme_indices,
+    finite_number,
+    submission_status,
+)
 from coordinator.dashboard.web import create_http_app, format_quantity, time_unit
 from coordinator.store import GroupState, NewGroup, NewSubmission, NewVerdict, PolicyVersionRecord
 from protocol.identity import Identity
@@ -21,13 +28,15 @@ from tests.unit.conftest import OPERATOR_TOKEN, T0
 SCRIPT_NAME = "<script>alert(1)</script>"
 EVIL_ENGINE = '"><img src=x onerror=alert(2)>'
 EVIL_MESSAGE = "<b>claimed</b> & recomputed"
+
+
 def submit(app: Coordinator, node_id: str, index: int, num_rejected: int, message: str = "claimed 1.0, recomputed 0.0"):
     lease_id = f"lease-{node_id[-8:]}-{index}"
-    groups = (
-        NewGroup(f"{lease_id}-0", index, 1, b"group", 120, 2, GroupState.READY, 2.4e5),
-    )
+    groups = (NewGroup(f"{lease_id}-0", index, 1, b"group", 120, 2, GroupState.READY, 2.4e5),)
     verdicts = (NewVerdict(index, 0, True), NewVerdict(index, 1, True)) + tuple(
-        NewVerdict(index + 1, sample, False, RejectReason.REWARD_MISMATCH, message, '{"claimed": 1.0, "recomputed": 0.0}')
+        NewVerdict(
+            index + 1, sample, False, RejectReason.REWARD_MISMATCH, message, '{"claimed": 1.0, "recomputed": 0.0}'
+        )
         for sample in range(num_rejected)
     )
     app.store.record_submission(
@@ -54,7 +63,12 @@ def populated(coordinator: Coordinator) -> dict[str, Identity]:
     submit(coordinator, nodes["evil"].key_id, 0, num_rejected=2, message=EVIL_MESSAGE)
     coordinator.store.settle_contributions(before_ms=T0 + 1)
     for step in range(1, 6):
-        metrics = {"step": step, "reward_mean": step / 10, "tokens_per_second": 100.0 * step, "policy_version": step + 1}
+        metrics = {
+            "step": step,
+            "reward_mean": step / 10,
+            "tokens_per_second": 100.0 * step,
+            "policy_version": step + 1,
+        }
         if step % 2 == 0:
             metrics["eval_reward"] = step / 20
         coordinator.store.add_metrics(step, json.dumps(metrics), T0 + step)
@@ -83,7 +97,7 @@ def test_pages_render_and_node_supplied_strings_are_text(client, populated):
     assert "&#34;&gt;&lt;img src=x onerror=alert(2)&gt;" in leaderboard
     node_page = client.get(f"/nodes/{evil_id}").text
     assert "&lt;b&gt;claimed&lt;/b&gt; &amp; recomputed" in node_page
-    assert "REWARD_MISMATCH" in node_page and "recomputed" in node_page
+    assert "reward_mismatch" in node_page and "recomputed" in node_page
 
 
 def test_leaderboard_ranks_by_verified_contribution(client, populated):
@@ -98,7 +112,7 @@ def test_leaderboard_ranks_by_verified_contribution(client, populated):
 
 def test_node_api_shows_rejections_with_evidence_and_credit(client, populated):
     detail = client.get(f"/api/v1/nodes/{populated['evil'].key_id}").json()
-    assert [r["reason"] for r in detail["rejections"]] == ["REWARD_MISMATCH", "REWARD_MISMATCH"]
+    assert [r["reason"] for r in detail["rejections"]] == ["reward_mismatch", "reward_mismatch"]
     assert detail["rejections"][0]["evidence"] == {"claimed": 1.0, "recomputed": 0.0}
     assert detail["submissions"][0]["status"] == "partly rejected"
     assert detail["node"]["settled"]["num_tokens"] == 120
@@ -117,7 +131,10 @@ def test_overview_training_and_versions(client, populated):
     training = client.get("/api/v1/training").json()
     assert [p["step"] for p in training] == [1, 2, 3, 4, 5]
     versions = client.get("/api/v1/versions").json()
-    assert [(v["version"], v["codec"], v["ratio_to_full"]) for v in versions] == [(2, "delta", 0.01), (1, "keyframe", 1.0)]
+    assert [(v["version"], v["codec"], v["ratio_to_full"]) for v in versions] == [
+        (2, "delta", 0.01),
+        (1, "keyframe", 1.0),
+    ]
     assert versions[0]["num_nodes_holding"] == 1
     page = client.get("/").text
     reward_chart = re.search(r'<svg id="reward-chart".*?</svg>', page, re.S).group(0)
@@ -126,7 +143,13 @@ def test_overview_training_and_versions(client, populated):
 
 def test_openapi_describes_the_json_api(client):
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/api/v1/overview", "/api/v1/training", "/api/v1/nodes", "/api/v1/nodes/{node_id}", "/api/v1/versions"} <= set(paths)
+    assert {
+        "/api/v1/overview",
+        "/api/v1/training",
+        "/api/v1/nodes",
+        "/api/v1/nodes/{node_id}",
+        "/api/v1/versions",
+    } <= set(paths)
     assert client.get("/docs").status_code == 404, "the Swagger UI loads scripts from a CDN; it stays off"
 
 
@@ -147,6 +170,17 @@ def test_metrics_parse_and_carry_the_main_counters(client, populated):
     assert samples[("rollproof_validations_passed_total", ())] == 0
     assert samples[("rollproof_validations_failed_total", ())] == 0
     assert samples[("rollproof_contributed_tokens_total", (("credit", "settled"),))] == 480
+    assert samples[("process_resident_memory_bytes", ())] > 0  # the process's own metrics
+    assert any(name == "python_info" for name, _ in samples)
+
+
+def test_metrics_time_the_rpcs_by_method_and_code(client, coordinator):
+    coordinator.rpc_latency.labels("/rollproof.v1.NodeService/LeaseWork", "OK").observe(0.003)
+    text = client.get("/metrics").text
+    assert (
+        'rollproof_rpc_duration_seconds_bucket{code="OK",le="0.005",method="/rollproof.v1.NodeService/LeaseWork"} 1.0'
+        in text
+    )
 
 
 def test_health(client):
@@ -154,12 +188,21 @@ def test_health(client):
 
 
 def test_public_responses_carry_no_secrets(client, populated, coordinator):
-    private_hex = [
-        identity.private_key.private_bytes_raw().hex() for identity in populated.values()
+    private_hex = [identity.private_key.private_bytes_raw().hex() for identity in populated.values()]
+    paths = [
+        "/",
+        "/leaderboard",
+        "/versions",
+        "/api/v1/overview",
+        "/api/v1/nodes",
+        "/api/v1/versions",
+        "/metrics",
+        "/health",
+        "/openapi.json",
     ]
-    paths = ["/", "/leaderboard", "/versions", "/api/v1/overview", "/api/v1/nodes", "/api/v1/versions", "/metrics",
-             "/health", "/openapi.json"]
-    paths += [f"/nodes/{i.key_id}" for i in populated.values()] + [f"/api/v1/nodes/{i.key_id}" for i in populated.values()]
+    paths += [f"/nodes/{i.key_id}" for i in populated.values()] + [
+        f"/api/v1/nodes/{i.key_id}" for i in populated.values()
+    ]
     for path in paths:
         body = client.get(path).text
         assert OPERATOR_TOKEN not in body, path
@@ -171,7 +214,9 @@ def test_view_helpers():
     assert [finite_number({"b": True, "c": float("nan"), "d": "1"}, k) for k in "bcde"] == [None] * 4
     assert cumulative([3, 0, 2]) == [3, 3, 5]
     assert [submission_status(2, 0), submission_status(0, 2), submission_status(1, 1)] == [
-        "accepted", "rejected", "partly rejected"
+        "accepted",
+        "rejected",
+        "partly rejected",
     ]
     assert contribution_bucket_ms(0, 60 * 60_000) == 60_000
     assert contribution_bucket_ms(0, 1000) == 10_000
@@ -185,3 +230,56 @@ def test_policy_blobs_are_served_with_ranges_beside_the_dashboard(client, coordi
     response = client.get(f"/blobs/{blob_hash(data).hex()}", headers={"Range": "bytes=10-19"})
     assert response.status_code == 206 and response.content == data[10:20]
     assert client.get(f"/blobs/{'0' * 64}").status_code == 404
+
+
+def test_the_shipped_grafana_board_reads_only_exported_metrics(client, coordinator, populated, repo_root):
+    coordinator.rpc_latency.labels("/rollproof.v1.NodeService/Heartbeat", "OK").observe(0.001)
+    coordinator.refusals.add("/rollproof.v1.NodeService/Heartbeat", "resource_exhausted")
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    exported = {sample.name for family in families for sample in family.samples}
+    board = json.loads((repo_root / "deploy" / "grafana" / "rollproof-coordinator.json").read_text())
+    expressions = [target["expr"] for panel in board["panels"] for target in panel["targets"]]
+    used = {name for expr in expressions for name in re.findall(r"\b(?:rollproof|process)_[a-z_]+", expr)}
+    assert len(used) >= 10 and used <= exported, used - exported
+
+
+def _naive_kept(values: list[float | None], num_buckets: int) -> set[int]:
+    present = [i for i, v in enumerate(values) if v is not None]
+    kept = set()
+    for bucket in range(num_buckets):
+        start, end = bucket * len(present) // num_buckets, (bucket + 1) * len(present) // num_buckets
+        run = [i for n, i in enumerate(present) if start <= n < end]
+        if run:
+            lowest = min(values[i] for i in run)
+            highest = max(values[i] for i in run)
+            kept |= {run[0], run[-1]}
+            kept.add(next(i for i in run if values[i] == lowest))
+            kept.add(next(i for i in run if values[i] == highest))
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_extreme_indices_against_a_naive_reference(seed):
+    rng = random.Random(seed)
+    values = [None if rng.random() < 0.3 else rng.random() for _ in range(rng.randrange(1, 400))]
+    for num_buckets in (1, 3, 16, 500):
+        if not any(v is not None for v in values):
+            assert extreme_indices(values, num_buckets) == set()
+            continue
+        assert extreme_indices(values, num_buckets) == _naive_kept(values, num_buckets)
+
+
+def test_the_reward_chart_covers_the_whole_run_at_bounded_size(client, coordinator):
+    """3,000 steps with one dip at step 1,234: the chart and the API keep the first step and the
+    dip; the API takes a range and a number of points."""
+    for step in range(3000):
+        reward = 0.05 if step == 1234 else 0.2 + step / 10_000
+        metrics = {"reward_mean": reward, **({"eval_reward": reward} if step % 10 == 0 else {})}
+        coordinator.store.add_metrics(step, json.dumps(metrics), T0 + step)
+    whole = client.get("/api/v1/training").json()
+    steps = [point["step"] for point in whole]
+    assert len(whole) <= 500 and steps[0] == 0 and steps[-1] == 2999 and 1234 in steps and steps == sorted(steps)
+    assert 'data-x="0"' in client.get("/").text  # the first step is on the overview's reward chart
+    ranged = client.get("/api/v1/training", params={"since": 2000, "until": 2100, "points": 1000}).json()
+    assert [point["step"] for point in ranged] == list(range(2000, 2101))
+    assert client.get("/api/v1/training", params={"points": 5000}).status_code == 422

@@ -54,7 +54,9 @@ def test_chart_has_one_point_per_value_and_escapes_text():
 
 def test_include_y_widens_the_y_axis():
     root = ElementTree.fromstring(
-        line_chart_svg([Series("r", ((1, 0.2), (2, 0.3)), "train")], title="t", x_label="x", y_label="y", include_y=(0.0, 1.0))
+        line_chart_svg(
+            [Series("r", ((1, 0.2), (2, 0.3)), "train")], title="t", x_label="x", y_label="y", include_y=(0.0, 1.0)
+        )
     )
     labels = [text.text for text in root.findall(f".//{SVG}text[@class='tick']")]
     assert labels[0] == "0" and "1" in labels

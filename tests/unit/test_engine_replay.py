@@ -21,24 +21,40 @@ from protocol.types import SamplingParams
 
 STOP_TOKEN = 1
 VOCAB_SIZE = 64
-PARAMS = (SamplingParams(1.0, max_tokens=48), SamplingParams(0.7, top_k=20, max_tokens=48),
-          SamplingParams(1.0, top_p=0.9, max_tokens=48))
+PARAMS = (
+    SamplingParams(1.0, max_tokens=48),
+    SamplingParams(0.7, top_k=20, max_tokens=48),
+    SamplingParams(1.0, top_p=0.9, max_tokens=48),
+)
 PREFILL_BATCH = 32
 
 
 def tiny_model() -> Qwen2ForCausalLM:
     torch.manual_seed(1)
-    config = Qwen2Config(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, initializer_range=0.2)
+    config = Qwen2Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
     return Qwen2ForCausalLM(config).eval()
 
 
 def make_requests(num_requests: int) -> list[GenerationRequest]:
     rng = np.random.default_rng(2026)
-    return [GenerationRequest(tuple(int(t) for t in rng.integers(2, VOCAB_SIZE, rng.integers(2, 12))),
-                              PARAMS[index % len(PARAMS)], rule.derive_sample_seed(99, index // 4, index % 4))
-            for index in range(num_requests)]
+    return [
+        GenerationRequest(
+            tuple(int(t) for t in rng.integers(2, VOCAB_SIZE, rng.integers(2, 12))),
+            PARAMS[index % len(PARAMS)],
+            rule.derive_sample_seed(99, index // 4, index % 4),
+        )
+        for index in range(num_requests)
+    ]
 
 
 @contextmanager
@@ -61,45 +77,55 @@ class Config:
 def generate(model, requests: Sequence[GenerationRequest], config: Config) -> list[GenerationResult]:
     with torch_threads(config.num_threads):
         return TorchEngine(model, [STOP_TOKEN], max_batch_size=config.batch_size).generate(
-            requests[:config.num_requests])
+            requests[: config.num_requests]
+        )
 
 
 def replay_all(model, requests, results, logit_tolerance: float) -> list[ReplayReport]:
-    claimed = [ClaimedRollout(q.prompt_token_ids, r.token_ids, r.logprobs, r.commitment, q.sampling, q.seed)
-               for q, r in zip(requests, results)]
-    return [report for start in range(0, len(claimed), PREFILL_BATCH)
-            for report in replay(model, claimed[start:start + PREFILL_BATCH], logit_tolerance)]
+    claimed = [
+        ClaimedRollout(q.prompt_token_ids, r.token_ids, r.logprobs, r.commitment, q.sampling, q.seed)
+        for q, r in zip(requests, results, strict=False)
+    ]
+    return [
+        report
+        for start in range(0, len(claimed), PREFILL_BATCH)
+        for report in replay(model, claimed[start : start + PREFILL_BATCH], logit_tolerance)
+    ]
 
 
-def diverge_only_at_near_ties(first: GenerationResult, second: GenerationResult, temperature: float,
-                              logit_tolerance: float) -> bool:
+def diverge_only_at_near_ties(
+    first: GenerationResult, second: GenerationResult, temperature: float, logit_tolerance: float
+) -> bool:
     """Two generations of one request may part only where one of them had a near-tie."""
     tolerance = logit_tolerance / temperature
-    for position, (a, b) in enumerate(zip(first.token_ids, second.token_ids)):
+    for position, (a, b) in enumerate(zip(first.token_ids, second.token_ids, strict=False)):
         if a != b:
             return min(first.margins[position], second.margins[position]) < tolerance
     return len(first.token_ids) == len(second.token_ids)
 
 
-def run_campaign(model, requests, configs: Sequence[Config], compute_dtype: str,
-                 max_near_tie_fraction: float) -> dict:
+def run_campaign(model, requests, configs: Sequence[Config], compute_dtype: str, max_near_tie_fraction: float) -> dict:
     """Generate under each config, replay everything; assert the contract, return the figures."""
     tolerances = rule.tolerances_for(compute_dtype)
     thresholds = commitment.thresholds_for(compute_dtype)
     generations = {config: generate(model, requests, config) for config in configs}
-    reports = [report for config, results in generations.items()
-               for report in replay_all(model, requests, results, tolerances.logit_tolerance)]
+    reports = [
+        report
+        for config, results in generations.items()
+        for report in replay_all(model, requests, results, tolerances.logit_tolerance)
+    ]
     reference = generations[configs[0]]
     num_batch_dependent = 0
-    for config, results in generations.items():
-        for request, first, second in zip(requests, reference, results):
-            assert diverge_only_at_near_ties(first, second, request.sampling.temperature,
-                                             tolerances.logit_tolerance)
+    for results in generations.values():
+        for request, first, second in zip(requests, reference, results, strict=False):
+            assert diverge_only_at_near_ties(first, second, request.sampling.temperature, tolerances.logit_tolerance)
             num_batch_dependent += first.token_ids != second.token_ids
     checks = [c for r in reports for c in r.commitment_checks]
     num_tokens = sum(len(r.token_checks.verdicts) for r in reports)
     figures = {
-        "rollouts": len(reports), "tokens": num_tokens, "rollouts differing across configs": num_batch_dependent,
+        "rollouts": len(reports),
+        "tokens": num_tokens,
+        "rollouts differing across configs": num_batch_dependent,
         "replay mismatches": sum(r.token_checks.num_mismatches for r in reports),
         "near-ties": sum(r.token_checks.num_near_ties for r in reports),
         "max near-tie score gap": max((float(r.token_checks.score_gaps.max()) for r in reports), default=0.0),
@@ -121,8 +147,13 @@ def run_campaign(model, requests, configs: Sequence[Config], compute_dtype: str,
 def test_replay_fp32():
     model = tiny_model()
     requests = make_requests(24)
-    figures = run_campaign(model, requests, [Config(32, 2, 24), Config(8, 1, 24), Config(1, 1, 4), Config(1, 2, 4)],
-                           "float32", max_near_tie_fraction=0.0)
+    figures = run_campaign(
+        model,
+        requests,
+        [Config(32, 2, 24), Config(8, 1, 24), Config(1, 1, 4), Config(1, 2, 4)],
+        "float32",
+        max_near_tie_fraction=0.0,
+    )
     assert figures["max logprob drift"] < 1e-4
 
 
@@ -130,8 +161,13 @@ def test_replay_fp32():
 def test_replay_fp32_at_scale():
     model = tiny_model()
     requests = make_requests(512)
-    figures = run_campaign(model, requests, [Config(32, 2, 512), Config(8, 1, 512), Config(32, 1, 128),
-                                             Config(1, 1, 48), Config(1, 2, 48)], "float32", max_near_tie_fraction=0.0)
+    figures = run_campaign(
+        model,
+        requests,
+        [Config(32, 2, 512), Config(8, 1, 512), Config(32, 1, 128), Config(1, 1, 48), Config(1, 2, 48)],
+        "float32",
+        max_near_tie_fraction=0.0,
+    )
     assert figures["rollouts"] >= 500 and figures["max logprob drift"] < 1e-4
 
 
@@ -139,15 +175,17 @@ def test_replay_fp32_at_scale():
 def test_replay_bf16_and_the_smallest_caught_perturbation():
     model = tiny_model().to(torch.bfloat16)
     requests = make_requests(96)
-    run_campaign(model, requests, [Config(32, 2, 96), Config(8, 1, 96), Config(1, 1, 16)], "bfloat16",
-                 max_near_tie_fraction=0.02)
+    run_campaign(
+        model, requests, [Config(32, 2, 96), Config(8, 1, 96), Config(1, 1, 16)], "bfloat16", max_near_tie_fraction=0.02
+    )
     tolerances = rule.tolerances_for("bfloat16")
     for scale in (1.1, 1.03, 1.01, 1.003):
         tampered = copy.deepcopy(model)
         with torch.no_grad():
             tampered.model.layers[0].mlp.down_proj.weight.mul_(scale)
-        reports = replay_all(model, requests, generate(tampered, requests, Config(32, 2, 96)),
-                             tolerances.logit_tolerance)
+        reports = replay_all(
+            model, requests, generate(tampered, requests, Config(32, 2, 96)), tolerances.logit_tolerance
+        )
         pooled = commitment.pool([c for r in reports for c in r.commitment_checks])
         failing = sum(not r.passes(tolerances.max_logprob_drift) for r in reports)
         print(f"  bf16 layer 0 down_proj x {scale}: {failing}/{len(reports)} rollouts fail replay; {pooled}")
@@ -159,8 +197,8 @@ def test_bf16_tokens_replay_on_another_attention_kernel():
     """A validator whose attention kernel differs from the node's (eager, which rounds attention
     probabilities to bf16, against SDPA, which does not) sees bf16 logits drift further than within
     one kernel, and moves top-k/top-p boundaries: no token is a mismatch all the same. (Its
-    log-probabilities and commitment statistics drift past the same-kernel bf16 bounds; README,
-    "Checks on a submission".)"""
+    log-probabilities and commitment statistics drift past the same-kernel bf16 bounds;
+    docs/validation.md.)"""
     model = tiny_model().to(torch.bfloat16)
     validator_model = copy.deepcopy(model)
     validator_model.set_attn_implementation("eager")

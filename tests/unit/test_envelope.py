@@ -131,8 +131,11 @@ def test_signing_vector():
     vector = json.loads((VECTORS_DIR / "envelope.json").read_text())
     identity = Identity.from_seed(bytes.fromhex(vector["seed"]))
     message = signing_bytes(
-        vector["method"], bytes.fromhex(vector["payload"]), identity.public_key,
-        vector["timestamp_ms"], bytes.fromhex(vector["nonce"]),
+        vector["method"],
+        bytes.fromhex(vector["payload"]),
+        identity.public_key,
+        vector["timestamp_ms"],
+        bytes.fromhex(vector["nonce"]),
     )
     assert identity.public_key.hex() == vector["public_key"]
     assert identity.key_id == vector["key_id"]

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from coordinator.blobstore import BlobStore
 from policy.weights import export_bf16_state
 from protocol.identity import Identity
@@ -13,8 +14,9 @@ SHAPES = {"embed": (64, 16), "layer.weight": (16, 32), "norm": (16,)}
 
 
 def publish_all(policy_dir, states, *, keyframe_interval=3, num_keyframes_kept=2):
-    store = BlobStore(policy_dir, run_id=RUN, trainer_public_key=TRAINER.public_key,
-                      num_keyframes_kept=num_keyframes_kept)
+    store = BlobStore(
+        policy_dir, run_id=RUN, trainer_public_key=TRAINER.public_key, num_keyframes_kept=num_keyframes_kept
+    )
     publisher = PolicyPublisher(TRAINER, RUN, store, keyframe_interval=keyframe_interval)
     for version, state in states.items():
         publisher.publish(version, state)

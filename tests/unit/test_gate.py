@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from coordinator.app import InvalidRequestError
 from coordinator.blob_http import RangeNotSatisfiableError, parse_range
 from coordinator.config import ServerSection
+from coordinator.core import InvalidRequestError
 from coordinator.gate import Gate, GateError, GateLimits, RefusalCounts, peer_host
+from coordinator.grpc_servicers import GuardInterceptor
 from coordinator.ratelimit import RateLimiter
-from coordinator.service import GuardInterceptor
-from coordinator.store.store import MAX_STORED_REJECTIONS_PER_SUBMISSION
+from coordinator.rpc_metrics import rpc_latency_histogram
+from coordinator.store.submissions import MAX_STORED_REJECTIONS_PER_SUBMISSION
 from protocol import convert
 from protocol.envelope import EnvelopeVerifier, method_name, seal
 from protocol.identity import Identity
@@ -94,8 +95,10 @@ def test_a_forged_flood_under_the_trainer_key_spends_only_the_attackers_address(
     trainer = Identity.generate()
     gate = make_gate(trainer, Registry(), request_burst_trainer=10, unauthenticated_request_burst_per_address=5)
     payload = service_pb2.AckRequest(trainer_step=1).SerializeToString()
-    codes = [refusal(lambda: gate.trainer_request(forged(trainer, ACK, payload), ACK, service_pb2.AckRequest, ATTACKER))
-             for _ in range(200)]
+    codes = [
+        refusal(lambda: gate.trainer_request(forged(trainer, ACK, payload), ACK, service_pb2.AckRequest, ATTACKER))
+        for _ in range(200)
+    ]
     assert set(codes[:5]) == {grpc.StatusCode.UNAUTHENTICATED}
     assert set(codes[5:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     for host in (TRAINER_HOST, ATTACKER):  # the real trainer is served, even from the attacker's own host
@@ -133,8 +136,10 @@ def test_a_forged_flood_under_a_node_key_does_not_drain_the_node():
 def test_fresh_keys_are_charged_to_their_address():
     gate = make_gate(Identity.generate(), Registry(), unauthenticated_request_burst_per_address=4)
     payload = service_pb2.HeartbeatRequest().SerializeToString()
-    codes = [refusal(lambda: gate.node_caller(seal(Identity.generate(), HEARTBEAT, payload), HEARTBEAT, ATTACKER))
-             for _ in range(6)]
+    codes = [
+        refusal(lambda: gate.node_caller(seal(Identity.generate(), HEARTBEAT, payload), HEARTBEAT, ATTACKER))
+        for _ in range(6)
+    ]
     assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 4 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
 
 
@@ -147,9 +152,10 @@ def test_registration_of_new_keys_is_limited_per_address():
     for identity in identities[:3]:
         gate.node_caller(seal(identity, register, payload), register, ATTACKER, registering=True)
         registry.add(identity)
-    assert refusal(
-        lambda: gate.node_caller(seal(identities[3], register, payload), register, ATTACKER, registering=True)
-    ) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (
+        refusal(lambda: gate.node_caller(seal(identities[3], register, payload), register, ATTACKER, registering=True))
+        == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
     gate.node_caller(seal(identities[3], register, payload), register, TRAINER_HOST, registering=True)
     # A known node registering again (a restart) is not a new key.
     gate.node_caller(seal(identities[0], register, payload), register, ATTACKER, registering=True)
@@ -157,8 +163,12 @@ def test_registration_of_new_keys_is_limited_per_address():
 
 @pytest.mark.parametrize(
     ("peer", "host"),
-    [("ipv4:10.0.0.7:5123", "10.0.0.7"), ("ipv6:[::1]:5123", "::1"), ("ipv6:%5B::1%5D:5123", "::1"),
-     ("unix:/tmp/socket", "unix:/tmp/socket")],
+    [
+        ("ipv4:10.0.0.7:5123", "10.0.0.7"),
+        ("ipv6:[::1]:5123", "::1"),
+        ("ipv6:%5B::1%5D:5123", "::1"),
+        ("unix:/tmp/socket", "unix:/tmp/socket"),
+    ],
 )
 def test_peer_host(peer, host):
     assert peer_host(peer) == host
@@ -170,9 +180,12 @@ def test_out_of_range_integers_are_refused_naming_the_field():
         Gate.decode(payload, service_pb2.HeartbeatRequest)
     assert refused.value.status == grpc.StatusCode.INVALID_ARGUMENT
     assert "HeartbeatRequest.policy_version" in str(refused.value)
-    assert Gate.decode(
-        service_pb2.HeartbeatRequest(policy_version=2**63 - 1).SerializeToString(), service_pb2.HeartbeatRequest
-    ).policy_version == 2**63 - 1
+    assert (
+        Gate.decode(
+            service_pb2.HeartbeatRequest(policy_version=2**63 - 1).SerializeToString(), service_pb2.HeartbeatRequest
+        ).policy_version
+        == 2**63 - 1
+    )
 
 
 def test_repeated_fields_are_bounded():
@@ -262,10 +275,11 @@ class Exploding(service_pb2_grpc.NodeServiceServicer):
 
 def test_malformed_requests_and_unexpected_errors_are_one_line_and_counted(caplog):
     refusals = RefusalCounts()
+    latency = rpc_latency_histogram()
     gate = make_gate(Identity.generate(), Registry())
 
     async def scenario():
-        server = grpc.aio.server(interceptors=[GuardInterceptor(gate, refusals)])
+        server = grpc.aio.server(interceptors=[GuardInterceptor(gate, refusals, latency)])
         service_pb2_grpc.add_NodeServiceServicer_to_server(Exploding(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -274,7 +288,11 @@ def test_malformed_requests_and_unexpected_errors_are_one_line_and_counted(caplo
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 for label, path, request in (
                     ("malformed", "GetRunInfo", b"\xff\xff\xff"),
-                    ("out of bounds", "GetManifest", service_pb2.ManifestRequest(version=2**64 - 1).SerializeToString()),
+                    (
+                        "out of bounds",
+                        "GetManifest",
+                        service_pb2.ManifestRequest(version=2**64 - 1).SerializeToString(),
+                    ),
                     ("bug", "GetRunInfo", b""),
                     ("streamed bug", "FetchBlob", b""),
                 ):
@@ -307,6 +325,14 @@ def test_malformed_requests_and_unexpected_errors_are_one_line_and_counted(caplo
         (node_service + "GetRunInfo", "internal"): 1,
         (node_service + "FetchBlob", "internal"): 1,
     }
+    timed = {
+        (sample.labels["method"], sample.labels["code"]): sample.value
+        for metric in latency.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_count")
+    }
+    # what reached a handler is timed; a request that does not decode never does
+    assert timed == {(node_service + "GetRunInfo", "INTERNAL"): 1, (node_service + "FetchBlob", "INTERNAL"): 1}
     assert not any(record.exc_info for record in caplog.records)
     assert "version: 18446744073709551615" in caplog.text and "RuntimeError: a bug" in caplog.text
 
@@ -314,7 +340,9 @@ def test_malformed_requests_and_unexpected_errors_are_one_line_and_counted(caplo
 def test_the_batched_heartbeat_write_drops_only_the_row_out_of_range(store):  # noqa: F811 (the imported fixture)
     for node_id in ("node-a", "node-b", "node-c"):
         store.register_node(node_id, bytes(32), node_id, "torch", "cpu", "0", T0)
-    store.record_heartbeats([("node-a", 3, 1.0, T0 + 5), ("node-b", 2**64 - 1, 1.0, T0 + 5), ("node-c", 4, 1.0, T0 + 5)])
+    store.record_heartbeats(
+        [("node-a", 3, 1.0, T0 + 5), ("node-b", 2**64 - 1, 1.0, T0 + 5), ("node-c", 4, 1.0, T0 + 5)]
+    )
     seen = {n.node_id: (n.last_seen_ms, n.policy_version) for n in store.list_nodes()}
     assert seen == {"node-a": (T0 + 5, 3), "node-b": (T0, 0), "node-c": (T0 + 5, 4)}
 

@@ -9,7 +9,8 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 def test_committed_generated_code_matches_the_proto_sources(tmp_path):
     subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "gen_proto.py"), "--out", str(tmp_path)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     fresh = {p.name: p.read_text() for p in (tmp_path / "protocol" / "proto").iterdir()}
     committed_dir = REPO_ROOT / "protocol" / "proto"

@@ -6,7 +6,7 @@ walking away from too many leases; otherwise why not and when to ask again."""
 import pytest
 from fastapi.testclient import TestClient
 
-from coordinator.app import (
+from coordinator.core import (
     BACKLOG_RETRY_MS,
     NO_POLICY_RETRY_MS,
     InvalidRequestError,
@@ -39,10 +39,12 @@ def _with_versions(make_coordinator, tokenizer, num_versions: int, **config):
 
 
 @pytest.mark.parametrize(("max_staleness", "oldest_leased"), [(0, 5), (1, 5), (2, 4), (4, 2)])
-def test_a_lease_goes_out_at_the_held_version_up_to_k_minus_1_behind(make_coordinator, tokenizer, max_staleness,
-                                                                    oldest_leased):
-    app, node_id = _with_versions(make_coordinator, tokenizer, 5, run={"max_staleness": max_staleness,
-                                                           "max_backlog_groups": 0})
+def test_a_lease_goes_out_at_the_held_version_up_to_k_minus_1_behind(
+    make_coordinator, tokenizer, max_staleness, oldest_leased
+):
+    app, node_id = _with_versions(
+        make_coordinator, tokenizer, 5, run={"max_staleness": max_staleness, "max_backlog_groups": 0}
+    )
     for held in range(7):
         lease = app.lease(node_id, held)
         if oldest_leased <= held <= 5:
@@ -65,15 +67,19 @@ def test_a_node_declaring_a_precision_the_run_does_not_accept_cannot_register(ma
     which would otherwise let a cheater buy the looser checks by declaring it."""
     coordinator = make_coordinator(validation={"precisions": ["float32"]})
     node = Identity.generate()
-    with pytest.raises(InvalidRequestError, match="computes in bfloat16, and this run accepts nodes computing in "
-                                                  "float32 only: set the node's engine.dtype"):
+    with pytest.raises(
+        InvalidRequestError,
+        match="computes in bfloat16, and this run accepts nodes computing in float32 only: set the node's engine.dtype",
+    ):
         coordinator.register(node.key_id, node.public_key, "n", "torch-cuda-bfloat16", "gpu", "test")
     assert coordinator.store.get_node(node.key_id) is None
     assert coordinator.register(node.key_id, node.public_key, "n", "torch-cpu-float32", "cpu", "test").engine == (
-        "torch-cpu-float32")
+        "torch-cpu-float32"
+    )
     both = make_coordinator()
     assert both.register(node.key_id, node.public_key, "n", "vllm-cuda-bfloat16", "gpu", "test").engine == (
-        "vllm-cuda-bfloat16")
+        "vllm-cuda-bfloat16"
+    )
 
 
 def _second_node(app):
@@ -92,12 +98,20 @@ def test_a_released_prompt_set_goes_to_another_node_with_its_seed_and_version(ma
     assert app.lease(other, 4).prompts != released.prompts  # bound to version 5 while 5 is leasable
     again = app.lease(other, 5)
     assert (again.prompts, again.sampling_seed, again.policy_version) == (
-        released.prompts, released.sampling_seed, released.policy_version)
+        released.prompts,
+        released.sampling_seed,
+        released.policy_version,
+    )
 
 
 def test_a_node_that_walks_away_too_often_waits_and_its_page_shows_why(make_coordinator, tokenizer):
-    app, walker = _with_versions(make_coordinator, tokenizer, 1, run={"max_backlog_groups": 0},
-                                 lease={"walkaway_window": 4, "max_walkaway_fraction": 0.25, "cooldown_s": 30})
+    app, walker = _with_versions(
+        make_coordinator,
+        tokenizer,
+        1,
+        run={"max_backlog_groups": 0},
+        lease={"walkaway_window": 4, "max_walkaway_fraction": 0.25, "cooldown_s": 30},
+    )
     for _ in range(2):
         app.release(walker, app.lease(walker, 1).lease_id)
     wait = app.lease(walker, 1)

@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -35,7 +36,7 @@ SHAPES = {"embed": (300, 64), "layer.0.weight": (64, 200), "norm": (64,)}
 
 
 def blob_map(update):
-    return {ref.hash: blob for ref, blob in zip(update.manifest.blobs, update.blobs)}
+    return {ref.hash: blob for ref, blob in zip(update.manifest.blobs, update.blobs, strict=True)}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def node_at_v1(versions):
 
 
 def test_keyframe_then_delta_chain_is_bit_exact(versions, node_at_v1):
-    for version, (base, new) in enumerate(zip(versions, versions[1:]), start=2):
+    for version, (base, new) in enumerate(itertools.pairwise(versions), start=2):
         signed, blobs, update = delta(base, new, version, version - 1)
         assert update.manifest.base_state_hash == codec.state_hash(base)
         assert update.manifest.state_hash == codec.state_hash(new)
@@ -107,7 +108,9 @@ def test_keyframe_is_smaller_than_raw_and_blobs_are_capped(versions):
     assert len(update.blobs) == 2
     assert all(ref.uncompressed_size <= manifest.MAX_BLOB_UNCOMPRESSED_BYTES for ref in update.manifest.blobs)
     assert sum(len(blob) for blob in update.blobs) <= 0.8 * 2 * state["big"].size
-    assert all(ref.hash == manifest.blob_hash(blob) for ref, blob in zip(update.manifest.blobs, update.blobs))
+    assert all(
+        ref.hash == manifest.blob_hash(blob) for ref, blob in zip(update.manifest.blobs, update.blobs, strict=True)
+    )
 
 
 def test_payload_sections_split_into_blobs_and_back():
@@ -117,7 +120,7 @@ def test_payload_sections_split_into_blobs_and_back():
             (iter(section) for section in sections), manifest.DELTA_ZSTD_PARAMETERS, chunk_size=chunk_size
         )
         assert [ref.uncompressed_size for ref in refs[:-1]] == [chunk_size] * (len(refs) - 1)
-        payload = manifest.read_payload(refs, dict(zip([ref.hash for ref in refs], blobs)))
+        payload = manifest.read_payload(refs, dict(zip([ref.hash for ref in refs], blobs, strict=True)))
         assert payload == b"abcdefg" + b"h" * 11 + b"ijk"
 
 
@@ -225,8 +228,15 @@ def test_a_delta_result_is_not_rehashed_but_binds_the_next_delta(versions, node_
 def signed_delta_with_blob(blob, uncompressed_size, tensors=(TensorSpec(name="w", shape=(100_000,)),)):
     ref = BlobRef(hash=manifest.blob_hash(blob), size=len(blob), uncompressed_size=uncompressed_size)
     bogus = PolicyManifest(
-        run_id=RUN, version=2, base_version=1, codec=Codec.DELTA, tensors=tensors,
-        blobs=(ref,), state_hash=bytes(32), created_at_ms=0, base_state_hash=bytes(32),
+        run_id=RUN,
+        version=2,
+        base_version=1,
+        codec=Codec.DELTA,
+        tensors=tensors,
+        blobs=(ref,),
+        state_hash=bytes(32),
+        created_at_ms=0,
+        base_state_hash=bytes(32),
     )
     return manifest.sign_manifest(TRAINER, bogus), {ref.hash: blob}
 
@@ -285,9 +295,14 @@ def test_signed_but_malformed_payload():
 )
 def test_manifest_structure_is_checked_after_the_signature(change, message):
     good = PolicyManifest(
-        run_id=RUN, version=1, base_version=1, codec=Codec.KEYFRAME,
+        run_id=RUN,
+        version=1,
+        base_version=1,
+        codec=Codec.KEYFRAME,
         tensors=(TensorSpec("a", (2,)), TensorSpec("b", (2,))),
-        blobs=(BlobRef(bytes(32), 10, 8),), state_hash=bytes(32), created_at_ms=0,
+        blobs=(BlobRef(bytes(32), 10, 8),),
+        state_hash=bytes(32),
+        created_at_ms=0,
     )
     manifest.verify_manifest(manifest.sign_manifest(TRAINER, good), TRAINER.public_key)
     signed = manifest.sign_manifest(TRAINER, dataclasses.replace(good, **change))

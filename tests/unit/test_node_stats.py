@@ -13,6 +13,7 @@ from coordinator.node_stats import (
     RolloutTokens,
     bernstein_upper_bound,
     binomial_upper_tail,
+    fisher_combined,
     group_token_stats,
     judge_tokens,
     self_normalized_bound,
@@ -29,13 +30,23 @@ def naive_upper_tail(successes: int, trials: int, probability: float) -> float:
     return float(Fraction(total, b**trials))
 
 
-@pytest.mark.parametrize(("successes", "trials", "probability"), [
-    (0, 10, 0.3), (3, 10, 0.2), (10, 10, 0.5), (11, 10, 0.5), (60, 100, 0.5), (2, 400, 0.001), (45, 4096, 0.007),
-    (90, 4096, 0.015),
-])
+@pytest.mark.parametrize(
+    ("successes", "trials", "probability"),
+    [
+        (0, 10, 0.3),
+        (3, 10, 0.2),
+        (10, 10, 0.5),
+        (11, 10, 0.5),
+        (60, 100, 0.5),
+        (2, 400, 0.001),
+        (45, 4096, 0.007),
+        (90, 4096, 0.015),
+    ],
+)
 def test_the_binomial_tail_equals_the_exact_sum(successes, trials, probability):
     assert binomial_upper_tail(successes, trials, probability) == pytest.approx(
-        naive_upper_tail(successes, trials, probability), rel=1e-9, abs=1e-300)
+        naive_upper_tail(successes, trials, probability), rel=1e-9, abs=1e-300
+    )
 
 
 def test_the_sign_test_is_two_sided_and_exact():
@@ -57,10 +68,15 @@ def _honest_windows(rng, num_windows, rate, *, num_groups=64, group_size=8):
             for _ in range(group_size):
                 length = int(rng.integers(1, 17))
                 near_ties = rng.random(length) < rate
-                rollouts.append(RolloutTokens(
-                    near_ties, np.where(near_ties, rng.choice([-1.0, 1.0], length), 0.0).astype(np.float32),
-                    (0.02 + 0.05 * rng.standard_normal(length)).astype(np.float32), float(rng.choice([0.7, 1.0])),
-                    float(rng.random() < 0.3)))
+                rollouts.append(
+                    RolloutTokens(
+                        near_ties,
+                        np.where(near_ties, rng.choice([-1.0, 1.0], length), 0.0).astype(np.float32),
+                        (0.02 + 0.05 * rng.standard_normal(length)).astype(np.float32),
+                        float(rng.choice([0.7, 1.0])),
+                        float(rng.random() < 0.3),
+                    )
+                )
             window += group_token_stats(rollouts)
         windows.append(window)
     return windows
@@ -73,14 +89,24 @@ def test_each_test_flags_honest_windows_at_most_at_its_stated_rate():
     stated = 0.02
     windows = _honest_windows(rng, 300, node_stats.NEAR_TIE_RATE_BOUND["bfloat16"], num_groups=16)
     p_values = {
-        "node_near_tie_rate": [binomial_upper_tail(w.num_near_ties, w.num_tokens, node_stats.NEAR_TIE_RATE_BOUND[
-            "bfloat16"]) for w in windows],
-        "node_near_tie_direction": [bernstein_upper_bound(w.num_near_ties_positive - w.near_ties_positive_expected,
-                                                          w.near_ties_positive_variance) for w in windows],
-        "node_logprob_direction": [self_normalized_bound(w.logprob_advantage_sum, w.logprob_advantage_sum_squares)
-                                   for w in windows],
+        "node_near_tie_rate": [
+            binomial_upper_tail(w.num_near_ties, w.num_tokens, node_stats.NEAR_TIE_RATE_BOUND["bfloat16"])
+            for w in windows
+        ],
+        "node_near_tie_direction": [
+            bernstein_upper_bound(
+                w.num_near_ties_positive - w.near_ties_positive_expected, w.near_ties_positive_variance
+            )
+            for w in windows
+        ],
+        "node_logprob_direction": [
+            self_normalized_bound(w.logprob_advantage_sum, w.logprob_advantage_sum_squares) for w in windows
+        ],
         "node_temperature_fit": [sign_test(w.num_near_ties_up, w.num_directed_near_ties) for w in windows],
     }
+    p_values["node_near_ties_combined"] = [
+        fisher_combined([p_values[check][i] for check in node_stats.NEAR_TIE_CHECKS]) for i in range(len(windows))
+    ]
     for check, values in p_values.items():
         assert np.mean(np.array(values) < stated) <= stated, check
 
@@ -93,12 +119,20 @@ def test_group_statistics_equal_a_token_by_token_count():
         near_ties = rng.random(length) < 0.4
         lifts = np.where(near_ties, rng.normal(size=length), 0.0).astype(np.float32)
         lifts[0] = 0.0  # a near-tie between equal logits has no direction
-        rollouts.append(RolloutTokens(near_ties, lifts, rng.normal(size=length).astype(np.float32),
-                                      0.0 if index == 5 else 0.8, [1.0, 0.0, 0.0, 0.5, 1.0, 0.0][index]))
+        rollouts.append(
+            RolloutTokens(
+                near_ties,
+                lifts,
+                rng.normal(size=length).astype(np.float32),
+                0.0 if index == 5 else 0.8,
+                [1.0, 0.0, 0.0, 0.5, 1.0, 0.0][index],
+            )
+        )
     stats = group_token_stats(rollouts)
     mean_reward = np.mean([r.reward for r in rollouts])
-    expected = dict(num_tokens=0, num_near_ties=0, num_directed_near_ties=0, num_near_ties_up=0,
-                    num_near_ties_positive=0)
+    expected = dict(
+        num_tokens=0, num_near_ties=0, num_directed_near_ties=0, num_near_ties_up=0, num_near_ties_positive=0
+    )
     tokens_positive = tokens_signed = near_ties_signed = 0
     logprob_terms = []
     for r in rollouts:
@@ -128,9 +162,17 @@ def test_group_statistics_equal_a_token_by_token_count():
 
 
 def _window(**overrides) -> TokenStats:
-    honest = dict(num_tokens=NODE_WINDOW_TOKENS, num_near_ties=28, num_directed_near_ties=26, num_near_ties_up=14,
-                  num_near_ties_positive=6, near_ties_positive_expected=5.5, near_ties_positive_variance=4.5,
-                  logprob_advantage_sum=0.3, logprob_advantage_sum_squares=0.5)
+    honest = dict(
+        num_tokens=NODE_WINDOW_TOKENS,
+        num_near_ties=28,
+        num_directed_near_ties=26,
+        num_near_ties_up=14,
+        num_near_ties_positive=6,
+        near_ties_positive_expected=5.5,
+        near_ties_positive_variance=4.5,
+        logprob_advantage_sum=0.3,
+        logprob_advantage_sum_squares=0.5,
+    )
     return TokenStats(**{**honest, **overrides})
 
 
@@ -141,13 +183,16 @@ def test_a_window_decides_only_once_it_holds_enough_tokens():
     assert honest.decided and honest.passed
 
 
-@pytest.mark.parametrize(("overrides", "check"), [
-    ({"num_near_ties": 140}, "node_near_tie_rate"),  # steering: ~3.4% of tokens
-    ({"num_near_ties_positive": 26}, "node_near_tie_direction"),  # near-ties where the reward is
-    ({"logprob_advantage_sum": 4.0, "logprob_advantage_sum_squares": 0.5}, "node_logprob_direction"),
-    ({"num_near_ties_up": 26}, "node_temperature_fit"),  # always the likelier token: colder, or filtered
-    ({"num_near_ties_up": 0}, "node_temperature_fit"),  # always the less likely one: hotter
-])
+@pytest.mark.parametrize(
+    ("overrides", "check"),
+    [
+        ({"num_near_ties": 140}, "node_near_tie_rate"),  # steering: ~3.4% of tokens
+        ({"num_near_ties_positive": 26}, "node_near_tie_direction"),  # near-ties where the reward is
+        ({"logprob_advantage_sum": 4.0, "logprob_advantage_sum_squares": 0.5}, "node_logprob_direction"),
+        ({"num_near_ties_up": 26}, "node_temperature_fit"),  # always the likelier token: colder, or filtered
+        ({"num_near_ties_up": 0}, "node_temperature_fit"),  # always the less likely one: hotter
+    ],
+)
 def test_each_directed_deviation_fails_its_test_with_evidence(overrides, check):
     judgement = judge_tokens(_window(**overrides), "bfloat16")
     assert judgement.decided and judgement.failure is not None
@@ -156,15 +201,54 @@ def test_each_directed_deviation_fails_its_test_with_evidence(overrides, check):
     assert evidence["p_value"] < evidence["false_positive_rate"] == node_stats.FALSE_POSITIVE_RATE
 
 
+def test_fishers_combination_equals_the_chi_square_tail_and_is_uniform_under_the_null():
+    """k = 1 is the p-value itself, k = 2 the closed form p1 p2 (1 - log p1 p2); over independent
+    uniform p-values the combination of three flags at most its stated rate."""
+    assert fisher_combined([]) == 1.0
+    assert fisher_combined([0.03]) == pytest.approx(0.03)
+    product = 0.2 * 0.01
+    assert fisher_combined([0.2, 0.01]) == pytest.approx(product * (1 - math.log(product)))
+    assert fisher_combined([0.0, 0.5, 0.5]) < 1e-300  # an underflowed tail still combines
+    rng = np.random.default_rng(11)
+    combined = np.array([fisher_combined(list(p)) for p in rng.random((20_000, 3))])
+    for stated in (0.001, 0.01, 0.1):
+        assert np.mean(combined < stated) <= 1.2 * stated + 3 * math.sqrt(stated / 20_000)
+
+
+def test_near_ties_steered_within_every_single_bound_fail_the_combination():
+    """Issue 16's steering toward the answer, one of its windows: every single near-tie test passes
+    (p from 3.8e-5 to 0.016), their combination does not (1.4e-7)."""
+    window = _window(
+        num_near_ties=95,
+        num_directed_near_ties=95,
+        num_near_ties_up=64,
+        num_near_ties_positive=31,
+        near_ties_positive_expected=20.0,
+        near_ties_positive_variance=11.0,
+    )
+    p_values = {
+        "rate": binomial_upper_tail(95, NODE_WINDOW_TOKENS, node_stats.NEAR_TIE_RATE_BOUND["bfloat16"]),
+        "direction": bernstein_upper_bound(11.0, 11.0),
+        "temperature": sign_test(64, 95),
+    }
+    assert min(p_values.values()) > node_stats.FALSE_POSITIVE_RATE, p_values
+    judgement = judge_tokens(window, "bfloat16")
+    assert judgement.failure is not None and judgement.failure.check == "node_near_ties_combined"
+    assert judgement.failure.evidence["p_value"] < node_stats.FALSE_POSITIVE_RATE
+
+
 def test_an_fp32_node_is_held_to_the_fp32_near_tie_rate():
-    assert judge_tokens(_window(num_near_ties=28, num_directed_near_ties=0, num_near_ties_up=0),
-                        "float32").failure.check == "node_near_tie_rate"
+    assert (
+        judge_tokens(_window(num_near_ties=28, num_directed_near_ties=0, num_near_ties_up=0), "float32").failure.check
+        == "node_near_tie_rate"
+    )
     with pytest.raises(ValueError, match="no honest near-tie rate"):
         judge_tokens(_window(), "float16")
 
 
 def test_token_statistics_travel_with_a_passed_verdict_and_bad_ones_are_refused():
-    from coordinator.validation import Verdict, verdict_from_proto, verdict_to_proto
+    from coordinator.validation import verdict_from_proto, verdict_to_proto
+    from coordinator.verdicts import Verdict
 
     stats = _window()
     message = verdict_to_proto("g", Verdict(True, "all", {}, (), stats))
@@ -173,7 +257,6 @@ def test_token_statistics_travel_with_a_passed_verdict_and_bad_ones_are_refused(
     failed = verdict_to_proto("g", Verdict(False, "sampling", {}, (), stats))
     with pytest.raises(ValueError, match="only a passed group's token statistics"):
         verdict_from_proto(failed)
-    for bad in ({"num_near_ties_up": 27}, {"near_ties_positive_variance": -1.0},
-                {"logprob_advantage_sum": math.inf}):
+    for bad in ({"num_near_ties_up": 27}, {"near_ties_positive_variance": -1.0}, {"logprob_advantage_sum": math.inf}):
         with pytest.raises(ValueError, match="group 'g'"):
             verdict_from_proto(verdict_to_proto("g", Verdict(True, "all", {}, (), _window(**bad))))

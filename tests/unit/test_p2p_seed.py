@@ -23,7 +23,9 @@ def test_the_seed_refuses_announcements_the_trainer_did_not_sign():
     verify = trainer_manifest_verifier(TRAINER.public_key)
     impostor = Identity.generate()
     payload = policy_pb2.PolicyManifest(run_id="r", version=1).SerializeToString()
-    forged = policy_pb2.SignedManifest(manifest=payload, signer_public_key=impostor.public_key, signature=impostor.sign(payload))
+    forged = policy_pb2.SignedManifest(
+        manifest=payload, signer_public_key=impostor.public_key, signature=impostor.sign(payload)
+    )
     for junk in (b"\x0a\x03not a manifest", forged.SerializeToString()):
         with pytest.raises(ValueError):
             verify(junk)

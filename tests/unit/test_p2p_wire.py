@@ -5,10 +5,10 @@ from cryptography.hazmat.primitives import serialization
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from p2p import wire
-from p2p.service import key_pair_from_identity
-from p2p.settings import P2PSettings
 from node.config import P2PSection
+from p2p import wire
+from p2p.peers import key_pair_from_identity
+from p2p.settings import P2PSettings
 from protocol.identity import Identity
 
 HASH = hashlib.sha256(b"blob").digest()

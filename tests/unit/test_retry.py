@@ -39,10 +39,17 @@ class Flaky:
 
 
 def test_transient_statuses_are_retried_until_the_call_succeeds(caplog):
-    flaky = Flaky(*(FakeRpcError(code, "down") for code in (
-        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-    )))
+    flaky = Flaky(
+        *(
+            FakeRpcError(code, "down")
+            for code in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.ABORTED,
+            )
+        )
+    )
     with caplog.at_level(logging.WARNING, logger="protocol.retry"):
         assert call_with_retry(flaky, address="127.0.0.1:1", what="ack", policy=FAST) == "ok"
     assert flaky.num_calls == 5
@@ -50,10 +57,15 @@ def test_transient_statuses_are_retried_until_the_call_succeeds(caplog):
     assert "127.0.0.1:1 ack: UNAVAILABLE (down)" in caplog.records[0].getMessage()
 
 
-@pytest.mark.parametrize("error", [
-    FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT), FakeRpcError(grpc.StatusCode.UNAUTHENTICATED),
-    FakeRpcError(grpc.StatusCode.CANCELLED), ValueError("not a gRPC error"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT),
+        FakeRpcError(grpc.StatusCode.UNAUTHENTICATED),
+        FakeRpcError(grpc.StatusCode.CANCELLED),
+        ValueError("not a gRPC error"),
+    ],
+)
 def test_other_errors_are_raised_at_once(error):
     flaky = Flaky(error)
     with pytest.raises(type(error)):

@@ -25,8 +25,9 @@ def test_vectors_derive_sample_seed():
 
 def test_vectors_noise():
     for case in VECTORS["noise"]:
-        bits = rule.noise_bits(np.array([case["seed"]], dtype=np.uint64), np.array([case["position"]]),
-                               VECTORS["vocab_size"])
+        bits = rule.noise_bits(
+            np.array([case["seed"]], dtype=np.uint64), np.array([case["position"]]), VECTORS["vocab_size"]
+        )
         assert bits[0].tolist() == case["noise_bits"]
         gumbel = rule.gumbel_from_bits(bits)[0]
         assert gumbel.view(np.uint32).tolist() == case["gumbel_f32_bits"]
@@ -69,7 +70,7 @@ def test_noise_is_a_function_of_seed_position_token_only():
     positions = np.array([0, 1, 0, 0])
     batch = rule.gumbel_noise(seeds, positions, 100)
     for row in range(4):
-        alone = rule.gumbel_noise(seeds[row:row + 1], positions[row:row + 1], 100)
+        alone = rule.gumbel_noise(seeds[row : row + 1], positions[row : row + 1], 100)
         np.testing.assert_array_equal(batch[row], alone[0])
     np.testing.assert_array_equal(batch[0], batch[3])
     assert not np.array_equal(batch[0], batch[1])
@@ -92,8 +93,7 @@ def test_sampled_frequencies_follow_softmax():
     logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 3.0], dtype=np.float32)
     params = SamplingParams(temperature=0.8)
     num_draws = 20000
-    sampled = rule.sample_tokens(np.broadcast_to(logits, (num_draws, 6)), np.uint64(42),
-                                 np.arange(num_draws), params)
+    sampled = rule.sample_tokens(np.broadcast_to(logits, (num_draws, 6)), np.uint64(42), np.arange(num_draws), params)
     frequencies = np.bincount(sampled.token_ids, minlength=6) / num_draws
     probs = np.exp(logits / 0.8) / np.exp(logits / 0.8).sum()
     np.testing.assert_allclose(frequencies, probs, atol=4 * np.sqrt(0.25 / num_draws))
@@ -113,8 +113,9 @@ def test_top_k_keeps_every_token_tied_with_the_kth():
     logits = np.array([3.0, 2.0, 2.0, 1.0, 0.0], dtype=np.float32)
     threshold = rule.filter_threshold(logits[None], top_k=2, top_p=1.0)
     assert threshold.tolist() == [2.0]
-    sampled = rule.sample_tokens(np.broadcast_to(logits, (3000, 5)), np.uint64(5), np.arange(3000),
-                                 SamplingParams(temperature=1.0, top_k=2))
+    sampled = rule.sample_tokens(
+        np.broadcast_to(logits, (3000, 5)), np.uint64(5), np.arange(3000), SamplingParams(temperature=1.0, top_k=2)
+    )
     assert set(sampled.token_ids.tolist()) == {0, 1, 2}
     allowed = np.exp(logits[:3]) / np.exp(logits[:3]).sum()
     np.testing.assert_allclose(np.exp(sampled.logprobs), allowed[sampled.token_ids], rtol=1e-5)
@@ -147,8 +148,12 @@ def test_margin_is_gap_between_top_two_perturbed_scores():
 
 
 def test_derive_sample_seed_separates_inputs_and_checks_ranges():
-    seeds = {rule.derive_sample_seed(lease, prompt, sample)
-             for lease in (0, 1) for prompt in range(20) for sample in range(20)}
+    seeds = {
+        rule.derive_sample_seed(lease, prompt, sample)
+        for lease in (0, 1)
+        for prompt in range(20)
+        for sample in range(20)
+    }
     assert len(seeds) == 800
     assert all(0 <= seed < 2**64 for seed in seeds)
     with pytest.raises(rule.SamplingParamsError):
@@ -157,9 +162,16 @@ def test_derive_sample_seed_separates_inputs_and_checks_ranges():
         rule.derive_sample_seed(0, 2**64, 0)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=-1.0), SamplingParams(top_k=-1),
-                                    SamplingParams(top_p=0.0), SamplingParams(top_p=1.5),
-                                    SamplingParams(temperature=float("nan"))])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=-1.0),
+        SamplingParams(top_k=-1),
+        SamplingParams(top_p=0.0),
+        SamplingParams(top_p=1.5),
+        SamplingParams(temperature=float("nan")),
+    ],
+)
 def test_invalid_params_are_rejected(params):
     with pytest.raises(rule.SamplingParamsError):
         rule.sample_tokens(np.zeros((1, 4), dtype=np.float32), np.uint64(0), 0, params)
@@ -176,15 +188,20 @@ def test_check_tokens_exact_near_tie_and_mismatch():
     np.testing.assert_array_equal(exact.logprobs, sampled.logprobs)
 
     row = int(np.argmin(sampled.margins))  # the closest race: make the runner-up win by a hair
-    scores = logits[row] * rule.inverse_temperature(0.5) + rule.gumbel_noise(
-        np.array([8], dtype=np.uint64), positions[row:row + 1], 40)[0]
+    scores = (
+        logits[row] * rule.inverse_temperature(0.5)
+        + rule.gumbel_noise(np.array([8], dtype=np.uint64), positions[row : row + 1], 40)[0]
+    )
     runner_up = int(np.argsort(scores)[-2])
-    for logit_shift, verdict in ((sampled.margins[row] * 0.5 + 0.01, rule.TokenVerdict.NEAR_TIE),
-                                 (sampled.margins[row] * 0.5 + 0.5, rule.TokenVerdict.MISMATCH)):
+    for logit_shift, verdict in (
+        (sampled.margins[row] * 0.5 + 0.01, rule.TokenVerdict.NEAR_TIE),
+        (sampled.margins[row] * 0.5 + 0.5, rule.TokenVerdict.MISMATCH),
+    ):
         validator_logits = logits.copy()
         validator_logits[row, runner_up] += logit_shift
-        checks = rule.check_tokens(validator_logits, sampled.token_ids, np.uint64(8), positions, params,
-                                   logit_tolerance=0.05)
+        checks = rule.check_tokens(
+            validator_logits, sampled.token_ids, np.uint64(8), positions, params, logit_tolerance=0.05
+        )
         assert checks.verdicts[row] == verdict
         assert checks.num_near_ties + checks.num_mismatches == 1
         assert checks.score_gaps[row] > 0
@@ -200,13 +217,36 @@ def test_check_tokens_exact_near_tie_and_mismatch():
 def test_replay_tolerances_by_compute_dtype():
     fp32 = rule.tolerances_for("float32")
     bf16 = rule.tolerances_for("bfloat16")
-    assert bf16 == rule.ReplayTolerances(rule.DEFAULT_LOGIT_TOLERANCE, rule.MAX_LOGPROB_DRIFT)
+    assert bf16 == rule.ReplayTolerances(
+        rule.DEFAULT_LOGIT_TOLERANCE, rule.MAX_LOGPROB_DRIFT, rule.BF16_DRIFT_DOUBT_FACTOR
+    )
     assert fp32.logit_tolerance < bf16.logit_tolerance and fp32.max_logprob_drift < bf16.max_logprob_drift
+    assert fp32.drift_doubt_factor == 1.0  # fp32 drift never came near its bound: no doubt band
 
 
-DRIFT_PARAMS = (SamplingParams(1.0, top_k=5), SamplingParams(0.7, top_k=20), SamplingParams(1.0, top_p=0.9),
-                SamplingParams(0.6, top_p=0.5), SamplingParams(0.9, top_k=20, top_p=0.7), SamplingParams(1.0),
-                SamplingParams(0.0))
+def test_doubted_mismatches_are_those_just_past_the_tolerance():
+    """A mismatch over the tolerance by at most DOUBT_GAP_FACTOR times it is doubted; one within the
+    tolerance (cut by the node's filters) or past the factor is not; exact tokens and near-ties never."""
+    tolerance = rule.score_tolerance(0.3, 0.7)
+    assert tolerance == np.float32(np.float32(0.3) * rule.inverse_temperature(0.7))
+    assert rule.score_tolerance(0.3, 0.0) == np.float32(0.3)
+    V = rule.TokenVerdict
+    gaps = np.array([0.0, 0.5, 0.5, 1.01, 2.9, 3.1], dtype=np.float32) * tolerance
+    verdicts = np.array([V.EXACT, V.NEAR_TIE, V.MISMATCH, V.MISMATCH, V.MISMATCH, V.MISMATCH], dtype=np.int8)
+    checks = rule.TokenChecks(verdicts, np.zeros(6, dtype=np.float32), gaps)
+    assert rule.DOUBT_GAP_FACTOR == 3.0
+    assert rule.doubted_mismatches(checks, tolerance).tolist() == [False, False, False, True, True, False]
+
+
+DRIFT_PARAMS = (
+    SamplingParams(1.0, top_k=5),
+    SamplingParams(0.7, top_k=20),
+    SamplingParams(1.0, top_p=0.9),
+    SamplingParams(0.6, top_p=0.5),
+    SamplingParams(0.9, top_k=20, top_p=0.7),
+    SamplingParams(1.0),
+    SamplingParams(0.0),
+)
 
 
 @pytest.mark.parametrize("params", DRIFT_PARAMS, ids=str)

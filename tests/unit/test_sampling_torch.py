@@ -54,22 +54,28 @@ def test_noise_bits_equal_numpy_over_a_million_values(device):
 def test_vectors():
     for case in VECTORS["noise"]:
         rows = rows_for([case["seed"]], [SamplingParams()], "cpu")
-        bits = sampling.noise_bits(rows.seed_lo, rows.seed_hi, torch.tensor([case["position"]]),
-                                   VECTORS["vocab_size"])
+        bits = sampling.noise_bits(rows.seed_lo, rows.seed_hi, torch.tensor([case["position"]]), VECTORS["vocab_size"])
         assert bits[0].tolist() == case["noise_bits"]
     for case in VECTORS["sample"]:
         logits = torch.from_numpy(np.array(case["logits_f32_bits"], dtype=np.uint32).view(np.float32))
         params = SamplingParams(case["temperature"], case["top_k"], case["top_p"])
-        sampled = sampling.sample(logits[None], torch.tensor([case["position"]]),
-                                  rows_for([case["seed"]], [params], "cpu"))
+        sampled = sampling.sample(
+            logits[None], torch.tensor([case["position"]]), rows_for([case["seed"]], [params], "cpu")
+        )
         assert sampled.token_ids.tolist() == [case["token_id"]], case["name"]
         assert sampled.margins.numpy().view(np.uint32)[0] == case["margin_f32_bits"], case["name"]
         expected_logprob = np.array([case["logprob_f32_bits"]], dtype=np.uint32).view(np.float32)[0]
         assert abs(sampled.logprobs[0].item() - expected_logprob) <= 1e-6, case["name"]
 
 
-MIXED_PARAMS = [SamplingParams(1.0), SamplingParams(0.7, top_k=5), SamplingParams(1.2, top_p=0.85),
-                SamplingParams(0.0), SamplingParams(0.9, top_k=20, top_p=0.7), SamplingParams(0.3)]
+MIXED_PARAMS = [
+    SamplingParams(1.0),
+    SamplingParams(0.7, top_k=5),
+    SamplingParams(1.2, top_p=0.85),
+    SamplingParams(0.0),
+    SamplingParams(0.9, top_k=20, top_p=0.7),
+    SamplingParams(0.3),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,10 +87,11 @@ def test_batched_mixed_rows_equal_the_reference_row_by_row(device):
     params = [MIXED_PARAMS[row % len(MIXED_PARAMS)] for row in range(num_rows)]
     seeds = [rule.derive_sample_seed(99, row // 4, row % 4) for row in range(num_rows)]
     positions = rng.integers(0, 10_000, num_rows)
-    sampled = sampling.sample(torch.from_numpy(logits).to(device), torch.from_numpy(positions).to(device),
-                              rows_for(seeds, params, device))
+    sampled = sampling.sample(
+        torch.from_numpy(logits).to(device), torch.from_numpy(positions).to(device), rows_for(seeds, params, device)
+    )
     for row in range(num_rows):
-        reference = rule.sample_tokens(logits[row:row + 1], np.uint64(seeds[row]), positions[row], params[row])
+        reference = rule.sample_tokens(logits[row : row + 1], np.uint64(seeds[row]), positions[row], params[row])
         assert sampled.token_ids[row].item() == reference.token_ids[0], row
         np.testing.assert_array_equal(sampled.margins[row].cpu().numpy(), reference.margins[0])
         assert abs(sampled.logprobs[row].item() - reference.logprobs[0]) <= 2e-6
@@ -95,9 +102,11 @@ def test_same_row_gives_the_same_token_in_any_batch():
     logits = torch.from_numpy(rng.standard_normal((1, 64)).astype(np.float32))
     alone = sampling.sample(logits, torch.tensor([17]), rows_for([5], [SamplingParams(0.8)], "cpu"))
     padded = torch.cat([torch.randn(9, 64), logits, torch.randn(5, 64)])
-    in_batch = sampling.sample(padded, torch.full((15,), 17),
-                               rows_for(list(range(9)) + [5] + list(range(5)), [SamplingParams(0.8)] * 15,
-                                        "cpu"))
+    in_batch = sampling.sample(
+        padded,
+        torch.full((15,), 17),
+        rows_for(list(range(9)) + [5] + list(range(5)), [SamplingParams(0.8)] * 15, "cpu"),
+    )
     assert in_batch.token_ids[9].item() == alone.token_ids[0].item()
     assert in_batch.margins[9].item() == alone.margins[0].item()
 
@@ -129,12 +138,23 @@ def test_check_tokens_equals_the_reference_row_by_row(device):
         logits[row, other] = logits[row, claims[row]] - np.float32(0.05 * (row % 9))
         claims[row] = other
     claims[1::5] = rng.integers(0, vocab_size, len(claims[1::5]))
-    checks = sampling.check_tokens(torch.from_numpy(logits).to(device), torch.from_numpy(claims).to(device),
-                                   torch.from_numpy(positions).to(device), rows, tolerance)
+    checks = sampling.check_tokens(
+        torch.from_numpy(logits).to(device),
+        torch.from_numpy(claims).to(device),
+        torch.from_numpy(positions).to(device),
+        rows,
+        tolerance,
+    )
     verdicts = set()
     for row in range(num_rows):
-        reference = rule.check_tokens(logits[row:row + 1], claims[row:row + 1], np.uint64(seeds[row]),
-                                      positions[row:row + 1], params[row], tolerance)
+        reference = rule.check_tokens(
+            logits[row : row + 1],
+            claims[row : row + 1],
+            np.uint64(seeds[row]),
+            positions[row : row + 1],
+            params[row],
+            tolerance,
+        )
         assert checks.verdicts[row].item() == reference.verdicts[0], row
         np.testing.assert_array_equal(checks.score_gaps[row].cpu().numpy(), reference.score_gaps[0])
         assert abs(checks.logprobs[row].item() - reference.logprobs[0]) <= 2e-6 * (1 + abs(reference.logprobs[0]))
@@ -154,16 +174,24 @@ def test_check_tokens_under_drift_equals_the_reference_row_by_row(device):
     seeds = [rule.derive_sample_seed(3, row, 0) for row in range(num_rows)]
     positions = rng.integers(0, 10_000, num_rows)
     rows = rows_for(seeds, params, device)
-    claims = sampling.sample(torch.from_numpy(node_logits).to(device), torch.from_numpy(positions).to(device),
-                             rows).token_ids
+    claims = sampling.sample(
+        torch.from_numpy(node_logits).to(device), torch.from_numpy(positions).to(device), rows
+    ).token_ids
     drift = rng.uniform(-0.4995, 0.4995, node_logits.shape).astype(np.float32) * np.float32(tolerance)
     logits = node_logits + drift
-    checks = sampling.check_tokens(torch.from_numpy(logits).to(device), claims,
-                                   torch.from_numpy(positions).to(device), rows, tolerance)
+    checks = sampling.check_tokens(
+        torch.from_numpy(logits).to(device), claims, torch.from_numpy(positions).to(device), rows, tolerance
+    )
     assert int((checks.verdicts == rule.TokenVerdict.MISMATCH).sum()) == 0
     assert int((checks.verdicts == rule.TokenVerdict.NEAR_TIE).sum()) > 0
     for row in range(num_rows):
-        reference = rule.check_tokens(logits[row:row + 1], claims[row:row + 1].cpu().numpy(), np.uint64(seeds[row]),
-                                      positions[row:row + 1], params[row], tolerance)
+        reference = rule.check_tokens(
+            logits[row : row + 1],
+            claims[row : row + 1].cpu().numpy(),
+            np.uint64(seeds[row]),
+            positions[row : row + 1],
+            params[row],
+            tolerance,
+        )
         assert checks.verdicts[row].item() == reference.verdicts[0], row
         np.testing.assert_array_equal(checks.score_gaps[row].cpu().numpy(), reference.score_gaps[0])

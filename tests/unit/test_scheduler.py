@@ -82,7 +82,10 @@ def test_a_lease_carries_the_plan_the_prompts_of_its_number_and_the_seed_of_its_
     assert (first.group_size, first.sampling, first.policy_version) == (8, PLAN.sampling, 5)
     assert (first.created_ms, first.deadline_ms) == (T0, T0 + 120_000)
     key = store.secret("sampling-seed-key")
-    assert (first.sampling_seed, second.sampling_seed) == (sampling_seed_for_lease(key, 0), sampling_seed_for_lease(key, 1))
+    assert (first.sampling_seed, second.sampling_seed) == (
+        sampling_seed_for_lease(key, 0),
+        sampling_seed_for_lease(key, 1),
+    )
     assert first.sampling_seed != second.sampling_seed and first.lease_id != second.lease_id
     assert store.get_lease(first.lease_id) == first
 
@@ -150,8 +153,12 @@ def test_a_prompt_set_never_returns_to_a_node_that_released_it_or_let_it_expire(
     assert scheduler.issue("node-a", 1, after).lease_number == 3
     taken = scheduler.issue("node-c", 1, after)
     assert (taken.lease_number, taken.sampling_seed) == (0, released.sampling_seed)
-    seeds_of_number_0 = {lease.sampling_seed for node in ("node-a", "node-b", "node-c")
-                         for lease in store.list_leases(node, 10) if lease.lease_number == 0}
+    seeds_of_number_0 = {
+        lease.sampling_seed
+        for node in ("node-a", "node-b", "node-c")
+        for lease in store.list_leases(node, 10)
+        if lease.lease_number == 0
+    }
     assert seeds_of_number_0 == {released.sampling_seed}
 
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
 from coordinator.store import (
     SQLITE_FILE_NAME,
     ChunkStats,
     ChunkWindow,
+    Consumption,
     DuplicateRolloutError,
     GroupState,
     LeaseCapError,
@@ -36,21 +37,27 @@ from coordinator.store import (
     NodeKeyMismatchError,
     PolicyVersionRecord,
     RejectionSource,
-    RequeuedPrompts,
     Store,
     TokenStats,
     TokenWindow,
     UnknownLeaseError,
     UnknownNodeError,
+    ValidationResult,
     VersionExistsError,
     WalkAwayLimit,
     open_store,
     reputation,
     sqlite_url,
 )
+from coordinator.store.database import SQLITE_BUSY_TIMEOUT_MS, Repository
+from coordinator.store.leases import take_lease_numbers
+from coordinator.store.ledger import void_unsettled
 from coordinator.store.migrate import current_revision, head_revision, upgrade_to_head
 from coordinator.store.schema import GroupConsumption, metadata
-from coordinator.store.store import SQLITE_BUSY_TIMEOUT_MS
+from coordinator.store.statements import CONSUMPTIONS, GROUPS
+from coordinator.store.submissions import seen_rollout_hashes
+from coordinator.store.validations import insert_validation
+from coordinator.store.windows import token_window
 from protocol.types import Codec, NodeState, RejectReason, SamplingParams
 
 POSTGRES_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -175,11 +182,70 @@ def _leased_submission(store: Store, node_id: str, batch_hash: bytes, **kwargs) 
     return lease, _submission(lease, batch_hash, **kwargs)
 
 
+# ---- what only these tests read or write, on the store's own connections ----
+
+
+def _next_lease_number(store: Store) -> int:
+    with store.database.write() as connection:
+        return take_lease_numbers(connection, 1)
+
+
+def _count_open_leases(store: Store, node_id: str, now_ms: int) -> int:
+    leases = store.list_leases(node_id, limit=1_000)
+    return sum(lease.state is LeaseState.OPEN and lease.deadline_ms > now_ms for lease in leases)
+
+
+def _seen_rollout_hashes(store: Store, hashes: list[bytes] | tuple[bytes, ...]) -> set[bytes]:
+    with store.database.read() as connection:
+        return seen_rollout_hashes(connection, list(hashes))
+
+
+def _group_counts(store: Store) -> dict[GroupState, int]:
+    return store.run_counters(online_since_ms=0).num_groups
+
+
+def _list_consumptions(store: Store) -> list[Consumption]:
+    """The consumption ledger, in step order."""
+    with store.database.read() as connection:
+        rows = connection.execute(select(CONSUMPTIONS).order_by(CONSUMPTIONS.c.trainer_step, CONSUMPTIONS.c.group_id))
+        return [Consumption(row.group_id, row.trainer_step, row.consumed_ms) for row in rows]
+
+
+def _record_validation(
+    store: Store, group_id: str, passed: bool, check_name: str, evidence_json: str, now_ms: int
+) -> ValidationResult:
+    """A full check's result alone, without its consequences for the node (record_validations has those)."""
+    with store.database.write() as connection:
+        row = connection.execute(select(GROUPS.c.node_id, GROUPS.c.state).where(GROUPS.c.group_id == group_id)).first()
+        if row is None:
+            raise ValueError(f"group {group_id} does not exist")
+        return insert_validation(
+            connection, group_id, row.node_id, GroupState(row.state), passed, check_name, evidence_json, now_ms
+        )
+
+
+def _void_unsettled(store: Store, node_id: str) -> int:
+    with store.database.write() as connection:
+        return void_unsettled(connection, node_id)
+
+
+def _node_token_window(store: Store, node_id: str) -> TokenWindow:
+    with store.database.read() as connection:
+        return token_window(connection, node_id)
+
+
 # ---- schema and migrations ----
 
 
+def test_no_repository_hides_a_method_of_another():
+    """Store is the union of its repositories: a name defined twice would leave one unreachable."""
+    repositories = [cls for cls in Store.__mro__[1:] if issubclass(cls, Repository) and cls is not Repository]
+    names = [name for cls in repositories for name in vars(cls) if not name.startswith("__")]
+    assert len(repositories) == 9 and len(names) == len(set(names))
+
+
 def test_migrations_create_exactly_the_models_tables(store: Store):
-    with store._engine.connect() as connection:
+    with store.database.engine.connect() as connection:
         assert current_revision(connection) == head_revision()
         differences = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), metadata)
     assert differences == []
@@ -190,11 +256,11 @@ def test_migrations_run_twice_are_a_no_op(store_url: str):
     _register(first)
     first.close()
     second = open_store(store_url)
-    upgrade_to_head(second._write_engine)
-    with second._engine.connect() as connection:
+    upgrade_to_head(second.database.write_engine)
+    with second.database.engine.connect() as connection:
         assert current_revision(connection) == head_revision()
     assert second.get_node("node-a") is not None
-    assert second.next_lease_number() == 0
+    assert _next_lease_number(second) == 0
     second.close()
 
 
@@ -212,13 +278,13 @@ def test_data_survives_close_and_reopen(store_url: str):
     assert reopened.get_receipt(b"batch-1") == b"receipt:batch-1"
     assert len(reopened.ready_groups(0, 10)) == 2
     assert reopened.latest_version().version == 1
-    assert reopened.next_lease_number() == 1
+    assert _next_lease_number(reopened) == 1
     reopened.close()
 
 
 def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path):
     store = open_store(sqlite_url(tmp_path))
-    with store._engine.connect() as connection:
+    with store.database.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_BUSY_TIMEOUT_MS
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
@@ -280,11 +346,17 @@ def test_ban_unban_and_full_checks(store: Store):
     with pytest.raises(UnknownNodeError):
         store.ban_node("node-unknown", "x")
 
-    for _ in range(3):
-        passed = store.record_full_check("node-a", True)
+    group_ids = []
+    for batch_hash in (b"batch-1", b"batch-2"):
+        _, submission = _leased_submission(store, "node-a", batch_hash, state=GroupState.PENDING_VALIDATION)
+        store.record_submission(submission)
+        group_ids += [group.group_id for group in submission.groups]
+    passes = [NewValidation(group_id, True, "all", "{}") for group_id in group_ids[:3]]
+    passed = store.record_validations(passes, T0, max_strikes=2, probation_tokens=0)[-1].node
     assert (passed.num_full_checks_passed, passed.num_strikes) == (3, 0)
     assert passed.reputation == reputation(3, 0) == 3 / 13
-    failed = store.record_full_check("node-a", False)
+    failure = [NewValidation(group_ids[3], False, "sampling", "{}")]
+    failed = store.record_validations(failure, T0, max_strikes=2, probation_tokens=0)[0].node
     assert (failed.num_full_checks_passed, failed.num_full_checks_failed, failed.num_strikes) == (3, 1, 1)
     assert failed.reputation == reputation(3, 1) < passed.reputation
 
@@ -302,7 +374,7 @@ def test_nodes_holding_each_version(store: Store):
 
 
 def test_lease_numbers_count_up_and_survive(store: Store):
-    assert [store.next_lease_number() for _ in range(3)] == [0, 1, 2]
+    assert [_next_lease_number(store) for _ in range(3)] == [0, 1, 2]
 
 
 def test_issue_lease_caps_open_leases_per_node(store: Store):
@@ -311,17 +383,17 @@ def test_issue_lease_caps_open_leases_per_node(store: Store):
     second = store.issue_lease("node-a", T0, 2, _fresh_factory("node-a"))
     assert (first.lease_number, second.lease_number) == (0, 1)
     assert store.get_lease(first.lease_id) == first
-    assert store.count_open_leases("node-a", T0) == 2
+    assert _count_open_leases(store, "node-a", T0) == 2
     with pytest.raises(LeaseCapError, match="cap is 2"):
         store.issue_lease("node-a", T0, 2, _fresh_factory("node-a"))
     # a refused request takes no lease number
-    assert store.next_lease_number() == 2
+    assert _next_lease_number(store) == 2
     with pytest.raises(UnknownNodeError):
         store.issue_lease("node-unknown", T0, 2, _fresh_factory("node-unknown"))
     store.close_lease(first.lease_id, LeaseState.SUBMITTED, T0 + 5)
-    assert store.count_open_leases("node-a", T0 + 5) == 1
+    assert _count_open_leases(store, "node-a", T0 + 5) == 1
     # a lease past its deadline does not count, even before expire_leases ran
-    assert store.count_open_leases("node-a", T0 + 60_000) == 0
+    assert _count_open_leases(store, "node-a", T0 + 60_000) == 0
 
 
 def test_expired_and_released_leases_are_requeued_first(store: Store):
@@ -343,8 +415,9 @@ def test_expired_and_released_leases_are_requeued_first(store: Store):
 
     again = store.issue_lease("node-b", T0 + 3_000, 5, _fresh_factory("node-b"))
     assert (again.lease_number, again.prompt_indices) == (expiring.lease_number, expiring.prompt_indices)
-    assert store.take_requeued() == RequeuedPrompts(released.lease_number, released.prompt_indices)
-    assert store.take_requeued() is None
+    taken = store.issue_lease("node-b", T0 + 3_000, 5, _fresh_factory("node-b"))
+    assert (taken.lease_number, taken.prompt_indices) == (released.lease_number, released.prompt_indices)
+    assert store.num_requeued() == 0
     assert store.issue_lease("node-b", T0 + 3_000, 5, _fresh_factory("node-b")).lease_number == 3
 
     with pytest.raises(UnknownLeaseError):
@@ -387,18 +460,18 @@ def test_create_lease_stores_a_lease_as_given(store: Store):
 def test_submission_is_stored_once_and_resends_get_the_same_receipt(store: Store):
     _register(store)
     lease, submission = _leased_submission(store, "node-a", b"batch-1")
-    assert store.seen_rollout_hashes(submission.rollout_hashes) == set()
+    assert _seen_rollout_hashes(store, submission.rollout_hashes) == set()
 
     outcome = store.record_submission(submission)
     assert outcome.newly_stored and outcome.receipt == b"receipt:batch-1"
     assert store.get_lease(lease.lease_id).state is LeaseState.SUBMITTED
-    assert store.seen_rollout_hashes([*submission.rollout_hashes, b"other"]) == set(submission.rollout_hashes)
+    assert _seen_rollout_hashes(store, [*submission.rollout_hashes, b"other"]) == set(submission.rollout_hashes)
 
     resent = store.record_submission(NewSubmission(**{**submission.__dict__, "receipt": b"a different receipt"}))
     assert not resent.newly_stored and resent.receipt == b"receipt:batch-1"
     node = store.get_node("node-a")
     assert (node.num_rollouts_accepted, node.num_rollouts_rejected) == (4, 1)
-    assert store.group_counts()[GroupState.READY] == 2
+    assert _group_counts(store)[GroupState.READY] == 2
     assert len(store.list_submissions("node-a", 10)) == 1
     assert store.get_receipt(b"batch-unknown") is None
 
@@ -413,7 +486,7 @@ def test_a_copied_rollout_is_refused_and_nothing_is_written(store: Store):
         store.record_submission(copy)
     assert raised.value.hashes == {original.rollout_hashes[0]}
     assert store.get_receipt(b"batch-2") is None
-    assert store.seen_rollout_hashes([b"fresh"]) == set()
+    assert _seen_rollout_hashes(store, [b"fresh"]) == set()
     assert store.get_node("node-b").num_rollouts_accepted == 0
     lease, doubled = _leased_submission(store, "node-b", b"batch-3", hashes=(b"h", b"h"))
     with pytest.raises(ValueError, match="twice"):
@@ -439,11 +512,11 @@ def test_submissions_and_rejections_for_the_dashboard(store: Store):
     assert [(s.num_accepted, s.num_rejected) for s in store.list_submissions("node-a", 1)] == [(4, 2)]
 
     failed_group = first.groups[0].group_id
-    store.record_validation(failed_group, False, "sampling", '{"position": 7}', T0 + 3_000)
+    _record_validation(store, failed_group, False, "sampling", '{"position": 7}', T0 + 3_000)
     rejections = store.list_rejections("node-a", 10)
     assert [r.source for r in rejections] == [RejectionSource.VALIDATION] + [RejectionSource.SUBMISSION] * 3
     assert rejections[0].reason == "sampling" and rejections[0].evidence_json == '{"position": 7}'
-    assert rejections[1].reason == "REWARD_MISMATCH" and rejections[1].sample_index is not None
+    assert rejections[1].reason == "reward_mismatch" and rejections[1].sample_index is not None
     assert len(store.list_rejections("node-a", 2)) == 2
     assert store.list_rejections("node-b", 10) == []
 
@@ -470,7 +543,11 @@ def test_ready_groups_oldest_first_above_a_version_of_nodes_in_good_standing(sto
     assert _ids(store.ready_groups(2, 100)) == _ids(new.groups)
     stored = store.get_group(new.groups[0].group_id)
     assert (stored.group_bytes, stored.policy_version, stored.node_id, stored.state) == (
-        new.groups[0].group_bytes, 3, "node-a", GroupState.READY)
+        new.groups[0].group_bytes,
+        3,
+        "node-a",
+        GroupState.READY,
+    )
 
 
 def test_no_group_is_consumed_twice(store: Store):
@@ -489,11 +566,11 @@ def test_no_group_is_consumed_twice(store: Store):
     assert outcome.consumed == (second,)
     assert outcome.already_consumed == (first,)
     assert outcome.refused == (pending.groups[0].group_id, "unknown")
-    assert [(c.group_id, c.trainer_step) for c in store.list_consumptions()] == [(first, 1), (second, 2)]
+    assert [(c.group_id, c.trainer_step) for c in _list_consumptions(store)] == [(first, 1), (second, 2)]
     assert store.set_group_state([first], GroupState.QUARANTINED, T0 + 7) == 0
     assert store.get_group(first).state is GroupState.CONSUMED
 
-    with pytest.raises(IntegrityError), store._write_engine.begin() as connection:
+    with pytest.raises(IntegrityError), store.database.write_engine.begin() as connection:
         connection.execute(insert(GroupConsumption).values(group_id=first, trainer_step=3, consumed_ms=T0))
 
 
@@ -509,10 +586,10 @@ def test_a_resumed_trainer_gets_back_the_groups_of_its_lost_steps(store: Store):
     store.mark_consumed(lost, trainer_step=5, now_ms=T0)
 
     assert store.restore_consumed_after(4, T0 + 1) == 2
-    assert [c.group_id for c in store.list_consumptions()] == sorted(kept)
+    assert [c.group_id for c in _list_consumptions(store)] == sorted(kept)
     assert all(store.get_group(g).state is GroupState.READY for g in lost)
     assert store.mark_consumed(lost, trainer_step=5, now_ms=T0 + 2).consumed == tuple(lost)
-    assert sorted(c.trainer_step for c in store.list_consumptions()) == [4, 4, 5, 5]
+    assert sorted(c.trainer_step for c in _list_consumptions(store)) == [4, 4, 5, 5]
     assert store.restore_consumed_after(5, T0 + 3) == 0
 
 
@@ -545,7 +622,7 @@ def test_group_state_changes_follow_the_allowed_transitions(store: Store):
         store.set_group_state(ready_ids, GroupState.CONSUMED, T0)
     with pytest.raises(ValueError):
         store.set_group_state(ready_ids, GroupState.PENDING_VALIDATION, T0)
-    counts = store.group_counts()
+    counts = _group_counts(store)
     assert (counts[GroupState.STALE], counts[GroupState.READY], counts[GroupState.PENDING_VALIDATION]) == (2, 2, 0)
     assert counts[GroupState.CONSUMED] == counts[GroupState.QUARANTINED] == counts[GroupState.REJECTED] == 0
     assert store.count_groups([GroupState.READY, GroupState.PENDING_VALIDATION]) == 2
@@ -564,15 +641,17 @@ def test_quarantine_takes_the_nodes_unconsumed_groups_verified_or_not(store: Sto
     consumed_id, unverified_id = (g.group_id for g in ready.groups)
     verified_id, pending_id = (g.group_id for g in pending.groups)
     store.mark_consumed([consumed_id], 1, T0)
-    store.record_validation(verified_id, True, "all", "{}", T0)
+    store.record_validations([NewValidation(verified_id, True, "all", "{}")], T0, max_strikes=2, probation_tokens=0)
+    assert store.get_group(verified_id).state is GroupState.READY
 
-    assert store.quarantine_node_groups("node-a", T0 + 1) == 3
+    failure = [NewValidation(pending_id, False, "sampling", "{}")]
+    assert store.record_validations(failure, T0 + 1, max_strikes=2, probation_tokens=0)[0].num_quarantined == 2
     states = {gid: store.get_group(gid).state for gid in (consumed_id, unverified_id, verified_id, pending_id)}
     assert states == {
         consumed_id: GroupState.CONSUMED,
         unverified_id: GroupState.QUARANTINED,
         verified_id: GroupState.QUARANTINED,
-        pending_id: GroupState.QUARANTINED,
+        pending_id: GroupState.REJECTED,
     }
     assert all(g.state is GroupState.READY for g in map(store.get_group, (g.group_id for g in other.groups)))
 
@@ -590,18 +669,17 @@ def test_validation_jobs_and_results(store: Store):
     assert [job.group_id for job in jobs] == [g.group_id for g in pending.groups]
     assert jobs[0].group_bytes == pending.groups[0].group_bytes and not jobs[0].verified
 
-    passed = store.record_validation(jobs[0].group_id, True, "all", '{"max_drift": 0.01}', T0 + 10)
+    passed = _record_validation(store, jobs[0].group_id, True, "all", '{"max_drift": 0.01}', T0 + 10)
     assert (passed.node_id, passed.passed) == ("node-a", True)
-    store.record_validation(jobs[1].group_id, False, "commitment", '{"mismatches": 40}', T0 + 11)
-    store.record_validation(ready.groups[0].group_id, True, "all", "{}", T0 + 12)
+    _record_validation(store, jobs[1].group_id, False, "commitment", '{"mismatches": 40}', T0 + 11)
+    _record_validation(store, ready.groups[0].group_id, True, "all", "{}", T0 + 12)
     assert store.get_group(jobs[0].group_id).state is GroupState.READY and store.get_group(jobs[0].group_id).verified
     assert store.get_group(jobs[1].group_id).state is GroupState.REJECTED
     assert store.get_group(ready.groups[0].group_id).verified
     assert store.pending_validation(10) == []
     assert [v.check_name for v in store.list_validations("node-a", 10)] == ["all", "commitment", "all"]
     with pytest.raises(ValueError):
-        store.record_validation("unknown", True, "all", "{}", T0)
-
+        _record_validation(store, "unknown", True, "all", "{}", T0)
 
 
 def test_record_validations_of_a_batch(store: Store):
@@ -614,15 +692,20 @@ def test_record_validations_of_a_batch(store: Store):
         store.record_submission(submission)
     first, second = (g.group_id for g in pending.groups)
     failing, quarantined = (g.group_id for g in other.groups)
-    outcomes = store.record_validations([
-        NewValidation(first, True, "all", "{}"),
-        NewValidation(ready.groups[0].group_id, True, "all", "{}"),  # not pending validation: skipped
-        NewValidation(quarantined, True, "all", "{}"),  # its node failed in this batch: quarantined first
-        NewValidation(failing, False, "sampling", '{"position": 3}'),
-        NewValidation("unknown", True, "all", "{}"),
-        NewValidation(first, False, "all", "{}"),  # listed twice: recorded once, its pass (node-a's first)
-        NewValidation(second, True, "all", "{}"),
-    ], T0 + 10, max_strikes=2, probation_tokens=10_000)
+    outcomes = store.record_validations(
+        [
+            NewValidation(first, True, "all", "{}"),
+            NewValidation(ready.groups[0].group_id, True, "all", "{}"),  # not pending validation: skipped
+            NewValidation(quarantined, True, "all", "{}"),  # its node failed in this batch: quarantined first
+            NewValidation(failing, False, "sampling", '{"position": 3}'),
+            NewValidation("unknown", True, "all", "{}"),
+            NewValidation(first, False, "all", "{}"),  # listed twice: recorded once, its pass (node-a's first)
+            NewValidation(second, True, "all", "{}"),
+        ],
+        T0 + 10,
+        max_strikes=2,
+        probation_tokens=10_000,
+    )
     assert [o is None for o in outcomes] == [False, True, True, False, True, True, False]
     passed, failed = outcomes[0], outcomes[3]
     assert (passed.result.group_id, passed.result.passed, failed.result.check_name) == (first, True, "sampling")
@@ -660,26 +743,44 @@ def test_node_chunk_windows_keep_each_nodes_newest_chunks_once(store: Store):
 
     def window_of(added: list[ChunkStats], node_id: str = "node-a") -> ChunkWindow:
         newest = added[-5:]
-        return ChunkWindow(node_id, len(newest), sum(c.exponent_mismatches for c in newest),
-                           sum(c.mantissa_error_sum for c in newest), sum(c.num_matched for c in newest))
+        return ChunkWindow(
+            node_id,
+            len(newest),
+            sum(c.exponent_mismatches for c in newest),
+            sum(c.mantissa_error_sum for c in newest),
+            sum(c.num_matched for c in newest),
+        )
 
-    stats = {group_id: chunks(n) for group_id, n in zip(groups_a, (2, 3, 1, 4, 2, 0))}
+    stats = {group_id: chunks(n) for group_id, n in zip(groups_a, (2, 3, 1, 4, 2, 0), strict=True)}
     stats_b = chunks(3)
-    assert store.add_node_chunks([(groups_a[0], stats[groups_a[0]]), (group_b, stats_b),
-                                  (groups_a[1], stats[groups_a[1]])], window_size=5) == [
-        window_of(stats[groups_a[0]]), window_of(stats_b, "node-b"), window_of(stats[groups_a[0]] + stats[groups_a[1]])]
-    store.record_validation(groups_a[3], True, "all", "{}", T0)
-    assert store.add_node_chunks([
-        (groups_a[0], stats[groups_a[0]]),  # added before
-        (ready.groups[0].group_id, chunks(2)),  # never waited for validation
-        ("unknown", chunks(2)),
-        (groups_a[3], stats[groups_a[3]]),  # decided already
-        (groups_a[5], stats[groups_a[5]]),  # no chunks
-        (groups_a[2], stats[groups_a[2]]),
-        (groups_a[4], stats[groups_a[4]]),
-    ], window_size=5) == [None, None, None, None, None,
-                          window_of(stats[groups_a[0]] + stats[groups_a[1]] + stats[groups_a[2]]),
-                          window_of(stats[groups_a[0]] + stats[groups_a[1]] + stats[groups_a[2]] + stats[groups_a[4]])]
+    assert store.add_node_chunks(
+        [(groups_a[0], stats[groups_a[0]]), (group_b, stats_b), (groups_a[1], stats[groups_a[1]])], window_size=5
+    ) == [
+        window_of(stats[groups_a[0]]),
+        window_of(stats_b, "node-b"),
+        window_of(stats[groups_a[0]] + stats[groups_a[1]]),
+    ]
+    _record_validation(store, groups_a[3], True, "all", "{}", T0)
+    assert store.add_node_chunks(
+        [
+            (groups_a[0], stats[groups_a[0]]),  # added before
+            (ready.groups[0].group_id, chunks(2)),  # never waited for validation
+            ("unknown", chunks(2)),
+            (groups_a[3], stats[groups_a[3]]),  # decided already
+            (groups_a[5], stats[groups_a[5]]),  # no chunks
+            (groups_a[2], stats[groups_a[2]]),
+            (groups_a[4], stats[groups_a[4]]),
+        ],
+        window_size=5,
+    ) == [
+        None,
+        None,
+        None,
+        None,
+        None,
+        window_of(stats[groups_a[0]] + stats[groups_a[1]] + stats[groups_a[2]]),
+        window_of(stats[groups_a[0]] + stats[groups_a[1]] + stats[groups_a[2]] + stats[groups_a[4]]),
+    ]
     assert store.add_node_chunks([], window_size=5) == []
     store.ban_node("node-a", "window")
     store.unban_node("node-a")  # the window starts over
@@ -707,6 +808,9 @@ def test_trainer_metrics(store: Store):
     for step in range(5):
         store.add_metrics(step, f'{{"reward": {step / 10}}}', T0 + step)
     assert [(m.step, m.metrics_json) for m in store.list_metrics(2)] == [(3, '{"reward": 0.3}'), (4, '{"reward": 0.4}')]
+    assert [m.step for m in store.list_metrics_between(1, 3, max_rows=10)] == [1, 2, 3]
+    # more steps than max_rows in the range: every k-th from the first, k = ceil(5 / 2)
+    assert [m.step for m in store.list_metrics_between(0, 10, max_rows=2)] == [0, 3]
 
 
 # ---- contribution ledger ----
@@ -723,7 +827,7 @@ def test_contributions_settle_after_the_window_and_are_voided_on_failure(store: 
     for submission in (early, waiting, late, cheat, banned):
         store.record_submission(submission)
     store.ban_node("node-c", "x")
-    assert store.void_unsettled("node-b") == 2
+    assert _void_unsettled(store, "node-b") == 2
 
     assert store.settle_contributions(before_ms=T0 + 5_000) == 2
     assert store.settle_contributions(before_ms=T0 + 5_000) == 0
@@ -735,7 +839,7 @@ def test_contributions_settle_after_the_window_and_are_voided_on_failure(store: 
     assert (totals["node-b"].voided.num_entries, totals["node-b"].pending.num_entries) == (2, 0)
     assert totals["node-c"].pending.num_entries == 2
     assert [t.node_id for t in store.contribution_totals("node-b")] == ["node-b"]
-    assert store.void_unsettled("node-a") == 4
+    assert _void_unsettled(store, "node-a") == 4
     assert store.contribution_totals("node-a")[0].settled.num_entries == 2
 
 
@@ -747,12 +851,15 @@ def test_contribution_timeline_sums_unvoided_work_per_bucket(store: Store):
         store.record_submission(submission)
     _, voided = _leased_submission(store, "node-b", b"batch-4", now_ms=T0 + 1_000)
     store.record_submission(voided)
-    store.void_unsettled("node-b")
+    _void_unsettled(store, "node-b")
     store.settle_contributions(before_ms=T0 + 2_000)
 
     timeline = store.contribution_timeline("node-a", bucket_ms=10_000)
     assert [bucket.start_ms for bucket in timeline] == [T0, T0 + 10_000]
-    assert [(b.work.num_entries, b.work.num_tokens, b.work.num_rollouts) for b in timeline] == [(4, 400, 8), (2, 200, 4)]
+    assert [(b.work.num_entries, b.work.num_tokens, b.work.num_rollouts) for b in timeline] == [
+        (4, 400, 8),
+        (2, 200, 4),
+    ]
     assert timeline[0].work.flops_estimate == 6e9
     assert store.contribution_timeline("node-b", bucket_ms=10_000) == []
     with pytest.raises(ValueError):
@@ -799,7 +906,7 @@ def _run_in_threads(function: Callable[[int], object], num_calls: int) -> list:
 
 
 def test_lease_numbers_are_unique_under_concurrency(store: Store):
-    numbers = _run_in_threads(lambda _: store.next_lease_number(), 80)
+    numbers = _run_in_threads(lambda _: _next_lease_number(store), 80)
     assert sorted(numbers) == list(range(80))
 
 
@@ -831,7 +938,7 @@ def test_concurrent_acks_consume_each_group_once(store: Store):
     outcomes = _run_in_threads(lambda step: store.mark_consumed(group_ids, step, T0), 16)
     consumed = [group_id for outcome in outcomes for group_id in outcome.consumed]
     assert sorted(consumed) == sorted(group_ids)
-    assert len(store.list_consumptions()) == len(group_ids)
+    assert len(_list_consumptions(store)) == len(group_ids)
 
 
 def test_concurrent_lease_requests_respect_the_cap_and_the_requeue(store: Store):
@@ -889,7 +996,7 @@ def test_concurrent_submissions_keep_the_rules_of_one_at_a_time(store: Store):
     assert store.get_node("node-a").num_rollouts_accepted == 4 * len(stored)
     assert len(store.list_submissions("node-a", 100)) == len(stored)
     all_hashes = [h for submission in submissions for h in submission.rollout_hashes]
-    assert store.seen_rollout_hashes(all_hashes) == {h for submission in stored for h in submission.rollout_hashes}
+    assert _seen_rollout_hashes(store, all_hashes) == {h for submission in stored for h in submission.rollout_hashes}
 
 
 def test_a_failing_request_among_concurrent_ones_fails_alone(store: Store):
@@ -947,7 +1054,7 @@ def test_a_trainer_resumed_at_step_zero_gets_back_every_consumed_group(store: St
     store.mark_consumed(group_ids[2:], trainer_step=2, now_ms=T0)
 
     assert store.restore_consumed_after(0, T0 + 1) == len(group_ids)
-    assert store.list_consumptions() == []
+    assert _list_consumptions(store) == []
     assert all(store.get_group(g).state is GroupState.READY for g in group_ids)
     assert store.restore_consumed_after(0, T0 + 2) == 0
 
@@ -962,14 +1069,19 @@ def test_the_migration_keeps_the_last_report_of_a_step_reported_twice(store_url:
     engine = create_engine(store_url)
     with engine.begin() as connection:
         command.upgrade(alembic_config(connection), "0002")
-        connection.execute(insert(TrainerMetrics.__table__), [
-            {"step": step, "metrics_json": json, "created_ms": T0}
-            for step, json in [(1, '{"a": 1}'), (2, '{"a": 2}'), (2, '{"b": 2}'), (3, '{"a": 3}'), (2, '{"c": 2}')]
-        ])
+        connection.execute(
+            insert(TrainerMetrics.__table__),
+            [
+                {"step": step, "metrics_json": json, "created_ms": T0}
+                for step, json in [(1, '{"a": 1}'), (2, '{"a": 2}'), (2, '{"b": 2}'), (3, '{"a": 3}'), (2, '{"c": 2}')]
+            ],
+        )
     engine.dispose()
     upgraded = open_store(store_url)
     assert [(m.step, m.metrics_json) for m in upgraded.list_metrics(10)] == [
-        (1, '{"a": 1}'), (2, '{"c": 2}'), (3, '{"a": 3}'),
+        (1, '{"a": 1}'),
+        (2, '{"c": 2}'),
+        (3, '{"a": 3}'),
     ]
     upgraded.close()
 
@@ -981,15 +1093,17 @@ def _pending_submissions(store: Store, node_id: str, count: int, tag: str = "") 
     """count stored submissions of the node, two groups each, pending validation: their group ids."""
     submissions = []
     for i in range(count):
-        _, submission = _leased_submission(store, node_id, f"{node_id}-{tag}{i}".encode(),
-                                           state=GroupState.PENDING_VALIDATION)
+        _, submission = _leased_submission(
+            store, node_id, f"{node_id}-{tag}{i}".encode(), state=GroupState.PENDING_VALIDATION
+        )
         store.record_submission(submission)
         submissions.append([g.group_id for g in submission.groups])
     return submissions
 
 
-def _record(store: Store, *results: NewValidation, now_ms: int = T0 + 10, max_strikes: int = 2,
-            probation_tokens: int = 300):
+def _record(
+    store: Store, *results: NewValidation, now_ms: int = T0 + 10, max_strikes: int = 2, probation_tokens: int = 300
+):
     return store.record_validations(list(results), now_ms, max_strikes=max_strikes, probation_tokens=probation_tokens)
 
 
@@ -1023,16 +1137,25 @@ def test_probation_tokens_0_holds_nothing(store: Store):
 def test_a_doubting_pass_puts_a_trusted_node_back_on_probation_and_holds_its_ready_groups(store: Store):
     _register(store)
     (a1, a2), (b1, b2) = _pending_submissions(store, "node-a", 2)
-    _record(store, NewValidation(a1, True, "all", "{}"), NewValidation(a2, True, "all", "{}"),
-            NewValidation(b1, True, "all", "{}", window_verdict=True), probation_tokens=0)
+    _record(
+        store,
+        NewValidation(a1, True, "all", "{}"),
+        NewValidation(a2, True, "all", "{}"),
+        NewValidation(b1, True, "all", "{}", window_verdict=True),
+        probation_tokens=0,
+    )
     assert not store.get_node("node-a").on_probation
     store.mark_consumed([a1], 1, T0)
     (outcome,) = _record(store, NewValidation(b2, True, "commitment_pooled_doubt", "{}", suspect=True))
     assert outcome.result.passed and outcome.node.on_probation and outcome.node.num_strikes == 0
     assert outcome.node.probation_start_tokens == 300
     states = {g: store.get_group(g).state for g in (a1, a2, b1, b2)}
-    assert states == {a1: GroupState.CONSUMED, a2: GroupState.PROBATION, b1: GroupState.PROBATION,
-                      b2: GroupState.PROBATION}
+    assert states == {
+        a1: GroupState.CONSUMED,
+        a2: GroupState.PROBATION,
+        b1: GroupState.PROBATION,
+        b2: GroupState.PROBATION,
+    }
     assert store.settle_contributions(T0 + 10**9) == 1  # only the consumed group's credit settles
 
 
@@ -1044,15 +1167,15 @@ def test_a_node_caught_on_probation_has_none_of_its_groups_consumed(store: Store
     assert outcome.result.num_groups_consumed == 0 and outcome.num_quarantined == 3
     assert store.list_validations("node-a", 1)[0].num_groups_consumed == 0
     assert {store.get_group(g).state for g in (a1, a2, b2)} == {GroupState.QUARANTINED}
-    assert store.list_consumptions() == []
+    assert _list_consumptions(store) == []
 
 
 def test_one_strike_per_failing_submission_whatever_the_batching_and_on_re_reports(store: Store):
     for node_id in ("node-a", "node-b", "node-c"):
         _register(store, node_id)
-    (a1, a2), = _pending_submissions(store, "node-a", 1)
-    (b1, b2), = _pending_submissions(store, "node-b", 1)
-    (c1, c2), = _pending_submissions(store, "node-c", 1)
+    ((a1, a2),) = _pending_submissions(store, "node-a", 1)
+    ((b1, b2),) = _pending_submissions(store, "node-b", 1)
+    ((c1, c2),) = _pending_submissions(store, "node-c", 1)
     # node-a: both bad groups in one report
     outcomes = _record(store, NewValidation(a1, False, "sampling", "{}"), NewValidation(a2, False, "sampling", "{}"))
     assert sum(o is not None and o.struck for o in outcomes) == 1
@@ -1060,9 +1183,11 @@ def test_one_strike_per_failing_submission_whatever_the_batching_and_on_re_repor
     _record(store, NewValidation(b1, False, "sampling", "{}"))
     for _ in range(2):
         assert _record(store, NewValidation(b2, False, "sampling", "{}"), NewValidation(b1, False, "x", "{}")) == [
-            None, None]
+            None,
+            None,
+        ]
     # node-c: a failure recorded without its consequences leaves a sibling pending: still one strike
-    store.record_validation(c1, False, "sampling", "{}", T0)
+    _record_validation(store, c1, False, "sampling", "{}", T0)
     (outcome,) = _record(store, NewValidation(c2, False, "sampling", "{}"))
     assert not outcome.struck and outcome.node.num_full_checks_failed == 1
     assert [store.get_node(n).num_strikes for n in ("node-a", "node-b", "node-c")] == [1, 1, 0]
@@ -1083,7 +1208,8 @@ def test_ban_quarantine_and_voided_credit_are_written_with_the_verdict(store: St
     (second,) = _record(store, NewValidation(later.groups[0].group_id, False, "commitment", "{}"))
     assert second.struck and second.banned_now and second.num_quarantined == 1 and second.num_voided == 2
     node = store.get_node("node-a")
-    assert node.banned and node.num_strikes == 2 and "commitment" in node.ban_reason
+    assert node.banned and node.num_strikes == 2
+    assert node.ban_reason == "2 strikes (2 failed full checks); last failed check: commitment"
     totals = store.contribution_totals("node-a")[0]
     assert totals.pending.num_entries == 0 and totals.settled.num_entries == 0
 
@@ -1122,8 +1248,9 @@ def test_walkaways_are_counted_cooled_down_struck_and_banned(store: Store):
     _register(store)
     for index, now in enumerate((T0, T0 + 20_000)):
         for step in range(2):
-            lease = store.issue_lease("node-a", now + step, 5, _fresh_factory("node-a", now_ms=now + step),
-                                      walkaway_limit=WALKAWAY_LIMIT)
+            lease = store.issue_lease(
+                "node-a", now + step, 5, _fresh_factory("node-a", now_ms=now + step), walkaway_limit=WALKAWAY_LIMIT
+            )
             store.close_lease(lease.lease_id, LeaseState.RELEASED, now + step, WALKAWAY_LIMIT)
         node = store.get_node("node-a")
         assert (node.num_leases_released, node.num_lease_cooldowns) == (2 * index + 2, index + 1)
@@ -1134,8 +1261,9 @@ def test_walkaways_are_counted_cooled_down_struck_and_banned(store: Store):
     assert store.get_node("node-a").num_strikes == 1  # the second cool-down came within 4 leases of the first
     for step in range(2):
         now = T0 + 40_000 + step
-        store.issue_lease("node-a", now, 5, _fresh_factory("node-a", deadline_ms=5_000, now_ms=now),
-                          walkaway_limit=WALKAWAY_LIMIT)
+        store.issue_lease(
+            "node-a", now, 5, _fresh_factory("node-a", deadline_ms=5_000, now_ms=now), walkaway_limit=WALKAWAY_LIMIT
+        )
     store.expire_leases(T0 + 50_000, WALKAWAY_LIMIT)
     node = store.get_node("node-a")
     assert (node.num_leases_expired, node.num_strikes, node.banned) == (2, 2, True)
@@ -1163,7 +1291,10 @@ def test_concurrent_requests_take_each_requeued_set_once_and_never_their_own(sto
     store.expire_leases(T0 + 10)
     leases = _run_in_threads(
         lambda index: store.issue_lease(
-            ("node-a", "node-b", "node-c")[index % 3], T0 + 20, 10, _fresh_factory(("node-a", "node-b", "node-c")[index % 3])
+            ("node-a", "node-b", "node-c")[index % 3],
+            T0 + 20,
+            10,
+            _fresh_factory(("node-a", "node-b", "node-c")[index % 3]),
         ),
         12,
     )
@@ -1188,23 +1319,38 @@ def test_node_token_windows_keep_the_newest_groups_that_cover_the_window_once(st
     group_b = other.groups[0].group_id
 
     def stats(num_tokens: int) -> TokenStats:  # quarters: sums are exact in any order
-        return TokenStats(num_tokens, num_tokens // 50, num_tokens // 60, num_tokens // 120, num_tokens // 100,
-                          num_tokens / 200, num_tokens / 400, -num_tokens / 4, num_tokens / 8)
+        return TokenStats(
+            num_tokens,
+            num_tokens // 50,
+            num_tokens // 60,
+            num_tokens // 120,
+            num_tokens // 100,
+            num_tokens / 200,
+            num_tokens / 400,
+            -num_tokens / 4,
+            num_tokens / 8,
+        )
 
-    assert store.add_node_tokens([(groups_a[0], stats(100)), (group_b, stats(70)), (groups_a[1], stats(200))],
-                                 window_tokens=450) == [
-        TokenWindow("node-a", 1, stats(100)), TokenWindow("node-b", 1, stats(70)),
-        TokenWindow("node-a", 2, stats(100) + stats(200))]
-    store.record_validation(groups_a[3], True, "all", "{}", T0)
-    assert store.add_node_tokens([
-        (groups_a[0], stats(100)),  # added before
-        ("unknown", stats(10)),
-        (groups_a[3], stats(50)),  # decided already
-        (groups_a[2], stats(300)),  # 300 + 200 cover 450: the oldest group leaves
-    ], window_tokens=450) == [None, None, None, TokenWindow("node-a", 2, stats(200) + stats(300))]
-    assert store.node_token_window("node-a") == TokenWindow("node-a", 2, stats(200) + stats(300))
+    assert store.add_node_tokens(
+        [(groups_a[0], stats(100)), (group_b, stats(70)), (groups_a[1], stats(200))], window_tokens=450
+    ) == [
+        TokenWindow("node-a", 1, stats(100)),
+        TokenWindow("node-b", 1, stats(70)),
+        TokenWindow("node-a", 2, stats(100) + stats(200)),
+    ]
+    _record_validation(store, groups_a[3], True, "all", "{}", T0)
+    assert store.add_node_tokens(
+        [
+            (groups_a[0], stats(100)),  # added before
+            ("unknown", stats(10)),
+            (groups_a[3], stats(50)),  # decided already
+            (groups_a[2], stats(300)),  # 300 + 200 cover 450: the oldest group leaves
+        ],
+        window_tokens=450,
+    ) == [None, None, None, TokenWindow("node-a", 2, stats(200) + stats(300))]
+    assert _node_token_window(store, "node-a") == TokenWindow("node-a", 2, stats(200) + stats(300))
     assert store.add_node_tokens([], window_tokens=450) == []
     store.ban_node("node-a", "window")
     store.unban_node("node-a")  # the window starts over
-    assert store.node_token_window("node-a") == TokenWindow("node-a", 0, TokenStats())
-    assert store.node_token_window("node-b") == TokenWindow("node-b", 1, stats(70))
+    assert _node_token_window(store, "node-a") == TokenWindow("node-a", 0, TokenStats())
+    assert _node_token_window(store, "node-b") == TokenWindow("node-b", 1, stats(70))

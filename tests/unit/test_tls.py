@@ -59,9 +59,11 @@ def test_certs_command_writes_a_pair_that_the_coordinator_loads(tmp_path, capsys
     certificate_pem = (tmp_path / "coordinator.crt").read_bytes()
     assert f"fingerprint (SHA-256): {certificate_fingerprint(certificate_pem)}" in printed
     assert stat.S_IMODE((tmp_path / "coordinator.key").stat().st_mode) == 0o600
-    names = x509.load_pem_x509_certificate(certificate_pem).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName
-    ).value
+    names = (
+        x509.load_pem_x509_certificate(certificate_pem)
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
     assert set(names.get_values_for_type(x509.DNSName)) == {"localhost", "coordinator.example.org"}
     assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1", "10.1.2.3"}
     server_credentials(tmp_path / "coordinator.crt", tmp_path / "coordinator.key")
@@ -91,7 +93,7 @@ def _echo_call(channel: grpc.Channel) -> bytes:
 def test_a_client_reaches_a_tls_coordinator_by_its_ca_file_or_pinned_fingerprint(tls_address, pair):
     with open_channel(tls_address, CoordinatorTls(ca_file=pair.certificate_file)) as channel:
         assert _echo_call(channel) == b"ping"
-    colon_form = ":".join(pair.fingerprint[i:i + 2] for i in range(0, 64, 2)).upper()
+    colon_form = ":".join(pair.fingerprint[i : i + 2] for i in range(0, 64, 2)).upper()
     with open_channel(tls_address, CoordinatorTls(fingerprint=colon_form)) as channel:
         assert _echo_call(channel) == b"ping"
 
@@ -109,9 +111,11 @@ def test_a_pinned_certificate_is_accepted_under_a_name_it_does_not_carry(pair):
     try:
         with open_channel(f"127.0.0.2:{port}", CoordinatorTls(fingerprint=pair.fingerprint)) as channel:
             assert _echo_call(channel) == b"ping"
-        with open_channel(f"127.0.0.2:{port}", CoordinatorTls(ca_file=pair.certificate_file)) as channel:
-            with pytest.raises(grpc.RpcError) as refused:
-                _echo_call(channel)
+        with (
+            open_channel(f"127.0.0.2:{port}", CoordinatorTls(ca_file=pair.certificate_file)) as channel,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            _echo_call(channel)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(grace=None)
@@ -121,9 +125,11 @@ def test_a_wrong_fingerprint_or_ca_is_refused(tls_address, pair, tmp_path):
     other = make_self_signed_pair(tmp_path)
     with pytest.raises(TlsSetupError, match=f"with fingerprint {pair.fingerprint}, not the pinned {other.fingerprint}"):
         open_channel(tls_address, CoordinatorTls(fingerprint=other.fingerprint))
-    with open_channel(tls_address, CoordinatorTls(ca_file=other.certificate_file)) as channel:
-        with pytest.raises(grpc.RpcError) as refused:
-            _echo_call(channel)
+    with (
+        open_channel(tls_address, CoordinatorTls(ca_file=other.certificate_file)) as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        _echo_call(channel)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "CERTIFICATE_VERIFY_FAILED" in refused.value.details()
 
@@ -201,8 +207,10 @@ def test_a_real_call_passes_the_transport_check_over_loopback_plaintext_and_over
         await server.start()
         try:
             answers = []
-            for address, tls in [(f"127.0.0.1:{plain_port}", CoordinatorTls()),
-                                 (f"127.0.0.1:{tls_port}", CoordinatorTls(ca_file=pair.certificate_file))]:
+            for address, tls in [
+                (f"127.0.0.1:{plain_port}", CoordinatorTls()),
+                (f"127.0.0.1:{tls_port}", CoordinatorTls(ca_file=pair.certificate_file)),
+            ]:
                 async with open_aio_channel(address, tls) as channel:
                     answers.append(await channel.unary_unary(ECHO)(b"", timeout=30))
             return answers

@@ -65,7 +65,10 @@ def test_special_tokens_and_sizes(model_dir: Path) -> None:
     tokenizer = load_tokenizer(model_dir)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (
-        PAD_ID, BOS_ID, EOS_ID, UNK_ID,
+        PAD_ID,
+        BOS_ID,
+        EOS_ID,
+        UNK_ID,
     )
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (PAD_ID, BOS_ID, EOS_ID)
     assert len(tokenizer) == VOCAB_SIZE <= config.vocab_size

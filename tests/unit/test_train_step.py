@@ -12,8 +12,13 @@ VOCAB = 16
 def _model():
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
     )
     return Qwen2ForCausalLM(config)
 
@@ -27,12 +32,16 @@ def _sequence_logprobs(model, prompt, completion):
 
 def _group(model, prompt, completions, rewards):
     rollouts = []
-    for index, (completion, reward) in enumerate(zip(completions, rewards)):
+    for index, (completion, reward) in enumerate(zip(completions, rewards, strict=True)):
         rollouts.append(
             Rollout(
-                sample_index=index, token_ids=tuple(completion), sampled_mask=(True,) * len(completion),
-                logprobs=tuple(_sequence_logprobs(model, prompt, completion)), commitment=b"",
-                finish_reason=FinishReason.STOP, claimed_reward=reward,
+                sample_index=index,
+                token_ids=tuple(completion),
+                sampled_mask=(True,) * len(completion),
+                logprobs=tuple(_sequence_logprobs(model, prompt, completion)),
+                commitment=b"",
+                finish_reason=FinishReason.STOP,
+                claimed_reward=reward,
             )
         )
     return ReadyGroup("g", 3, 0, tuple(prompt), RolloutGroup(0, tuple(rollouts)), "n")
@@ -46,8 +55,14 @@ def test_steps_raise_the_probability_of_rewarded_completions():
     for _ in range(5):
         group = _group(model, prompt, [good, bad, good, bad], [1.0, 0.0, 1.0, 0.0])
         metrics = train_step(
-            model, optimizer, [group], current_version=4, temperature=1.0, pad_token_id=0,
-            loss_config=LossSection(), grad_clip=1.0,
+            model,
+            optimizer,
+            [group],
+            current_version=4,
+            temperature=1.0,
+            pad_token_id=0,
+            loss_config=LossSection(),
+            grad_clip=1.0,
         )
         assert not metrics.skipped
     assert sum(_sequence_logprobs(model, prompt, good)) > before + 1.0
@@ -62,11 +77,17 @@ def test_uninformative_batch_leaves_the_model_alone():
     before = [p.detach().clone() for p in model.parameters()]
     group = _group(model, [1, 2], [[5], [6]], [1.0, 1.0])
     metrics = train_step(
-        model, optimizer, [group], current_version=3, temperature=1.0, pad_token_id=0,
-        loss_config=LossSection(), grad_clip=1.0,
+        model,
+        optimizer,
+        [group],
+        current_version=3,
+        temperature=1.0,
+        pad_token_id=0,
+        loss_config=LossSection(),
+        grad_clip=1.0,
     )
     assert metrics.skipped and metrics.num_groups_uninformative == 1
-    for a, b in zip(before, model.parameters()):
+    for a, b in zip(before, model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -83,7 +104,15 @@ def test_shards_partition_the_batch_and_an_empty_shard_trains_on_nothing():
     assert shard_batch(batch, 0, 1) is batch
     for world_size in (2, 4):
         shards = [shard_batch(batch, rank, world_size) for rank in range(world_size)]
-        for field in ("input_ids", "attention_mask", "target_ids", "loss_mask", "old_logprobs", "advantages", "rewards"):
+        for field in (
+            "input_ids",
+            "attention_mask",
+            "target_ids",
+            "loss_mask",
+            "old_logprobs",
+            "advantages",
+            "rewards",
+        ):
             assert torch.equal(torch.cat([getattr(s, field) for s in shards]), getattr(batch, field)), field
         assert sum(s.num_loss_tokens for s in shards) == batch.num_loss_tokens
     starved = [shard_batch(batch, rank, 8) for rank in range(8)]

@@ -6,7 +6,7 @@ import dataclasses
 from tests.unit.test_train_step import _group, _model
 from trainer.checkpoint import TrainerState
 from trainer.config import TrainerConfig
-from trainer.main import IDLE_BACKOFF, Trainer
+from trainer.main import IDLE_BACKOFF, Trainer, TrainingRun
 from trainer.step import make_optimizer
 
 NUM_WAITS = 6
@@ -64,10 +64,18 @@ def test_skipped_steps_back_off(tmp_path):
     groups = [dataclasses.replace(uninformative, group_id=f"g{index}") for index in range(2)]
     coordinator = FakeCoordinator(groups)
     made = trainer(tmp_path)
-    state = TrainerState()
-    made._train(coordinator, model, make_optimizer(model, made.config.optimizer), None, None, state, 3, None,
-                temperature=1.0, pad_token_id=0)
-    assert state.step == NUM_WAITS
+    run = TrainingRun(
+        client=coordinator,
+        model=model,
+        optimizer=make_optimizer(model, made.config.optimizer),
+        publisher=None,
+        evaluator=None,
+        temperature=1.0,
+        pad_token_id=0,
+        version=3,
+    )
+    made._train(run)
+    assert run.state.step == NUM_WAITS
     assert coordinator.calls == ["ready_groups", "ack", "report_metrics"] * NUM_WAITS
     assert_backoff(made.stop_event.waits)
 

@@ -8,7 +8,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from coordinator.validation import NODE_WINDOW_CHUNKS, TOLERANCES, check_rollout  # noqa: E402
+from coordinator.validation import NODE_WINDOW_CHUNKS  # noqa: E402
+from coordinator.verdicts import TOLERANCES, check_rollout  # noqa: E402
 from envs import Split, get_task  # noqa: E402
 from policy.bootstrap import bootstrapped_model_dir  # noqa: E402
 from policy.engine import EngineRequestError, GenerationEngine, GenerationRequest, TorchEngine  # noqa: E402
@@ -48,9 +49,13 @@ def task_requests(model_dir, num_prompts: int, params: SamplingParams, lease_see
     """GROUP_SIZE samples of each of the first prompts of the default task, seeded as a lease is."""
     task, tokenizer = get_task("addition"), load_tokenizer(model_dir)
     return [
-        GenerationRequest(tuple(tokenizer.encode(task.problem(Split.TRAIN, 0, index).prompt)), params,
-                          rule.derive_sample_seed(lease_seed, index, sample))
-        for index in range(num_prompts) for sample in range(GROUP_SIZE)
+        GenerationRequest(
+            tuple(tokenizer.encode(task.problem(Split.TRAIN, 0, index).prompt)),
+            params,
+            rule.derive_sample_seed(lease_seed, index, sample),
+        )
+        for index in range(num_prompts)
+        for sample in range(GROUP_SIZE)
     ]
 
 
@@ -62,9 +67,9 @@ def test_default_model_generates_through_vllm_like_the_torch_engine(engine, mode
     requests = task_requests(model_dir, 16, SamplingParams(1.0, max_tokens=24), lease_seed=3)
     results = engine.generate(requests)
     reference = TorchEngine(torch_model, [EOS_ID], max_batch_size=64).generate(requests)
-    assert sum(r.token_ids == t.token_ids for r, t in zip(results, reference)) >= 0.95 * len(requests)
+    assert sum(r.token_ids == t.token_ids for r, t in zip(results, reference, strict=True)) >= 0.95 * len(requests)
     assert {r.finish_reason for r in results} == {FinishReason.STOP}
-    for result, expected in zip(results, reference):
+    for result, expected in zip(results, reference, strict=True):
         assert len(result.token_ids) == len(result.logprobs) == len(result.margins)
         assert all(lp <= 0.0 for lp in result.logprobs) and all(m >= 0.0 for m in result.margins)
         if result.token_ids == expected.token_ids:
@@ -83,8 +88,9 @@ def test_length_limit_and_long_requests(engine, model_dir):
     requests = task_requests(model_dir, 2, SamplingParams(1.5, max_tokens=3), lease_seed=5)
     for result in engine.generate(requests):
         assert len(result.token_ids) <= 3
-        assert (result.finish_reason == FinishReason.LENGTH) == (len(result.token_ids) == 3
-                                                                   and result.token_ids[-1] != EOS_ID)
+        assert (result.finish_reason == FinishReason.LENGTH) == (
+            len(result.token_ids) == 3 and result.token_ids[-1] != EOS_ID
+        )
     too_long = dataclasses.replace(requests[0], sampling=SamplingParams(1.0, max_tokens=engine.max_model_len))
     with pytest.raises(EngineRequestError, match="positions"):
         engine.generate([too_long])
@@ -93,23 +99,39 @@ def test_length_limit_and_long_requests(engine, model_dir):
 
 
 def full_check(model, requests, results, dtype: str = "float32") -> list:
-    """The validator's full check (coordinator/validation.py) of each group of GROUP_SIZE results,
+    """The validator's full check (coordinator/verdicts.py) of each group of GROUP_SIZE results,
     the node's window of chunks included."""
     tolerances = TOLERANCES[dtype]
     node_checks = []
-    claims = [ClaimedRollout(q.prompt_token_ids, r.token_ids, r.logprobs, r.commitment, q.sampling, q.seed)
-              for q, r in zip(requests, results)]
+    claims = [
+        ClaimedRollout(q.prompt_token_ids, r.token_ids, r.logprobs, r.commitment, q.sampling, q.seed)
+        for q, r in zip(requests, results, strict=True)
+    ]
     reports = replay(model, claims, tolerances.logit_tolerance)
     verdicts = []
     for start in range(0, len(results), GROUP_SIZE):
         group_checks = []
-        for sample, (report, result) in enumerate(zip(reports[start:start + GROUP_SIZE],
-                                                       results[start:start + GROUP_SIZE])):
-            rollout = Rollout(sample, result.token_ids, (True,) * len(result.token_ids), result.logprobs,
-                              result.commitment, result.finish_reason, 0.0)
-            verdicts.append(check_rollout(report, rollout, logit_tolerance=tolerances.logit_tolerance,
-                                          max_logprob_drift=tolerances.max_logprob_drift,
-                                          thresholds=tolerances.thresholds))
+        for sample, (report, result) in enumerate(
+            zip(reports[start : start + GROUP_SIZE], results[start : start + GROUP_SIZE], strict=True)
+        ):
+            rollout = Rollout(
+                sample,
+                result.token_ids,
+                (True,) * len(result.token_ids),
+                result.logprobs,
+                result.commitment,
+                result.finish_reason,
+                0.0,
+            )
+            verdicts.append(
+                check_rollout(
+                    report,
+                    rollout,
+                    logit_tolerance=tolerances.logit_tolerance,
+                    max_logprob_drift=tolerances.max_logprob_drift,
+                    thresholds=tolerances.thresholds,
+                )
+            )
             group_checks.extend(report.commitment_checks)
         assert commitment.pool(group_checks).passes(tolerances.thresholds)
         node_checks.extend(group_checks)
@@ -120,10 +142,12 @@ def full_check(model, requests, results, dtype: str = "float32") -> list:
 
 
 def test_validator_accepts_vllm_rollouts(engine, model_dir, torch_model):
-    requests = (task_requests(model_dir, 32, SamplingParams(1.0, max_tokens=32), lease_seed=6)
-                + task_requests(model_dir, 16, SamplingParams(0.7, top_k=8, top_p=0.9, max_tokens=32), lease_seed=7)
-                + task_requests(model_dir, 8, SamplingParams(1.3, max_tokens=40), lease_seed=8)
-                + task_requests(model_dir, 8, SamplingParams(0.0, max_tokens=32), lease_seed=9))
+    requests = (
+        task_requests(model_dir, 32, SamplingParams(1.0, max_tokens=32), lease_seed=6)
+        + task_requests(model_dir, 16, SamplingParams(0.7, top_k=8, top_p=0.9, max_tokens=32), lease_seed=7)
+        + task_requests(model_dir, 8, SamplingParams(1.3, max_tokens=40), lease_seed=8)
+        + task_requests(model_dir, 8, SamplingParams(0.0, max_tokens=32), lease_seed=9)
+    )
     results = engine.generate(requests)
     assert len(results) >= 200
     verdicts = full_check(torch_model, requests, results)
@@ -135,9 +159,11 @@ def test_validator_accepts_bf16_vllm_rollouts(model_dir):
     CPU attention and GEMMs against transformers'), so more drift than within one engine (README,
     "Checks on a submission"). Every group passes the bf16 full check."""
     bf16_engine = VllmEngine(model_dir, [EOS_ID], max_batch_size=64, dtype="bfloat16")
-    requests = (task_requests(model_dir, 128, SamplingParams(1.0, max_tokens=32), lease_seed=21)
-                + task_requests(model_dir, 128, SamplingParams(0.7, top_k=5, max_tokens=32), lease_seed=22)
-                + task_requests(model_dir, 128, SamplingParams(1.0, top_p=0.9, max_tokens=32), lease_seed=23))
+    requests = (
+        task_requests(model_dir, 128, SamplingParams(1.0, max_tokens=32), lease_seed=21)
+        + task_requests(model_dir, 128, SamplingParams(0.7, top_k=5, max_tokens=32), lease_seed=22)
+        + task_requests(model_dir, 128, SamplingParams(1.0, top_p=0.9, max_tokens=32), lease_seed=23)
+    )
     results = bf16_engine.generate(requests)
     assert sum(len(r.token_ids) for r in results) >= 7000
     verdicts = full_check(load_model(model_dir, dtype="bfloat16"), requests, results, "bfloat16")
@@ -149,7 +175,7 @@ def signed_update(version: int, state, base=None):
         update = manifest.build_keyframe(RUN, version, state)
     else:
         update = manifest.build_delta(RUN, version, version - 1, base, state)
-    blobs = {ref.hash: blob for ref, blob in zip(update.manifest.blobs, update.blobs)}
+    blobs = {ref.hash: blob for ref, blob in zip(update.manifest.blobs, update.blobs, strict=True)}
     return manifest.sign_manifest(TRAINER, update.manifest), blobs
 
 
@@ -168,9 +194,9 @@ def test_policy_update_is_applied_in_place_and_used_by_the_next_rollouts(model_d
     reference = load_model(tiny_model)
     load_bf16_state(reference, trained)
     expected = TorchEngine(reference, [EOS_ID]).generate(requests)
-    assert sum(r.token_ids == e.token_ids for r, e in zip(after, expected)) >= 0.95 * len(requests)
-    for result, reference_result in zip(after, expected):
+    assert sum(r.token_ids == e.token_ids for r, e in zip(after, expected, strict=True)) >= 0.95 * len(requests)
+    for result, reference_result in zip(after, expected, strict=True):
         if result.token_ids == reference_result.token_ids:
             np.testing.assert_allclose(result.logprobs, reference_result.logprobs, atol=1e-4)
-    assert sum(r.token_ids == b.token_ids for r, b in zip(after, before)) < 0.5 * len(requests)
+    assert sum(r.token_ids == b.token_ids for r, b in zip(after, before, strict=True)) < 0.5 * len(requests)
     assert [v.check for v in full_check(reference, requests, after) if not v.passed] == []

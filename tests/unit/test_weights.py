@@ -25,8 +25,14 @@ TRAINER = Identity.from_seed(bytes([3]) * 32)
 def tiny_qwen2(seed, dtype=torch.float32, hidden_size=32):
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=96, hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        vocab_size=96,
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
     )
     return Qwen2ForCausalLM(config).to(dtype)
 
@@ -48,7 +54,7 @@ def trainer_versions(num_versions, lr=1e-3):
 
 
 def blob_map(update):
-    return {ref.hash: blob for ref, blob in zip(update.manifest.blobs, update.blobs)}
+    return {ref.hash: blob for ref, blob in zip(update.manifest.blobs, update.blobs, strict=True)}
 
 
 def signed_keyframe(state, version):

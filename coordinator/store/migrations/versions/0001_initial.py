@@ -130,19 +130,25 @@ def upgrade() -> None:
         sa.Column("verified", sa.Boolean(), nullable=False),
         sa.Column("created_ms", sa.BigInteger(), nullable=False),
         sa.Column("updated_ms", sa.BigInteger(), nullable=False),
-        sa.ForeignKeyConstraint(["submission_id"], ["submissions.id"], name=op.f("fk_groups_submission_id_submissions")),
+        sa.ForeignKeyConstraint(
+            ["submission_id"], ["submissions.id"], name=op.f("fk_groups_submission_id_submissions")
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_groups")),
         sa.UniqueConstraint("group_id", name=op.f("uq_groups_group_id")),
     )
     op.create_index(op.f("ix_groups_node_id_state"), "groups", ["node_id", "state"], unique=False)
-    op.create_index(op.f("ix_groups_state_policy_version_id"), "groups", ["state", "policy_version", "id"], unique=False)
+    op.create_index(
+        op.f("ix_groups_state_policy_version_id"), "groups", ["state", "policy_version", "id"], unique=False
+    )
     op.create_index(op.f("ix_groups_submission_id"), "groups", ["submission_id"], unique=False)
     op.create_table(
         "rollout_hashes",
         sa.Column("content_hash", sa.LargeBinary(), nullable=False),
         sa.Column("submission_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("created_ms", sa.BigInteger(), nullable=False),
-        sa.ForeignKeyConstraint(["submission_id"], ["submissions.id"], name=op.f("fk_rollout_hashes_submission_id_submissions")),
+        sa.ForeignKeyConstraint(
+            ["submission_id"], ["submissions.id"], name=op.f("fk_rollout_hashes_submission_id_submissions")
+        ),
         sa.PrimaryKeyConstraint("content_hash", name=op.f("pk_rollout_hashes")),
     )
     op.create_index(op.f("ix_rollout_hashes_submission_id"), "rollout_hashes", ["submission_id"], unique=False)
@@ -158,7 +164,9 @@ def upgrade() -> None:
         sa.Column("message", sa.Text(), nullable=False),
         sa.Column("evidence_json", sa.Text(), nullable=False),
         sa.Column("created_ms", sa.BigInteger(), nullable=False),
-        sa.ForeignKeyConstraint(["submission_id"], ["submissions.id"], name=op.f("fk_verdicts_submission_id_submissions")),
+        sa.ForeignKeyConstraint(
+            ["submission_id"], ["submissions.id"], name=op.f("fk_verdicts_submission_id_submissions")
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_verdicts")),
     )
     op.create_index(op.f("ix_verdicts_node_id_accepted_id"), "verdicts", ["node_id", "accepted", "id"], unique=False)
@@ -178,8 +186,15 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_contributions")),
         sa.UniqueConstraint("group_id", name=op.f("uq_contributions_group_id")),
     )
-    op.create_index(op.f("ix_contributions_node_id_settled_voided"), "contributions", ["node_id", "settled", "voided"], unique=False)
-    op.create_index(op.f("ix_contributions_settled_voided_created_ms"), "contributions", ["settled", "voided", "created_ms"], unique=False)
+    op.create_index(
+        op.f("ix_contributions_node_id_settled_voided"), "contributions", ["node_id", "settled", "voided"], unique=False
+    )
+    op.create_index(
+        op.f("ix_contributions_settled_voided_created_ms"),
+        "contributions",
+        ["settled", "voided", "created_ms"],
+        unique=False,
+    )
     op.create_table(
         "group_consumptions",
         sa.Column("group_id", sa.String(length=160), nullable=False),
@@ -202,7 +217,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_validation_results")),
     )
     op.create_index(op.f("ix_validation_results_group_id"), "validation_results", ["group_id"], unique=False)
-    op.create_index(op.f("ix_validation_results_node_id_passed_id"), "validation_results", ["node_id", "passed", "id"], unique=False)
+    op.create_index(
+        op.f("ix_validation_results_node_id_passed_id"), "validation_results", ["node_id", "passed", "id"], unique=False
+    )
 
 
 def downgrade() -> None:

@@ -21,9 +21,8 @@ from google.protobuf.message import DecodeError
 from coordinator.checks import LeaseRejection, LeaseView, RunFacts, check_lease, check_rollouts, truncated_message
 from coordinator.config import CoordinatorConfig
 from coordinator.gate import RefusalCounts
+from coordinator.rpc_metrics import rpc_latency_histogram
 from coordinator.scheduler import LeasePlan, Scheduler
-from coordinator.validation import declared_dtype
-from coordinator.versions import PolicyVersions
 from coordinator.store import (
     DuplicateRolloutError,
     GroupState,
@@ -37,6 +36,8 @@ from coordinator.store import (
     NodeRecord,
     Store,
 )
+from coordinator.verdicts import declared_dtype
+from coordinator.versions import PolicyVersions
 from envs import Problem, Split, Task
 from policy.scoring import completion_text
 from protocol import commitment, convert
@@ -118,6 +119,7 @@ class Coordinator:
         self.policy.on_publish.append(self._published)
         self.p2p_bootstrap: tuple[str, ...] = ()
         self.refusals = RefusalCounts()  # requests the gRPC layer refused, for /metrics
+        self.rpc_latency = rpc_latency_histogram()
         self._latest_version: int | None = None
         self._beats: dict[str, tuple[str, int, float, int]] = {}
         self._beats_lock = threading.Lock()
@@ -291,9 +293,7 @@ class Coordinator:
         # their hashes; the batch is then checked again with those marked as duplicates.
         copies: set[bytes] = set()
         while True:
-            checked = check_rollouts(
-                batch, lease, self.facts, reward_of=self._reward, already_seen=copies.intersection
-            )
+            checked = check_rollouts(batch, lease, self.facts, reward_of=self._reward, already_seen=copies.intersection)
             submission, receipt = self._submission(node_id, batch, message, batch_hash, checked, now)
             try:
                 outcome = self.store.record_submission(submission)
@@ -401,7 +401,9 @@ class Coordinator:
 
     def resume_trainer(self, trainer_step: int) -> int:
         num_restored = self.store.restore_consumed_after(trainer_step, self.clock())
-        log.warning("trainer resumed at step %d: %d groups consumed after it are ready again", trainer_step, num_restored)
+        log.warning(
+            "trainer resumed at step %d: %d groups consumed after it are ready again", trainer_step, num_restored
+        )
         return num_restored
 
     def ack(self, consumed: Sequence[str], stale: Sequence[str], trainer_step: int):
@@ -424,7 +426,9 @@ def _rejected_submission(
         created_ms=now,
         receipt=convert.receipt_to_proto(receipt).SerializeToString(),
         groups=(),
-        verdicts=tuple(NewVerdict(v.prompt_index, v.sample_index, False, v.reason, v.message) for v in receipt.verdicts),
+        verdicts=tuple(
+            NewVerdict(v.prompt_index, v.sample_index, False, v.reason, v.message) for v in receipt.verdicts
+        ),
         rollout_hashes=(),
     )
 
@@ -440,4 +444,3 @@ def _reject_all(batch: RolloutBatch, batch_hash: bytes, reason: RejectReason, me
             for index, (prompt_index, sample_index) in enumerate(rollouts)
         ),
     )
-

@@ -13,13 +13,15 @@ import contextlib
 import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
+from prometheus_client import Histogram
 
-from coordinator.app import Coordinator, InvalidRequestError, LeaseWait
 from coordinator.blobstore import BlobHashError, BlobRangeError, BlobStoreError
+from coordinator.core import Coordinator, InvalidRequestError, LeaseWait
 from coordinator.gate import Gate, GateError, RefusalCounts, peer_host
 from coordinator.store import GroupState, LeaseCapError, NodeRecord, UnknownNodeError
 from coordinator.transport import require_private_transport
@@ -127,9 +129,10 @@ async def _checked_requests(requests: AsyncIterator) -> AsyncIterator:
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, gate: Gate, refusals: RefusalCounts):
+    def __init__(self, gate: Gate, refusals: RefusalCounts, latency: Histogram):
         self.gate = gate
         self.refusals = refusals
+        self.latency = latency
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -147,7 +150,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
     async def _refuse_malformed(self, method: str, request: _MalformedRequest, context) -> None:
         self.refusals.add(method, "malformed")
-        log.warning("%s: refused a malformed request from %s: %s", method, context.peer(), request.problem[:MAX_LOGGED_CHARS])
+        log.warning(
+            "%s: refused a malformed request from %s: %s", method, context.peer(), request.problem[:MAX_LOGGED_CHARS]
+        )
         try:
             self.gate.unauthenticated(_peer(context))
         except GateError as error:
@@ -162,21 +167,33 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         self.refusals.add(method, "internal")
         log.error(
             "%s failed on a request from %s: %s: %s",
-            method, context.peer(), type(error).__name__, str(error)[:MAX_LOGGED_CHARS],
+            method,
+            context.peer(),
+            type(error).__name__,
+            str(error)[:MAX_LOGGED_CHARS],
         )
         log.debug("%s failed", method, exc_info=error)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); the operator's log has it")
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); the operator's log has it"
+        )
 
     @contextlib.asynccontextmanager
     async def _outcome_counted(self, method: str, context) -> AsyncIterator[None]:
-        """Count a refusal; turn an unexpected error into one log line and INTERNAL."""
+        """Time the request and count a refusal; turn an unexpected error into one log line and
+        INTERNAL."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
         try:
             yield
         except grpc.aio.AbortError:
             self._refused(method, context)
+            code = context.code() if isinstance(context.code(), grpc.StatusCode) else grpc.StatusCode.ABORTED
             raise
         except Exception as error:
+            code = grpc.StatusCode.INTERNAL
             await self._failed(method, error, context)
+        finally:
+            self.latency.labels(method, code.name).observe(time.perf_counter() - started)
 
     def _unary(self, method: str, behavior: Callable) -> Callable:
         async def guarded(request, context):
@@ -373,7 +390,9 @@ class TrainerServicer(service_pb2_grpc.TrainerServiceServicer):
 
     @_guarded
     async def PublishPolicy(self, envelope, context):
-        request = self.gate.trainer_request(envelope, self._method("PublishPolicy"), service_pb2.PublishRequest, _peer(context))
+        request = self.gate.trainer_request(
+            envelope, self._method("PublishPolicy"), service_pb2.PublishRequest, _peer(context)
+        )
         try:
             manifest = await asyncio.to_thread(
                 self.app.policy.publish, convert.signed_manifest_from_proto(request.manifest)
@@ -412,7 +431,9 @@ class TrainerServicer(service_pb2_grpc.TrainerServiceServicer):
 
     @_guarded
     async def ReportMetrics(self, envelope, context):
-        request = self.gate.trainer_request(envelope, self._method("ReportMetrics"), service_pb2.TrainerMetrics, _peer(context))
+        request = self.gate.trainer_request(
+            envelope, self._method("ReportMetrics"), service_pb2.TrainerMetrics, _peer(context)
+        )
         try:
             metrics = json.loads(request.metrics_json)
         except json.JSONDecodeError as error:
@@ -439,7 +460,9 @@ class AdminServicer(service_pb2_grpc.AdminServiceServicer):
     async def BanNode(self, request, context):
         require_private_transport(context)
         self.gate.operator(context.invocation_metadata(), _peer(context))
-        node = await asyncio.to_thread(self.app.store.ban_node, request.node_id, request.reason or "banned by the operator")
+        node = await asyncio.to_thread(
+            self.app.store.ban_node, request.node_id, request.reason or "banned by the operator"
+        )
         self.gate.forget(request.node_id)
         log.warning("operator banned %s: %s", node.node_id, node.ban_reason)
         return service_pb2.BanResponse(node=node_status_proto(self.app, node))
