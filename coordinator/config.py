@@ -38,6 +38,11 @@ class ServerSection(_Section):
     host: str = "127.0.0.1"
     grpc_port: int = Field(7470, ge=0, le=65535)
     http_port: int = Field(7471, ge=0, le=65535)
+    public_http_url: str = Field(
+        "",
+        pattern=r"^(https?://\S+)?$",
+        description="the dashboard's address as contributors reach it (behind a proxy); default http://HOST:HTTP_PORT",
+    )
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     requests_per_second_per_node: float = Field(
         50.0, gt=0, description="signed requests of one node, charged once its signature is verified"

@@ -58,6 +58,8 @@ from protocol.types import (
 log = logging.getLogger(__name__)
 
 MAX_LEASE_ID_CHARS = 64
+# Pending credit settles this long after its group was accepted, once the group is past its checks.
+SETTLE_WINDOW_MS = 10 * 60 * 1000
 
 
 class InvalidRequestError(ValueError):
@@ -120,6 +122,7 @@ class Coordinator:
         self.p2p_bootstrap: tuple[str, ...] = ()
         self.refusals = RefusalCounts()  # requests the gRPC layer refused, for /metrics
         self.rpc_latency = rpc_latency_histogram()
+        self.dashboard_url = ""  # the HTTP address contributors reach, once serving
         self._latest_version: int | None = None
         self._beats: dict[str, tuple[str, int, float, int]] = {}
         self._beats_lock = threading.Lock()

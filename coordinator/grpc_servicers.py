@@ -21,7 +21,8 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Histogram
 
 from coordinator.blobstore import BlobHashError, BlobRangeError, BlobStoreError
-from coordinator.core import Coordinator, InvalidRequestError, LeaseWait
+from coordinator.core import SETTLE_WINDOW_MS, Coordinator, InvalidRequestError, LeaseWait
+from coordinator.dashboard.views import DashboardData
 from coordinator.gate import Gate, GateError, RefusalCounts, peer_host
 from coordinator.store import GroupState, LeaseCapError, NodeRecord, UnknownNodeError
 from coordinator.transport import require_private_transport
@@ -257,6 +258,29 @@ def node_status_proto(app: Coordinator, node: NodeRecord) -> service_pb2.NodeSta
     )
 
 
+def node_standing_proto(app: Coordinator, node_id: str) -> service_pb2.NodeStanding:
+    detail = DashboardData(app).node(node_id)
+    row = detail.node
+    oldest_pending_ms = app.store.oldest_pending_ms(node_id)
+    last = detail.rejections[0] if detail.rejections else None
+    return service_pb2.NodeStanding(
+        rank=row.rank,
+        num_nodes=len(app.store.list_nodes()),
+        reputation=row.reputation,
+        num_strikes=detail.num_strikes,
+        on_probation=detail.on_probation,
+        ban_reason=row.ban_reason,
+        settled_tokens=row.settled.num_tokens,
+        pending_tokens=row.pending.num_tokens,
+        voided_tokens=detail.voided.num_tokens,
+        pending_settles_ms=0 if oldest_pending_ms is None else oldest_pending_ms + SETTLE_WINDOW_MS,
+        last_rejection_reason=last.reason if last else "",
+        last_rejection_message=last.message if last else "",
+        last_rejection_remedy=last.remedy if last else "",
+        dashboard_url=f"{app.dashboard_url}/nodes/{node_id}" if app.dashboard_url else "",
+    )
+
+
 class NodeServicer(service_pb2_grpc.NodeServiceServicer):
     def __init__(self, app: Coordinator, gate: Gate):
         self.app = app
@@ -352,6 +376,14 @@ class NodeServicer(service_pb2_grpc.NodeServiceServicer):
         request = self.gate.decode(caller.envelope.payload, service_pb2.ReleaseLeaseRequest)
         await asyncio.to_thread(self.app.release, caller.envelope.signer_id, request.lease_id)
         return service_pb2.ReleaseLeaseResponse()
+
+    @_guarded
+    async def GetNodeStanding(self, envelope, context):
+        caller = await asyncio.to_thread(
+            self.gate.node_caller, envelope, self._method("GetNodeStanding"), _peer(context)
+        )
+        self.gate.decode(caller.envelope.payload, service_pb2.NodeStandingRequest)
+        return await asyncio.to_thread(node_standing_proto, self.app, caller.envelope.signer_id)
 
 
 class TrainerServicer(service_pb2_grpc.TrainerServiceServicer):

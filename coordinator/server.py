@@ -16,7 +16,7 @@ import grpc
 
 from coordinator.blobstore import BlobStore
 from coordinator.config import CoordinatorConfig
-from coordinator.core import Coordinator, RunSetup
+from coordinator.core import SETTLE_WINDOW_MS, Coordinator, RunSetup
 from coordinator.gate import Gate, GateLimits
 from coordinator.grpc_servicers import AdminServicer, GuardInterceptor, NodeServicer, TrainerServicer
 from coordinator.policy_history import PolicyHistory
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 ENDPOINTS_FILE = "endpoints.json"
 HOUSEKEEPING_INTERVAL_S = 1.0
-SETTLE_WINDOW_MS = 10 * 60 * 1000
 VALIDATION_IDLE_S = 0.5
 
 
@@ -285,6 +284,8 @@ async def serve(config: CoordinatorConfig) -> None:
         raise _bind_error(
             "HTTP", f"{config.server.host}:{config.server.http_port}", "--http-port", error.strerror or str(error)
         ) from None
+    http_url = f"http://{config.server.host}:{http_socket.getsockname()[1]}"
+    app.dashboard_url = config.server.public_http_url.rstrip("/") or http_url
     http = uvicorn.Server(uvicorn.Config(create_http_app(app), log_level="warning", lifespan="off"))
     seed = await asyncio.to_thread(start_seed, config, app) if config.p2p.enabled else None
     await server.start()
@@ -294,7 +295,7 @@ async def serve(config: CoordinatorConfig) -> None:
         background.append(asyncio.create_task(_validation_loop(validator)))
     endpoints = Endpoints(
         grpc=f"{config.server.host}:{grpc_port}",
-        http=f"http://{config.server.host}:{http_socket.getsockname()[1]}",
+        http=http_url,
         p2p=list(app.p2p_bootstrap),
     )
     (config.data_dir.expanduser() / ENDPOINTS_FILE).write_text(json.dumps(endpoints.__dict__))

@@ -68,6 +68,11 @@ class CoordinatorClient:
             self._sealed("ReleaseLease", service_pb2.ReleaseLeaseRequest(lease_id=lease_id)), timeout=timeout
         )
 
+    async def standing(self, timeout: float = 10.0) -> service_pb2.NodeStanding:
+        return await self.stub.GetNodeStanding(
+            self._sealed("GetNodeStanding", service_pb2.NodeStandingRequest()), timeout=timeout
+        )
+
     async def update_path(self, from_version: int, timeout: float = 30.0) -> list[SignedManifest]:
         path = await self.stub.GetUpdatePath(service_pb2.UpdatePathRequest(from_version=from_version), timeout=timeout)
         return [convert.signed_manifest_from_proto(m) for m in path.manifests]

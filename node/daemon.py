@@ -26,6 +26,7 @@ from protocol.types import WorkLease
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+STANDING_INTERVAL_S = 60.0
 TRAINER_PIN_FILE = "trainer_key_fingerprint"
 
 
@@ -52,6 +53,20 @@ class NodeStatus:
     last_error: str = ""
     waiting_for: str = ""  # why the coordinator gave no lease the last time it gave none
     updated_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    # its standing in the run, as the coordinator last told it (every STANDING_INTERVAL_S)
+    rank: int = 0
+    num_nodes: int = 0
+    reputation: float = 0.0
+    num_strikes: int = 0
+    on_probation: bool = False
+    ban_reason: str = ""
+    settled_tokens: int = 0
+    pending_tokens: int = 0
+    voided_tokens: int = 0
+    pending_settles_ms: int = 0
+    last_rejection_reason: str = ""
+    last_rejection_remedy: str = ""
+    dashboard_url: str = ""
 
 
 def read_status(state_dir: Path) -> NodeStatus:
@@ -250,6 +265,7 @@ class NodeDaemon:
         return host
 
     async def _heartbeats(self, client: CoordinatorClient, interval_s: float) -> None:
+        standing_due = 0.0
         while True:
             try:
                 await client.heartbeat(
@@ -259,11 +275,27 @@ class NodeDaemon:
                     )
                 )
                 self.status.link = "connected"
+                if time.monotonic() >= standing_due:
+                    self._take_standing(await client.standing())
+                    standing_due = time.monotonic() + STANDING_INTERVAL_S
             except grpc.aio.AioRpcError as error:
                 self.status.link = "reconnecting"
                 self.status.last_error = f"heartbeat: {error.code().name}: {error.details()}"
             self._write_status()
             await asyncio.sleep(interval_s)
+
+    def _take_standing(self, standing: service_pb2.NodeStanding) -> None:
+        status = self.status
+        status.rank, status.num_nodes = standing.rank, standing.num_nodes
+        status.reputation, status.num_strikes = standing.reputation, standing.num_strikes
+        status.on_probation, status.ban_reason = standing.on_probation, standing.ban_reason
+        status.settled_tokens, status.pending_tokens = standing.settled_tokens, standing.pending_tokens
+        status.voided_tokens, status.pending_settles_ms = standing.voided_tokens, standing.pending_settles_ms
+        if standing.last_rejection_reason:  # the coordinator's newest, full checks included
+            status.last_rejection = standing.last_rejection_message
+            status.last_rejection_reason = standing.last_rejection_reason
+            status.last_rejection_remedy = standing.last_rejection_remedy
+        status.dashboard_url = standing.dashboard_url
 
     async def _resend_spool(self, client: CoordinatorClient) -> None:
         for batch in self.spool.pending():

@@ -218,22 +218,25 @@ def _field_inverses() -> np.ndarray:
 def interpolate(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Coefficients (lowest degree first) of the polynomials through rows of points (x, y), over
     GF(FIELD_PRIME); x, y: int64 [rows, n] with distinct x per row, all in [0, FIELD_PRIME)."""
+    # One reduction per step where int64 holds the unreduced value: a product of two field
+    # elements is below 2^32, and the 128 terms summed into a coefficient below 2^39.
     inverses = _field_inverses()
     num_points = x.shape[1]
     divided = y % FIELD_PRIME
     for order in range(1, num_points):
-        numerator = (divided[:, order:] - divided[:, order - 1 : -1]) % FIELD_PRIME
         denominator = (x[:, order:] - x[:, :-order]) % FIELD_PRIME
-        divided[:, order:] = numerator * inverses[denominator] % FIELD_PRIME
+        difference = divided[:, order:] - divided[:, order - 1 : -1]
+        divided[:, order:] = difference * inverses[denominator] % FIELD_PRIME
     coefficients = np.zeros_like(divided)
     newton_basis = np.zeros_like(divided)
     newton_basis[:, 0] = 1
+    negated_x = -x % FIELD_PRIME
     for i in range(num_points):
-        coefficients = (coefficients + divided[:, i : i + 1] * newton_basis) % FIELD_PRIME
-        shifted = (-x[:, i : i + 1] % FIELD_PRIME) * newton_basis % FIELD_PRIME
+        coefficients += divided[:, i : i + 1] * newton_basis
+        shifted = negated_x[:, i : i + 1] * newton_basis
         shifted[:, 1:] += newton_basis[:, :-1]
         newton_basis = shifted % FIELD_PRIME
-    return coefficients
+    return coefficients % FIELD_PRIME
 
 
 def evaluate(coefficients: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from coordinator.core import Coordinator
+from coordinator.remedies import remedy
 from coordinator.store import (
     ContributionTotals,
     GroupState,
@@ -116,6 +117,7 @@ class RejectionView(BaseModel):
     source: str
     reason: str
     message: str
+    remedy: str = Field(description="what the node's owner can do about it")
     evidence: Any
     prompt_index: int
     sample_index: int | None
@@ -284,6 +286,7 @@ def rejection_view(record: RejectionRecord) -> RejectionView:
         source=record.source.value,
         reason=record.reason,
         message=record.message,
+        remedy=remedy(record.reason),
         evidence=evidence_value(record.evidence_json),
         prompt_index=record.prompt_index,
         sample_index=record.sample_index,

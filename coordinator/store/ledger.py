@@ -49,6 +49,17 @@ class LedgerRepository(Repository):
                 .values(settled=True)
             ).rowcount
 
+    def oldest_pending_ms(self, node_id: str) -> int | None:
+        """When the node's oldest credit that is neither settled nor voided was made."""
+        query = select(func.min(CONTRIBUTIONS.c.created_ms)).where(
+            CONTRIBUTIONS.c.node_id == node_id,
+            CONTRIBUTIONS.c.settled.is_(False),
+            CONTRIBUTIONS.c.voided.is_(False),
+        )
+        with self.database.read() as connection:
+            oldest: int | None = connection.execute(query).scalar_one()
+            return oldest
+
     def contribution_totals(self, node_id: str | None = None) -> list[ContributionTotals]:
         """Settled, pending and voided work per node (one node, or all with any entry)."""
         bucket = case(

@@ -430,6 +430,86 @@ class ReleaseLeaseResponse(_message.Message):
 Global___ReleaseLeaseResponse: _TypeAlias = ReleaseLeaseResponse  # noqa: Y015
 
 @_typing.final
+class NodeStandingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeStandingRequest: _TypeAlias = NodeStandingRequest  # noqa: Y015
+
+@_typing.final
+class NodeStanding(_message.Message):
+    """A node's standing in the run, for its owner (`rollproof node status`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    NUM_NODES_FIELD_NUMBER: _builtins.int
+    REPUTATION_FIELD_NUMBER: _builtins.int
+    NUM_STRIKES_FIELD_NUMBER: _builtins.int
+    ON_PROBATION_FIELD_NUMBER: _builtins.int
+    BAN_REASON_FIELD_NUMBER: _builtins.int
+    SETTLED_TOKENS_FIELD_NUMBER: _builtins.int
+    PENDING_TOKENS_FIELD_NUMBER: _builtins.int
+    VOIDED_TOKENS_FIELD_NUMBER: _builtins.int
+    PENDING_SETTLES_MS_FIELD_NUMBER: _builtins.int
+    LAST_REJECTION_REASON_FIELD_NUMBER: _builtins.int
+    LAST_REJECTION_MESSAGE_FIELD_NUMBER: _builtins.int
+    LAST_REJECTION_REMEDY_FIELD_NUMBER: _builtins.int
+    DASHBOARD_URL_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    """by settled credit, 1 = first; 0 when it has none"""
+    num_nodes: _builtins.int
+    reputation: _builtins.float
+    num_strikes: _builtins.int
+    on_probation: _builtins.bool
+    """its groups are held until its next node-level verdict"""
+    ban_reason: _builtins.str
+    settled_tokens: _builtins.int
+    pending_tokens: _builtins.int
+    voided_tokens: _builtins.int
+    pending_settles_ms: _builtins.int
+    """the earliest the oldest pending credit settles; 0 when none pends"""
+    last_rejection_reason: _builtins.str
+    last_rejection_message: _builtins.str
+    last_rejection_remedy: _builtins.str
+    """what the node's owner can do about it"""
+    dashboard_url: _builtins.str
+    """the node's page"""
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        num_nodes: _builtins.int = ...,
+        reputation: _builtins.float = ...,
+        num_strikes: _builtins.int = ...,
+        on_probation: _builtins.bool = ...,
+        ban_reason: _builtins.str = ...,
+        settled_tokens: _builtins.int = ...,
+        pending_tokens: _builtins.int = ...,
+        voided_tokens: _builtins.int = ...,
+        pending_settles_ms: _builtins.int = ...,
+        last_rejection_reason: _builtins.str = ...,
+        last_rejection_message: _builtins.str = ...,
+        last_rejection_remedy: _builtins.str = ...,
+        dashboard_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ban_reason", b"ban_reason", "dashboard_url", b"dashboard_url", "last_rejection_message", b"last_rejection_message", "last_rejection_reason", b"last_rejection_reason", "last_rejection_remedy", b"last_rejection_remedy", "num_nodes", b"num_nodes", "num_strikes", b"num_strikes", "on_probation", b"on_probation", "pending_settles_ms", b"pending_settles_ms", "pending_tokens", b"pending_tokens", "rank", b"rank", "reputation", b"reputation", "settled_tokens", b"settled_tokens", "voided_tokens", b"voided_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeStanding: _TypeAlias = NodeStanding  # noqa: Y015
+
+@_typing.final
 class BlobUploadHeader(_message.Message):
     """---- trainer (signed by the trainer key the coordinator pins) ----"""
 

@@ -82,6 +82,11 @@ class NodeServiceStub:
                 request_serializer=protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.SerializeToString,
                 response_deserializer=protocol_dot_proto_dot_service__pb2.ReleaseLeaseResponse.FromString,
                 _registered_method=True)
+        self.GetNodeStanding = channel.unary_unary(
+                '/rollproof.v1.NodeService/GetNodeStanding',
+                request_serializer=protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_service__pb2.NodeStanding.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -146,6 +151,13 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetNodeStanding(self, request, context):
+        """NodeStandingRequest
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +205,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.FromString,
                     response_serializer=protocol_dot_proto_dot_service__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'GetNodeStanding': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNodeStanding,
+                    request_deserializer=protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.FromString,
+                    response_serializer=protocol_dot_proto_dot_service__pb2.NodeStanding.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -438,6 +455,33 @@ class NodeService:
             '/rollproof.v1.NodeService/ReleaseLease',
             protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.SerializeToString,
             protocol_dot_proto_dot_service__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNodeStanding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rollproof.v1.NodeService/GetNodeStanding',
+            protocol_dot_proto_dot_envelope__pb2.SignedEnvelope.SerializeToString,
+            protocol_dot_proto_dot_service__pb2.NodeStanding.FromString,
             options,
             channel_credentials,
             insecure,

@@ -90,6 +90,21 @@ def show_status(args: argparse.Namespace) -> int:
         return 0
     table = Table(title=f"node {status.node_id}", show_header=False)
     age_s = (time.time_ns() // 1_000_000 - status.updated_ms) / 1000
+    settles = (
+        f" (the oldest settles from {time.strftime('%H:%M:%S', time.localtime(status.pending_settles_ms / 1000))},"
+        " once its group is past its checks)"
+        if status.pending_settles_ms
+        else ""
+    )
+    last_rejection = "-"
+    if status.last_rejection:
+        last_rejection = f"{status.last_rejection_reason or 'rejected'}: {status.last_rejection}"
+        if status.last_rejection_remedy:
+            last_rejection += f"\nwhat to do: {status.last_rejection_remedy}"
+    standing = f"rank {status.rank or '-'} of {status.num_nodes}, reputation {status.reputation:.2f}, "
+    standing += f"{status.num_strikes} strikes"
+    if status.on_probation:
+        standing += "; on probation: its groups are held until its next node-level verdict"
     rows = [
         ("coordinator", f"{status.coordinator} ({status.link}, updated {age_s:.0f}s ago)"),
         ("policy version", str(status.policy_version)),
@@ -97,7 +112,14 @@ def show_status(args: argparse.Namespace) -> int:
         ("tokens generated", str(status.num_tokens_generated)),
         ("rollouts accepted / rejected", f"{status.num_rollouts_accepted} / {status.num_rollouts_rejected}"),
         ("batches spooled", str(status.num_batches_spooled)),
-        ("last rejection", status.last_rejection or "-"),
+        ("standing", standing),
+        ("banned", status.ban_reason or "no"),
+        (
+            "credit (tokens)",
+            f"{status.settled_tokens} settled, {status.pending_tokens} pending{settles}, {status.voided_tokens} voided",
+        ),
+        ("last rejection", last_rejection),
+        ("dashboard", status.dashboard_url or "-"),
         ("waiting for", status.waiting_for or "-"),
         ("last error", status.last_error or "-"),
     ]

@@ -93,6 +93,8 @@ def test_nodes_survive_crashes_of_a_node_and_of_the_coordinator(tmp_path, tiny_m
             "a batch counted twice or lost"
         )
         assert cluster.query("SELECT COUNT(*) FROM submissions GROUP BY batch_hash HAVING COUNT(*) > 1") == []
+        # the node's standing, as the coordinator told it
+        assert status["dashboard_url"].endswith(f"/nodes/{status['node_id']}") and status["num_nodes"] >= 1
     finally:
         cluster.stop_all()
 

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.core import Coordinator
+from coordinator.core import SETTLE_WINDOW_MS, Coordinator
 from coordinator.dashboard.views import (
     contribution_bucket_ms,
     cumulative,
@@ -19,6 +19,7 @@ from coordinator.dashboard.views import (
     submission_status,
 )
 from coordinator.dashboard.web import create_http_app, format_quantity, time_unit
+from coordinator.grpc_servicers import node_standing_proto
 from coordinator.store import GroupState, NewGroup, NewSubmission, NewVerdict, PolicyVersionRecord
 from protocol.identity import Identity
 from protocol.manifest import blob_hash
@@ -283,3 +284,20 @@ def test_the_reward_chart_covers_the_whole_run_at_bounded_size(client, coordinat
     ranged = client.get("/api/v1/training", params={"since": 2000, "until": 2100, "points": 1000}).json()
     assert [point["step"] for point in ranged] == list(range(2000, 2101))
     assert client.get("/api/v1/training", params={"points": 5000}).status_code == 422
+
+
+def test_a_node_learns_its_standing_and_what_to_do_about_its_rejections(client, coordinator, populated):
+    coordinator.dashboard_url = "https://run.example.org"
+    evil = populated["evil"].key_id
+    standing = node_standing_proto(coordinator, evil)
+    assert standing.num_nodes == 2 and standing.num_strikes == 0 and not standing.ban_reason
+    assert standing.last_rejection_reason == "reward_mismatch"
+    assert "verifier" in standing.last_rejection_remedy
+    assert standing.dashboard_url == f"https://run.example.org/nodes/{evil}"
+    honest = node_standing_proto(coordinator, populated["honest"].key_id)
+    assert honest.rank == 1 and honest.settled_tokens > 0 and honest.last_rejection_reason == ""
+    assert honest.pending_tokens == 0 and honest.pending_settles_ms == 0
+    submit(coordinator, populated["honest"].key_id, 3, num_rejected=0)  # made 3 s ago, not settled yet
+    pending = node_standing_proto(coordinator, populated["honest"].key_id)
+    assert pending.pending_tokens > 0 and pending.pending_settles_ms == coordinator.clock() - 3000 + SETTLE_WINDOW_MS
+    assert "What to do: the node&#39;s verifier" in client.get(f"/nodes/{evil}").text

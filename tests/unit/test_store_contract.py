@@ -839,6 +839,9 @@ def test_contributions_settle_after_the_window_and_are_voided_on_failure(store: 
     assert (totals["node-b"].voided.num_entries, totals["node-b"].pending.num_entries) == (2, 0)
     assert totals["node-c"].pending.num_entries == 2
     assert [t.node_id for t in store.contribution_totals("node-b")] == ["node-b"]
+    # node-a's pending entries: the group waiting for a check (T0 + 1 s) and the late batch
+    assert store.oldest_pending_ms("node-a") == T0 + 1_000
+    assert store.oldest_pending_ms("node-b") is None  # voided
     assert _void_unsettled(store, "node-a") == 4
     assert store.contribution_totals("node-a")[0].settled.num_entries == 2
 
