@@ -98,8 +98,12 @@ def group_token_stats(rollouts: Sequence[RolloutTokens]) -> TokenStats:
     tokens_signed = tokens_positive + sum(n for n, m in zip(num_tokens, negative, strict=True) if m)
     near_ties_signed = sum(n for n, a in zip(num_near_ties, advantages, strict=True) if a != 0)
     share = tokens_positive / tokens_signed if tokens_signed else 0.0
+    # The median offset of a rollout, not the mean: honest bf16 engines disagree on single
+    # ill-conditioned logits (the default model's end-of-sequence token: up to 1.3 apart, and
+    # whether a rollout ends in it follows its reward), which moves the mean of a short rollout
+    # but not its median; shading that steers the trainer's ratios moves most tokens.
     weighted = [
-        a * (r.temperature or 1.0) * float(np.mean(r.logprob_offsets)) if len(r.logprob_offsets) else 0.0
+        a * (r.temperature or 1.0) * float(np.median(r.logprob_offsets)) if len(r.logprob_offsets) else 0.0
         for a, r in zip(advantages, rollouts, strict=True)
     ]
     return TokenStats(

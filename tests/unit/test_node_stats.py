@@ -150,7 +150,10 @@ def test_group_statistics_equal_a_token_by_token_count():
                 if r.temperature > 0 and r.near_tie_lifts[position] != 0:
                     expected["num_directed_near_ties"] += 1
                     expected["num_near_ties_up"] += r.near_tie_lifts[position] > 0
-        logprob_terms.append(advantage * (r.temperature or 1.0) * np.mean(r.logprob_offsets))
+        ordered = sorted(float(offset) for offset in r.logprob_offsets)
+        middle = len(ordered) // 2
+        median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        logprob_terms.append(advantage * (r.temperature or 1.0) * median)
     for name, value in expected.items():
         assert getattr(stats, name) == value, name
     share = tokens_positive / tokens_signed
