@@ -82,11 +82,12 @@ DEFAULT_LOGIT_TOLERANCE = 0.3
 MAX_LOGPROB_DRIFT = 0.4
 # Replayed on the other attention kernel (the measurement of DOUBT_GAP_FACTOR below), 8 honest bf16
 # rollouts of 78,144 had one token each over the drift bound: 0.403, 0.405, 0.445, 0.468 and 0.682
-# against 0.4 at T = 1, 0.597, 0.676 and 0.761 against 0.571 at T = 0.7: at most 1.71 times the bound.
-# One such token within 2 times the bound is doubted (more checks of the node), not struck. fp32 drift
-# never came within 60 times its bound: no doubt there, so a numerical change caught at 1.2-2 times it
-# stays a strike.
-BF16_DRIFT_DOUBT_FACTOR = 2.0
+# against 0.4 at T = 1, 0.597, 0.676 and 0.761 against 0.571 at T = 0.7: at most 1.71 times the bound;
+# across engines (vLLM against the torch validator, ~443,000 tokens) up to 3.05 times, on the default
+# model's ill-conditioned end-of-sequence logit. One such token within 4 times the bound is doubted
+# (more checks of the node; a node doubted often is struck), not struck. fp32 drift never came within
+# 60 times its bound: no doubt there, so a numerical change caught at 1.2-2 times it stays a strike.
+BF16_DRIFT_DOUBT_FACTOR = 4.0
 FP32_LOGIT_TOLERANCE = 1e-3
 FP32_MAX_LOGPROB_DRIFT = 1e-3
 # A mismatch whose score gap is over the tolerance by at most this factor is within reach of honest
