@@ -153,8 +153,9 @@ def test_dashboard_in_a_browser(tmp_path, tiny_model, playwright_api):
 
             page.goto(f"{dashboard}/leaderboard")
             rows = page.locator("table.leaderboard tbody tr")
-            names = rows.locator("td:nth-child(2) a").all_inner_texts()
-            assert {"node-1", SCRIPT_NAME, CHEATER_NAME} <= set(names), names
+            links = rows.locator("td:nth-child(2) a").all_inner_texts()
+            names = [link.rsplit(" …", 1)[0] for link in links]  # each name is followed by its id's end
+            assert {"node-1", SCRIPT_NAME, CHEATER_NAME} <= set(names) and all(" …" in link for link in links), links
             assert page.locator("table.leaderboard script").count() == 0
             page.screenshot(path=str(ARTIFACTS / "dashboard-leaderboard.png"), full_page=True)
 

@@ -301,3 +301,12 @@ def test_a_node_learns_its_standing_and_what_to_do_about_its_rejections(client, 
     pending = node_standing_proto(coordinator, populated["honest"].key_id)
     assert pending.pending_tokens > 0 and pending.pending_settles_ms == coordinator.clock() - 3000 + SETTLE_WINDOW_MS
     assert "What to do: the node&#39;s verifier" in client.get(f"/nodes/{evil}").text
+
+
+def test_nodes_sharing_a_display_name_are_told_apart_by_their_ids(client, coordinator):
+    twins = [Identity.generate(), Identity.generate()]
+    for twin in twins:
+        coordinator.register(twin.key_id, twin.public_key, "same name", "torch", "cpu", "0.1.0")
+    leaderboard = client.get("/leaderboard").text
+    for twin in twins:
+        assert f'title="{twin.key_id}">…{twin.key_id[-6:]}</small>' in leaderboard
