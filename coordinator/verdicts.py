@@ -112,17 +112,10 @@ def _positions(mask: np.ndarray, limit: int = 16) -> list[int]:
     return [int(i) for i in np.flatnonzero(mask)[:limit]]
 
 
-def check_rollout(
-    report,
-    rollout,
-    *,
-    logit_tolerance: float,
-    max_logprob_drift: float,
-    thresholds: commitment.Thresholds,
-    drift_doubt_factor: float = 1.0,
-) -> Verdict:
+def check_rollout(report, rollout, tolerances: Tolerances) -> Verdict:
     """The full checks of one replayed rollout, in order; the first failure is the verdict, else the
     first doubt (sampling, drift, commitment), else a pass."""
+    logit_tolerance = tolerances.logit_tolerance
     checks = report.token_checks
     num_tokens = len(rollout.token_ids)
     base = {"sample_index": rollout.sample_index, "num_tokens": num_tokens}
@@ -145,10 +138,11 @@ def check_rollout(
             },
         )
     drift = report.logprob_drift
-    drift_doubt = drift_verdict(drift, report.allowed_logprob_drift(max_logprob_drift), drift_doubt_factor, base)
+    allowed_drift = report.allowed_logprob_drift(tolerances.max_logprob_drift)
+    drift_doubt = drift_verdict(drift, allowed_drift, tolerances.drift_doubt_factor, base)
     if drift_doubt is not None and not drift_doubt.passed:
         return drift_doubt
-    commitment_doubt = chunk_verdict(report.commitment_checks, thresholds, base)
+    commitment_doubt = chunk_verdict(report.commitment_checks, tolerances.thresholds, base)
     if commitment_doubt is not None and not commitment_doubt.passed:
         return commitment_doubt
     if rollout.finish_reason == FinishReason.STOP and near_ties[-1] and checks.logprobs[-1] < MIN_EOS_LOGPROB:
@@ -311,14 +305,7 @@ def group_verdict(job: GroupJob, reports, tolerances: Tolerances) -> Verdict:
     chunk_checks = []
     doubt = None
     for report, rollout in zip(reports, job.rollouts, strict=True):
-        verdict = check_rollout(
-            report,
-            rollout,
-            logit_tolerance=tolerances.logit_tolerance,
-            max_logprob_drift=tolerances.max_logprob_drift,
-            thresholds=tolerances.thresholds,
-            drift_doubt_factor=tolerances.drift_doubt_factor,
-        )
+        verdict = check_rollout(report, rollout, tolerances)
         if not verdict.passed:
             return verdict
         doubt = doubt or (verdict if verdict.suspect else None)

@@ -76,14 +76,7 @@ def _verdict(
         claimed_reward=0.0,
     )
     tolerances = TOLERANCES[dtype]
-    return check_rollout(
-        report,
-        rollout,
-        logit_tolerance=tolerances.logit_tolerance,
-        max_logprob_drift=tolerances.max_logprob_drift,
-        thresholds=tolerances.thresholds,
-        drift_doubt_factor=tolerances.drift_doubt_factor,
-    )
+    return check_rollout(report, rollout, tolerances)
 
 
 def test_an_unlikely_eos_that_the_rule_chose_is_honest():
@@ -394,13 +387,7 @@ def _sampling_verdict(verdicts: list[TokenVerdict], gaps: list[float], temperatu
         0.0,
     )
     tolerances = TOLERANCES["bfloat16"]
-    return check_rollout(
-        _sampling_report(verdicts, gaps, temperature),
-        rollout,
-        logit_tolerance=tolerances.logit_tolerance,
-        max_logprob_drift=tolerances.max_logprob_drift,
-        thresholds=tolerances.thresholds,
-    )
+    return check_rollout(_sampling_report(verdicts, gaps, temperature), rollout, tolerances)
 
 
 E, N, M = TokenVerdict.EXACT, TokenVerdict.NEAR_TIE, TokenVerdict.MISMATCH
@@ -458,13 +445,7 @@ def test_a_sampling_doubt_on_a_stop_needs_a_likely_eos():
     )
     rollout = Rollout(0, (7, 8, EOS), (True,) * 3, (-0.1, -0.2, math.log(4.4e-5)), b"", FinishReason.STOP, 0.0)
     tolerances = TOLERANCES["bfloat16"]
-    verdict = check_rollout(
-        report,
-        rollout,
-        logit_tolerance=tolerances.logit_tolerance,
-        max_logprob_drift=tolerances.max_logprob_drift,
-        thresholds=tolerances.thresholds,
-    )
+    verdict = check_rollout(report, rollout, tolerances)
     assert not verdict.passed and verdict.check == "termination"
 
 
@@ -486,14 +467,7 @@ def test_one_token_drifting_just_past_the_bound_is_doubt_in_bf16_only():
     drifts = np.array([0.0, 0.45, 0.45], dtype=np.float32)  # two tokens over the bound: a strike
     report = dataclasses.replace(_sampling_report([E, E, E], [0.0, 0.0, 0.0]), logprob_drift=drifts)
     rollout = Rollout(0, (7, 8, 9), (True,) * 3, (-0.5,) * 3, b"", FinishReason.LENGTH, 0.0)
-    two = check_rollout(
-        report,
-        rollout,
-        logit_tolerance=bf16.logit_tolerance,
-        max_logprob_drift=bf16.max_logprob_drift,
-        thresholds=bf16.thresholds,
-        drift_doubt_factor=bf16.drift_doubt_factor,
-    )
+    two = check_rollout(report, rollout, bf16)
     assert not two.passed and two.check == "logprob_drift"
 
 

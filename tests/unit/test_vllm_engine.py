@@ -123,15 +123,7 @@ def full_check(model, requests, results, dtype: str = "float32") -> list:
                 result.finish_reason,
                 0.0,
             )
-            verdicts.append(
-                check_rollout(
-                    report,
-                    rollout,
-                    logit_tolerance=tolerances.logit_tolerance,
-                    max_logprob_drift=tolerances.max_logprob_drift,
-                    thresholds=tolerances.thresholds,
-                )
-            )
+            verdicts.append(check_rollout(report, rollout, tolerances))
             group_checks.extend(report.commitment_checks)
         assert commitment.pool(group_checks).passes(tolerances.thresholds)
         node_checks.extend(group_checks)
