@@ -11,38 +11,21 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from policy.engine import GenerationRequest, GenerationResult, TorchEngine
 from policy.prefill import ClaimedRollout, ReplayReport, replay
 from protocol import commitment
 from protocol import sampling as rule
 from protocol.types import SamplingParams
+from tests.unit.test_engine import VOCAB_SIZE, tiny_model
 
 STOP_TOKEN = 1
-VOCAB_SIZE = 64
 PARAMS = (
     SamplingParams(1.0, max_tokens=48),
     SamplingParams(0.7, top_k=20, max_tokens=48),
     SamplingParams(1.0, top_p=0.9, max_tokens=48),
 )
 PREFILL_BATCH = 32
-
-
-def tiny_model() -> Qwen2ForCausalLM:
-    torch.manual_seed(1)
-    config = Qwen2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    return Qwen2ForCausalLM(config).eval()
 
 
 def make_requests(num_requests: int) -> list[GenerationRequest]:
@@ -145,7 +128,7 @@ def run_campaign(model, requests, configs: Sequence[Config], compute_dtype: str,
 
 
 def test_replay_fp32():
-    model = tiny_model()
+    model = tiny_model(seed=1)
     requests = make_requests(24)
     figures = run_campaign(
         model,
@@ -159,7 +142,7 @@ def test_replay_fp32():
 
 @pytest.mark.slow
 def test_replay_fp32_at_scale():
-    model = tiny_model()
+    model = tiny_model(seed=1)
     requests = make_requests(512)
     figures = run_campaign(
         model,
@@ -173,7 +156,7 @@ def test_replay_fp32_at_scale():
 
 @pytest.mark.slow
 def test_replay_bf16_and_the_smallest_caught_perturbation():
-    model = tiny_model().to(torch.bfloat16)
+    model = tiny_model(seed=1).to(torch.bfloat16)
     requests = make_requests(96)
     run_campaign(
         model, requests, [Config(32, 2, 96), Config(8, 1, 96), Config(1, 1, 16)], "bfloat16", max_near_tie_fraction=0.02
@@ -199,7 +182,7 @@ def test_bf16_tokens_replay_on_another_attention_kernel():
     one kernel, and moves top-k/top-p boundaries: no token is a mismatch all the same. (Its
     log-probabilities and commitment statistics drift past the same-kernel bf16 bounds;
     docs/validation.md.)"""
-    model = tiny_model().to(torch.bfloat16)
+    model = tiny_model(seed=1).to(torch.bfloat16)
     validator_model = copy.deepcopy(model)
     validator_model.set_attn_implementation("eager")
     requests = make_requests(192)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from coordinator.node_stats import FALSE_POSITIVE_RATE, binomial_upper_tail
-from coordinator.store import ChunkStats, GroupState, TokenStats, open_store, sqlite_url
+from coordinator.store import ChunkStats, GroupState, Store, TokenStats, open_store, sqlite_url
 from coordinator.validation import (
     DOUBT_WINDOW_GROUPS,
     HONEST_DOUBT_RATE_BOUND,
@@ -201,7 +201,6 @@ def test_a_deviation_each_group_hides_shows_in_the_nodes_window(tiny_model, tmp_
     from policy.tokenizer import load_tokenizer
     from policy.weights import export_bf16_state
     from tests.adversarial.test_attacks import int8_linear_weights
-    from tests.unit.test_store_contract import T0, _fresh_factory, _submission
 
     tokenizer = load_tokenizer(tiny_model)
     trusted = load_model(tiny_model, dtype="bfloat16")
@@ -213,24 +212,13 @@ def test_a_deviation_each_group_hides_shows_in_the_nodes_window(tiny_model, tmp_
     assert len(cheat_verdicts) >= 30
     assert all(v.passed for v in verdicts[32:])
 
-    store = open_store(sqlite_url(tmp_path))
-    queue = ValidationQueue(
-        store,
-        prompt_of=None,
-        policy=SamplingPolicy(probation_tokens=2048),
-        clock=lambda: T0,
-        window_chunks=128,
-        window_tokens=2048,
-    )
+    store, queue = _checking_queue(tmp_path, window_chunks=128, window_tokens=2048)
 
     def report_one_by_one(node_id: str, node_verdicts) -> list[GroupState]:
-        store.register_node(node_id, node_id.encode().ljust(32, b"k"), node_id, "torch-cpu-bfloat16", "cpu", "0", T0)
-        lease = store.issue_lease(node_id, T0, 1, _fresh_factory(node_id, prompts_per_lease=len(node_verdicts)))
-        submission = _submission(lease, node_id.encode(), state=GroupState.PENDING_VALIDATION)
-        store.record_submission(submission)
-        for group, verdict in zip(submission.groups, node_verdicts, strict=True):
-            queue.report([(group.group_id, verdict)])
-        return [store.get_group(group.group_id).state for group in submission.groups]
+        group_ids = _pending_groups(store, node_id, "torch-cpu-bfloat16", len(node_verdicts))
+        for group_id, verdict in zip(group_ids, node_verdicts, strict=True):
+            queue.report([(group_id, verdict)])
+        return [store.get_group(group_id).state for group_id in group_ids]
 
     cheat_states = report_one_by_one("cheat", cheat_verdicts)
     caught = cheat_states.index(GroupState.REJECTED)
@@ -318,23 +306,32 @@ def test_the_honest_fp32_pool_of_issue_16_passes_in_doubt_and_keeps_its_chunks()
     assert in_doubt.check == "commitment_short_chunk_doubt" and len(in_doubt.chunks) == 7  # left out of the pools
 
 
-def test_a_doubt_puts_a_trusted_node_on_probation_without_a_strike(tmp_path):
-    from tests.unit.test_store_contract import T0, _fresh_factory, _submission
+def _checking_queue(tmp_path, *, window_chunks: int, window_tokens: int) -> tuple[Store, ValidationQueue]:
+    """A store and its validation queue, probation ending with the first full token window."""
+    from tests.unit.test_store_contract import T0
 
     store = open_store(sqlite_url(tmp_path))
+    policy = SamplingPolicy(probation_tokens=window_tokens)
     queue = ValidationQueue(
-        store,
-        prompt_of=None,
-        policy=SamplingPolicy(probation_tokens=100),
-        clock=lambda: T0,
-        window_chunks=8,
-        window_tokens=100,
+        store, prompt_of=None, policy=policy, clock=lambda: T0, window_chunks=window_chunks, window_tokens=window_tokens
     )
-    store.register_node("n", b"n".ljust(32, b"k"), "n", "torch-cpu-float32", "cpu", "0", T0)
-    lease = store.issue_lease("n", T0, 1, _fresh_factory("n", prompts_per_lease=3))
-    submission = _submission(lease, b"s", state=GroupState.PENDING_VALIDATION)
+    return store, queue
+
+
+def _pending_groups(store: Store, node_id: str, engine: str, num_groups: int) -> list[str]:
+    """A new node's submission of num_groups groups, each waiting for its full check."""
+    from tests.unit.test_store_contract import T0, _fresh_factory, _submission
+
+    store.register_node(node_id, node_id.encode().ljust(32, b"k"), node_id, engine, "cpu", "0", T0)
+    lease = store.issue_lease(node_id, T0, 1, _fresh_factory(node_id, prompts_per_lease=num_groups))
+    submission = _submission(lease, node_id.encode(), state=GroupState.PENDING_VALIDATION)
     store.record_submission(submission)
-    first, second, third = (g.group_id for g in submission.groups)
+    return [group.group_id for group in submission.groups]
+
+
+def test_a_doubt_puts_a_trusted_node_on_probation_without_a_strike(tmp_path):
+    store, queue = _checking_queue(tmp_path, window_chunks=8, window_tokens=100)
+    first, second, third = _pending_groups(store, "n", "torch-cpu-float32", 3)
     clean = tuple(ChunkStats(0, 0.0, 128) for _ in range(8))
     tokens = TokenStats(num_tokens=100)  # no near-tie, no drift: a clean token window
     queue.report([(first, Verdict(True, "all", {}, clean, tokens))])  # clean windows: probation passed
@@ -474,22 +471,8 @@ def test_one_token_drifting_just_past_the_bound_is_doubt_in_bf16_only():
 def test_a_node_doubted_far_more_often_than_honest_nodes_fails_on_its_doubt_rate(tmp_path):
     """Doubts buy more checks of a node, not an unbounded run of them: past the binomial bound on its
     last DOUBT_WINDOW_GROUPS full checks (8 doubts of 64 at HONEST_DOUBT_RATE_BOUND), the doubt fails."""
-    from tests.unit.test_store_contract import T0, _fresh_factory, _submission
-
-    store = open_store(sqlite_url(tmp_path))
-    queue = ValidationQueue(
-        store,
-        prompt_of=None,
-        policy=SamplingPolicy(probation_tokens=100),
-        clock=lambda: T0,
-        window_chunks=8,
-        window_tokens=100,
-    )
-    store.register_node("n", b"n".ljust(32, b"k"), "n", "torch-cpu-bfloat16", "cpu", "0", T0)
-    lease = store.issue_lease("n", T0, 1, _fresh_factory("n", prompts_per_lease=10))
-    submission = _submission(lease, b"s", state=GroupState.PENDING_VALIDATION)
-    store.record_submission(submission)
-    groups = [g.group_id for g in submission.groups]
+    store, queue = _checking_queue(tmp_path, window_chunks=8, window_tokens=100)
+    groups = _pending_groups(store, "n", "torch-cpu-bfloat16", 10)
     doubt = Verdict(True, "sampling_doubt", {"num_mismatches": 1}, (), TokenStats(num_tokens=10))
     queue.report([(group_id, doubt) for group_id in groups[:6]])
     queue.report([(groups[6], doubt)])
