@@ -13,6 +13,8 @@ import contextlib
 import functools
 import json
 import logging
+import math
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -24,6 +26,7 @@ from coordinator.blobstore import BlobHashError, BlobRangeError, BlobStoreError
 from coordinator.core import SETTLE_WINDOW_MS, Coordinator, InvalidRequestError, LeaseWait
 from coordinator.dashboard.views import DashboardData
 from coordinator.gate import Gate, GateError, RefusalCounts, peer_host
+from coordinator.remedies import remedy
 from coordinator.store import GroupState, LeaseCapError, NodeRecord, UnknownNodeError
 from coordinator.transport import require_private_transport
 from protocol import convert
@@ -36,6 +39,7 @@ from protocol.retry import RETRY_AFTER_METADATA_KEY
 from protocol.types import NodeState
 
 log = logging.getLogger(__name__)
+RANK_REFRESH_S = 30.0
 
 
 # How much of an error's text goes into one log line.
@@ -258,25 +262,47 @@ def node_status_proto(app: Coordinator, node: NodeRecord) -> service_pb2.NodeSta
     )
 
 
-def node_standing_proto(app: Coordinator, node_id: str) -> service_pb2.NodeStanding:
-    detail = DashboardData(app).node(node_id)
-    row = detail.node
+class Ranks:
+    """The leaderboard's ranks, recomputed at most every RANK_REFRESH_S: every node asks for its
+    standing each minute, and a ranking reads every node's totals."""
+
+    def __init__(self, app: Coordinator):
+        self.app = app
+        self._lock = threading.Lock()
+        self._ranks: dict[str, int] = {}
+        self._computed_s = -math.inf
+
+    def of(self, node_id: str) -> tuple[int, int]:
+        """The node's rank (0: unranked) and the number of nodes ranked."""
+        with self._lock:
+            if time.monotonic() - self._computed_s >= RANK_REFRESH_S:
+                self._ranks = {row.node_id: row.rank for row in DashboardData(self.app).leaderboard()}
+                self._computed_s = time.monotonic()
+            return self._ranks.get(node_id, 0), len(self._ranks)
+
+
+def node_standing_proto(app: Coordinator, node_id: str, ranks: Ranks) -> service_pb2.NodeStanding:
+    node = app.store.get_node(node_id)
+    if node is None:
+        raise UnknownNodeError(f"node {node_id} is not registered")
+    totals = next(iter(app.store.contribution_totals(node_id)), None)
     oldest_pending_ms = app.store.oldest_pending_ms(node_id)
-    last = detail.rejections[0] if detail.rejections else None
+    last = next(iter(app.store.list_rejections(node_id, 1)), None)
+    rank, num_nodes = ranks.of(node_id)
     return service_pb2.NodeStanding(
-        rank=row.rank,
-        num_nodes=len(app.store.list_nodes()),
-        reputation=row.reputation,
-        num_strikes=detail.num_strikes,
-        on_probation=detail.on_probation,
-        ban_reason=row.ban_reason,
-        settled_tokens=row.settled.num_tokens,
-        pending_tokens=row.pending.num_tokens,
-        voided_tokens=detail.voided.num_tokens,
+        rank=rank,
+        num_nodes=num_nodes,
+        reputation=node.reputation,
+        num_strikes=node.num_strikes,
+        on_probation=node.on_probation,
+        ban_reason=node.ban_reason,
+        settled_tokens=totals.settled.num_tokens if totals else 0,
+        pending_tokens=totals.pending.num_tokens if totals else 0,
+        voided_tokens=totals.voided.num_tokens if totals else 0,
         pending_settles_ms=0 if oldest_pending_ms is None else oldest_pending_ms + SETTLE_WINDOW_MS,
         last_rejection_reason=last.reason if last else "",
         last_rejection_message=last.message if last else "",
-        last_rejection_remedy=last.remedy if last else "",
+        last_rejection_remedy=remedy(last.reason) if last else "",
         dashboard_url=f"{app.dashboard_url}/nodes/{node_id}" if app.dashboard_url else "",
     )
 
@@ -285,6 +311,7 @@ class NodeServicer(service_pb2_grpc.NodeServiceServicer):
     def __init__(self, app: Coordinator, gate: Gate):
         self.app = app
         self.gate = gate
+        self.ranks = Ranks(app)
 
     def _method(self, name: str) -> str:
         return method_name("NodeService", name)
@@ -383,7 +410,7 @@ class NodeServicer(service_pb2_grpc.NodeServiceServicer):
             self.gate.node_caller, envelope, self._method("GetNodeStanding"), _peer(context)
         )
         self.gate.decode(caller.envelope.payload, service_pb2.NodeStandingRequest)
-        return await asyncio.to_thread(node_standing_proto, self.app, caller.envelope.signer_id)
+        return await asyncio.to_thread(node_standing_proto, self.app, caller.envelope.signer_id, self.ranks)
 
 
 class TrainerServicer(service_pb2_grpc.TrainerServiceServicer):

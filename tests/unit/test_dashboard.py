@@ -19,7 +19,7 @@ from coordinator.dashboard.views import (
     submission_status,
 )
 from coordinator.dashboard.web import create_http_app, format_quantity, time_unit
-from coordinator.grpc_servicers import node_standing_proto
+from coordinator.grpc_servicers import Ranks, node_standing_proto
 from coordinator.store import GroupState, NewGroup, NewSubmission, NewVerdict, PolicyVersionRecord
 from protocol.identity import Identity
 from protocol.manifest import blob_hash
@@ -288,19 +288,23 @@ def test_the_reward_chart_covers_the_whole_run_at_bounded_size(client, coordinat
 
 def test_a_node_learns_its_standing_and_what_to_do_about_its_rejections(client, coordinator, populated):
     coordinator.dashboard_url = "https://run.example.org"
+    ranks = Ranks(coordinator)
     evil = populated["evil"].key_id
-    standing = node_standing_proto(coordinator, evil)
+    standing = node_standing_proto(coordinator, evil, ranks)
     assert standing.num_nodes == 2 and standing.num_strikes == 0 and not standing.ban_reason
     assert standing.last_rejection_reason == "reward_mismatch"
     assert "verifier" in standing.last_rejection_remedy
     assert standing.dashboard_url == f"https://run.example.org/nodes/{evil}"
-    honest = node_standing_proto(coordinator, populated["honest"].key_id)
+    honest = node_standing_proto(coordinator, populated["honest"].key_id, ranks)
     assert honest.rank == 1 and honest.settled_tokens > 0 and honest.last_rejection_reason == ""
     assert honest.pending_tokens == 0 and honest.pending_settles_ms == 0
     submit(coordinator, populated["honest"].key_id, 3, num_rejected=0)  # made 3 s ago, not settled yet
-    pending = node_standing_proto(coordinator, populated["honest"].key_id)
+    pending = node_standing_proto(coordinator, populated["honest"].key_id, ranks)
     assert pending.pending_tokens > 0 and pending.pending_settles_ms == coordinator.clock() - 3000 + SETTLE_WINDOW_MS
     assert "What to do: the node&#39;s verifier" in client.get(f"/nodes/{evil}").text
+    late = Identity.generate()  # the ranks are read at most every RANK_REFRESH_S: not ranked yet
+    coordinator.register(late.key_id, late.public_key, "late", "torch", "cpu", "0.1.0")
+    assert ranks.of(late.key_id) == (0, 2) and Ranks(coordinator).of(late.key_id)[1] == 3
 
 
 def test_nodes_sharing_a_display_name_are_told_apart_by_their_ids(client, coordinator):
