@@ -1,5 +1,6 @@
 """Line charts drawn as inline SVG by the project itself: no library, nothing fetched by the
-browser. Every text that ends up in the SVG is escaped here."""
+browser. Every text that ends up in the SVG is escaped here. Each chart carries its x domain and
+plot area in data attributes, for static/charts.js to turn a drag across it into a step range."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ NUM_TICKS = 5
 
 @dataclass(frozen=True)
 class Series:
-    """One line of a chart; css_class picks its colour in the stylesheet."""
+    """One line of a chart; css_class picks its colour in the stylesheet. With smoothed points
+    the points are drawn faint and the smoothed ones as the line."""
 
     name: str
     points: tuple[tuple[float, float], ...]
     css_class: str
+    smoothed: tuple[tuple[float, float], ...] = ()
 
 
 def nice_step(span: float, num_ticks: int) -> float:
@@ -65,6 +68,11 @@ def format_tick(value: float) -> str:
     return f"{value:.6g}"
 
 
+def polyline(coordinates: Sequence[tuple[float, float]], css_class: str) -> str:
+    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coordinates)
+    return f'<polyline class="{css_class}" fill="none" points="{path}"/>'
+
+
 def line_chart_svg(
     series: Sequence[Series],
     *,
@@ -78,19 +86,19 @@ def line_chart_svg(
 ) -> str:
     """An SVG line chart with axes, ticks, a legend and one circle (class "point") per data
     point, each with a <title> tooltip; the y axis covers the data and the values of include_y
-    (say 0, or a reward's full range). With no points it says so instead."""
-    points = [point for line in series for point in line.points]
+    (say 0, or a reward's full range). A series with smoothed values adds a polyline of class
+    "smoothed" over its faint "raw" one. With no points it says so instead."""
+    points = [point for line in series for point in line.points + line.smoothed]
     id_attribute = f' id="{escape(chart_id)}"' if chart_id else ""
-    parts = [
+    opening = (
         f'<svg{id_attribute} class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
-        f'role="img" aria-label="{escape(title)}">',
-        f"<title>{escape(title)}</title>",
-    ]
+        f'role="img" aria-label="{escape(title)}"'
+    )
     if not points:
-        parts.append(
+        return (
+            f"{opening}><title>{escape(title)}</title>"
             f'<text class="empty" x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle">no data yet</text></svg>'
         )
-        return "".join(parts)
     x_ticks = nice_ticks(min(x for x, _ in points), max(x for x, _ in points))
     y_values = [y for _, y in points] + list(include_y)
     y_ticks = nice_ticks(min(y_values), max(y_values))
@@ -98,6 +106,11 @@ def line_chart_svg(
     x_extent = (MARGIN_LEFT, WIDTH - MARGIN_RIGHT)
     y_extent = (HEIGHT - MARGIN_BOTTOM, MARGIN_TOP)
     bottom, top = y_extent
+    parts = [
+        f'{opening} data-x-domain="{x_domain[0]!r} {x_domain[1]!r}" '
+        f'data-plot="{x_extent[0]} {x_extent[1]} {top} {bottom}">',
+        f"<title>{escape(title)}</title>",
+    ]
 
     parts.append('<g class="grid">')
     for tick in y_ticks:
@@ -124,10 +137,13 @@ def line_chart_svg(
     for line in series:
         css_class = escape(line.css_class)
         coordinates = [(scale(x, x_domain, x_extent), scale(y, y_domain, y_extent)) for x, y in line.points]
-        parts.append(f'<g class="series {css_class}">')
+        smoothed_class = " has-smoothed" if line.smoothed else ""
+        parts.append(f'<g class="series {css_class}{smoothed_class}">')
         if len(coordinates) > 1:
-            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coordinates)
-            parts.append(f'<polyline fill="none" points="{path}"/>')
+            parts.append(polyline(coordinates, "raw" if line.smoothed else "line"))
+        if len(line.smoothed) > 1:
+            smoothed = [(scale(x, x_domain, x_extent), scale(y, y_domain, y_extent)) for x, y in line.smoothed]
+            parts.append(polyline(smoothed, "smoothed"))
         for (x, y), (raw_x, raw_y) in zip(coordinates, line.points, strict=True):
             tooltip = f"{line.name}: {format_y(raw_y)} at {format_x(raw_x)}"
             parts.append(

@@ -25,6 +25,8 @@ from protocol.types import Codec, NodeState
 
 NUM_TRAINING_POINTS = 500  # the charts' points over the whole run
 MAX_TRAINING_POINTS = 2000  # the most the API returns
+MIN_TRAINING_POINTS = 10  # per stretch of a downsampled run: 4 extremes of 2 series, 2 evenly spaced
+MAX_SMOOTHING = 0.99  # the largest smoothing weight on the past (TensorBoard's slider stops there too)
 MAX_SCANNED_METRICS_ROWS = 20_000  # past this a long run is read every k-th step (store.list_metrics_between)
 LAST_STEP = 2**63 - 1
 NUM_RECENT_SUBMISSIONS = 25
@@ -33,6 +35,8 @@ NUM_RECENT_LEASES = 25
 NUM_CONTRIBUTION_BUCKETS = 60
 MIN_CONTRIBUTION_BUCKET_MS = 10_000
 MAX_EVIDENCE_CHARS = 4000
+NUM_VERSIONS_PER_PAGE = 50
+MAX_VERSIONS_PER_PAGE = 500
 
 
 class UnknownNodePageError(ValueError):
@@ -74,6 +78,12 @@ class TrainingPoint(BaseModel):
     tokens_per_second: float | None
     loss: float | None
     skipped: bool
+    reward_mean_smoothed: float | None = Field(
+        None, description="reward_mean smoothed over the steps before it (downsampled: on evenly spaced steps only)"
+    )
+    tokens_per_second_smoothed: float | None = Field(
+        None, description="tokens_per_second smoothed likewise (skipped steps have none)"
+    )
 
 
 class WorkView(BaseModel):
@@ -174,7 +184,21 @@ class VersionView(BaseModel):
     full_state_bytes: int
     ratio_to_full: float | None
     created_ms: int
-    num_nodes_holding: int
+    num_nodes_holding: int = Field(
+        description="nodes seen recently whose last heartbeat reported running this version (a node runs one)"
+    )
+    num_nodes_generated: int = Field(
+        description="nodes with rollouts generated at this version accepted (not counting failed full checks)"
+    )
+
+
+class VersionsPage(BaseModel):
+    """One page of the published versions, newest first, with where the pages beside it start."""
+
+    versions: list[VersionView]
+    has_newer: bool
+    newer_before: int | None = Field(description="`before` of the page of newer versions; None: the newest page")
+    older_before: int | None = Field(description="`before` of the page of older versions; None: there are none")
 
 
 def finite_number(metrics: dict[str, Any], key: str) -> float | None:
@@ -270,15 +294,61 @@ def extreme_indices(values: Sequence[float | None], num_buckets: int) -> set[int
     return kept
 
 
+def smooth_ema(values: Sequence[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average giving weight to the past, debiased
+    (divided by 1 - weight**n at the n-th value) so that the start is not pulled towards 0."""
+    if not 0 <= weight < 1:
+        raise ValueError(f"the smoothing weight is from 0 (none) up to but not including 1, got {weight}")
+    smoothed, running, debias = [], 0.0, 1.0
+    for value in values:
+        running = weight * running + (1 - weight) * value
+        debias *= weight
+        smoothed.append(running / (1 - debias))
+    return smoothed
+
+
+def smooth_present(values: Sequence[float | None], weight: float) -> list[float | None]:
+    """smooth_ema over the values that are not None; None stays None."""
+    smoothed = iter(smooth_ema([value for value in values if value is not None], weight))
+    return [None if value is None else next(smoothed) for value in values]
+
+
+def with_smoothing(points: list[TrainingPoint], weight: float) -> list[TrainingPoint]:
+    """points with their train reward and the throughput of the steps that trained smoothed."""
+    rewards = smooth_present([p.reward_mean for p in points], weight)
+    rates = smooth_present([None if p.skipped else p.tokens_per_second for p in points], weight)
+    return [
+        point.model_copy(update={"reward_mean_smoothed": reward, "tokens_per_second_smoothed": rate})
+        for point, reward, rate in zip(points, rewards, rates, strict=True)
+    ]
+
+
+def evenly_spaced_indices(num_values: int, num_indices: int) -> set[int]:
+    """num_indices indices spread evenly over range(num_values), the first and the last among them."""
+    if num_indices >= num_values:
+        return set(range(num_values))
+    if num_indices == 1:
+        return {0}
+    return {round(i * (num_values - 1) / (num_indices - 1)) for i in range(num_indices)}
+
+
 def downsample_keeping_extremes(points: list[TrainingPoint], num_points: int) -> list[TrainingPoint]:
-    """At most num_points of points, in step order: the extremes of the train reward and of the
-    held-out reward (sparse: every eval_every steps), each over num_points / 8 stretches."""
+    """At most num_points (at least MIN_TRAINING_POINTS) of points, in step order: the extremes of
+    the train reward and of the held-out reward (sparse: every eval_every steps), each over
+    num_points / 10 stretches, and 2 points a stretch evenly spaced, which alone keep their
+    smoothed values: a smoothed line through the extremes' points would zigzag with them."""
     if len(points) <= num_points:
         return points
-    num_buckets = max(1, num_points // 8)
+    assert num_points >= MIN_TRAINING_POINTS, f"{num_points} points leave no room for the extremes"
+    num_buckets = num_points // MIN_TRAINING_POINTS
     kept = extreme_indices([p.reward_mean for p in points], num_buckets)
     kept |= extreme_indices([p.eval_reward for p in points], num_buckets)
-    return [points[index] for index in sorted(kept)]
+    evenly_spaced = evenly_spaced_indices(len(points), 2 * num_buckets)
+    unsmoothed = {"reward_mean_smoothed": None, "tokens_per_second_smoothed": None}
+    return [
+        points[index] if index in evenly_spaced else points[index].model_copy(update=unsmoothed)
+        for index in sorted(kept | evenly_spaced)
+    ]
 
 
 def rejection_view(record: RejectionRecord) -> RejectionView:
@@ -313,12 +383,14 @@ class DashboardData:
         )
 
     def training(
-        self, *, since: int = 0, until: int = LAST_STEP, num_points: int = NUM_TRAINING_POINTS
+        self, *, since: int = 0, until: int = LAST_STEP, num_points: int = NUM_TRAINING_POINTS, smoothing: float = 0.0
     ) -> list[TrainingPoint]:
-        """The trainer's steps since..until, at most num_points of them chosen to keep each
-        stretch's extremes (downsample_keeping_extremes)."""
+        """The trainer's steps since..until, smoothed with weight smoothing over all the steps read
+        (smooth_ema), then at most num_points of them chosen to keep each stretch's extremes
+        (downsample_keeping_extremes)."""
         records = self.app.store.list_metrics_between(since, until, MAX_SCANNED_METRICS_ROWS)
-        return downsample_keeping_extremes([training_point(record) for record in records], num_points)
+        points = with_smoothing([training_point(record) for record in records], smoothing)
+        return downsample_keeping_extremes(points, num_points)
 
     def latest_training(self, num_steps: int) -> list[TrainingPoint]:
         return [training_point(record) for record in self.app.store.list_metrics(num_steps)]
@@ -446,18 +518,33 @@ class DashboardData:
             ],
         )
 
-    def versions(self) -> list[VersionView]:
-        versions, holders = self.app.versions_with_holders()
-        return [
-            VersionView(
-                version=v.version,
-                base_version=v.base_version,
-                codec=Codec(v.codec).name.lower(),
-                num_bytes=v.num_bytes,
-                full_state_bytes=v.full_state_bytes,
-                ratio_to_full=v.num_bytes / v.full_state_bytes if v.full_state_bytes else None,
-                created_ms=v.created_ms,
-                num_nodes_holding=holders.get(v.version, 0),
-            )
-            for v in reversed(versions)
-        ]
+    def versions(self, *, before: int | None = None, limit: int = NUM_VERSIONS_PER_PAGE) -> VersionsPage:
+        """Up to limit published versions numbered below before (or the newest), newest first;
+        each read is bounded by limit, however many versions there are."""
+        store = self.app.store
+        records = store.list_versions_page(limit + 1, before)
+        older_before = records[limit - 1].version if len(records) > limit else None
+        records = records[:limit]
+        anchor = records[0].version if records else (None if before is None else before - 1)
+        newer = [] if anchor is None else store.version_numbers_after(anchor, limit + 1)
+        holding = store.num_nodes_holding(self.app.clock() - self.app.liveness.offline_after_ms)
+        generated = store.num_nodes_generated(records[-1].version, records[0].version) if records else {}
+        return VersionsPage(
+            versions=[
+                VersionView(
+                    version=v.version,
+                    base_version=v.base_version,
+                    codec=Codec(v.codec).name.lower(),
+                    num_bytes=v.num_bytes,
+                    full_state_bytes=v.full_state_bytes,
+                    ratio_to_full=v.num_bytes / v.full_state_bytes if v.full_state_bytes else None,
+                    created_ms=v.created_ms,
+                    num_nodes_holding=holding.get(v.version, 0),
+                    num_nodes_generated=generated.get(v.version, 0),
+                )
+                for v in records
+            ],
+            has_newer=bool(newer),
+            newer_before=newer[limit] if len(newer) > limit else None,
+            older_before=older_before,
+        )

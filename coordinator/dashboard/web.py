@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,8 +29,12 @@ from coordinator.dashboard.charts import Series, line_chart_svg
 from coordinator.dashboard.prometheus import metrics_registry, render_metrics
 from coordinator.dashboard.views import (
     LAST_STEP,
+    MAX_SMOOTHING,
     MAX_TRAINING_POINTS,
+    MAX_VERSIONS_PER_PAGE,
+    MIN_TRAINING_POINTS,
     NUM_TRAINING_POINTS,
+    NUM_VERSIONS_PER_PAGE,
     DashboardData,
     NodeDetailView,
     NodeRow,
@@ -41,6 +46,8 @@ from coordinator.dashboard.views import (
 
 PACKAGE_DIR = Path(__file__).parent
 MAX_NODE_ID_CHARS = 128
+MAX_CONTROL_CHARS = 32  # the longest value the chart controls take
+DEFAULT_SMOOTHING = 0.9  # weight on the past: a window of about 10 steps
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -100,12 +107,71 @@ def format_number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def reward_chart(points: list[TrainingPoint]) -> str:
+@dataclass(frozen=True)
+class ChartRequest:
+    """What the overview's chart controls ask for: the steps since..until (None: from the run's
+    start, to its end) and the smoothing weight; problems says which inputs were ignored, and why."""
+
+    since: int | None = None
+    until: int | None = None
+    smoothing: float = DEFAULT_SMOOTHING
+    problems: tuple[str, ...] = ()
+
+
+def parse_step(text: str, name: str) -> int | None:
+    """None for an empty field, else the step number it holds; ValueError naming the field."""
+    if not text.strip():
+        return None
+    try:
+        step = int(text)
+    except ValueError:
+        raise ValueError(f"{name} {text!r} is not a whole number") from None
+    if not 0 <= step <= LAST_STEP:
+        raise ValueError(f"{name} {step} is not a step number (0 or more)")
+    return step
+
+
+def parse_smoothing(text: str) -> float:
+    if not text.strip():
+        return DEFAULT_SMOOTHING
+    try:
+        weight = float(text)
+    except ValueError:
+        raise ValueError(f"smoothing {text!r} is not a number") from None
+    if not 0 <= weight <= MAX_SMOOTHING:
+        raise ValueError(f"smoothing {text} is not from 0 to {MAX_SMOOTHING}")
+    return weight
+
+
+def chart_request(since: str, until: str, smoothing: str) -> ChartRequest:
+    """The controls' values as typed (query parameters); what does not parse is ignored and said."""
+    problems = []
+    try:
+        first, last = parse_step(since, "from step"), parse_step(until, "to step")
+        if first is not None and last is not None and last < first:
+            raise ValueError(f"to step {last} comes before from step {first}")
+    except ValueError as error:
+        problems.append(f"{error}: showing the whole run")
+        first = last = None
+    try:
+        weight = parse_smoothing(smoothing)
+    except ValueError as error:
+        problems.append(f"{error}: smoothing {DEFAULT_SMOOTHING} instead")
+        weight = DEFAULT_SMOOTHING
+    return ChartRequest(first, last, weight, tuple(problems))
+
+
+def reward_chart(points: list[TrainingPoint], smoothing: float = 0.0) -> str:
+    """The train reward (smoothed when smoothing is not 0) and the held-out reward (never
+    smoothed: each point already averages a whole evaluation)."""
     series = [
         Series(
             "reward (train)",
             tuple((p.step, p.reward_mean) for p in points if p.reward_mean is not None),
             "train",
+            tuple((p.step, p.reward_mean_smoothed) for p in points if p.reward_mean_smoothed is not None)
+            if smoothing
+            else (),
         ),
         Series("reward (eval)", tuple((p.step, p.eval_reward) for p in points if p.eval_reward is not None), "eval"),
     ]
@@ -119,12 +185,15 @@ def reward_chart(points: list[TrainingPoint]) -> str:
     )
 
 
-def throughput_chart(points: list[TrainingPoint]) -> str:
+def throughput_chart(points: list[TrainingPoint], smoothing: float = 0.0) -> str:
     """Tokens per second of the steps that trained (a step skipped for lack of signal has none)."""
     series = Series(
         "trainer tokens/s",
         tuple((p.step, p.tokens_per_second) for p in points if p.tokens_per_second is not None and not p.skipped),
         "tps",
+        tuple((p.step, p.tokens_per_second_smoothed) for p in points if p.tokens_per_second_smoothed is not None)
+        if smoothing
+        else (),
     )
     return line_chart_svg(
         [series],
@@ -228,14 +297,18 @@ def _add_api_routes(http: FastAPI, data: DashboardData) -> None:
     def api_training(
         since: Annotated[int, Query(ge=0, description="first step")] = 0,
         until: Annotated[int, Query(ge=0, le=LAST_STEP, description="last step")] = LAST_STEP,
-        points: Annotated[int, Query(ge=8, le=MAX_TRAINING_POINTS, description="at most this many steps")] = (
-            NUM_TRAINING_POINTS
-        ),
+        points: Annotated[
+            int, Query(ge=MIN_TRAINING_POINTS, le=MAX_TRAINING_POINTS, description="at most this many steps")
+        ] = NUM_TRAINING_POINTS,
+        smoothing: Annotated[
+            float, Query(ge=0, le=MAX_SMOOTHING, description="weight of the past in the *_smoothed values")
+        ] = 0.0,
     ) -> list[TrainingPoint]:
         """The trainer's per-step metrics (the reward curve) from step `since` to `until`, oldest
         first; over more steps than `points`, the ones holding each stretch's lowest and highest
-        rewards."""
-        return data.training(since=since, until=until, num_points=points)
+        rewards. The *_smoothed values are an exponential moving average (as TensorBoard's) over
+        the steps from `since`."""
+        return data.training(since=since, until=until, num_points=points, smoothing=smoothing)
 
     @http.get("/api/v1/nodes", response_model=list[NodeRow], tags=["api"])
     def api_nodes() -> list[NodeRow]:
@@ -248,9 +321,15 @@ def _add_api_routes(http: FastAPI, data: DashboardData) -> None:
         return _find_node(data, node_id)
 
     @http.get("/api/v1/versions", response_model=list[VersionView], tags=["api"])
-    def api_versions() -> list[VersionView]:
-        """Published policy versions, newest first, with update sizes and holders."""
-        return data.versions()
+    def api_versions(
+        before: Annotated[int | None, Query(ge=1, le=LAST_STEP, description="only versions below this one")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_VERSIONS_PER_PAGE, description="at most this many")] = (
+            NUM_VERSIONS_PER_PAGE
+        ),
+    ) -> list[VersionView]:
+        """Published policy versions, newest first, with update sizes and holders; for the page
+        after this one, pass the last version listed as `before`."""
+        return data.versions(before=before, limit=limit).versions
 
 
 def _add_operation_routes(http: FastAPI, app: Coordinator, registry: CollectorRegistry) -> None:
@@ -271,12 +350,22 @@ def _add_operation_routes(http: FastAPI, app: Coordinator, registry: CollectorRe
 
 def _add_page_routes(http: FastAPI, data: DashboardData, page: Callable[..., HTMLResponse]) -> None:
     @http.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def overview_page() -> HTMLResponse:
-        points = data.training()
+    def overview_page(
+        since: Annotated[str, Query(max_length=MAX_CONTROL_CHARS)] = "",
+        until: Annotated[str, Query(max_length=MAX_CONTROL_CHARS)] = "",
+        smoothing: Annotated[str, Query(max_length=MAX_CONTROL_CHARS)] = "",
+    ) -> HTMLResponse:
+        chart = chart_request(since, until, smoothing)
+        points = data.training(
+            since=chart.since or 0,
+            until=LAST_STEP if chart.until is None else chart.until,
+            smoothing=chart.smoothing,
+        )
         return page(
             "overview.html",
-            reward_svg=Markup(reward_chart(points)),
-            throughput_svg=Markup(throughput_chart(points)),
+            chart=chart,
+            reward_svg=Markup(reward_chart(points, chart.smoothing)),
+            throughput_svg=Markup(throughput_chart(points, chart.smoothing)),
             nodes=data.leaderboard()[:5],
         )
 
@@ -293,5 +382,8 @@ def _add_page_routes(http: FastAPI, data: DashboardData, page: Callable[..., HTM
         return page("node.html", detail=detail, contribution_svg=Markup(contribution_chart(detail)))
 
     @http.get("/versions", response_class=HTMLResponse, include_in_schema=False)
-    def versions_page() -> HTMLResponse:
-        return page("versions.html", versions=data.versions())
+    def versions_page(
+        before: Annotated[int | None, Query(ge=1, le=LAST_STEP)] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_VERSIONS_PER_PAGE)] = NUM_VERSIONS_PER_PAGE,
+    ) -> HTMLResponse:
+        return page("versions.html", versions_page=data.versions(before=before, limit=limit), limit=limit)

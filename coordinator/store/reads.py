@@ -7,12 +7,49 @@ from sqlalchemy import and_, func, select
 
 from coordinator.store.database import Repository
 from coordinator.store.groups import count_groups_by_state
-from coordinator.store.records import RejectionRecord, RejectionSource, RunCounters
+from coordinator.store.records import GroupState, PolicyVersionRecord, RejectionRecord, RejectionSource, RunCounters
+from coordinator.store.rows import version_record
 from coordinator.store.statements import CONSUMPTIONS, GROUPS, METRICS, NODES, VALIDATIONS, VERDICTS, VERSIONS
+
+# The states of groups whose node is trusted to have generated them at their policy version:
+# every state but those of a failed full check or a caught node.
+_TRUSTED_GROUP_STATES = tuple(
+    state for state in GroupState if state not in (GroupState.REJECTED, GroupState.QUARANTINED)
+)
 
 
 class ReadRepository(Repository):
     """The dashboard's reads that span aggregates."""
+
+    def list_versions_page(self, limit: int, before: int | None = None) -> list[PolicyVersionRecord]:
+        """Up to limit published versions numbered below before (or the newest), newest first:
+        one range read on the primary key, whatever the number of versions."""
+        query = select(VERSIONS).order_by(VERSIONS.c.version.desc()).limit(limit)
+        if before is not None:
+            query = query.where(VERSIONS.c.version < before)
+        with self.database.read() as connection:
+            return [version_record(row) for row in connection.execute(query)]
+
+    def version_numbers_after(self, version: int, limit: int) -> list[int]:
+        """The numbers of up to limit published versions above version, oldest first."""
+        query = select(VERSIONS.c.version).where(VERSIONS.c.version > version).order_by(VERSIONS.c.version).limit(limit)
+        with self.database.read() as connection:
+            return list(connection.execute(query).scalars())
+
+    def num_nodes_generated(self, first_version: int, last_version: int) -> dict[int, int]:
+        """Policy version (first..last) -> how many nodes had rollout groups generated at it
+        accepted, not counting groups that failed a full check or were quarantined with their
+        node. A node leases only at the version it holds, so each of them held that version."""
+        query = (
+            select(GROUPS.c.policy_version, func.count(GROUPS.c.node_id.distinct()))
+            .where(
+                GROUPS.c.state.in_(_TRUSTED_GROUP_STATES),
+                GROUPS.c.policy_version.between(first_version, last_version),
+            )
+            .group_by(GROUPS.c.policy_version)
+        )
+        with self.database.read() as connection:
+            return {version: count for version, count in connection.execute(query)}
 
     def list_rejections(self, node_id: str, limit: int) -> list[RejectionRecord]:
         """The node's newest rejections first: rejected rollouts and failed full checks."""

@@ -1,17 +1,27 @@
-"""The dashboard in a real browser (issue 8): a coordinator, a trainer and two nodes run as
-processes; headless Chromium (Debian's, driven by Playwright) finds the nodes on the
+"""The dashboard in a real browser (issues 8 and 21). One test runs a coordinator, a trainer and
+two nodes as processes; headless Chromium (Debian's, driven by Playwright) finds the nodes on the
 leaderboard, the reward chart's points and a node's rejection reason, and saves screenshots
-under artifacts/. Slow: about a minute on two busy cores, mostly process start-up."""
+under artifacts/ (slow: about a minute on two busy cores, mostly process start-up). The other
+serves the dashboard of a store holding 2,400 trainer steps and checks, in the browser, that the
+reward chart starts at step 0 and that zooming and smoothing change what it draws."""
 
 import asyncio
+import contextlib
 import dataclasses
+import json
+import math
+import random
+import socket
 import sqlite3
+import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from coordinator.dashboard.web import create_http_app
 from envs import get_task
 from node.client import CoordinatorClient
 from node.generate import generate_batch
@@ -19,6 +29,9 @@ from protocol import convert
 from protocol.identity import Identity
 from protocol.proto import service_pb2
 from tests.integration.cluster import OPERATOR_TOKEN, Cluster, wait_for
+from tests.unit import conftest as unit_fixtures
+
+make_coordinator = unit_fixtures.make_coordinator  # a Coordinator over a SQLite store, no processes
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -188,3 +201,116 @@ def test_dashboard_in_a_browser(tmp_path, tiny_model, playwright_api):
             browser.close()
     finally:
         cluster.stop_all()
+
+
+NUM_STEPS = 2400
+EVAL_EVERY = 50
+
+
+def fill_training_metrics(coordinator) -> None:
+    """NUM_STEPS trainer steps written straight to the store: a noisy rising reward that starts
+    at exactly 0 on step 0, a held-out reward every EVAL_EVERY steps, a steady throughput."""
+    rng = random.Random(21)
+    for step in range(NUM_STEPS):
+        reward = 0.0 if step == 0 else min(1.0, 0.15 + 0.6 * step / NUM_STEPS + rng.uniform(-0.12, 0.12))
+        metrics = {"step": step, "reward_mean": reward, "tokens_per_second": 900.0 + rng.uniform(0, 200)}
+        if step % EVAL_EVERY == 0:
+            metrics["eval_reward"] = 0.1 + 0.6 * step / NUM_STEPS
+        coordinator.store.add_metrics(step, json.dumps(metrics), unit_fixtures.T0 + 1000 * step)
+
+
+@contextlib.contextmanager
+def serving(http_app) -> Iterator[str]:
+    """The app on a loopback port by uvicorn in a thread of this process; stopped on exit."""
+    import uvicorn
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(http_app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="dashboard")
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 60, "the dashboard to serve", interval_s=0.1)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        listener.close()
+
+
+def drawn(page, selector: str) -> dict:
+    """What the reward chart draws: the steps of its points, its smoothed line's coordinates."""
+    return page.evaluate(
+        """(selector) => {
+            const chart = document.querySelector(selector);
+            const smoothed = chart.querySelector("polyline.smoothed");
+            return {
+                steps: [...chart.querySelectorAll(".train circle.point")].map((c) => Number(c.dataset.x)),
+                smoothed: smoothed ? smoothed.getAttribute("points") : null,
+            };
+        }""",
+        selector,
+    )
+
+
+def test_overview_after_thousands_of_steps_shows_the_first_step_zooms_and_smooths(
+    tmp_path, make_coordinator, playwright_api
+):
+    coordinator = make_coordinator()
+    fill_training_metrics(coordinator)
+    with serving(create_http_app(coordinator)) as dashboard, playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-background-networking"]
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        external: list[str] = []
+        page.on("request", lambda request: None if request.url.startswith(dashboard) else external.append(request.url))
+        page.goto(dashboard)
+
+        whole = drawn(page, "#reward-chart")
+        assert whole["steps"][0] == 0 and whole["steps"][-1] == NUM_STEPS - 1 and len(whole["steps"]) <= 500
+        chart_box = page.locator("#reward-chart").bounding_box()
+        first_box = page.locator('#reward-chart .train circle.point[data-x="0"]').bounding_box()
+        assert chart_box is not None and first_box is not None
+        assert chart_box["x"] < first_box["x"] < chart_box["x"] + 0.2 * chart_box["width"], "step 0 on the left"
+        assert chart_box["y"] < first_box["y"] < chart_box["y"] + chart_box["height"]
+        assert [float(x) for x in page.locator("#reward-chart").get_attribute("data-x-domain").split()] == [0, 2500]
+        page.screenshot(path=str(tmp_path / "overview-2400-steps.png"), full_page=True)
+        assert (tmp_path / "overview-2400-steps.png").stat().st_size > 10_000
+
+        # Smoothing: the slider reloads the charts smoothed with its weight; 0 draws no smoothed line.
+        assert whole["smoothed"] is not None  # the default weight, 0.9
+        with page.expect_navigation():
+            page.locator("#smoothing").fill("0.5")
+        assert page.url.endswith("smoothing=0.5&since=&until=")
+        light = drawn(page, "#reward-chart")
+        assert light["steps"] == whole["steps"] and light["smoothed"] not in (None, whole["smoothed"])
+        with page.expect_navigation():
+            page.locator("#smoothing").fill("0")
+        assert drawn(page, "#reward-chart")["smoothed"] is None
+
+        # Zoom: a drag across 40% to 50% of the plot (steps 1000 to 1250) reads those steps at full resolution.
+        box = page.locator("#reward-chart").bounding_box()
+        left, right, top, bottom = (float(v) for v in page.locator("#reward-chart").get_attribute("data-plot").split())
+        to_pixels = box["width"] / 640
+        y = box["y"] + (top + bottom) / 2 * to_pixels
+        start, end = (box["x"] + (left + fraction * (right - left)) * to_pixels for fraction in (0.4, 0.5))
+        page.mouse.move(start, y)
+        page.mouse.down()
+        page.mouse.move(end, y, steps=8)
+        with page.expect_navigation():
+            page.mouse.up()
+        since = int(page.locator("input[name=since]").input_value())
+        until = int(page.locator("input[name=until]").input_value())
+        assert math.isclose(since, 1000, abs_tol=5) and math.isclose(until, 1250, abs_tol=5), (since, until)
+        zoomed = drawn(page, "#reward-chart")
+        assert zoomed["steps"] == list(range(since, until + 1)), "every step of the range, none outside it"
+        page.screenshot(path=str(tmp_path / "overview-zoomed.png"), full_page=True)
+
+        with page.expect_navigation():
+            page.locator("#reset-zoom").click()
+        assert drawn(page, "#reward-chart")["steps"] == whole["steps"]
+        page.wait_for_function("() => document.body.dataset.refreshed !== undefined", timeout=20_000)
+        assert page.evaluate("() => document.body.dataset.refreshError") is None
+        assert external == [], f"the dashboard fetched from outside: {external}"
+        browser.close()

@@ -14,8 +14,10 @@ from coordinator.core import SETTLE_WINDOW_MS, Coordinator
 from coordinator.dashboard.views import (
     contribution_bucket_ms,
     cumulative,
+    evenly_spaced_indices,
     extreme_indices,
     finite_number,
+    smooth_ema,
     submission_status,
 )
 from coordinator.dashboard.web import create_http_app, format_quantity, time_unit
@@ -211,6 +213,8 @@ def test_public_responses_carry_no_secrets(client, populated, coordinator):
 
 
 def test_view_helpers():
+    assert evenly_spaced_indices(11, 3) == {0, 5, 10} and evenly_spaced_indices(3, 5) == {0, 1, 2}
+    assert evenly_spaced_indices(7, 1) == {0} and evenly_spaced_indices(1000, 2) == {0, 999}
     assert finite_number({"a": 1, "b": True, "c": float("nan"), "d": "1"}, "a") == 1.0
     assert [finite_number({"b": True, "c": float("nan"), "d": "1"}, k) for k in "bcde"] == [None] * 4
     assert cumulative([3, 0, 2]) == [3, 3, 5]
@@ -314,3 +318,150 @@ def test_nodes_sharing_a_display_name_are_told_apart_by_their_ids(client, coordi
     leaderboard = client.get("/leaderboard").text
     for twin in twins:
         assert f'title="{twin.key_id}">…{twin.key_id[-6:]}</small>' in leaderboard
+
+
+def test_training_smoothing_runs_over_every_step_read_then_keeps_the_extremes(client, coordinator):
+    rng = random.Random(7)
+    rewards = [rng.random() for _ in range(1500)]
+    for step, reward in enumerate(rewards):
+        coordinator.store.add_metrics(step, json.dumps({"reward_mean": reward, "tokens_per_second": 10.0}), T0)
+    expected = smooth_ema(rewards, 0.9)
+    points = client.get("/api/v1/training", params={"smoothing": 0.9}).json()
+    assert len(points) <= 500
+    smoothed = [point for point in points if point["reward_mean_smoothed"] is not None]
+    assert [point["step"] for point in smoothed] == sorted(evenly_spaced_indices(1500, 100))
+    assert [point["step"] for point in smoothed][:3] == [0, 15, 30]
+    for point in smoothed:
+        assert point["reward_mean_smoothed"] == pytest.approx(expected[point["step"]], rel=1e-12)
+        assert point["tokens_per_second_smoothed"] == pytest.approx(10.0)
+    zoomed = client.get("/api/v1/training", params={"since": 1000, "smoothing": 0.9}).json()
+    assert [p["reward_mean_smoothed"] for p in zoomed] == pytest.approx(smooth_ema(rewards[1000:], 0.9), rel=1e-12)
+    unsmoothed = client.get("/api/v1/training", params={"since": 1000}).json()
+    assert all(p["reward_mean_smoothed"] == p["reward_mean"] for p in unsmoothed)
+    assert client.get("/api/v1/training", params={"smoothing": 1}).status_code == 422
+    assert len(client.get("/api/v1/training", params={"points": 10}).json()) <= 10
+    assert client.get("/api/v1/training", params={"points": 9}).status_code == 422
+
+
+def chart_of(page: str, chart_id: str) -> str:
+    return re.search(rf'<svg id="{chart_id}".*?</svg>', page, re.S).group(0)
+
+
+def test_overview_zooms_into_a_step_range_at_full_resolution_and_smooths(client, coordinator):
+    for step in range(3000):
+        coordinator.store.add_metrics(step, json.dumps({"reward_mean": (step % 7) / 7, "tokens_per_second": 5.0}), T0)
+    whole = chart_of(client.get("/").text, "reward-chart")
+    assert whole.count('class="point"') <= 500 and 'data-x="0"' in whole and 'class="smoothed"' in whole
+    zoomed_page = client.get("/", params={"since": "1200", "until": "1500", "smoothing": "0"}).text
+    zoomed = chart_of(zoomed_page, "reward-chart")
+    assert sorted(int(x) for x in re.findall(r'data-x="(\d+)"', zoomed)) == list(range(1200, 1501))
+    assert 'class="smoothed"' not in zoomed and 'class="line"' in zoomed
+    assert 'name="since" min="0" step="1" value="1200"' in zoomed_page and "Steps 1200 to 1500" in zoomed_page
+    assert 'href="/?smoothing=0.0"' in zoomed_page  # back to the whole run, keeping the smoothing
+    light, heavy = (
+        re.search(r'class="smoothed"[^>]*points="([^"]*)"', chart_of(client.get("/", params=p).text, "reward-chart"))
+        for p in ({"smoothing": "0.3"}, {"smoothing": "0.95"})
+    )
+    assert light.group(1) != heavy.group(1)
+
+
+@pytest.mark.parametrize(
+    ("params", "problem"),
+    [
+        ({"since": "ten"}, "from step &#39;ten&#39; is not a whole number: showing the whole run"),
+        ({"since": "50", "until": "20"}, "to step 20 comes before from step 50: showing the whole run"),
+        ({"until": "-3"}, "to step -3 is not a step number (0 or more): showing the whole run"),
+        ({"smoothing": "1.5"}, "smoothing 1.5 is not from 0 to 0.99: smoothing 0.9 instead"),
+        ({"smoothing": "lots"}, "smoothing &#39;lots&#39; is not a number: smoothing 0.9 instead"),
+    ],
+)
+def test_overview_says_which_chart_control_it_ignored(client, coordinator, params, problem):
+    coordinator.store.add_metrics(1, json.dumps({"reward_mean": 0.5}), T0)
+    page = client.get("/", params=params)
+    assert page.status_code == 200 and f'<p class="notice">{problem}</p>' in page.text
+    assert 'data-x="1"' in chart_of(page.text, "reward-chart")
+
+
+def add_versions(coordinator: Coordinator, num_versions: int) -> None:
+    for version in range(1, num_versions + 1):
+        codec = Codec.KEYFRAME if version == 1 else Codec.DELTA
+        record = PolicyVersionRecord(version, version - 1, codec, b"m", 1000, 100_000, T0 + version)
+        coordinator.store.add_version(record)
+
+
+def listed_versions(page: str) -> list[int]:
+    return [int(version) for version in re.findall(r'<tr>\n  <td class="num">(\d+)</td>', page)]
+
+
+def test_versions_come_in_pages_with_newer_and_older_links(client, coordinator):
+    add_versions(coordinator, 120)
+    newest = client.get("/versions").text
+    assert listed_versions(newest) == list(range(120, 70, -1))
+    assert 'href="/versions?before=71&amp;limit=50">Older' in newest and "Newer versions" not in newest
+    middle = client.get("/versions", params={"before": 71}).text
+    assert listed_versions(middle) == list(range(70, 20, -1))
+    assert 'href="/versions?before=21&amp;limit=50">Older' in middle and 'href="/versions?limit=50">Newer' in middle
+    oldest = client.get("/versions", params={"before": 21, "limit": 50}).text
+    assert listed_versions(oldest) == list(range(20, 0, -1)) and "Older versions" not in oldest
+    assert 'href="/versions?before=71&amp;limit=50">Newer' in oldest
+    small = client.get("/versions", params={"before": 100, "limit": 10}).text
+    assert listed_versions(small) == list(range(99, 89, -1))
+    assert 'href="/versions?before=110&amp;limit=10">Newer' in small and "before=90&amp;limit=10" in small
+    api = client.get("/api/v1/versions", params={"before": 61, "limit": 10}).json()
+    assert [v["version"] for v in api] == list(range(60, 50, -1))
+    assert client.get("/api/v1/versions", params={"before": 1}).json() == []
+    assert client.get("/api/v1/versions", params={"limit": 501}).status_code == 422
+
+
+def test_version_pages_read_a_bounded_number_of_rows(coordinator):
+    add_versions(coordinator, 300)
+    page = coordinator.store.list_versions_page(11, before=200)
+    assert [v.version for v in page] == list(range(199, 188, -1))
+    assert coordinator.store.version_numbers_after(295, 3) == [296, 297, 298]
+    assert coordinator.store.version_numbers_after(299, 3) == [300]
+
+
+def submit_at(app: Coordinator, node_id: str, version: int, name: str, state: GroupState = GroupState.READY) -> str:
+    group_id = f"group-{name}"
+    app.store.record_submission(
+        NewSubmission(
+            batch_hash=f"batch-{name}".encode(),
+            lease_id=f"lease-{name}",
+            node_id=node_id,
+            created_ms=app.clock(),
+            receipt=b"receipt",
+            groups=(NewGroup(group_id, 0, version, b"group", 10, 2, state, 1.0),),
+            verdicts=(NewVerdict(0, 0, True), NewVerdict(0, 1, True)),
+            rollout_hashes=(f"hash-{name}".encode(),),
+        )
+    )
+    return group_id
+
+
+def test_nodes_holding_and_nodes_that_generated_on_each_version(client, coordinator):
+    """A node runs one version at a time: "on it now" counts the recent heartbeats reporting a
+    version; "generated on it" the nodes whose groups at that version were accepted and stand."""
+    add_versions(coordinator, 4)
+    nodes = [Identity.generate() for _ in range(4)]
+    for index, node in enumerate(nodes):
+        coordinator.register(node.key_id, node.public_key, f"node {index}", "torch", "cpu", "0.1.0")
+    a, b, c, gone = (node.key_id for node in nodes)
+    submit_at(coordinator, a, 1, "a1")
+    submit_at(coordinator, a, 2, "a2")
+    submit_at(coordinator, b, 2, "b2")
+    submit_at(coordinator, b, 2, "b2-again", GroupState.PENDING_VALIDATION)
+    caught = submit_at(coordinator, c, 3, "c3")
+    coordinator.store.set_group_state([caught], GroupState.QUARANTINED, T0)
+    submit_at(coordinator, gone, 1, "gone1")
+    coordinator.heartbeat(gone, 1, 1.0)
+    coordinator.flush_heartbeats()
+    coordinator.clock.now_ms += coordinator.liveness.offline_after_ms + 1  # gone's heartbeat is too old now
+    for node_id, version in ((a, 4), (b, 4), (c, 3)):
+        coordinator.heartbeat(node_id, version, 1.0)
+    coordinator.flush_heartbeats()
+    coordinator.store.ban_node(c, "caught")
+    versions = {v["version"]: v for v in client.get("/api/v1/versions").json()}
+    assert {v: versions[v]["num_nodes_holding"] for v in versions} == {4: 2, 3: 0, 2: 0, 1: 0}
+    assert {v: versions[v]["num_nodes_generated"] for v in versions} == {4: 0, 3: 0, 2: 2, 1: 2}
+    page = client.get("/versions").text
+    assert "Nodes on it now" in page and "Nodes that generated on it" in page

@@ -1,11 +1,13 @@
-"""The dashboard's SVG charts: tick choice, scaling, escaping."""
+"""The dashboard's SVG charts: tick choice, scaling, escaping, smoothing."""
 
 import math
+import random
 import xml.etree.ElementTree as ElementTree
 
 import pytest
 
 from coordinator.dashboard.charts import Series, line_chart_svg, nice_step, nice_ticks, scale
+from coordinator.dashboard.views import smooth_ema, smooth_present
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -65,3 +67,51 @@ def test_include_y_widens_the_y_axis():
 def test_empty_chart_says_so():
     root = ElementTree.fromstring(line_chart_svg([], title="t", x_label="x", y_label="y"))
     assert root.find(f"{SVG}text").text == "no data yet"
+
+
+def naive_smooth(values: list[float], weight: float) -> list[float]:
+    """Each smoothed value as its explicit weighted mean: value j of the first i + 1 weighs
+    weight ** (i - j), the weights normalised to sum to 1."""
+    smoothed = []
+    for i in range(len(values)):
+        weights = [weight ** (i - j) for j in range(i + 1)]
+        smoothed.append(sum(w * v for w, v in zip(weights, values[: i + 1], strict=True)) / sum(weights))
+    return smoothed
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("weight", [0.0, 0.3, 0.6, 0.9, 0.99])
+def test_smoothing_matches_the_explicit_weighted_mean(seed, weight):
+    rng = random.Random(seed)
+    values = [rng.uniform(-1, 2) for _ in range(rng.randrange(1, 300))]
+    assert smooth_ema(values, weight) == pytest.approx(naive_smooth(values, weight), rel=1e-9, abs=1e-12)
+
+
+def test_smoothing_keeps_a_constant_and_without_weight_the_values():
+    assert smooth_ema([0.25] * 50, 0.9) == pytest.approx([0.25] * 50)
+    assert smooth_ema([3.0, -1.0, 7.5], 0.0) == [3.0, -1.0, 7.5]
+    assert smooth_ema([], 0.5) == []
+    assert smooth_present([None, 1.0, None, 3.0], 0.5) == [None, 1.0, None, pytest.approx(7 / 3)]
+    for weight in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="smoothing weight"):
+            smooth_ema([1.0], weight)
+
+
+def test_a_smoothed_series_draws_its_points_faint_under_the_smoothed_line():
+    points = ((0, 0.0), (1, 1.0), (2, 0.0), (3, 1.0))
+    root = ElementTree.fromstring(
+        line_chart_svg(
+            [Series("r", points, "train", ((0, 0.0), (2, 0.5), (3, 1.2)))],
+            title="t",
+            x_label="x",
+            y_label="y",
+            chart_id="c",
+        )
+    )
+    assert [line.get("class") for line in root.findall(f".//{SVG}polyline")] == ["raw", "smoothed"]
+    assert len(root.findall(f".//{SVG}circle[@class='point']")) == 4, "points only for the raw values"
+    raw, smoothed = (line.get("points").split() for line in root.findall(f".//{SVG}polyline"))
+    assert len(raw) == 4 and len(smoothed) == 3 and smoothed[0] == raw[0] and smoothed[1] != raw[2]
+    assert root.get("data-x-domain") == "0.0 3.0" and root.get("data-plot") == "64 624 28 220"
+    labels = [text.text for text in root.findall(f".//{SVG}text[@class='tick']")]
+    assert labels[:4] == ["0", "0.5", "1", "1.5"], "the y axis covers the smoothed values too"

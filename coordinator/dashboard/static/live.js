@@ -1,6 +1,7 @@
 // Keeps a dashboard page current without reloading it: numbers marked data-field come from
 // the JSON API named by <body data-api>; sections marked data-live are replaced by the same
-// sections of a fresh copy of this page. Text is set with textContent only.
+// sections of a fresh copy of this page (not while <body data-hold-refresh> is set: the user is
+// dragging across a chart). Text is set with textContent only.
 "use strict";
 (function () {
   const PERIOD_MS = 5000;
@@ -27,7 +28,7 @@
 
   async function refreshSections() {
     const sections = document.querySelectorAll("[data-live][id]");
-    if (!sections.length) return;
+    if (!sections.length || document.body.dataset.holdRefresh) return;
     const response = await fetch(window.location.href, { headers: { Accept: "text/html" } });
     if (!response.ok) return;
     const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
