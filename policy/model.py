@@ -2,9 +2,12 @@
 
 Any causal LM directory (config.json + safetensors weights + tokenizer files) loads with
 `load_model`; nothing is downloaded. `create_tiny_model` writes the default tiny model: a
-Llama-style decoder over the character tokenizer of `policy.tokenizer`. (Llama, not Qwen2:
-transformers 5 ignores a saved tokenizer for model_type qwen2 and builds a Qwen2Tokenizer over
-the vocabulary instead, which breaks the character tokenizer.)
+Llama-style decoder over the character tokenizer of `policy.tokenizer` (which `save_model` writes
+beside any model, and `policy.tokenizer.load_tokenizer` reads back exactly whatever the family).
+
+Every role computes logits from the decoder's final hidden states with `logits_from_hidden`, which
+applies the family's head exactly as transformers' forward does; `load_model` refuses a family whose
+logits it does not reproduce.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def check_model_directory(directory: Path) -> None:
 
 
 def load_model(directory: Path, *, dtype: str = "float32", device: str = "cpu") -> Any:
-    """A causal LM from `directory` in `dtype` on `device`, in eval mode; never downloads."""
+    """A causal LM from `directory` in `dtype` on `device`, in eval mode; never downloads. Refuses a
+    family whose logits `logits_from_hidden` does not reproduce."""
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory).expanduser()
@@ -105,7 +109,119 @@ def load_model(directory: Path, *, dtype: str = "float32", device: str = "cpu") 
     model = AutoModelForCausalLM.from_pretrained(
         str(directory), dtype=torch_dtype(dtype), local_files_only=True, use_safetensors=True
     )
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    check_logits_head(model)
+    return model
+
+
+def _multiply_by_logit_scale(config: Any, logits: Any) -> Any:
+    return logits * config.logit_scale
+
+
+def _divide_by_logits_scaling(config: Any, logits: Any) -> Any:
+    return logits / config.logits_scaling
+
+
+def _multiply_by_logits_scaling(config: Any, logits: Any) -> Any:
+    return logits * config.logits_scaling
+
+
+def _final_logit_softcap(config: Any, logits: Any) -> Any:
+    import torch
+
+    cap = config.final_logit_softcapping
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+# What each family's causal-LM forward does to its output embeddings' result, by model_type, in the
+# order of operations of transformers' modeling code (models/<family>/modeling_<family>.py), so that
+# the result is bit for bit that of `model(...).logits`. A family not listed applies nothing.
+HEAD_TRANSFORMS = {
+    "cohere": _multiply_by_logit_scale,
+    "cohere2": _multiply_by_logit_scale,
+    "cohere2_moe": _multiply_by_logit_scale,
+    "granite": _divide_by_logits_scaling,
+    "granitemoe": _divide_by_logits_scaling,
+    "granitemoeshared": _divide_by_logits_scaling,
+    "granitemoehybrid": _divide_by_logits_scaling,
+    "granite_swa": _divide_by_logits_scaling,
+    "granitemoe_swa": _divide_by_logits_scaling,
+    "hyperclovax": _multiply_by_logits_scaling,
+    "gemma2": _final_logit_softcap,
+    "gemma3_text": _final_logit_softcap,
+    "gemma3n_text": _final_logit_softcap,
+    "gemma4_text": _final_logit_softcap,
+    "vaultgemma": _final_logit_softcap,
+    "nanochat": _final_logit_softcap,
+}
+# Config fields by which other families change their logits, with the values that change nothing:
+# a model of a family not in HEAD_TRANSFORMS that sets one otherwise is refused.
+HEAD_TRANSFORM_FIELDS = {
+    "logit_scale": (None, 1, 1.0),
+    "logits_scaling": (None, 1, 1.0),
+    "lm_head_multiplier": (None, 1, 1.0),
+    "output_multiplier": (None, 1, 1.0),
+    "logits_mup_width_multiplier": (None, 1, 1.0),
+    "final_logit_softcapping": (None,),
+    "logits_soft_cap": (None,),
+    "output_logit_soft_cap": (None,),
+}
+
+
+def logits_from_hidden(model: Any, hidden: Any) -> Any:
+    """The logits that `model(...).logits` gives for the decoder's final hidden states `hidden`
+    ([..., hidden_size]): its output embeddings, then its family's transform (Cohere's logit scale,
+    Granite's logits scaling, Gemma 2/3's final soft-capping). Every role that computes logits from
+    hidden states (the torch engine, the validator's prefill, evaluation) calls this; the trainer's
+    forward is transformers' own, and `check_logits_head` holds the two equal.
+    Raises ModelLoadError for a family whose config changes its logits in a way not handled here."""
+    logits = model.get_output_embeddings()(hidden)
+    transform = HEAD_TRANSFORMS.get(model.config.model_type)
+    if transform is not None:
+        return transform(model.config, logits)
+    _refuse_unhandled_head_transform(model.config)
+    return logits
+
+
+def _refuse_unhandled_head_transform(config: Any) -> None:
+    text_config = config.get_text_config()
+    for source in (config,) if text_config is config else (config, text_config):
+        for field, neutral in HEAD_TRANSFORM_FIELDS.items():
+            value = getattr(source, field, None)
+            if value not in neutral:
+                raise ModelLoadError(
+                    f"model type {config.model_type!r} sets {field}={value!r}, a transform of its logits that "
+                    "rollproof does not reproduce from hidden states (its nodes and validator would disagree "
+                    "with its trainer); the model types whose logit transform rollproof applies: "
+                    + ", ".join(sorted(HEAD_TRANSFORMS))
+                )
+
+
+def check_logits_head(model: Any, num_probe_tokens: int = 8) -> None:
+    """Refuse a model whose logits from `logits_from_hidden` over its decoder's final hidden states
+    differ from its own forward's (a family whose head does more than its config says)."""
+    import torch
+
+    input_ids = torch.arange(num_probe_tokens, device=model.device)[None] % model.config.get_text_config().vocab_size
+    with torch.inference_mode():
+        expected = model(input_ids=input_ids).logits
+        hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+        actual = logits_from_hidden(model, hidden)
+    try:
+        torch.testing.assert_close(actual, expected)
+    except AssertionError:
+        difference = (
+            f"max difference {float((actual.float() - expected.float()).abs().max()):.3g}"
+            if actual.shape == expected.shape
+            else f"shape {tuple(actual.shape)}, its forward's {tuple(expected.shape)}"
+        )
+        raise ModelLoadError(
+            f"model type {model.config.model_type!r}: its output embeddings over its decoder's hidden states "
+            f"give other logits than its forward ({difference}); rollproof's engines and "
+            "validator cannot serve this family"
+        ) from None
 
 
 def summarize_model(model: Any) -> ModelSummary:

@@ -55,7 +55,17 @@ def save_char_tokenizer(directory: Path, model_max_length: int) -> None:
 
 
 def load_tokenizer(directory: Path) -> Any:
-    """The tokenizer of a local model directory, through AutoTokenizer, never downloading."""
-    from transformers import AutoTokenizer
+    """The tokenizer of a local model directory, never downloading. A directory whose
+    tokenizer_config.json declares the generic class (TOKENIZER_CLASS: "tokenizer.json is the whole
+    tokenizer") gets exactly its tokenizer.json; AutoTokenizer would pick a class by model type for
+    some families (qwen2, phi3, ...) and rebuild that class's tokenizer over the vocabulary, which
+    turns the character tokenizer into a byte-level BPE that drops spaces. Any other directory loads
+    through AutoTokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    directory = Path(directory)
+    config_path = directory / "tokenizer_config.json"
+    declared = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
+    if declared == TOKENIZER_CLASS and (directory / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)

@@ -67,7 +67,8 @@ def load_training_model(directory: Path, *, dtype: str, device: str, workers: Wo
     """The model to train: as policy.model.load_model loads it in a plain run; under torchrun,
     float32 master weights sharded across the workers (each transformer block, then the
     rest), computing in `dtype`, with gradients summed (the loss is already divided by the
-    global number of loss tokens)."""
+    global number of loss tokens). In eval mode either way: RL updates run without dropout
+    (trainer/step.py target_logprobs)."""
     from policy.model import load_model, torch_dtype
 
     if not workers.sharded:
@@ -87,7 +88,7 @@ def load_training_model(directory: Path, *, dtype: str, device: str, workers: Wo
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
-    return model.train()
+    return model
 
 
 def broadcast_from_main(workers: Workers, value: Any) -> Any:

@@ -5,14 +5,18 @@ laid out as coordinator/blobstore.py describes, read here without changing it) t
 node rebuilds it: the newest stored keyframe at or before the version, then the delta of every
 version after it, each manifest checked against the pinned trainer key and every blob against
 its hash (protocol/manifest.py open_update). The result is hashed in full and must equal the
-version's state hash. Its weights replace those of the run's base model, whose config and
-tokenizer go with them, so `AutoModelForCausalLM.from_pretrained(DIR)` and
-`rollproof eval --model DIR` load the export.
+version's state hash. Its weights replace those of the run's base model, whose config goes with
+them, and every other file of the base model's directory (tokenizer files, chat template, licence)
+is copied byte for byte, never re-saved: transformers re-saves some tokenizers as another one
+(a qwen2 model's character tokenizer as a byte-level BPE that drops spaces). So
+`AutoModelForCausalLM.from_pretrained(DIR)` and `rollproof eval --model DIR` load the export, and
+its tokenizer is the base model's.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 from protocol.codec import BF16State, state_hash
@@ -26,6 +30,8 @@ from protocol.manifest import (
 from protocol.types import Codec, PolicyManifest
 
 _MANIFEST_NAME = re.compile(r"^(\d{12})\.(keyframe|delta)$")
+# Weight files (and their shard indexes) of a model directory: the export writes its own.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 
 
 class ExportError(ValueError):
@@ -113,16 +119,25 @@ def _read_blob(policy_dir: Path, blob_hash: bytes) -> bytes:
 
 def export_model(state: BF16State, base_model_dir: Path, out_dir: Path, *, dtype: str = "bfloat16") -> None:
     """Write `state` as the weights of the base model's architecture into `out_dir`, with the
-    base model's config and tokenizer."""
+    base model's config, and its other files copied byte for byte."""
     from policy.model import load_model
-    from policy.tokenizer import load_tokenizer
     from policy.weights import load_bf16_state
 
-    out_dir = Path(out_dir).expanduser()
+    base_model_dir, out_dir = Path(base_model_dir).expanduser(), Path(out_dir).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty; choose a new directory")
     model = load_model(base_model_dir, dtype=dtype)
     load_bf16_state(model, state)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    load_tokenizer(Path(base_model_dir).expanduser()).save_pretrained(str(out_dir))
+    copy_model_files(base_model_dir, out_dir)
+
+
+def copy_model_files(base_model_dir: Path, out_dir: Path) -> None:
+    """Copy byte for byte each file of `base_model_dir` (not its subdirectories) that is not
+    weights and that `out_dir` does not have yet (save_pretrained wrote config.json and the
+    generation config there)."""
+    for path in sorted(base_model_dir.iterdir()):
+        is_weights = any(path.name.endswith((suffix, f"{suffix}.index.json")) for suffix in _WEIGHT_SUFFIXES)
+        if path.is_file() and not is_weights and not (out_dir / path.name).exists():
+            shutil.copyfile(path, out_dir / path.name)

@@ -74,7 +74,7 @@ class PublishedPolicyEvaluator:
         try:
             load_bf16_state(self.model, published)
             result = evaluate(
-                self.model.eval(),
+                self.model,
                 self.tokenizer,
                 self.task,
                 num_problems=self.num_problems,
@@ -86,7 +86,6 @@ class PublishedPolicyEvaluator:
                 with torch.no_grad():
                     for parameter, master in zip(self.model.parameters(), masters, strict=True):
                         parameter.copy_(master)
-                self.model.train()
         log.info("held-out reward %.3f (%d problems)", result.mean_reward, result.num_problems)
         return {"eval_reward": result.mean_reward, "eval_seconds": time.perf_counter() - started}
 

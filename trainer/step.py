@@ -72,6 +72,17 @@ def shard_batch(batch: TrainingBatch, rank: int, world_size: int) -> TrainingBat
     )
 
 
+def target_logprobs(model: torch.nn.Module, batch: TrainingBatch, temperature: float) -> torch.Tensor:
+    """Log-probabilities of the batch's target tokens under `model` ([sequences, positions]). The
+    forward runs in eval mode, which keeps gradients but turns dropout (GPT-2's 0.1, say) and any
+    other train-time randomness off: the nodes sampled from the deterministic model, and the
+    importance ratio must compare that same function, not a random perturbation of it."""
+    device = next(model.parameters()).device
+    model.eval()
+    logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+    return token_logprobs(logits[:, :-1], batch.target_ids.to(device), temperature)
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -121,16 +132,11 @@ def train_step(
         )
     device = next(model.parameters()).device
     shard = shard_batch(batch, workers.rank, workers.world_size)
-    model.train()
-    logits = model(input_ids=shard.input_ids.to(device), attention_mask=shard.attention_mask.to(device)).logits
-    new_logprobs = token_logprobs(logits[:, :-1], shard.target_ids.to(device), temperature)
+    new_logprobs = target_logprobs(model, shard, temperature)
     ref_logprobs = None
     if reference_model is not None and loss_config.kl_coef > 0:
         with torch.no_grad():
-            ref_logits = reference_model(
-                input_ids=shard.input_ids.to(device), attention_mask=shard.attention_mask.to(device)
-            ).logits
-            ref_logprobs = token_logprobs(ref_logits[:, :-1], shard.target_ids.to(device), temperature)
+            ref_logprobs = target_logprobs(reference_model, shard, temperature)
     result = policy_gradient_loss(
         new_logprobs,
         shard.old_logprobs.to(device),

@@ -2,9 +2,12 @@ import numpy as np
 import pytest
 
 from coordinator.blobstore import BlobStore
+from policy.model import load_model
+from policy.tokenizer import load_tokenizer
 from policy.weights import export_bf16_state
 from protocol.identity import Identity
 from tests.unit.test_codec import perturb, random_bf16_state
+from tests.unit.test_model_families import char_tokenizer_model_dir
 from trainer.export import ExportError, export_model, latest_stored_version, rebuild_version
 from trainer.publish import PolicyPublisher
 
@@ -77,8 +80,6 @@ def test_wrong_key_and_corrupted_blobs_are_refused(tmp_path, states):
 def test_exported_directory_loads_with_transformers(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from policy.model import load_model
-
     base = export_bf16_state(load_model(tiny_model))
     published = perturb(np.random.default_rng(2), base, 0.1)
     publish_all(tmp_path / "policy", {1: base, 2: published})
@@ -90,3 +91,30 @@ def test_exported_directory_loads_with_transformers(tmp_path, tiny_model):
     assert tokenizer.pad_token_id == AutoTokenizer.from_pretrained(str(tiny_model)).pad_token_id
     with pytest.raises(ExportError, match="not empty"):
         export_model(state, tiny_model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_export_copies_the_base_models_tokenizer_byte_for_byte(tmp_path, family):
+    from transformers import AutoTokenizer
+
+    base = char_tokenizer_model_dir(family, tmp_path / "base")
+    (base / "chat_template.jinja").write_text("{% for message in messages %}{{ message.content }}{% endfor %}")
+    export_model(export_bf16_state(load_model(base)), base, tmp_path / "out")
+    out = tmp_path / "out"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (base / name).read_bytes(), name
+    assert {path.name for path in out.iterdir()} == {path.name for path in base.iterdir()}
+    text = " two  spaces, then\na newline "
+
+    def auto_tokenizer(directory):
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+    for load in (load_tokenizer, auto_tokenizer):
+        base_tokenizer, exported_tokenizer = load(base), load(out)
+        ids = exported_tokenizer(text).input_ids
+        assert ids == base_tokenizer(text).input_ids
+        assert exported_tokenizer.decode(ids, skip_special_tokens=True) == base_tokenizer.decode(
+            ids, skip_special_tokens=True
+        )
+    exported_tokenizer = load_tokenizer(out)
+    assert exported_tokenizer.decode(exported_tokenizer(text).input_ids, skip_special_tokens=True) == text

@@ -17,6 +17,7 @@ from policy.model import (
     torch_dtype,
 )
 from policy.tokenizer import VOCAB_SIZE, load_tokenizer
+from tests.unit.test_model_families import char_tokenizer_model_dir
 
 SMALL_SHAPE = TinyModelShape(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
@@ -73,6 +74,15 @@ def test_same_seed_same_weights_different_seed_different_weights(tmp_path: Path)
     third = create_tiny_model(tmp_path / "c", shape=SMALL_SHAPE, seed=2).state_dict()
     assert all(torch.equal(first[name], second[name]) for name in first)
     assert not torch.equal(first["model.embed_tokens.weight"], third["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gpt2"])
+def test_other_families_over_the_character_tokenizer_load_and_run(tmp_path: Path, model_type: str) -> None:
+    model = load_model(char_tokenizer_model_dir(model_type, tmp_path, seed=3))
+    assert model.config.model_type == model_type
+    encoded = load_tokenizer(tmp_path)(["12+3="], return_tensors="pt")
+    with torch.no_grad():
+        assert model(**encoded).logits.shape == (1, 6, VOCAB_SIZE)
 
 
 def test_user_errors(model_dir: Path, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from policy.tokenizer import (
     build_char_tokenizer,
     load_tokenizer,
 )
+from tests.unit.test_model_families import char_tokenizer_model_dir
 
 SAMPLES = ["12+345=", "  two  spaces ", "rev:abc=", "sort:3141=", "a\nb c", "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", ""]
 
@@ -89,3 +90,14 @@ def test_left_padding_for_batched_generation(model_dir: Path) -> None:
     batch = tokenizer(["1+1=", "10+10="], padding=True)
     assert batch.input_ids[0] == [PAD_ID, PAD_ID] + expected_ids("1+1=")
     assert batch.attention_mask[0] == [0, 0] + [1] * 5
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_other_families_load_the_character_tokenizer_exactly(tmp_path: Path, family: str) -> None:
+    """AutoTokenizer rebuilds a qwen2 directory's tokenizer as a Qwen2Tokenizer (spaces dropped);
+    load_tokenizer reads the tokenizer.json the directory declares."""
+    tokenizer = load_tokenizer(char_tokenizer_model_dir(family, tmp_path))
+    for text in SAMPLES:
+        assert tokenizer(text).input_ids == expected_ids(text)
+        assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.padding_side) == (PAD_ID, EOS_ID, "left")

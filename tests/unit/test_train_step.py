@@ -1,10 +1,11 @@
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
 from protocol.types import FinishReason, ReadyGroup, Rollout, RolloutGroup
+from trainer.batch import build_batch
 from trainer.config import LossSection, OptimizerSection
 from trainer.loss import token_logprobs
-from trainer.step import make_optimizer, train_step
+from trainer.step import make_optimizer, target_logprobs, train_step
 
 VOCAB = 16
 
@@ -21,6 +22,14 @@ def _model():
         max_position_embeddings=64,
     )
     return Qwen2ForCausalLM(config)
+
+
+def _gpt2():
+    """GPT-2's defaults leave dropout at 0.1 (residual, embedding and attention)."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    assert (config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) == (0.1, 0.1, 0.1)
+    return GPT2LMHeadModel(config)
 
 
 def _sequence_logprobs(model, prompt, completion):
@@ -92,7 +101,6 @@ def test_uninformative_batch_leaves_the_model_alone():
 
 
 def test_shards_partition_the_batch_and_an_empty_shard_trains_on_nothing():
-    from trainer.batch import build_batch
     from trainer.step import shard_batch
 
     model = _model()
@@ -119,3 +127,37 @@ def test_shards_partition_the_batch_and_an_empty_shard_trains_on_nothing():
     assert [s.input_ids.shape[0] for s in starved] == [1] * 8
     assert [s.num_loss_tokens for s in starved[6:]] == [0, 0]
     assert torch.equal(starved[7].input_ids, batch.input_ids[:1])
+
+
+def test_the_training_forward_runs_without_dropout_and_keeps_gradients():
+    model = _gpt2().eval()
+    batch = build_batch([_group(model, [1, 2, 3], [[5, 6, 7], [8, 9]], [1.0, 0.0])], pad_token_id=0)
+    model.train()  # whatever mode the caller left it in
+    first = target_logprobs(model, batch, 1.0)
+    second = target_logprobs(model, batch, 1.0)
+    assert first.requires_grad
+    assert torch.equal(first, second)
+    model.train()
+    with_dropout = [model(input_ids=batch.input_ids).logits for _ in range(2)]
+    assert not torch.equal(*with_dropout)  # what the step would see in train mode
+
+
+def test_a_step_on_gpt2_sees_the_nodes_logprobs_exactly():
+    """The nodes sample from the model without dropout; before the update the step's ratio is 1."""
+    model = _gpt2().eval()
+    group = _group(model, [1, 2, 3], [[5, 6, 7], [8, 9, 10], [5, 6], [11]], [1.0, 0.0, 0.5, 0.0])
+    model.train()
+    metrics = train_step(
+        model,
+        make_optimizer(model, OptimizerSection(lr=1e-3)),
+        [group],
+        current_version=3,
+        temperature=1.0,
+        pad_token_id=0,
+        loss_config=LossSection(),
+        grad_clip=1.0,
+    )
+    assert not metrics.skipped
+    assert metrics.logprob_mismatch < 1e-6
+    assert abs(metrics.mean_ratio - 1.0) < 1e-6
+    assert metrics.masked_fraction == 0.0
