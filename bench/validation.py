@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coordinator.node_stats import FALSE_POSITIVE_RATE, NODE_WINDOW_TOKENS  # noqa: E402
+from coordinator.node_stats import FALSE_POSITIVE_RATE, NODE_WINDOW_TOKENS, WIDE_GAP_FRACTION  # noqa: E402
 from coordinator.store import TokenStats  # noqa: E402
 from policy.model import TinyModelShape  # noqa: E402
 
@@ -76,7 +76,7 @@ def main() -> None:
     if unknown := sorted(set(engines) - set(ENGINES)):
         parser.error(f"unknown engines {unknown}: expected some of {','.join(ENGINES)}")
     if "vllm" in engines and "vllm" not in installed_engines():
-        parser.error("vLLM is not installed here: pip install 'rollproof[vllm]' (in its own virtualenv)")
+        parser.error("vLLM is not installed here: see docs/operations.md#the-vllm-engine for its install")
 
     import torch
 
@@ -231,6 +231,9 @@ def tokens_per_config(tokens_per_engine: int, num_configs: int) -> int:
 
 # Multiples of a per-rollout bound at which RolloutVerdicts counts the honest rollouts beyond it.
 TAIL_MULTIPLES = (0.5, 1.0, 1.5, 2.0, 3.0)
+# Upper edges of the bins, in units of the tolerance, of the score gaps of tokens off the validator's
+# choice (RolloutVerdicts.gap_bins; node_stats.WIDE_GAP_FRACTION is one of them).
+GAP_BIN_EDGES = (0.1, 0.2, 0.3, 0.5, 1.0, 3.0, math.inf)
 
 
 @dataclass
@@ -248,6 +251,12 @@ class RolloutVerdicts:
     # Rollouts whose largest score gap / log-prob drift is over each of TAIL_MULTIPLES times its bound.
     score_gap_tail: Counter = field(default_factory=Counter)
     drift_tail: Counter = field(default_factory=Counter)
+    # Tokens off the validator's choice by score gap (upper bin edge -> tokens), and of those over
+    # node_stats.WIDE_GAP_FRACTION at T > 0, how many took the likelier token; filter doubts.
+    gap_bins: Counter = field(default_factory=Counter)
+    num_wide: int = 0
+    num_wide_up: int = 0
+    num_filter_doubts: int = 0
     evidence: list = field(default_factory=list)  # the first strikes' and doubts' evidence, with their prompt
 
     def add(self, verdict, reports, tolerances, prompt_index: int) -> None:
@@ -266,7 +275,14 @@ class RolloutVerdicts:
             self.num_rollouts += 1
             self.most_off_choice = max(self.most_off_choice, (int(off_choice.sum()), len(off_choice)))
             tolerance = rule.score_tolerance(tolerances.logit_tolerance, report.temperature)
-            score_gap = float(checks.score_gaps[off_choice].max() / tolerance) if off_choice.any() else 0.0
+            gaps = checks.score_gaps[off_choice] / tolerance
+            self.gap_bins.update(next(e for e in GAP_BIN_EDGES if g <= e) for g in gaps.tolist())
+            if report.temperature > 0:
+                wide = off_choice & (checks.score_gaps / tolerance > WIDE_GAP_FRACTION) & (report.near_tie_lifts != 0)
+                self.num_wide += int(wide.sum())
+                self.num_wide_up += int((report.near_tie_lifts[wide] > 0).sum())
+            self.num_filter_doubts += int((checks.verdicts == rule.TokenVerdict.FILTER_DOUBT).sum())
+            score_gap = float(gaps.max()) if off_choice.any() else 0.0
             allowed = report.allowed_logprob_drift(tolerances.max_logprob_drift)
             drift = float(report.logprob_drift.max(initial=0.0)) / allowed
             self.max_score_gap, self.max_drift = max(self.max_score_gap, score_gap), max(self.max_drift, drift)
@@ -284,6 +300,10 @@ class RolloutVerdicts:
             "max_logprob_drift_per_bound": round(self.max_drift, 3),
             "rollouts_over_score_gap_multiple": {str(m): self.score_gap_tail[m] for m in TAIL_MULTIPLES},
             "rollouts_over_drift_multiple": {str(m): self.drift_tail[m] for m in TAIL_MULTIPLES},
+            "off_choice_by_score_gap": {str(e): self.gap_bins[e] for e in GAP_BIN_EDGES},
+            "wide_off_choice": self.num_wide,
+            "wide_off_choice_likelier": self.num_wide_up,
+            "filter_doubts": self.num_filter_doubts,
             "evidence": self.evidence,
         }
 
@@ -507,6 +527,14 @@ def print_engine_summaries(results: Sequence[dict]) -> None:
                 f"  of {sum(r['rollouts'] for r in rows):,} rollouts, over {', '.join(map(str, TAIL_MULTIPLES))} x "
                 f"the bound: score gap {summed_tail(rows, 'rollouts_over_score_gap_multiple')}, log-prob drift "
                 f"{summed_tail(rows, 'rollouts_over_drift_multiple')}"
+            )
+            bins = {str(e): sum(r["off_choice_by_score_gap"][str(e)] for r in rows) for e in GAP_BIN_EDGES}
+            wide = sum(r["wide_off_choice"] for r in rows)
+            print(
+                f"  tokens off the validator's choice by score gap (bins up to x the tolerance): {bins}; wide "
+                f"(over {WIDE_GAP_FRACTION}, T > 0) {wide} ({wide / max(1, tokens):.2e} a token, "
+                f"{sum(r['wide_off_choice_likelier'] for r in rows)} the likelier token); filter doubts "
+                f"{sum(r['filter_doubts'] for r in rows)}"
             )
             for check in CHECKS:
                 print(

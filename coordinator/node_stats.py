@@ -17,20 +17,33 @@ and `judge_tokens` tests the window:
   on the excess over that expectation.
 * node_logprob_direction: claimed - recomputed log-probabilities correlated with the advantage (the
   trainer's importance-ratio denominators shaded toward reward): sum over rollouts of advantage times
-  the rollout's mean offset (in logit units), self-normalised; two-sided Hoeffding bound (advantages
+  the rollout's median offset (in logit units), self-normalised; two-sided Hoeffding bound (advantages
   sum to zero in a group, so a constant offset of an engine cancels).
-* node_temperature_fit: near-ties taken at T > 0 systematically toward the likelier token (a colder
-  temperature, or a top-k/top-p the lease did not ask for, cuts unlikely tokens) or the less likely
-  one (a hotter temperature): two-sided exact sign test. Greedy near-ties have no direction.
-* node_near_ties_combined: the three near-tie tests' p-values pooled by Fisher's method (chi-square,
-  6 degrees of freedom). A node steering its near-ties leaves some evidence in each (too many, in
-  rollouts of positive advantage, toward one side) and, over one window, often not enough in any one:
-  near-ties steered toward the answer (issue 16, measured on the default model, 402 windows of 4,096
-  tokens) passed all three in 36% of windows (rate test p up to 6.5e-3, direction never below 1.6e-5,
-  sign test up to 4.3e-3) and failed the combination in every window (p at most 2.8e-7). It is valid
-  because p_rate is a function of the near-tie count alone, and given the near-ties the direction test
-  (which rollouts hold them) and the sign test (their lifts' signs) are valid p-values, independent of
-  each other under honest drift, whose near-ties fall on any token alike and lean neither way.
+* node_temperature_fit: near-ties taken at T > 0 through a choice among them. Honest drift flips a
+  token only where two scores all but tie (most honest near-ties lie within a tenth of the tolerance),
+  and then toward either token alike; a node sampling at another temperature, or with a top-k/top-p
+  the lease did not ask for, takes near-ties at any score gap up to the tolerance, and always toward
+  the likelier token (colder, filtered) or always the less likely one (hotter). So it counts the
+  *wide* near-ties (score gap over WIDE_GAP_FRACTION of the tolerance; greedy ones and those between
+  equal logits have no direction) that took the likelier token, and those that took the less likely
+  one, each held to an exact binomial tail at half of WIDE_NEAR_TIE_RATE_BOUND (honest wide near-ties
+  lean neither way), two-sided (twice the smaller tail). A sign test over all near-ties tops out at
+  2^(1 - n) for n near-ties all one way: an unasked top-p 0.95 leaves ~20 in a window of 4,096 tokens,
+  so p ~ 1e-6 (issue 16, 16.4), where ~13 wide ones all the likelier way against an honest 1.6 expected
+  are p ~ 4e-8.
+* node_near_ties_combined: the near-tie rate, direction and sign tests' p-values pooled by Fisher's
+  method (chi-square, 6 degrees of freedom). A node steering its near-ties leaves some evidence in
+  each (too many, in rollouts of positive advantage, toward one side) and, over one window, often not
+  enough in any one: near-ties steered toward the answer (issue 16, measured on the default model, 402
+  windows of 4,096 tokens, with a sign test over all near-ties) passed all three in 36% of windows
+  (rate test p up to 6.5e-3, direction never below 1.6e-5, sign test up to 4.3e-3) and failed the
+  combination in every window (p at most 2.8e-7). That steerer took near-ties at any gap, so
+  node_temperature_fit now catches it first; the combination is what a steerer keeping to narrow gaps
+  (no wide near-ties) still meets, and over one window that is too little to catch one whose excess
+  is a few tokens (docs/validation.md: open). It is valid because p_rate is a function of the
+  near-tie count alone, and given the near-ties the direction test (which rollouts hold them) and the
+  sign test (the wide ones' lifts' signs) are valid p-values, independent of each other under honest
+  drift, whose near-ties fall on any token alike and lean neither way.
 
 Each test fails at most at FALSE_POSITIVE_RATE per window it judges when its null hypothesis holds;
 the bounds are checked against simulation in tests/unit/test_node_stats.py and the honest rates were
@@ -39,6 +52,7 @@ measured by bench/validation.py. A window with fewer than NODE_WINDOW_TOKENS tok
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Sequence
@@ -59,6 +73,17 @@ FALSE_POSITIVE_RATE = 1e-6
 # rate measured (bench/validation.py, see NEAR_TIE_RATE_MEASURED), with room for engines not measured.
 NEAR_TIE_RATE_BOUND = {"float32": 1e-3, "bfloat16": 0.015}
 NEAR_TIE_RATE_MEASURED = {"float32": 0.0, "bfloat16": 0.007}
+# A near-tie is wide when its score gap is over this fraction of the tolerance, and the rate of wide
+# directed near-ties an honest node is held to (node_temperature_fit), half of it each way. Measured
+# (bench/validation.py's engines and configurations, score gaps in units of the tolerance): of 244
+# honest vLLM bf16 near-ties in 74,544 tokens, 11 wide (1.5e-4 a token; 2.4e-4 in the worst
+# configuration; 4 of them the likelier way); in 172,808 more, 20 of 472 (1.2e-4; 3.8e-4 in the worst
+# configuration, T = 1 against the eager validator: 11 in 28,801, 6 the likelier way); of 287 torch
+# bf16 near-ties across attention kernels (~84,000 tokens), 5 (6e-5). The bound is twice the worst
+# configuration's rate, as NEAR_TIE_RATE_BOUND is, for engines not measured. The steered and filtered
+# near-ties of issue 16 spread evenly over the gaps up to the tolerance: two thirds of them are wide.
+WIDE_GAP_FRACTION = 0.3
+WIDE_NEAR_TIE_RATE_BOUND = {"float32": 1e-4, "bfloat16": 8e-4}
 
 CHECKS = (
     "node_near_tie_rate",
@@ -67,8 +92,6 @@ CHECKS = (
     "node_temperature_fit",
     "node_near_ties_combined",
 )
-# The near-tie tests whose evidence node_near_ties_combined pools.
-NEAR_TIE_CHECKS = ("node_near_tie_rate", "node_near_tie_direction", "node_temperature_fit")
 
 
 @dataclass(frozen=True)
@@ -77,6 +100,7 @@ class RolloutTokens:
 
     near_ties: np.ndarray  # bool per token
     near_tie_lifts: np.ndarray  # per token: claimed logit - the validator's choice's, at near-ties
+    score_gaps: np.ndarray  # per token: how far the claim scored below the validator's best, / the tolerance
     logprob_offsets: np.ndarray  # per token: claimed - recomputed log-probability
     temperature: float
     reward: float  # recomputed by the coordinator (the cheap checks reject a claim that differs)
@@ -91,7 +115,10 @@ def group_token_stats(rollouts: Sequence[RolloutTokens]) -> TokenStats:
     num_tokens = [len(r.near_ties) for r in rollouts]
     num_near_ties = [int(r.near_ties.sum()) for r in rollouts]
     directed = [
-        r.near_ties & (r.near_tie_lifts != 0) if r.temperature > 0 else np.zeros_like(r.near_ties) for r in rollouts
+        r.near_ties & (r.near_tie_lifts != 0) & (r.score_gaps > WIDE_GAP_FRACTION)
+        if r.temperature > 0
+        else np.zeros_like(r.near_ties)
+        for r in rollouts
     ]
     positive, negative = advantages > 0, advantages < 0
     tokens_positive = sum(n for n, p in zip(num_tokens, positive, strict=True) if p)
@@ -147,11 +174,36 @@ def binomial_upper_tail(successes: int, trials: int, probability: float) -> floa
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
 
+@functools.cache
+def binomial_allowance(num_trials: int, rate: float, false_positive_rate: float) -> int:
+    """The fewest events of num_trials that may be allowed, at least 1: the smallest count k >= 1 that
+    a Binomial(num_trials, rate) exceeds with probability at most false_positive_rate (num_trials
+    where no smaller count does)."""
+    allowed = 1
+    while (
+        allowed < num_trials
+        # (a relative 1e-9 for the float sum's rounding, which would otherwise decide exact ties)
+        and binomial_upper_tail(allowed + 1, num_trials, rate) > false_positive_rate * (1 + 1e-9)
+    ):
+        allowed += 1
+    return allowed
+
+
 def sign_test(num_up: int, num_directed: int) -> float:
     """Two-sided p-value of num_up of num_directed signs being positive, each with probability 1/2."""
     if num_directed == 0:
         return 1.0
     return min(1.0, 2.0 * binomial_upper_tail(max(num_up, num_directed - num_up), num_directed, 0.5))
+
+
+def one_way_count_test(num_up: int, num_down: int, trials: int, rate_each_way: float) -> float:
+    """Two-sided p-value of num_up events one way and num_down the other in `trials`, each way at most
+    rate_each_way a trial: twice the smaller binomial upper tail."""
+    return min(
+        1.0,
+        2.0
+        * min(binomial_upper_tail(num_up, trials, rate_each_way), binomial_upper_tail(num_down, trials, rate_each_way)),
+    )
 
 
 def bernstein_upper_bound(excess: float, variance: float) -> float:
@@ -206,18 +258,25 @@ def judge_tokens(
     window_tokens: int = NODE_WINDOW_TOKENS,
     false_positive_rate: float = FALSE_POSITIVE_RATE,
 ) -> TokenJudgement:
-    """The four tests of the module docstring on a node's pooled statistics, in order; the first
+    """The five tests of the module docstring on a node's pooled statistics, in order; the first
     failure is the judgement's. `dtype` is the precision the node declared."""
     if dtype not in NEAR_TIE_RATE_BOUND:
         raise ValueError(f"no honest near-tie rate for dtype {dtype!r}: expected one of {sorted(NEAR_TIE_RATE_BOUND)}")
     if stats.num_tokens < window_tokens:
         return TokenJudgement(stats.num_tokens, False, None)
     base = {"num_tokens": stats.num_tokens, "false_positive_rate": false_positive_rate, "dtype": dtype}
-    rate_bound = NEAR_TIE_RATE_BOUND[dtype]
-    tests = (
+    rate_bound, wide_bound = NEAR_TIE_RATE_BOUND[dtype], WIDE_NEAR_TIE_RATE_BOUND[dtype]
+    p_rate = binomial_upper_tail(stats.num_near_ties, stats.num_tokens, rate_bound)
+    p_direction = bernstein_upper_bound(
+        stats.num_near_ties_positive - stats.near_ties_positive_expected, stats.near_ties_positive_variance
+    )
+    num_wide_down = stats.num_directed_near_ties - stats.num_near_ties_up
+    p_fit = one_way_count_test(stats.num_near_ties_up, num_wide_down, stats.num_tokens, wide_bound / 2)
+    p_sign = sign_test(stats.num_near_ties_up, stats.num_directed_near_ties)
+    all_tests = (
         (
             "node_near_tie_rate",
-            binomial_upper_tail(stats.num_near_ties, stats.num_tokens, rate_bound),
+            p_rate,
             {
                 "num_near_ties": stats.num_near_ties,
                 "near_tie_rate": stats.num_near_ties / stats.num_tokens,
@@ -226,9 +285,7 @@ def judge_tokens(
         ),
         (
             "node_near_tie_direction",
-            bernstein_upper_bound(
-                stats.num_near_ties_positive - stats.near_ties_positive_expected, stats.near_ties_positive_variance
-            ),
+            p_direction,
             {
                 "num_near_ties_positive": stats.num_near_ties_positive,
                 "expected": stats.near_ties_positive_expected,
@@ -247,12 +304,15 @@ def judge_tokens(
         ),
         (
             "node_temperature_fit",
-            sign_test(stats.num_near_ties_up, stats.num_directed_near_ties),
-            {"num_near_ties_up": stats.num_near_ties_up, "num_directed_near_ties": stats.num_directed_near_ties},
+            p_fit,
+            {
+                "num_wide_near_ties_up": stats.num_near_ties_up,
+                "num_wide_near_ties_down": num_wide_down,
+                "allowed_rate_each_way": wide_bound / 2,
+            },
         ),
+        ("node_near_ties_combined", fisher_combined([p_rate, p_direction, p_sign]), {}),
     )
-    combined = ("node_near_ties_combined", fisher_combined([p for c, p, _ in tests if c in NEAR_TIE_CHECKS]), {})
-    all_tests = (*tests, combined)
     for check, p_value, evidence in all_tests:
         if p_value < false_positive_rate:
             p_values = {c: p for c, p, _ in all_tests}  # every test's, for the margins

@@ -31,27 +31,38 @@ from protocol.types import FinishReason, Rollout, SamplingParams
 # node banned for an EOS of probability 4.4e-5 that the rule had picked).
 MIN_EOS_LOGPROB = math.log(1e-4)
 # Tolerated near-ties per rollout: positions where the claimed token is not the validator's argmax
-# but within the logit tolerance of it. Honest bf16 runs show ~0.7% of tokens (at the bf16 tolerance),
-# so two in a 32-token rollout happen (seen in CI: a bound of 1 banned an honest node). A near-tie gives
-# a cheater no real choice, so the bound only has to stop wholesale abuse: 10% of tokens, at least 4
-# (an honest 32-token rollout exceeds 4 with probability ~3e-6). A backstop only: steady near-tie
-# abuse is judged per node over its window (coordinator/node_stats.py). Measured honest bf16 rates are
-# 0-0.5% (torch node vs torch validator, SDPA or eager: bench/validation.py); at 0.7% the worst rollout
-# length exceeds this bound with probability 9e-6, and a tighter 8% would raise it to 2.7e-5 (at 40
-# and 50 tokens) for strikes on honest nodes over millions of rollouts, so it stays.
-MAX_NEAR_TIE_FRACTION = 0.10
-MIN_NEAR_TIES_ALLOWED = 4
+# but within the logit tolerance of it (and doubted tokens, tolerated_ties). A backstop only: steady
+# near-tie abuse is judged per node over its window (coordinator/node_stats.py), which per-rollout
+# bounds that honest bf16 drift must pass cannot see. The budget is the count an honest rollout of its
+# length exceeds with probability at most NEAR_TIE_FALSE_POSITIVE_RATE, each token a near-tie at its
+# precision's node_stats.NEAR_TIE_RATE_BOUND (1.5% in bf16, twice the measured honest 0-0.7%; 0.1% in
+# fp32, which measured none) (max_near_ties): in bf16 3 of 5 tokens, 6 of 32, 16 of 256, 37 of 1,024;
+# in fp32 2 of 5, 3 of 32, 9 of 1,024 (issue 16: a budget of 10% of the tokens, at least 4, allowed 4
+# of a 5-token completion and 103 of 1,024, and honest bf16 rollouts at 0.7% exceeded it with
+# probability up to 9e-6).
+NEAR_TIE_FALSE_POSITIVE_RATE = 1e-6
 # No strike on thin evidence (issue 16): honest bf16 drift across attention kernels now and then puts
 # a claimed token's score just past the tolerance, or its log-probability just past the drift bound.
 # A rollout whose only sampling failure is at most this many mismatches, each within
-# protocol.sampling.DOUBT_GAP_FACTOR times the tolerance, passes in doubt (`sampling_doubt`); so does
-# one whose only drift failure is this many tokens within Tolerances.drift_doubt_factor times the
-# bound (`logprob_drift_doubt`). The node goes on probation: every submission checked and its groups
-# held until its windows pass. A doubted token counts as a near-tie in its node's statistics
-# (node_stats: rate, direction and temperature tests; directed drift is node_logprob_direction's), and
-# a node doubted far more often than honest nodes fails on its doubt rate (coordinator/validation.py,
-# DOUBT_WINDOW_GROUPS). Measured: protocol/sampling.py.
+# protocol.sampling.DOUBT_GAP_FACTOR times the tolerance or just outside the filter band
+# (TokenVerdict.FILTER_DOUBT), passes in doubt (`sampling_doubt`); so does one whose only drift
+# failure is at most max_doubted_drift_tokens(its length) tokens, each within
+# Tolerances.drift_doubt_factor times the bound (`logprob_drift_doubt`). The node goes on probation:
+# every submission checked and its groups held until its windows pass. A doubted token counts as a
+# near-tie in its node's statistics (node_stats: rate, direction and temperature tests; directed drift
+# is node_logprob_direction's), and a node doubted far more often than honest nodes fails on its doubt
+# rate (coordinator/validation.py, DOUBT_WINDOW_GROUPS). Measured: protocol/sampling.py.
 MAX_DOUBTED_MISMATCHES = 1
+# Honest bf16 log-probabilities over the drift bound come in clusters: the default model's
+# ill-conditioned end-of-sequence logit moves the last tokens of a rollout together. Measured (2-core
+# EPYC, bench/validation.py, ~443,000 tokens per engine, ~78,000 rollouts of 5.7 tokens on average): 1
+# rollout of the vLLM node held two such tokens, where independent tokens at the marginal rate (about
+# 2.3e-5 a token) predict 6e-4 such rollouts. A binomial per token at HONEST_DRIFT_DOUBT_RATE predicts
+# one pair in 78,000 rollouts of 6 tokens (15 r^2 = 1.5e-5), so the tokens a rollout may hold in doubt
+# are the count an honest one exceeds with probability at most DRIFT_DOUBT_FALSE_POSITIVE_RATE at that
+# rate (max_doubted_drift_tokens): 1 for 1-2 tokens, 2 for 3-19, 3 for 20-72, 4 for 73-170, 9 at 1,000.
+HONEST_DRIFT_DOUBT_RATE = 1e-3
+DRIFT_DOUBT_FALSE_POSITIVE_RATE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,7 @@ class Tolerances:
     thresholds: commitment.Thresholds
     max_logprob_drift: float
     logit_tolerance: float
+    near_tie_rate: float  # the honest near-tie rate a rollout's near-tie budget assumes
     drift_doubt_factor: float = 1.0
 
     @classmethod
@@ -71,6 +83,7 @@ class Tolerances:
             commitment.thresholds_for(dtype),
             replay.max_logprob_drift,
             replay.logit_tolerance,
+            node_stats.NEAR_TIE_RATE_BOUND[dtype],
             replay.drift_doubt_factor,
         )
 
@@ -117,7 +130,7 @@ def check_rollout(report, rollout, tolerances: Tolerances) -> Verdict:
     first doubt (sampling, drift, commitment), else a pass."""
     logit_tolerance = tolerances.logit_tolerance
     checks = report.token_checks
-    num_tokens = len(rollout.token_ids)
+    num_tokens = sum(rollout.sampled_mask)  # environment tokens are not checked
     base = {"sample_index": rollout.sample_index, "num_tokens": num_tokens}
     if report.commitment_error is not None:
         return Verdict(False, "commitment", {**base, "error": report.commitment_error})
@@ -125,15 +138,15 @@ def check_rollout(report, rollout, tolerances: Tolerances) -> Verdict:
     if sampling_doubt is not None and not sampling_doubt.passed:
         return sampling_doubt
     near_ties = tolerated_ties(checks, report.temperature, logit_tolerance)
-    max_near_ties = max(MIN_NEAR_TIES_ALLOWED, math.ceil(MAX_NEAR_TIE_FRACTION * num_tokens))
-    if near_ties.sum() > max_near_ties:
+    allowed_near_ties = max_near_ties(num_tokens, tolerances.near_tie_rate)
+    if near_ties.sum() > allowed_near_ties:
         return Verdict(
             False,
             "near_ties",
             {
                 **base,
                 "num_near_ties": int(near_ties.sum()),
-                "allowed": max_near_ties,
+                "allowed": allowed_near_ties,
                 "positions": _positions(near_ties),
             },
         )
@@ -168,14 +181,30 @@ def check_rollout(report, rollout, tolerances: Tolerances) -> Verdict:
     )
 
 
+def max_doubted_drift_tokens(num_tokens: int) -> int:
+    """The most tokens of a rollout of num_tokens whose drift over the bound may be doubted: the
+    smallest count k >= 1 that a Binomial(num_tokens, HONEST_DRIFT_DOUBT_RATE) exceeds with probability
+    at most DRIFT_DOUBT_FALSE_POSITIVE_RATE."""
+    return node_stats.binomial_allowance(num_tokens, HONEST_DRIFT_DOUBT_RATE, DRIFT_DOUBT_FALSE_POSITIVE_RATE)
+
+
+def max_near_ties(num_tokens: int, near_tie_rate: float) -> int:
+    """The near-ties (doubted tokens included) a rollout of num_tokens may hold: the count an honest
+    rollout exceeds with probability at most NEAR_TIE_FALSE_POSITIVE_RATE when each token is a near-tie
+    at near_tie_rate (the declared precision's node_stats.NEAR_TIE_RATE_BOUND)."""
+    return node_stats.binomial_allowance(num_tokens, near_tie_rate, NEAR_TIE_FALSE_POSITIVE_RATE)
+
+
 def drift_verdict(drift: np.ndarray, allowed: float, doubt_factor: float, base: dict[str, Any]) -> Verdict | None:
-    """None when every token's log-probability drift is within `allowed`; a doubt when one token is
-    over it by at most doubt_factor times (honest bf16 drift across kernels, Tolerances); else a failure."""
+    """None when every token's log-probability drift is within `allowed`; a doubt when at most
+    max_doubted_drift_tokens(len(drift)) tokens are over it, each by at most doubt_factor times (honest
+    bf16 drift across kernels, Tolerances); else a failure."""
     over = drift > allowed
     if not over.any():
         return None
     max_drift = float(drift.max())
-    in_doubt = int(over.sum()) <= MAX_DOUBTED_MISMATCHES and max_drift <= doubt_factor * allowed
+    max_doubted = max_doubted_drift_tokens(len(drift))
+    in_doubt = int(over.sum()) <= max_doubted and max_drift <= doubt_factor * allowed
     return Verdict(
         in_doubt,
         "logprob_drift_doubt" if in_doubt else "logprob_drift",
@@ -185,6 +214,7 @@ def drift_verdict(drift: np.ndarray, allowed: float, doubt_factor: float, base: 
             "allowed": allowed,
             "positions": _positions(over),
             "doubt_drift": doubt_factor * allowed,
+            "max_doubted_tokens": max_doubted,
         },
     )
 
@@ -211,11 +241,14 @@ def chunk_verdict(
             "exponent_mismatches": chunk.exponent_mismatches,
             "mantissa_error_mean": chunk.mantissa_error_mean,
             "mantissa_error_median": chunk.mantissa_error_median,
-            "allowed": {
-                "exponent_mismatches": thresholds.max_exponent_mismatches,
-                "mantissa_error_mean": thresholds.max_mantissa_error_mean,
-                "mantissa_error_median": thresholds.max_mantissa_error_median,
-            },
+            "allowed": dict(
+                zip(
+                    ("exponent_mismatches", "mantissa_error_mean", "mantissa_error_median"),
+                    chunk.bounds(thresholds),
+                    strict=True,
+                )
+            ),
+            "bound_scale": chunk.bound_scale,
         },
     )
 
@@ -225,7 +258,7 @@ def sampling_verdict(
 ) -> Verdict | None:
     """None when no token is a mismatch; a doubt when the mismatches are few and close enough to the
     tolerance for honest drift (protocol.sampling.DOUBT_GAP_FACTOR); else a failure."""
-    mismatched = checks.verdicts == rule.TokenVerdict.MISMATCH
+    mismatched = checks.mismatched
     if not mismatched.any():
         return None
     tolerance = rule.score_tolerance(logit_tolerance, temperature)
@@ -320,6 +353,7 @@ def group_verdict(job: GroupJob, reports, tolerances: Tolerances) -> Verdict:
             node_stats.RolloutTokens(
                 tolerated_ties(report.token_checks, report.temperature, tolerances.logit_tolerance),
                 report.near_tie_lifts,
+                report.token_checks.score_gaps / rule.score_tolerance(tolerances.logit_tolerance, report.temperature),
                 report.logprob_offsets,
                 report.temperature,
                 rollout.claimed_reward,

@@ -240,20 +240,31 @@ def check_tokens(
         scored.greedy, scored.scores.gather(1, claim)[:, 0], claimed_scaled + scored.noise.gather(1, claim)[:, 0]
     )
     minus_inf = torch.full_like(tolerance, -torch.inf)
-    certain = possible = minus_inf
+    certain = possible = possible_in_doubt = minus_inf
     if scored.descending is not None:
         certain, possible = (
             torch.where(scored.greedy, minus_inf, bound) for bound in _filter_band(scored.descending, rows, tolerance)
+        )
+        doubt_tolerance = torch.tensor(rule.FILTER_DOUBT_FACTOR, dtype=torch.float32, device=logits.device) * tolerance
+        possible_in_doubt = torch.where(
+            scored.greedy, minus_inf, _filter_band(scored.descending, rows, doubt_tolerance)[1]
         )
     best_certain = torch.where(scored.scaled >= certain[:, None], scored.scores, -torch.inf).max(dim=1).values
     is_best = best == token_ids
     score_gaps = torch.where(is_best, 0.0, torch.clamp_min(best_certain - claimed, 0.0))
     may_be_allowed = claimed_scaled >= possible
+    near_filter = (
+        ~may_be_allowed
+        & (claimed_scaled >= possible_in_doubt)
+        & (score_gaps <= torch.tensor(rule.DOUBT_GAP_FACTOR, dtype=torch.float32, device=logits.device) * tolerance)
+    )
     verdicts = torch.where(
         is_best,
         int(rule.TokenVerdict.EXACT),
         torch.where(
-            (score_gaps <= tolerance) & may_be_allowed, int(rule.TokenVerdict.NEAR_TIE), int(rule.TokenVerdict.MISMATCH)
+            (score_gaps <= tolerance) & may_be_allowed,
+            int(rule.TokenVerdict.NEAR_TIE),
+            torch.where(near_filter, int(rule.TokenVerdict.FILTER_DOUBT), int(rule.TokenVerdict.MISMATCH)),
         ),
     ).to(torch.int8)
     allowed_with_claim = scored.allowed.scatter(1, claim, True)

@@ -100,6 +100,17 @@ FP32_MAX_LOGPROB_DRIFT = 1e-3
 # differing tokens, in units of the tolerance: 209 under 0.1, 59 in 0.1-0.2, 14 in 0.2-0.3, 3 in 0.3-0.5,
 # 1 in 0.5-1, then 2.19), so the bound sits above the largest honest gap seen, with room: 3 times it.
 DOUBT_GAP_FACTOR = 3.0
+# Drift moves filter boundaries, and one ill-conditioned logit can move one a long way: the default
+# model's end-of-sequence logit differs by 1.28 between SDPA and eager attention in bf16 where every
+# other logit agrees within 0.03, and vLLM's sits 0.75-1.2 below transformers'. The nucleus it belongs
+# to then holds another mass, and a token that the node's top-p let in can lie outside the band of
+# filter_band at the tolerance (seen once in ~443,000 tokens of an honest vLLM bf16 node: a strike at a
+# score gap of 0). A claim outside that band but inside the band at FILTER_DOUBT_FACTOR times the
+# tolerance (where every logit may drift by half of it: 0.9 logits in bf16, so the odds of any mass
+# may move by e^1.8, the drift of the EOS logit and all the others together) is doubted
+# (TokenVerdict.FILTER_DOUBT), not struck, when its score gap is within DOUBT_GAP_FACTOR times the
+# tolerance; a claim outside that band stays a mismatch. fp32 drift (1e-5) never comes near its band.
+FILTER_DOUBT_FACTOR = 6.0
 
 
 def logprob_drift_bound(max_logprob_drift: float, temperature: float) -> float:
@@ -352,6 +363,9 @@ class TokenVerdict(enum.IntEnum):
     EXACT = 0
     NEAR_TIE = 1
     MISMATCH = 2
+    # A mismatch only because the validator's filters cut the claim where a node's drifted ones may
+    # not have (FILTER_DOUBT_FACTOR): a doubt, not a strike (doubted_mismatches).
+    FILTER_DOUBT = 3
 
 
 @dataclass(frozen=True)
@@ -368,8 +382,13 @@ class TokenChecks:
         return int((self.verdicts == TokenVerdict.NEAR_TIE).sum())
 
     @property
+    def mismatched(self) -> np.ndarray:
+        """Per position: the claim is no near-tie of the validator's choice (MISMATCH or FILTER_DOUBT)."""
+        return np.asarray((self.verdicts == TokenVerdict.MISMATCH) | (self.verdicts == TokenVerdict.FILTER_DOUBT))
+
+    @property
     def num_mismatches(self) -> int:
-        return int((self.verdicts == TokenVerdict.MISMATCH).sum())
+        return int(self.mismatched.sum())
 
 
 def score_tolerance(logit_tolerance: float, temperature: float) -> np.float32:
@@ -382,13 +401,17 @@ def score_tolerance(logit_tolerance: float, temperature: float) -> np.float32:
 
 def doubted_mismatches(checks: TokenChecks, tolerance: np.ndarray | np.float32) -> np.ndarray:
     """Per position: a mismatch whose score gap is over `tolerance` (score units: score_tolerance, a
-    scalar or one per position) by at most DOUBT_GAP_FACTOR times it. A mismatch at a gap within the
-    tolerance is a token the node's filters cut for certain, never doubted."""
+    scalar or one per position) by at most DOUBT_GAP_FACTOR times it, or a claim just outside the
+    filter band (TokenVerdict.FILTER_DOUBT). A mismatch at a gap within the tolerance is a token the
+    node's filters cut for certain (even under FILTER_DOUBT_FACTOR times the drift), never doubted."""
     gaps = checks.score_gaps
     return np.asarray(
-        (checks.verdicts == TokenVerdict.MISMATCH)
-        & (gaps > tolerance)
-        & (gaps <= np.float32(DOUBT_GAP_FACTOR) * tolerance)
+        (checks.verdicts == TokenVerdict.FILTER_DOUBT)
+        | (
+            (checks.verdicts == TokenVerdict.MISMATCH)
+            & (gaps > tolerance)
+            & (gaps <= np.float32(DOUBT_GAP_FACTOR) * tolerance)
+        )
     )
 
 
@@ -405,8 +428,10 @@ def check_tokens(
     A claimed token that is not the argmax is a near-tie when its perturbed score is at most
     logit_tolerance / T below the best of the tokens the node's filters allowed for certain, and
     it may itself have been allowed (`filter_band`, with tolerance logit_tolerance / T): a token
-    that a drifted filter boundary lets in on the validator's side only is no competitor; anything
-    else is a mismatch. The score gap is that distance (0 for the argmax, and where no token allowed
+    that a drifted filter boundary lets in on the validator's side only is no competitor. A claim
+    that may have passed the node's filters only under FILTER_DOUBT_FACTOR times that drift, at a
+    score gap within DOUBT_GAP_FACTOR times the tolerance, is a FILTER_DOUBT; anything else is a
+    mismatch. The score gap is that distance (0 for the argmax, and where no token allowed
     for certain beats the claim)."""
     validate_params(params)
     scored = _score(logits, seeds, positions, params)
@@ -422,7 +447,7 @@ def check_tokens(
     tolerance = score_tolerance(logit_tolerance, params.temperature)
     if greedy:
         claimed = scored.scores[rows, token_ids]
-        certain = possible = np.full(num_rows, -np.inf, dtype=np.float32)
+        certain = possible = possible_in_doubt = np.full(num_rows, -np.inf, dtype=np.float32)
     else:
         noise = gumbel_noise(
             np.broadcast_to(np.asarray(seeds, dtype=np.uint64), (num_rows,)),
@@ -431,15 +456,28 @@ def check_tokens(
         )
         claimed = scored.scaled[rows, token_ids] + noise[rows, token_ids]
         certain, possible = filter_band(scored.scaled, params.top_k, params.top_p, tolerance)
+        _, possible_in_doubt = filter_band(
+            scored.scaled, params.top_k, params.top_p, np.float32(FILTER_DOUBT_FACTOR) * tolerance
+        )
     best_certain = np.where(scored.scaled >= certain[:, None], scored.scores, np.float32(-np.inf)).max(axis=1)
     score_gaps = np.where(
         best == token_ids, np.float32(0.0), np.maximum(best_certain - claimed, np.float32(0.0))
     ).astype(np.float32)
-    may_be_allowed = scored.scaled[rows, token_ids] >= possible
+    claimed_scaled = scored.scaled[rows, token_ids]
+    may_be_allowed = claimed_scaled >= possible
+    near_filter = (
+        ~may_be_allowed
+        & (claimed_scaled >= possible_in_doubt)
+        & (score_gaps <= np.float32(DOUBT_GAP_FACTOR) * tolerance)
+    )
     verdicts = np.where(
         best == token_ids,
         TokenVerdict.EXACT,
-        np.where((score_gaps <= tolerance) & may_be_allowed, TokenVerdict.NEAR_TIE, TokenVerdict.MISMATCH),
+        np.where(
+            (score_gaps <= tolerance) & may_be_allowed,
+            TokenVerdict.NEAR_TIE,
+            np.where(near_filter, TokenVerdict.FILTER_DOUBT, TokenVerdict.MISMATCH),
+        ),
     ).astype(np.int8)
     allowed_with_claim = scored.allowed.copy()
     allowed_with_claim[rows, token_ids] = True

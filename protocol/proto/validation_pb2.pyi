@@ -175,7 +175,7 @@ class TokenStatistics(_message.Message):
     num_near_ties: _builtins.int
     """claimed token not the validator's choice, within tolerance"""
     num_directed_near_ties: _builtins.int
-    """near-ties sampled at T > 0 (greedy ones have no direction)"""
+    """wide near-ties (score gap over node_stats.WIDE_GAP_FRACTION of the tolerance) sampled at T > 0"""
     num_near_ties_up: _builtins.int
     """of those, the claimed token had the higher logit"""
     num_near_ties_positive: _builtins.int
@@ -185,7 +185,7 @@ class TokenStatistics(_message.Message):
     near_ties_positive_variance: _builtins.float
     """rollouts of nonzero advantage, and its variance"""
     logprob_advantage_sum: _builtins.float
-    """sum over rollouts of advantage * T * mean(claimed - recomputed log-prob)"""
+    """sum over rollouts of advantage * T * median(claimed - recomputed log-prob)"""
     logprob_advantage_sum_squares: _builtins.float
     def __init__(
         self,

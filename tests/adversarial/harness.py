@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -100,6 +103,42 @@ def trainable_groups(cluster: Cluster, node_id: str) -> int:
     return cluster.query("SELECT COUNT(*) FROM groups WHERE node_id = ? AND state IN ('ready', 'consumed')", node_id)[
         0
     ][0]
+
+
+def consumed_groups(cluster: Cluster, node_id: str) -> int:
+    """The node's groups in the trainer's consumption ledger."""
+    return cluster.query(
+        "SELECT COUNT(*) FROM group_consumptions c JOIN groups g ON g.group_id = c.group_id WHERE g.node_id = ?",
+        node_id,
+    )[0][0]
+
+
+@contextmanager
+def consuming_trainer(cluster: Cluster) -> Iterator[None]:
+    """A stand-in trainer that consumes every ready group at once, as a trainer with an empty queue
+    would: whatever becomes trainable is trained on."""
+    from trainer.client import TrainerClient
+
+    stop = threading.Event()
+    client = TrainerClient(cluster.address, cluster.trainer_identity, tls=cluster.coordinator_tls, stop=stop)
+
+    def consume() -> None:
+        step = 0
+        while not stop.is_set():
+            groups = client.ready_groups(64, max_staleness=2, timeout=10)
+            if groups:
+                step += 1
+                client.ack(step, [g.group_id for g in groups], [])
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        client.close()
 
 
 def run(coroutine):

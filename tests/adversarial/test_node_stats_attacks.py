@@ -1,17 +1,20 @@
 """Issue 16's bf16 attacks: nodes that declare bf16 and deviate by less than any per-rollout bound
 (near-ties steered toward reward, a wrong temperature, an unasked top-p, log-probabilities shaded with
 the advantage, a policy one optimizer step away), against a coordinator that fully checks every
-submission with the default warmed-up tiny model. Each keeps submitting until rejected; each must be
-rejected with its reason, and none of its groups trained on (none consumed, none left trainable)."""
+submission with the default warmed-up tiny model and a stand-in trainer that consumes every group as
+soon as it is ready. Each keeps submitting until rejected; each must be rejected with its reason, and
+none of its groups trained on (none in the trainer's ledger, none counted consumed at its verdict,
+none left trainable), while an honest node's groups are trained on once its first window passes."""
 
 import copy
 import dataclasses
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from coordinator.node_stats import CHECKS, NODE_WINDOW_TOKENS
+from coordinator.node_stats import CHECKS, NODE_WINDOW_TOKENS, WIDE_GAP_FRACTION
 from protocol import sampling as rule
 from protocol.identity import Identity
 from protocol.sampling import DEFAULT_LOGIT_TOLERANCE
@@ -19,6 +22,8 @@ from tests.adversarial.harness import (
     MARGINS,
     Attacker,
     careful_completions,
+    consumed_groups,
+    consuming_trainer,
     rebuilt_batch,
     run,
     trainable_groups,
@@ -58,11 +63,12 @@ def warm_cluster(tmp_path_factory):
         "--set",
         "run.sampling.max_tokens=16",
         "--set",
-        "run.max_backlog_groups=0",  # no trainer here: passed groups stay ready until caught
+        "run.max_backlog_groups=0",
         "--set",
         "server.max_message_bytes=1048576",
     )
-    yield cluster
+    with consuming_trainer(cluster):
+        yield cluster
     cluster.stop_all()
 
 
@@ -74,11 +80,12 @@ def bf16_policy(warm_cluster):
     return load_model(warm_cluster.model_dir, dtype="bfloat16"), load_tokenizer(warm_cluster.model_dir)
 
 
-def careful(pick):
-    """A cheat that deviates only where a bf16 validator forgives it (harness.careful_completions)."""
+def careful(pick, gap_fraction: float = 0.9):
+    """A cheat that deviates only where a bf16 validator forgives it (harness.careful_completions):
+    at near-ties within gap_fraction of the logit tolerance."""
 
     def make(attacker, model, lease):
-        tolerance = 0.9 * DEFAULT_LOGIT_TOLERANCE / lease.sampling.temperature
+        tolerance = gap_fraction * DEFAULT_LOGIT_TOLERANCE / lease.sampling.temperature
         return rebuilt_batch(attacker, model, lease, careful_completions(attacker, model, lease, tolerance, pick))
 
     return make
@@ -170,6 +177,16 @@ def caught_after(cluster, model, tokenizer, make_batch, max_leases: int):
     ("attack", "make_batch", "tampered"),
     [
         ("16-2-near-ties-steered-toward-reward", "steer", None),
+        # The same, kept to narrow gaps, where node_temperature_fit sees nothing: not caught (open, in
+        # docs/validation.md: 64 leases, every window passed, all 512 groups trained on).
+        pytest.param(
+            "16-2-near-ties-steered-at-narrow-gaps",
+            "steer-narrow",
+            None,
+            marks=pytest.mark.xfail(
+                strict=True, raises=AssertionError, reason="narrow near-tie steering passes every window test"
+            ),
+        ),
         ("16-3-temperature-0.9-for-1.0", careful(at_temperature(0.9)), None),
         ("16-3-temperature-1.1-for-1.0", careful(at_temperature(1.1)), None),
         ("16-4-unasked-top-p-0.95", careful(with_top_p(0.95)), None),
@@ -184,6 +201,8 @@ def test_bf16_deviation_is_caught_before_any_group_is_trained_on(
     node_model = tampered(model, tokenizer) if tampered is not None else model
     if make_batch == "steer":
         make_batch = careful(toward_the_answer(tokenizer))
+    elif make_batch == "steer-narrow":
+        make_batch = careful(toward_the_answer(tokenizer), gap_fraction=0.95 * WIDE_GAP_FRACTION)
     # Windows of NODE_WINDOW_TOKENS tokens; a lease of 64 short rollouts holds a few hundred.
     attacker, results, num_leases = caught_after(
         warm_cluster, node_model, tokenizer, make_batch, max_leases=4 * NODE_WINDOW_TOKENS // 256
@@ -196,10 +215,11 @@ def expect_caught(cluster, attacker, results, num_leases: int, attack: str) -> N
     assert failures, f"{attack}: passed all {len(results)} full checks over {num_leases} leases"
     check, evidence = failures[0]
     assert check in CAUGHT_BY, f"{attack}: failed {check}: {evidence}"
-    consumed = cluster.query("SELECT COUNT(*) FROM groups WHERE node_id = ? AND state = 'consumed'", attacker.node_id)[
-        0
-    ][0]
-    assert consumed == 0 and trainable_groups(cluster, attacker.node_id) == 0
+    consumed_at_verdict = cluster.query(
+        "SELECT num_groups_consumed FROM validation_results WHERE node_id = ? AND passed = 0", attacker.node_id
+    )
+    assert consumed_at_verdict == [(0,)], f"{attack}: groups consumed when caught: {consumed_at_verdict}"
+    assert consumed_groups(cluster, attacker.node_id) == 0 and trainable_groups(cluster, attacker.node_id) == 0
     MARGINS[attack] = {
         "check": check,
         "num_leases": num_leases,
@@ -220,3 +240,7 @@ def test_an_honest_bf16_node_passes_its_windows(warm_cluster, bf16_policy):
         "SELECT COALESCE(SUM(num_tokens), 0) FROM node_tokens WHERE node_id = ?", attacker.node_id
     )[0][0]
     assert tokens >= NODE_WINDOW_TOKENS, f"{num_leases} leases held only {tokens} tokens"
+    deadline = time.monotonic() + 60
+    while consumed_groups(warm_cluster, attacker.node_id) == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert consumed_groups(warm_cluster, attacker.node_id) > 0, "the honest node's groups were never trained on"

@@ -3,8 +3,6 @@
 honest drift is never struck on thin evidence. Against a real coordinator that fully checks every
 submission, with a stand-in trainer that consumes every ready group as soon as it is ready."""
 
-import threading
-
 import pytest
 import torch
 
@@ -12,6 +10,8 @@ from coordinator.validation import MIN_WINDOW_CHUNKS, NODE_WINDOW_CHUNKS
 from tests.adversarial.harness import (
     MARGINS,
     Attacker,
+    consumed_groups,
+    consuming_trainer,
     run,
     trainable_groups,
     wait_for_validation,
@@ -36,35 +36,8 @@ def cluster(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def greedy_trainer(cluster):
-    """Consumes every ready group at once, as a trainer with an empty queue would."""
-    from trainer.client import TrainerClient
-
-    stop = threading.Event()
-    client = TrainerClient(cluster.address, cluster.trainer_identity, tls=cluster.coordinator_tls, stop=stop)
-
-    def consume() -> None:
-        step = 0
-        while not stop.is_set():
-            groups = client.ready_groups(64, max_staleness=2, timeout=10)
-            if groups:
-                step += 1
-                client.ack(step, [g.group_id for g in groups], [])
-            stop.wait(0.2)
-
-    thread = threading.Thread(target=consume, daemon=True)
-    thread.start()
-    yield
-    stop.set()
-    thread.join(timeout=60)
-    client.close()
-
-
-def _consumed(cluster, node_id: str) -> int:
-    """The node's groups in the trainer's consumption ledger."""
-    return cluster.query(
-        "SELECT COUNT(*) FROM group_consumptions c JOIN groups g ON g.group_id = c.group_id WHERE g.node_id = ?",
-        node_id,
-    )[0][0]
+    with consuming_trainer(cluster):
+        yield
 
 
 def _node(cluster, node_id: str) -> tuple[int, int, int, int]:
@@ -98,7 +71,7 @@ def test_one_submission_with_two_bad_groups_is_one_strike(cluster, trusted, gree
     assert (strikes, banned) == (1, 0)
     states = {state for (state,) in cluster.query("SELECT state FROM groups WHERE node_id = ?", attacker.node_id)}
     assert states <= {"rejected", "quarantined"}
-    assert trainable_groups(cluster, attacker.node_id) == 0 and _consumed(cluster, attacker.node_id) == 0
+    assert trainable_groups(cluster, attacker.node_id) == 0 and consumed_groups(cluster, attacker.node_id) == 0
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +210,7 @@ def test_a_node_caught_on_probation_had_none_of_its_groups_trained_on(cluster, t
         "SELECT num_groups_consumed FROM validation_results WHERE node_id = ? AND passed = 0", attacker.node_id
     )
     assert consumed_when_caught == [(0,)]
-    assert _consumed(cluster, attacker.node_id) == 0 and trainable_groups(cluster, attacker.node_id) == 0
+    assert consumed_groups(cluster, attacker.node_id) == 0 and trainable_groups(cluster, attacker.node_id) == 0
     MARGINS["16-caught-on-probation-int8-declared-bf16"] = {
         "check": check,
         "num_groups_passed_before": sum(passed for passed, _, _ in results),

@@ -1,6 +1,7 @@
 """The node-level token statistics (coordinator/node_stats.py): each bound against a naive reference,
 each test's false-positive rate against simulation of honest windows, and what each test catches."""
 
+import dataclasses
 import math
 from fractions import Fraction
 
@@ -16,6 +17,7 @@ from coordinator.node_stats import (
     fisher_combined,
     group_token_stats,
     judge_tokens,
+    one_way_count_test,
     self_normalized_bound,
     sign_test,
 )
@@ -57,9 +59,19 @@ def test_the_sign_test_is_two_sided_and_exact():
     assert sign_test(10, 20) == 1.0
 
 
-def _honest_windows(rng, num_windows, rate, *, num_groups=64, group_size=8):
+def test_the_one_way_count_test_is_twice_the_smaller_binomial_tail():
+    assert one_way_count_test(0, 0, 4096, 2.5e-4) == 1.0
+    assert one_way_count_test(12, 1, 4096, 2.5e-4) == pytest.approx(2 * naive_upper_tail(12, 4096, 2.5e-4), rel=1e-9)
+    assert one_way_count_test(1, 12, 4096, 2.5e-4) == one_way_count_test(12, 1, 4096, 2.5e-4)
+    assert one_way_count_test(2, 1, 4096, 2.5e-4) == pytest.approx(2 * naive_upper_tail(2, 4096, 2.5e-4), rel=1e-9)
+    assert one_way_count_test(1, 1, 4096, 2.5e-4) == 1.0  # twice a tail of 0.64
+
+
+def _honest_windows(rng, num_windows, rate, *, num_groups=64, group_size=8, wide_rate=None):
     """Windows of groups whose near-ties fall on any token alike, whose rewards are independent of
-    them, and whose log-probability offsets are noise with an engine's constant bias."""
+    them, and whose log-probability offsets are noise with an engine's constant bias. Near-ties are
+    wide (score gap over WIDE_GAP_FRACTION of the tolerance) at wide_rate a token (the bf16 bound)."""
+    wide_rate = node_stats.WIDE_NEAR_TIE_RATE_BOUND["bfloat16"] if wide_rate is None else wide_rate
     windows = []
     for _ in range(num_windows):
         window = TokenStats()
@@ -68,10 +80,15 @@ def _honest_windows(rng, num_windows, rate, *, num_groups=64, group_size=8):
             for _ in range(group_size):
                 length = int(rng.integers(1, 17))
                 near_ties = rng.random(length) < rate
+                wide = rng.random(length) < wide_rate / rate
+                gaps = np.where(
+                    wide, rng.uniform(node_stats.WIDE_GAP_FRACTION, 1.0, length), rng.uniform(0, 0.3, length)
+                )
                 rollouts.append(
                     RolloutTokens(
                         near_ties,
                         np.where(near_ties, rng.choice([-1.0, 1.0], length), 0.0).astype(np.float32),
+                        np.where(near_ties, gaps, 0.0).astype(np.float32),
                         (0.02 + 0.05 * rng.standard_normal(length)).astype(np.float32),
                         float(rng.choice([0.7, 1.0])),
                         float(rng.random() < 0.3),
@@ -102,10 +119,25 @@ def test_each_test_flags_honest_windows_at_most_at_its_stated_rate():
         "node_logprob_direction": [
             self_normalized_bound(w.logprob_advantage_sum, w.logprob_advantage_sum_squares) for w in windows
         ],
-        "node_temperature_fit": [sign_test(w.num_near_ties_up, w.num_directed_near_ties) for w in windows],
+        "node_temperature_fit": [
+            one_way_count_test(
+                w.num_near_ties_up,
+                w.num_directed_near_ties - w.num_near_ties_up,
+                w.num_tokens,
+                node_stats.WIDE_NEAR_TIE_RATE_BOUND["bfloat16"] / 2,
+            )
+            for w in windows
+        ],
     }
     p_values["node_near_ties_combined"] = [
-        fisher_combined([p_values[check][i] for check in node_stats.NEAR_TIE_CHECKS]) for i in range(len(windows))
+        fisher_combined(
+            [
+                p_values["node_near_tie_rate"][i],
+                p_values["node_near_tie_direction"][i],
+                sign_test(w.num_near_ties_up, w.num_directed_near_ties),
+            ]
+        )
+        for i, w in enumerate(windows)
     ]
     for check, values in p_values.items():
         assert np.mean(np.array(values) < stated) <= stated, check
@@ -123,6 +155,7 @@ def test_group_statistics_equal_a_token_by_token_count():
             RolloutTokens(
                 near_ties,
                 lifts,
+                np.where(near_ties, rng.uniform(0.0, 1.0, length), 0.0).astype(np.float32),
                 rng.normal(size=length).astype(np.float32),
                 0.0 if index == 5 else 0.8,
                 [1.0, 0.0, 0.0, 0.5, 1.0, 0.0][index],
@@ -147,7 +180,8 @@ def test_group_statistics_equal_a_token_by_token_count():
                 expected["num_near_ties"] += 1
                 near_ties_signed += advantage != 0
                 expected["num_near_ties_positive"] += advantage > 0
-                if r.temperature > 0 and r.near_tie_lifts[position] != 0:
+                wide = r.score_gaps[position] > node_stats.WIDE_GAP_FRACTION
+                if r.temperature > 0 and r.near_tie_lifts[position] != 0 and wide:
                     expected["num_directed_near_ties"] += 1
                     expected["num_near_ties_up"] += r.near_tie_lifts[position] > 0
         ordered = sorted(float(offset) for offset in r.logprob_offsets)
@@ -168,8 +202,8 @@ def _window(**overrides) -> TokenStats:
     honest = dict(
         num_tokens=NODE_WINDOW_TOKENS,
         num_near_ties=28,
-        num_directed_near_ties=26,
-        num_near_ties_up=14,
+        num_directed_near_ties=2,
+        num_near_ties_up=1,
         num_near_ties_positive=6,
         near_ties_positive_expected=5.5,
         near_ties_positive_variance=4.5,
@@ -192,8 +226,9 @@ def test_a_window_decides_only_once_it_holds_enough_tokens():
         ({"num_near_ties": 140}, "node_near_tie_rate"),  # steering: ~3.4% of tokens
         ({"num_near_ties_positive": 26}, "node_near_tie_direction"),  # near-ties where the reward is
         ({"logprob_advantage_sum": 4.0, "logprob_advantage_sum_squares": 0.5}, "node_logprob_direction"),
-        ({"num_near_ties_up": 26}, "node_temperature_fit"),  # always the likelier token: colder, or filtered
-        ({"num_near_ties_up": 0}, "node_temperature_fit"),  # always the less likely one: hotter
+        # wide near-ties always the likelier token (colder, or filtered), or the less likely one (hotter)
+        ({"num_directed_near_ties": 12, "num_near_ties_up": 12}, "node_temperature_fit"),
+        ({"num_directed_near_ties": 12, "num_near_ties_up": 0}, "node_temperature_fit"),
     ],
 )
 def test_each_directed_deviation_fails_its_test_with_evidence(overrides, check):
@@ -219,25 +254,42 @@ def test_fishers_combination_equals_the_chi_square_tail_and_is_uniform_under_the
 
 
 def test_near_ties_steered_within_every_single_bound_fail_the_combination():
-    """Issue 16's steering toward the answer, one of its windows: every single near-tie test passes
-    (p from 3.8e-5 to 0.016), their combination does not (1.4e-7)."""
+    """Near-ties steered toward the answer, taken only at narrow score gaps (so few are wide for
+    node_temperature_fit): every single near-tie test passes (p from 3.2e-6 to 0.22), their
+    combination does not (6.1e-7). Steering at any gap, as issue 16's attacker did (two thirds of its
+    near-ties wide), fails node_temperature_fit outright."""
     window = _window(
-        num_near_ties=95,
-        num_directed_near_ties=95,
-        num_near_ties_up=64,
-        num_near_ties_positive=31,
+        num_near_ties=100,
+        num_directed_near_ties=6,
+        num_near_ties_up=5,
+        num_near_ties_positive=33,
         near_ties_positive_expected=20.0,
         near_ties_positive_variance=11.0,
     )
     p_values = {
-        "rate": binomial_upper_tail(95, NODE_WINDOW_TOKENS, node_stats.NEAR_TIE_RATE_BOUND["bfloat16"]),
-        "direction": bernstein_upper_bound(11.0, 11.0),
-        "temperature": sign_test(64, 95),
+        "rate": binomial_upper_tail(100, NODE_WINDOW_TOKENS, node_stats.NEAR_TIE_RATE_BOUND["bfloat16"]),
+        "direction": bernstein_upper_bound(13.0, 11.0),
+        "temperature": one_way_count_test(
+            5, 1, NODE_WINDOW_TOKENS, node_stats.WIDE_NEAR_TIE_RATE_BOUND["bfloat16"] / 2
+        ),
     }
     assert min(p_values.values()) > node_stats.FALSE_POSITIVE_RATE, p_values
     judgement = judge_tokens(window, "bfloat16")
     assert judgement.failure is not None and judgement.failure.check == "node_near_ties_combined"
     assert judgement.failure.evidence["p_value"] < node_stats.FALSE_POSITIVE_RATE
+    at_any_gap = judge_tokens(dataclasses.replace(window, num_directed_near_ties=70, num_near_ties_up=47), "bfloat16")
+    assert at_any_gap.failure is not None and at_any_gap.failure.check == "node_temperature_fit"
+
+
+def test_an_unasked_top_p_is_caught_at_its_first_window_with_room():
+    """Issue 16.4's thin run: its first window held at most 20 directed near-ties (sign test
+    2 * 2^-20 = 1.9e-6 passed 1e-6), every one the likelier token. Two thirds of them wide (13),
+    node_temperature_fit gives p = 4.3e-8, 23 times under the bound; at 14, 200 times."""
+    for num_wide, p_max in ((13, 5e-8), (14, 5e-9)):
+        window = _window(num_near_ties=20, num_directed_near_ties=num_wide, num_near_ties_up=num_wide)
+        judgement = judge_tokens(window, "bfloat16")
+        assert judgement.failure is not None and judgement.failure.check == "node_temperature_fit"
+        assert judgement.failure.evidence["p_value"] < p_max
 
 
 def test_an_fp32_node_is_held_to_the_fp32_near_tie_rate():

@@ -280,3 +280,89 @@ def test_an_honest_claim_under_drift_within_tolerance_is_never_a_mismatch(params
     rows = np.flatnonzero(outside >= 0)
     cut = rule.check_tokens(validator_logits[rows], outside[rows], np.uint64(3), rows, params, logit_tolerance)
     assert cut.num_mismatches == len(rows) > 0
+
+
+FILTER_PARAMS = [p for p in DRIFT_PARAMS if p.temperature > 0 and (p.top_k > 0 or p.top_p < 1.0)]
+
+
+@pytest.mark.parametrize("params", FILTER_PARAMS, ids=str)
+@pytest.mark.parametrize("drift_kind", ["every logit", "one logit"])
+def test_a_claim_a_drifted_filter_let_in_is_never_cut_for_certain(params, drift_kind):
+    """Honest tokens sampled from the node's logits, checked against validator logits that differ by
+    up to FILTER_DOUBT_FACTOR times half the tolerance each, or by up to 1.3 logits at one token (the
+    default model's end-of-sequence logit across bf16 engines) and a hundredth of that elsewhere: no
+    claim is a mismatch that the filters decide (a mismatch within the tolerance, never doubted),
+    and some are FILTER_DOUBTs. A token below the doubt band is a mismatch (a strike), as before."""
+    rng = np.random.default_rng(12)
+    num_rows, vocab_size, logit_tolerance = 6000, 40, 0.3
+    node_logits = (rng.standard_normal((num_rows, vocab_size)) * 2).astype(np.float32)
+    node_logits[::2] = np.round(node_logits[::2] * 4) / 4
+    positions = np.arange(num_rows)
+    claims = rule.sample_tokens(node_logits, np.uint64(5), positions, params).token_ids
+    if drift_kind == "every logit":
+        half_width = 0.4995 * rule.FILTER_DOUBT_FACTOR * logit_tolerance
+        drift = rng.uniform(-half_width, half_width, node_logits.shape).astype(np.float32)
+    else:
+        drift = rng.uniform(-0.013, 0.013, node_logits.shape).astype(np.float32)
+        drift[:, 0] = rng.uniform(-1.3, 1.3, num_rows)
+    validator_logits = node_logits + drift
+    checks = rule.check_tokens(validator_logits, claims, np.uint64(5), positions, params, logit_tolerance)
+    tolerance = rule.score_tolerance(logit_tolerance, params.temperature)
+    decided_by_filters = (checks.verdicts == rule.TokenVerdict.MISMATCH) & (checks.score_gaps <= tolerance)
+    assert not decided_by_filters.any(), np.flatnonzero(decided_by_filters)[:5]
+    if drift_kind == "every logit" or params.top_p < 1.0:  # one logit seldom moves a k-th largest
+        assert (checks.verdicts == rule.TokenVerdict.FILTER_DOUBT).sum() > 0
+    assert rule.doubted_mismatches(checks, tolerance)[checks.verdicts == rule.TokenVerdict.FILTER_DOUBT].all()
+
+    scaled = validator_logits * rule.inverse_temperature(params.temperature)
+    _, possible = rule.filter_band(scaled, params.top_k, params.top_p, np.float32(rule.FILTER_DOUBT_FACTOR) * tolerance)
+    outside = np.where(scaled < possible[:, None] - 0.01, np.arange(vocab_size), -1).max(axis=1)
+    rows = np.flatnonzero(outside >= 0)
+    cut = rule.check_tokens(validator_logits[rows], outside[rows], np.uint64(5), rows, params, logit_tolerance)
+    assert len(rows) > 0 and (cut.verdicts == rule.TokenVerdict.MISMATCH).all()
+    assert not rule.doubted_mismatches(cut, tolerance)[cut.score_gaps <= tolerance].any()
+
+
+def test_filter_doubts_follow_the_band_like_a_naive_reference():
+    """Row by row, the verdict from its definition: the argmax is exact; a claim within the tolerance
+    of the best certain token that may have passed the filters is a near-tie; one outside the band at
+    the tolerance, inside it at FILTER_DOUBT_FACTOR times it and within DOUBT_GAP_FACTOR times the
+    tolerance of the best certain token is a FILTER_DOUBT; anything else a mismatch."""
+    rng = np.random.default_rng(13)
+    params = SamplingParams(0.8, top_k=12, top_p=0.8)
+    num_rows, vocab_size, logit_tolerance = 3000, 30, 0.3
+    logits = (rng.standard_normal((num_rows, vocab_size)) * 2).astype(np.float32)
+    positions = np.arange(num_rows)
+    claims = rng.integers(0, vocab_size, num_rows)
+    checks = rule.check_tokens(logits, claims, np.uint64(4), positions, params, logit_tolerance)
+    tolerance = rule.score_tolerance(logit_tolerance, params.temperature)
+    noise = rule.gumbel_noise(np.uint64(4), positions, vocab_size)
+    seen = set()
+    for row in range(num_rows):
+        scaled = logits[row] * rule.inverse_temperature(params.temperature)
+        certain, possible = (float(b[0]) for b in rule.filter_band(scaled[None], params.top_k, params.top_p, tolerance))
+        doubt_possible = float(
+            rule.filter_band(
+                scaled[None], params.top_k, params.top_p, np.float32(rule.FILTER_DOUBT_FACTOR) * tolerance
+            )[1][0]
+        )
+        threshold = float(rule.filter_threshold(scaled[None], params.top_k, params.top_p)[0])
+        scores = [float(scaled[i] + noise[row, i]) if scaled[i] >= threshold else -math.inf for i in range(vocab_size)]
+        best = max(range(vocab_size), key=lambda i: (scores[i], -i))
+        claim = int(claims[row])
+        claimed = float(scaled[claim] + noise[row, claim])
+        best_certain = max(
+            (float(scaled[i] + noise[row, i]) for i in range(vocab_size) if scaled[i] >= certain), default=-math.inf
+        )
+        gap = max(best_certain - claimed, 0.0)
+        if claim == best:
+            expected = rule.TokenVerdict.EXACT
+        elif gap <= tolerance and scaled[claim] >= possible:
+            expected = rule.TokenVerdict.NEAR_TIE
+        elif scaled[claim] < possible and scaled[claim] >= doubt_possible and gap <= rule.DOUBT_GAP_FACTOR * tolerance:
+            expected = rule.TokenVerdict.FILTER_DOUBT
+        else:
+            expected = rule.TokenVerdict.MISMATCH
+        assert checks.verdicts[row] == expected, row
+        seen.add(expected)
+    assert seen == set(rule.TokenVerdict)

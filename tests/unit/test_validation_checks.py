@@ -5,12 +5,13 @@ the validator's device setting."""
 import dataclasses
 import json
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
-from coordinator.node_stats import FALSE_POSITIVE_RATE, binomial_upper_tail
+from coordinator.node_stats import FALSE_POSITIVE_RATE, NEAR_TIE_RATE_BOUND, binomial_upper_tail
 from coordinator.store import ChunkStats, GroupState, Store, TokenStats, open_store, sqlite_url
 from coordinator.validation import (
     DOUBT_WINDOW_GROUPS,
@@ -23,15 +24,19 @@ from coordinator.validation import (
     verdict_to_proto,
 )
 from coordinator.verdicts import (
+    DRIFT_DOUBT_FALSE_POSITIVE_RATE,
+    HONEST_DRIFT_DOUBT_RATE,
     MAX_DOUBTED_MISMATCHES,
     MIN_EOS_LOGPROB,
-    MIN_NEAR_TIES_ALLOWED,
+    NEAR_TIE_FALSE_POSITIVE_RATE,
     TOLERANCES,
     GroupJob,
     Verdict,
     check_rollout,
     chunk_stats,
     group_verdict,
+    max_doubted_drift_tokens,
+    max_near_ties,
 )
 from policy.engine import GenerationRequest
 from policy.model import ModelLoadError
@@ -263,6 +268,26 @@ def test_a_complete_chunk_over_its_bounds_is_doubt_and_a_chunk_with_a_cut_a_fail
         assert not struck.passed and struck.check == "commitment", chunk
 
 
+def test_a_short_chunk_is_judged_and_reported_against_its_widened_bounds():
+    """Issue 16: an honest vLLM bf16 5-token last chunk at mantissa mean 4.41 against the full chunk's
+    4.0 passes within its short_chunk_scale; past the widened bound it fails, and the evidence states
+    the bounds it was held to."""
+    scale = commitment.short_chunk_scale(5, 128)
+    honest = commitment.ChunkCheck(3, 4.41, 2.0, 128, bound_scale=scale)
+    assert _verdict(TokenVerdict.EXACT, -1.0, dtype="bfloat16", chunk=honest).check == "all"
+    over = dataclasses.replace(honest, mantissa_error_mean=1.01 * scale * commitment.MAX_MANTISSA_ERROR_MEAN)
+    failed = _verdict(TokenVerdict.EXACT, -1.0, dtype="bfloat16", chunk=over)
+    assert not failed.passed and failed.check == "commitment" and failed.evidence["bound_scale"] == scale
+    assert failed.evidence["allowed"] == {
+        "exponent_mismatches": pytest.approx(scale * commitment.MAX_EXPONENT_MISMATCHES),
+        "mantissa_error_mean": pytest.approx(scale * commitment.MAX_MANTISSA_ERROR_MEAN),
+        "mantissa_error_median": pytest.approx(scale * commitment.MAX_MANTISSA_ERROR_MEDIAN),
+    }
+    fp32 = _verdict(TokenVerdict.EXACT, -1.0, chunk=dataclasses.replace(honest, mantissa_error_mean=1.0))
+    fp32_bound = commitment.FP32_THRESHOLDS.max_mantissa_error_mean  # fp32 bounds do not widen
+    assert not fp32.passed and fp32.evidence["allowed"]["mantissa_error_mean"] == fp32_bound
+
+
 def test_check_points_marks_the_chunks_that_commit_every_value_they_hold():
     rng = np.random.default_rng(5)
     hidden = 128
@@ -387,7 +412,7 @@ def _sampling_verdict(verdicts: list[TokenVerdict], gaps: list[float], temperatu
     return check_rollout(_sampling_report(verdicts, gaps, temperature), rollout, tolerances)
 
 
-E, N, M = TokenVerdict.EXACT, TokenVerdict.NEAR_TIE, TokenVerdict.MISMATCH
+E, N, M, F = TokenVerdict.EXACT, TokenVerdict.NEAR_TIE, TokenVerdict.MISMATCH, TokenVerdict.FILTER_DOUBT
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -417,13 +442,29 @@ def test_a_mismatch_within_the_tolerance_is_a_token_the_filters_cut_and_a_strike
     assert not struck.passed and struck.check == "sampling"
 
 
+def test_a_claim_just_outside_the_filter_band_is_doubt_once_per_rollout():
+    """Issue 16: an honest vLLM bf16 token fell outside the validator's top-p set at a score gap of 0,
+    the nucleus moved by the end-of-sequence logit's drift. A FILTER_DOUBT (inside the band at
+    FILTER_DOUBT_FACTOR times the tolerance) passes in doubt and counts as a near-tie; two in a
+    rollout, or one beside another mismatch, are a strike."""
+    doubt = _sampling_verdict([E, F, E], [0.0, 0.0, 0.0])
+    assert doubt.passed and doubt.check == "sampling_doubt" and doubt.evidence["num_mismatches"] == 1
+    report = _sampling_report([E, F, N], [0.0, 0.0, 0.1])
+    verdict = group_verdict(_group_job("bfloat16", num_rollouts=1), [report], TOLERANCES["bfloat16"])
+    assert verdict.passed and verdict.check == "sampling_doubt" and verdict.tokens.num_near_ties == 2
+    for verdicts, gaps in (([F, E, F], [0.0, 0.0, 0.0]), ([F, M, E], [0.0, 1.5 * BF16_TOLERANCE, 0.0])):
+        struck = _sampling_verdict(verdicts, gaps)
+        assert not struck.passed and struck.check == "sampling" and struck.evidence["num_mismatches"] == 2
+
+
 def test_a_doubted_mismatch_counts_as_a_near_tie_for_the_budget_and_the_nodes_statistics():
     """A doubted token is a choice a node could steer: it spends the per-rollout near-tie budget and
     joins the node's token window as a near-tie, where the rate, direction and temperature tests
     (coordinator/node_stats.py) judge a node that doubts far more often than honest drift."""
-    near_ties = [N] * MIN_NEAR_TIES_ALLOWED
-    assert _sampling_verdict([*near_ties, E, E], [0.1] * MIN_NEAR_TIES_ALLOWED + [0.0, 0.0]).check == "all"
-    over = _sampling_verdict([*near_ties, M, E], [0.1] * MIN_NEAR_TIES_ALLOWED + [1.5 * BF16_TOLERANCE, 0.0])
+    allowed = max_near_ties(6, TOLERANCES["bfloat16"].near_tie_rate)
+    near_ties = [N] * allowed
+    assert _sampling_verdict([*near_ties, E, E], [0.1] * allowed + [0.0, 0.0]).check == "all"
+    over = _sampling_verdict([*near_ties, M, E], [0.1] * allowed + [1.5 * BF16_TOLERANCE, 0.0])
     assert not over.passed and over.check == "near_ties"
     report = _sampling_report([E, M, E, N], [0.0, 1.5 * BF16_TOLERANCE, 0.0, 0.1])
     verdict = group_verdict(_group_job("bfloat16", num_rollouts=1), [report], TOLERANCES["bfloat16"])
@@ -461,11 +502,89 @@ def test_one_token_drifting_just_past_the_bound_is_doubt_in_bf16_only():
     assert fp32.drift_doubt_factor == 1.0
     struck = _verdict(TokenVerdict.EXACT, -1.0, drift=1.3 * fp32.max_logprob_drift)
     assert not struck.passed and struck.check == "logprob_drift"
-    drifts = np.array([0.0, 0.45, 0.45], dtype=np.float32)  # two tokens over the bound: a strike
-    report = dataclasses.replace(_sampling_report([E, E, E], [0.0, 0.0, 0.0]), logprob_drift=drifts)
-    rollout = Rollout(0, (7, 8, 9), (True,) * 3, (-0.5,) * 3, b"", FinishReason.LENGTH, 0.0)
-    two = check_rollout(report, rollout, bf16)
-    assert not two.passed and two.check == "logprob_drift"
+
+
+def _naive_allowance(num_tokens: int, rate: float, false_positive_rate: float) -> int:
+    """The smallest k >= 1 (at most num_tokens) that Binomial(num_tokens, rate) exceeds with
+    probability at most false_positive_rate, from the exact binomial sum in rationals."""
+    p, bound = Fraction(str(rate)), Fraction(str(false_positive_rate))
+    # P(X = j) = numerators[j] / p.denominator ** num_tokens, in integers
+    numerators = [
+        math.comb(num_tokens, j) * p.numerator**j * (p.denominator - p.numerator) ** (num_tokens - j)
+        for j in range(num_tokens + 1)
+    ]
+    denominator = p.denominator**num_tokens
+    return next(
+        k
+        for k in range(1, num_tokens + 1)
+        if k == num_tokens or sum(numerators[k + 1 :]) * bound.denominator <= bound.numerator * denominator
+    )
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 5, 6, 16, 19, 20, 32, 72, 73, 200, 1000])
+def test_the_drift_tokens_a_rollout_may_hold_in_doubt_follow_the_binomial_bound(num_tokens):
+    """max_doubted_drift_tokens against the exact binomial sum: the smallest k >= 1 that an honest
+    rollout (each token over the bound at HONEST_DRIFT_DOUBT_RATE) exceeds with probability at most
+    DRIFT_DOUBT_FALSE_POSITIVE_RATE."""
+    expected = _naive_allowance(num_tokens, HONEST_DRIFT_DOUBT_RATE, DRIFT_DOUBT_FALSE_POSITIVE_RATE)
+    assert max_doubted_drift_tokens(num_tokens) == expected
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 5, 16, 32, 64, 256, 1024])
+def test_a_rollouts_near_tie_budget_follows_the_binomial_bound_at_its_precisions_rate(dtype, num_tokens):
+    """max_near_ties against the exact binomial sum at the declared precision's near-tie rate bound,
+    and check_rollout holds a rollout to it: its budget of near-ties passes, one more is a strike."""
+    rate = TOLERANCES[dtype].near_tie_rate
+    assert rate == NEAR_TIE_RATE_BOUND[dtype]
+    allowed = _naive_allowance(num_tokens, rate, NEAR_TIE_FALSE_POSITIVE_RATE)
+    assert max_near_ties(num_tokens, rate) == allowed
+    if allowed == num_tokens:
+        return
+    rollout = Rollout(0, (7,) * num_tokens, (True,) * num_tokens, (-0.5,) * num_tokens, b"", FinishReason.LENGTH, 0.0)
+
+    def verdict(num_near_ties: int) -> Verdict:
+        ties = [N] * num_near_ties + [E] * (num_tokens - num_near_ties)
+        gaps = [0.1 * BF16_TOLERANCE] * num_near_ties + [0.0] * (num_tokens - num_near_ties)
+        return check_rollout(_sampling_report(ties, gaps), rollout, TOLERANCES[dtype])
+
+    assert verdict(allowed).check == "all"
+    over = verdict(allowed + 1)
+    assert not over.passed and over.check == "near_ties" and over.evidence["allowed"] == allowed
+
+
+def test_the_near_tie_budget_is_tighter_than_a_tenth_of_long_rollouts_and_of_short_ones():
+    """Issue 16: the earlier budget, max(4, 10% of the tokens), allowed 4 of a 5-token completion
+    and 103 of 1,024."""
+    bf16 = NEAR_TIE_RATE_BOUND["bfloat16"]
+    assert max_near_ties(5, bf16) == 3 and max_near_ties(1024, bf16) == 37
+    assert max_near_ties(5, NEAR_TIE_RATE_BOUND["float32"]) == 2
+
+
+@pytest.mark.parametrize("num_tokens", [3, 32])
+def test_a_rollout_may_hold_as_many_drift_doubts_as_its_length_allows_and_one_more_is_a_strike(num_tokens):
+    """Issue 16: an honest vLLM bf16 rollout held two tokens over the drift bound (the EOS logit moves
+    the last tokens together). Up to max_doubted_drift_tokens(n) such tokens within the doubt band
+    pass in doubt; one more, or one past the band, is a strike."""
+    bf16 = TOLERANCES["bfloat16"]
+    allowed = max_doubted_drift_tokens(num_tokens)
+    assert allowed >= 2
+    rollout = Rollout(0, (7,) * num_tokens, (True,) * num_tokens, (-0.5,) * num_tokens, b"", FinishReason.LENGTH, 0.0)
+
+    def verdict(drifts):
+        report = dataclasses.replace(
+            _sampling_report([E] * num_tokens, [0.0] * num_tokens), logprob_drift=np.array(drifts, dtype=np.float32)
+        )
+        return check_rollout(report, rollout, bf16)
+
+    over = 1.5 * bf16.max_logprob_drift
+    doubt = verdict([over] * allowed + [0.0] * (num_tokens - allowed))
+    assert doubt.passed and doubt.check == "logprob_drift_doubt" and doubt.evidence["max_doubted_tokens"] == allowed
+    if allowed < num_tokens:
+        one_more = verdict([over] * (allowed + 1) + [0.0] * (num_tokens - allowed - 1))
+        assert not one_more.passed and one_more.check == "logprob_drift"
+    past_band = verdict([1.01 * bf16.drift_doubt_factor * bf16.max_logprob_drift] + [0.0] * (num_tokens - 1))
+    assert not past_band.passed and past_band.check == "logprob_drift"
 
 
 def test_a_node_doubted_far_more_often_than_honest_nodes_fails_on_its_doubt_rate(tmp_path):
