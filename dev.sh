@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The two set-up commands of the README:
 #   ./dev.sh up [ARGS]     install into .venv if needed, then `rollproof up ARGS`
-#   ./dev.sh test [ARGS]   install into .venv (with test extras) if needed, then pytest ARGS
+#   ./dev.sh test [ARGS]   install into .venv (with the dev and verifiers extras) if needed, then pytest ARGS
 # and for contributors:
 #   ./dev.sh lint          ruff (lint and format check) and mypy (strict where pyproject.toml says)
 set -euo pipefail
@@ -38,16 +38,28 @@ ensure_chromium() {
         || echo "dev.sh: could not install chromium; the dashboard's browser test will be skipped" >&2
 }
 
+# The code task runs programs in bubblewrap sandboxes; its tests skip when bwrap cannot run.
+ensure_bubblewrap() {
+    [ -x /usr/bin/bwrap ] && return 0
+    command -v apt-get >/dev/null || return 0
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq bubblewrap || { apt-get update -qq && apt-get install -y -qq bubblewrap; }; } >/dev/null 2>&1 \
+        || echo "dev.sh: could not install bubblewrap; the code task cannot run and its tests will be skipped" >&2
+}
+
 command=${1:-}
 shift || true
 case "$command" in
     up)
         ensure_env postgres
+        ensure_bubblewrap
         exec "$VENV/bin/rollproof" up "$@"
         ;;
     test)
-        ensure_env dev
+        # The verifiers extra too: the adapter's tests run against the real package, not skipped.
+        ensure_env dev,verifiers
         ensure_chromium
+        ensure_bubblewrap
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     lint)

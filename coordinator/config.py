@@ -137,6 +137,12 @@ class StoreSection(_Section):
     url: str = Field("", description="SQLAlchemy URL; empty means SQLite in the data directory")
 
 
+class SandboxSection(_Section):
+    implementation: str = Field("bubblewrap", description="how tasks that run code run it (envs/sandbox.py)")
+    max_concurrent: int = Field(0, ge=0, description="programs run at once; 0: the number of cores (at least 2)")
+    max_queued: int = Field(1024, ge=0, description="programs that may wait; beyond, a submission is refused")
+
+
 class CoordinatorConfig(_Section):
     data_dir: Path = Path("~/.rollproof/coordinator")
     trainer_key_fingerprint: str = Field("", description="key id of the trainer key this run accepts")
@@ -148,3 +154,4 @@ class CoordinatorConfig(_Section):
     store: StoreSection = StoreSection()
     validation: ValidationSection = ValidationSection()
     p2p: P2PSection = P2PSection()
+    sandbox: SandboxSection = SandboxSection()

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import compress
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -39,11 +38,13 @@ from coordinator.store import (
 from coordinator.verdicts import declared_dtype
 from coordinator.versions import PolicyVersions
 from envs import Problem, Split, Task
+from envs.base import MultiTurnTask, RolloutEnvironment
 from policy.scoring import completion_text
 from protocol import commitment, convert
 from protocol.convert import WireFormatError
 from protocol.envelope import now_ms
 from protocol.proto import rollout_pb2
+from protocol.sampling import derive_sample_seed
 from protocol.types import (
     LeasedPrompt,
     ReadyGroup,
@@ -133,7 +134,10 @@ class Coordinator:
         heartbeat_ms = round(config.heartbeat_interval_s * 1000)
         self.liveness = Liveness(stale_after_ms=3 * heartbeat_ms, offline_after_ms=10 * heartbeat_ms)
         self.facts = RunFacts(
-            vocab_size=setup.vocab_size, eos_token_id=setup.eos_token_id, commitment_bytes=commitment_bytes
+            vocab_size=setup.vocab_size,
+            eos_token_id=setup.eos_token_id,
+            commitment_bytes=commitment_bytes,
+            environment_of=self._environment if isinstance(setup.task, MultiTurnTask) else None,
         )
         self._problem = lru_cache(maxsize=65536)(self._build_problem)
         self._prompt = lru_cache(maxsize=65536)(self._build_prompt)
@@ -251,9 +255,23 @@ class Coordinator:
 
     # ---- submissions ----
 
-    def _reward(self, prompt: LeasedPrompt, rollout: Rollout) -> float:
-        completion = completion_text(self.setup.tokenizer, list(compress(rollout.token_ids, rollout.sampled_mask)))
-        return self.setup.task.reward(self._problem(prompt.prompt_index), completion)
+    def _completion(self, rollout: Rollout) -> str:
+        """The transcript the reward scores: every token, of the model's and (multi-turn tasks, checked
+        against what the environment says before the reward counts) of the environment's turns."""
+        return completion_text(self.setup.tokenizer, list(rollout.token_ids))
+
+    def _environment(self, lease: WorkLease, prompt_index: int, sample_index: int) -> RolloutEnvironment:
+        """A multi-turn task's environment for one rollout, as the node's (node/generate.py)."""
+        assert isinstance(self.setup.task, MultiTurnTask)
+        position = next(i for i, prompt in enumerate(lease.prompts) if prompt.prompt_index == prompt_index)
+        seed = derive_sample_seed(lease.sampling_seed, position, sample_index)
+        return self.setup.task.environment(self._problem(prompt_index), seed, self.setup.tokenizer)
+
+    def _rewards(self, scored: Sequence[tuple[LeasedPrompt, Rollout]]) -> list[float]:
+        """`rewards_of` for the checks: the task's rewards of these rollouts, computed together, so that a
+        task that runs code runs them concurrently (in its sandbox pool)."""
+        problems = [self._problem(prompt.prompt_index) for prompt, _ in scored]
+        return self.setup.task.rewards(problems, [self._completion(rollout) for _, rollout in scored])
 
     def submit(self, node_id: str, payload: bytes) -> SubmitResult:
         batch_hash = hashlib.sha256(payload).digest()
@@ -296,7 +314,9 @@ class Coordinator:
         # their hashes; the batch is then checked again with those marked as duplicates.
         copies: set[bytes] = set()
         while True:
-            checked = check_rollouts(batch, lease, self.facts, reward_of=self._reward, already_seen=copies.intersection)
+            checked = check_rollouts(
+                batch, lease, self.facts, rewards_of=self._rewards, already_seen=copies.intersection
+            )
             submission, receipt = self._submission(node_id, batch, message, batch_hash, checked, now)
             try:
                 outcome = self.store.record_submission(submission)

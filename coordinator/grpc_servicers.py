@@ -29,6 +29,7 @@ from coordinator.gate import Gate, GateError, RefusalCounts, peer_host
 from coordinator.remedies import remedy
 from coordinator.store import GroupState, LeaseCapError, NodeRecord, UnknownNodeError
 from coordinator.transport import require_private_transport
+from envs.sandbox import SandboxBusyError
 from protocol import convert
 from protocol.convert import WireFormatError
 from protocol.envelope import method_name
@@ -52,7 +53,7 @@ def _status_of(error: Exception) -> grpc.StatusCode | None:
         return error.status
     if isinstance(error, (InvalidRequestError, UnknownNodeError, BlobHashError, BlobRangeError)):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, LeaseCapError):
+    if isinstance(error, (LeaseCapError, SandboxBusyError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, BlobStoreError):
         return grpc.StatusCode.NOT_FOUND
@@ -444,7 +445,13 @@ class TrainerServicer(service_pb2_grpc.TrainerServiceServicer):
         except GateError as error:
             await context.abort(error.status, str(error))
         except (InvalidRequestError, BlobStoreError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            status, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+            if header is None:  # refused before any signature was checked: charged to the peer's host
+                try:
+                    self.gate.unauthenticated(_peer(context))
+                except GateError as limited:
+                    status, message = limited.status, str(limited)
+            await context.abort(status, message)
         return service_pb2.BlobUploadResponse(hash=header.hash, already_present=not stored)
 
     @_guarded

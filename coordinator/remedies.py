@@ -19,10 +19,19 @@ REMEDIES = {
     "download policy updates (peers or the coordinator's HTTP port)",
     "duplicate": "a rollout was sent twice: harmless after a restart; otherwise two nodes share a state directory",
     "reward_mismatch": f"the node's verifier scored differently from the coordinator's: {RUN_AS_RELEASED}",
+    "environment_mismatch": f"an environment turn is not what the task's environment answers: {RUN_AS_RELEASED}",
     "node_banned": "the node is banned (see its ban reason); an operator can lift the ban",
     "quarantined": "the group was held back when the node failed a full check",
 }
-PROTOCOL_REASONS = ("schema", "token_out_of_vocab", "too_long", "wrong_group_size", "finish_reason_inconsistent")
+PROTOCOL_REASONS = (
+    "schema",
+    "token_out_of_vocab",
+    "too_long",
+    "wrong_group_size",
+    "finish_reason_inconsistent",
+    "turn_limit",
+    "sampled_mask",
+)
 
 
 def remedy(reason: str) -> str:

@@ -298,7 +298,15 @@ class GroupChecker:
                 continue
             tolerances = self.tolerances[dtype]
             claimed = [
-                ClaimedRollout(jobs[i].prompt_token_ids, r.token_ids, r.logprobs, r.commitment, jobs[i].sampling, seed)
+                ClaimedRollout(
+                    jobs[i].prompt_token_ids,
+                    r.token_ids,
+                    r.logprobs,
+                    r.commitment,
+                    jobs[i].sampling,
+                    seed,
+                    r.sampled_mask,
+                )
                 for i in indices
                 for r, seed in zip(jobs[i].rollouts, jobs[i].seeds, strict=True)
             ]

@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from envs.base import Task
+from envs.code import CodeTask
 from envs.math_answer import MathAnswerTask
 from envs.synthetic import AdditionTask, ReverseTask, SortTask
+from envs.tools import CalcTask
 from envs.verifiers_adapter import VERIFIERS_PREFIX, load_verifiers_task
 
 DEFAULT_TASK = "addition"
@@ -17,6 +19,8 @@ _FACTORIES: dict[str, Callable[[], Task]] = {
     "reverse": ReverseTask,
     "sort": SortTask,
     "math": MathAnswerTask,
+    "calc": CalcTask,
+    "code": CodeTask,
 }
 
 

@@ -1,4 +1,9 @@
-"""Turning a lease into a signed-ready RolloutBatch: per-sample seeds, generation, scoring."""
+"""Turning a lease into a signed-ready RolloutBatch: per-sample seeds, generation, scoring.
+
+For a multi-turn task each request carries its rollout's environment (the problem, the sample's
+seed), which the engine asks at the end of every model turn; the completion then holds both
+sides' tokens, its sampled mask says which the model sampled, and the reward scores the whole
+transcript."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from envs import Split, Task
+from envs.base import MultiTurnTask
 from node.config import EngineSection
 from policy.engine import GenerationEngine, GenerationRequest
 from policy.scoring import completion_text
@@ -47,20 +53,25 @@ def generate_batch(
 ) -> GeneratedBatch:
     """G completions per leased prompt with the seeds the protocol derives from the lease,
     each scored by the task's verifier."""
-    requests = [
-        GenerationRequest(
-            prompt_token_ids=prompt.prompt_token_ids,
-            sampling=lease.sampling,
-            seed=derive_sample_seed(lease.sampling_seed, position, sample_index),
+    problems = [task.problem(Split.TRAIN, run_seed, prompt.prompt_index) for prompt in lease.prompts]
+    requests = []
+    for position, (prompt, problem) in enumerate(zip(lease.prompts, problems, strict=True)):
+        for sample_index in range(lease.group_size):
+            seed = derive_sample_seed(lease.sampling_seed, position, sample_index)
+            environment = task.environment(problem, seed, tokenizer) if isinstance(task, MultiTurnTask) else None
+            requests.append(GenerationRequest(prompt.prompt_token_ids, lease.sampling, seed, environment))
+    generated = engine.generate(requests)
+    # All completions scored at once: a task that runs code runs them concurrently.
+    rewards = iter(
+        task.rewards(
+            [problem for problem in problems for _ in range(lease.group_size)],
+            [completion_text(tokenizer, result.token_ids) for result in generated],
         )
-        for position, prompt in enumerate(lease.prompts)
-        for sample_index in range(lease.group_size)
-    ]
-    results = iter(engine.generate(requests))
+    )
+    results = iter(generated)
     groups = []
     num_tokens = 0
     for prompt in lease.prompts:
-        problem = task.problem(Split.TRAIN, run_seed, prompt.prompt_index)
         rollouts = []
         for sample_index in range(lease.group_size):
             result = next(results)
@@ -69,11 +80,11 @@ def generate_batch(
                 Rollout(
                     sample_index=sample_index,
                     token_ids=result.token_ids,
-                    sampled_mask=(True,) * len(result.token_ids),
+                    sampled_mask=result.mask,
                     logprobs=result.logprobs,
                     commitment=result.commitment,
                     finish_reason=result.finish_reason,
-                    claimed_reward=task.reward(problem, completion_text(tokenizer, result.token_ids)),
+                    claimed_reward=next(rewards),
                 )
             )
         groups.append(RolloutGroup(prompt.prompt_index, tuple(rollouts)))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from envs import DEFAULT_TASK, Problem, Split, Task, get_task
+from envs.base import MultiTurnTask
 from policy.model import TinyModelShape, create_tiny_model, save_model, summarize_model
 from policy.tokenizer import load_tokenizer
 
@@ -199,8 +200,12 @@ def learning_rate_at(settings: BootstrapSettings, step: int) -> float:
     return settings.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def supervised_batch(problems: list[Problem], tokenizer: Any, max_length: int) -> dict[str, Any]:
-    """Right-padded prompt+answer+EOS sequences; the loss covers the answer and EOS only."""
+def supervised_batch(
+    problems: list[Problem], tokenizer: Any, max_length: int, task: Task | None = None
+) -> dict[str, Any]:
+    """Right-padded prompt+answer+EOS sequences; the loss covers the answer and EOS only. For a
+    multi-turn task the answer is the model's side of a reference rollout: its environment's turns
+    are put in, outside the loss."""
     import torch
 
     sequences, labels = [], []
@@ -208,13 +213,18 @@ def supervised_batch(problems: list[Problem], tokenizer: Any, max_length: int) -
     answers_ids = tokenizer([problem.answer for problem in problems], add_special_tokens=False).input_ids
     for problem, prompt_ids, answer_ids in zip(problems, prompts_ids, answers_ids, strict=True):
         answer_ids = answer_ids + [tokenizer.eos_token_id]
+        answer_labels = answer_ids
+        if isinstance(task, MultiTurnTask):
+            transcript_ids, mask = task.environment(problem, 0, tokenizer).transcript(answer_ids)
+            answer_ids = list(transcript_ids)
+            answer_labels = [t if sampled else IGNORE_INDEX for t, sampled in zip(transcript_ids, mask, strict=True)]
         if len(prompt_ids) + len(answer_ids) > max_length:
             raise BootstrapError(
                 f"a problem needs {len(prompt_ids) + len(answer_ids)} tokens but the model takes {max_length}: "
                 f"{problem.prompt!r}"
             )
         sequences.append(prompt_ids + answer_ids)
-        labels.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+        labels.append([IGNORE_INDEX] * len(prompt_ids) + answer_labels)
     width = max(len(sequence) for sequence in sequences)
     pad = tokenizer.pad_token_id
     return {
@@ -237,7 +247,7 @@ def train(settings: BootstrapSettings, task: Task, model: Any, tokenizer: Any) -
     for step in range(settings.num_steps):
         model.train()
         problems = task.problems(Split.TRAIN, settings.seed, settings.batch_size, start=step * settings.batch_size)
-        batch = supervised_batch(problems, tokenizer, model.config.max_position_embeddings)
+        batch = supervised_batch(problems, tokenizer, model.config.max_position_embeddings, task)
         learning_rate = learning_rate_at(settings, step)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
@@ -295,8 +305,13 @@ def greedy_completions(
 def evaluate_greedy(task: Task, model: Any, tokenizer: Any, problems: list[Problem]) -> float:
     """Mean reward of greedy completions; room for two tokens past the longest reference answer."""
     max_new_tokens = 2 + max(len(tokenizer(p.answer, add_special_tokens=False).input_ids) for p in problems)
-    completions = greedy_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
-    return sum(task.reward(p, c) for p, c in zip(problems, completions, strict=True)) / len(problems)
+    if isinstance(task, MultiTurnTask):
+        from policy.evaluate import greedy_transcripts
+
+        completions = greedy_transcripts(model, tokenizer, task, problems, max_new_tokens)
+    else:
+        completions = greedy_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
+    return sum(task.rewards(problems, completions)) / len(problems)
 
 
 def bootstrapped_model_dir(task: str = DEFAULT_TASK, cache_root: Path | None = None) -> Path:

@@ -3,20 +3,25 @@
 An engine turns requests (prompt tokens, sampling parameters, a per-sample seed from
 protocol.sampling.derive_sample_seed) into completions that follow the seeded sampling rule, with
 per-token log-probabilities under the sampling distribution, near-tie margins, the finish reason
-and the activation commitment. Completion token j is sampled at rule position j.
+and the activation commitment. Completion token j is sampled at rule position j. A request with an
+environment (a multi-turn task) interleaves environment turns (policy/turns.py): there the j-th
+sampled token is sampled at rule position j, environment tokens not counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from envs.base import RolloutEnvironment
 from policy import sampling
+from policy.model import logits_from_hidden
 from protocol import commitment
 from protocol.types import FinishReason, SamplingParams
 
@@ -36,20 +41,31 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     seed: int
+    environment: RolloutEnvironment | None = None  # a multi-turn task's, for this rollout
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
-    margins: tuple[float, ...]  # best minus second-best perturbed score at each token
+    token_ids: tuple[int, ...]  # every token after the prompt: model and environment turns
+    logprobs: tuple[float, ...]  # one per sampled token
+    margins: tuple[float, ...]  # best minus second-best perturbed score at each sampled token
     finish_reason: FinishReason
-    commitment: bytes
+    commitment: bytes  # over the sampled tokens
+    sampled_mask: tuple[bool, ...] | None = None  # per token, False where the environment put it; None: all sampled
+
+    @property
+    def mask(self) -> tuple[bool, ...]:
+        return (True,) * len(self.token_ids) if self.sampled_mask is None else self.sampled_mask
 
 
-def check_requests(requests: Sequence[GenerationRequest]) -> None:
-    """Refuse requests no engine can serve, naming the problem."""
+def check_requests(requests: Sequence[GenerationRequest], *, runs_environments: bool = False) -> None:
+    """Refuse requests no engine can serve, naming the problem; and multi-turn requests, unless the
+    engine runs environments."""
     for request in requests:
+        if request.environment is not None and not runs_environments:
+            raise EngineRequestError(
+                "this engine does not run multi-turn tasks (environment turns) yet: use the torch engine"
+            )
         if not request.prompt_token_ids:
             raise EngineRequestError("a prompt needs at least one token")
         if request.sampling.max_tokens < 1:
@@ -149,7 +165,7 @@ class _CommitmentBuilder:
 
 class TorchEngine:
     """Batched, KV-cached, left-padded generation with a Hugging Face causal LM whose logits are
-    its output embeddings applied to its decoder's final hidden states."""
+    computed from its decoder's final hidden states by policy.model.logits_from_hidden."""
 
     name = "torch"
 
@@ -164,16 +180,23 @@ class TorchEngine:
             raise EngineRequestError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model.eval()
         self.decoder = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
+        self.lm_head = partial(logits_from_hidden, model)
         self.stop_token_ids = torch.tensor(sorted(stop_token_ids), dtype=torch.int64, device=model.device)
         self.max_batch_size = max_batch_size
         self.pad_token_id = pad_token_id
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        check_requests(requests)
+        check_requests(requests, runs_environments=True)
+        batch: Callable[[Sequence[GenerationRequest]], list[GenerationResult]] = self._generate_batch
+        if any(r.environment is not None for r in requests):
+            from policy.turns import generate_turns
+
+            if not all(r.environment is not None for r in requests):
+                raise EngineRequestError("a batch mixes multi-turn and single-turn requests")
+            batch = partial(generate_turns, self)
         results: list[GenerationResult] = []
         for start in range(0, len(requests), self.max_batch_size):
-            results.extend(self._generate_batch(requests[start : start + self.max_batch_size]))
+            results.extend(batch(requests[start : start + self.max_batch_size]))
         return results
 
     @torch.inference_mode()

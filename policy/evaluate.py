@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from envs import Split, Task
+from envs import Problem, Split, Task
+from envs.base import MultiTurnTask
 from policy.engine import GenerationRequest, TorchEngine
 from policy.scoring import completion_text
 from protocol.types import SamplingParams
@@ -33,6 +34,20 @@ def evaluate(
 ) -> EvalResult:
     """Mean reward of greedy (T = 0) completions on the first `num_problems` eval problems."""
     problems = task.problems(Split.EVAL, seed, num_problems)
+    rewards = task.rewards(problems, greedy_transcripts(model, tokenizer, task, problems, max_tokens, batch_size))
+    return EvalResult(
+        task=task.name,
+        num_problems=len(problems),
+        mean_reward=sum(rewards) / len(rewards) if rewards else 0.0,
+        num_exact=sum(r == 1.0 for r in rewards),
+    )
+
+
+def greedy_transcripts(
+    model: Any, tokenizer: Any, task: Task, problems: list[Problem], max_tokens: int, batch_size: int = 64
+) -> list[str]:
+    """Greedy (T = 0) completions of `problems` by the torch engine, as text; a multi-turn task's
+    with its environment's turns (seed 0), the transcript its reward scores."""
     engine = TorchEngine(
         model,
         stop_token_ids={tokenizer.eos_token_id},
@@ -40,11 +55,13 @@ def evaluate(
         pad_token_id=tokenizer.pad_token_id or 0,
     )
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    results = engine.generate([GenerationRequest(tuple(tokenizer.encode(p.prompt)), greedy, seed=0) for p in problems])
-    rewards = [task.reward(p, completion_text(tokenizer, r.token_ids)) for p, r in zip(problems, results, strict=True)]
-    return EvalResult(
-        task=task.name,
-        num_problems=len(problems),
-        mean_reward=sum(rewards) / len(rewards) if rewards else 0.0,
-        num_exact=sum(r == 1.0 for r in rewards),
-    )
+    requests = [
+        GenerationRequest(
+            tuple(tokenizer.encode(problem.prompt)),
+            greedy,
+            seed=0,
+            environment=task.environment(problem, 0, tokenizer) if isinstance(task, MultiTurnTask) else None,
+        )
+        for problem in problems
+    ]
+    return [completion_text(tokenizer, result.token_ids) for result in engine.generate(requests)]

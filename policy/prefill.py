@@ -6,12 +6,17 @@ The forward pass runs each distinct prompt once: rollouts of a group share their
 states are computed for the group and its cache is copied to the group's rows before their
 completions run. Rollouts are packed into passes of at most `max_batch_tokens` padded positions,
 sorted by length so that little of a pass is padding.
+
+A multi-turn rollout is prefilled whole, its environment turns in place; only its sampled tokens
+are checked (the rule at position j for its j-th sampled token, the commitment over its sampled
+tokens' states: policy/turns.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress
 
 import numpy as np
 import torch
@@ -19,6 +24,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from policy import sampling
 from policy.engine import bf16_bits, chunk_points, left_pad
+from policy.model import logits_from_hidden
 from protocol import commitment
 from protocol import sampling as rule
 from protocol.types import SamplingParams
@@ -126,7 +132,7 @@ def prefill(
 ) -> list[PrefillOutput]:
     """Logits and final hidden states of (prompt, completion) pairs, as numpy arrays."""
     states = completion_states(model, pairs, pad_token_id)
-    logits = model.get_output_embeddings()(torch.cat(states)).to(torch.float32)
+    logits = logits_from_hidden(model, torch.cat(states)).to(torch.float32)
     return [
         PrefillOutput(row_logits.cpu().numpy(), bf16_bits(row_states).to(torch.uint16).cpu().numpy())
         for row_logits, row_states in zip(logits.split([len(s) for s in states]), states, strict=True)
@@ -178,6 +184,20 @@ class ClaimedRollout:
     commitment: bytes
     sampling: SamplingParams
     seed: int
+    sampled_mask: tuple[bool, ...] | None = None  # per token of token_ids; None: all sampled
+
+    @property
+    def sampled_token_ids(self) -> tuple[int, ...]:
+        if self.sampled_mask is None:
+            return self.token_ids
+        return tuple(compress(self.token_ids, self.sampled_mask))
+
+
+def sampled_states(rollout: ClaimedRollout, states: torch.Tensor) -> torch.Tensor:
+    """The rows of a rollout's completion states that produced its sampled tokens."""
+    if rollout.sampled_mask is None or all(rollout.sampled_mask):
+        return states
+    return states[torch.tensor(rollout.sampled_mask, dtype=torch.bool, device=states.device)]
 
 
 @torch.inference_mode()
@@ -190,8 +210,15 @@ def replay(
     """Re-run rollouts by batched prefill and check them token by token, all rollouts together."""
     if not rollouts:
         return []
-    states = completion_states(model, [(r.prompt_token_ids, r.token_ids) for r in rollouts], pad_token_id)
-    lengths = [len(r.token_ids) for r in rollouts]
+    states = [
+        sampled_states(rollout, rollout_states)
+        for rollout, rollout_states in zip(
+            rollouts,
+            completion_states(model, [(r.prompt_token_ids, r.token_ids) for r in rollouts], pad_token_id),
+            strict=True,
+        )
+    ]
+    lengths = [len(s) for s in states]
     token_checks, near_tie_lifts = _check_tokens(model, rollouts, torch.cat(states), lengths, logit_tolerance)
     commitment_results = _check_commitments(rollouts, states)
     reports = []
@@ -219,7 +246,7 @@ def _check_tokens(
     per_rollout = sampling.RowSampling.build([r.sampling for r in rollouts], [r.seed for r in rollouts], device)
     owner = torch.repeat_interleave(torch.arange(len(rollouts), device=device), torch.tensor(lengths, device=device))
     positions = torch.cat([torch.arange(n, dtype=torch.int64, device=device) for n in lengths])
-    token_ids = torch.tensor([t for r in rollouts for t in r.token_ids], dtype=torch.int64, device=device)
+    token_ids = torch.tensor([t for r in rollouts for t in r.sampled_token_ids], dtype=torch.int64, device=device)
     vocab_size = lm_head.weight.shape[0]
     block = max(1, _MAX_CHECK_VALUES // vocab_size)
     parts = []
@@ -229,7 +256,7 @@ def _check_tokens(
     )[owner.cpu().numpy()]
     for start in range(0, len(token_ids), block):
         end = start + block
-        logits = lm_head(states[start:end]).to(torch.float32)
+        logits = logits_from_hidden(model, states[start:end]).to(torch.float32)
         parts.append(
             sampling.check_tokens(
                 logits,
@@ -327,7 +354,12 @@ def _check_commitments(
         for chunk, check in zip(
             selected,
             commitment.check_points(
-                [chunk_proofs[c] for c in selected], indices[selected, :size], values[selected, :size], cuts[selected]
+                [chunk_proofs[c] for c in selected],
+                indices[selected, :size],
+                values[selected, :size],
+                cuts[selected],
+                [num_filled[c] for c in selected],
+                hidden_size,
             ),
             strict=True,
         ):

@@ -43,6 +43,9 @@ class RejectReason(enum.IntEnum):
     TERMINATION = 16
     NODE_BANNED = 17
     QUARANTINED = 18
+    ENVIRONMENT_MISMATCH = 19
+    TURN_LIMIT = 20
+    SAMPLED_MASK = 21
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,12 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     REJECT_REASON_TERMINATION: _RejectReason.ValueType  # 16
     REJECT_REASON_NODE_BANNED: _RejectReason.ValueType  # 17
     REJECT_REASON_QUARANTINED: _RejectReason.ValueType  # 18
+    REJECT_REASON_ENVIRONMENT_MISMATCH: _RejectReason.ValueType  # 19
+    """an environment turn differs from what the environment says"""
+    REJECT_REASON_TURN_LIMIT: _RejectReason.ValueType  # 20
+    """more environment turns or tokens, or a longer rollout, than the task allows"""
+    REJECT_REASON_SAMPLED_MASK: _RejectReason.ValueType  # 21
+    """tokens marked as the environment's where the model had to sample"""
 
 class RejectReason(_RejectReason, metaclass=_RejectReasonEnumTypeWrapper): ...
 
@@ -87,6 +93,12 @@ REJECT_REASON_LOGPROB_DRIFT: RejectReason.ValueType  # 15
 REJECT_REASON_TERMINATION: RejectReason.ValueType  # 16
 REJECT_REASON_NODE_BANNED: RejectReason.ValueType  # 17
 REJECT_REASON_QUARANTINED: RejectReason.ValueType  # 18
+REJECT_REASON_ENVIRONMENT_MISMATCH: RejectReason.ValueType  # 19
+"""an environment turn differs from what the environment says"""
+REJECT_REASON_TURN_LIMIT: RejectReason.ValueType  # 20
+"""more environment turns or tokens, or a longer rollout, than the task allows"""
+REJECT_REASON_SAMPLED_MASK: RejectReason.ValueType  # 21
+"""tokens marked as the environment's where the model had to sample"""
 Global___RejectReason: _TypeAlias = RejectReason  # noqa: Y015
 
 @_typing.final

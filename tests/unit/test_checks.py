@@ -61,12 +61,12 @@ def good_group(prompt_index=10):
     return RolloutGroup(prompt_index, (rollout(0), rollout(1, tokens=(2, EOS), reward=0.0)))
 
 
-def reward_of(prompt, r):
-    return 1.0 if r.token_ids[0] == 3 else 0.0
+def rewards_of(scored):
+    return [1.0 if r.token_ids[0] == 3 else 0.0 for _, r in scored]
 
 
 def run(b, seen=frozenset(), facts=FACTS):
-    return check_rollouts(b, LEASE, facts, reward_of=reward_of, already_seen=lambda hs: set(hs) & set(seen))
+    return check_rollouts(b, LEASE, facts, rewards_of=rewards_of, already_seen=lambda hs: set(hs) & set(seen))
 
 
 def test_honest_batch_is_accepted():
@@ -128,6 +128,22 @@ def test_rollout_rejections_reject_the_whole_group(bad_rollout, reason):
     assert not checked[0].accepted
 
 
+def test_rewards_are_recomputed_once_per_batch_and_only_for_groups_that_passed_every_other_check():
+    """A task that runs code pays for a program only where its reward can decide the verdict."""
+    calls = []
+
+    def recording(scored):
+        calls.append([(prompt.prompt_index, r.sample_index) for prompt, r in scored])
+        return rewards_of(scored)
+
+    bad = RolloutGroup(11, (rollout(0, tokens=(3, 25, EOS)), rollout(1)))
+    checked = check_rollouts(
+        batch(good_group(10), bad), LEASE, FACTS, rewards_of=recording, already_seen=lambda hashes: set()
+    )
+    assert calls == [[(10, 0), (10, 1)]]
+    assert checked[0].accepted and checked[1].verdicts[0].reason == RejectReason.TOKEN_OUT_OF_VOCAB
+
+
 def test_full_length_completion_is_fine():
     group = RolloutGroup(10, (rollout(0, tokens=(3, 3, 3, 3), finish=FinishReason.LENGTH), rollout(1)))
     assert run(batch(group))[0].accepted
@@ -149,12 +165,12 @@ def test_duplicates_within_and_across_submissions():
 
 def test_content_hash_depends_on_the_lease_seed():
     other_lease = dataclasses.replace(LEASE, sampling_seed=100)
-    a = check_rollouts(batch(good_group()), LEASE, FACTS, reward_of=reward_of, already_seen=lambda h: set())
-    b = check_rollouts(batch(good_group()), other_lease, FACTS, reward_of=reward_of, already_seen=lambda h: set())
+    a = check_rollouts(batch(good_group()), LEASE, FACTS, rewards_of=rewards_of, already_seen=lambda h: set())
+    b = check_rollouts(batch(good_group()), other_lease, FACTS, rewards_of=rewards_of, already_seen=lambda h: set())
     assert set(a[0].content_hashes).isdisjoint(b[0].content_hashes)
 
 
-def _naive_schema_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts):
+def _naive_schema_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts, max_total_tokens: int | None):
     """Reference: the checks written out as plain loops over the tokens."""
     num_sampled = sum(rollout.sampled_mask)
     if not facts.multi_turn and num_sampled != len(rollout.token_ids):
@@ -176,7 +192,7 @@ def _naive_schema_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts):
             RejectReason.COMMITMENT_MISMATCH,
             f"commitment has {len(rollout.commitment)} bytes, expected {expected_commitment} for {num_sampled} tokens",
         )
-    termination = _naive_termination_problem(rollout, lease, facts)
+    termination = _naive_termination_problem(rollout, lease, facts, max_total_tokens)
     if termination is not None:
         return termination
     if not (0.0 <= rollout.claimed_reward <= 1.0):
@@ -184,7 +200,7 @@ def _naive_schema_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts):
     return None
 
 
-def _naive_termination_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts):
+def _naive_termination_problem(rollout: Rollout, lease: WorkLease, facts: RunFacts, max_total_tokens: int | None):
     sampled = [t for t, m in zip(rollout.token_ids, rollout.sampled_mask, strict=True) if m]
     eos_positions = [i for i, t in enumerate(sampled) if t == facts.eos_token_id]
     if rollout.finish_reason == FinishReason.STOP:
@@ -192,7 +208,7 @@ def _naive_termination_problem(rollout: Rollout, lease: WorkLease, facts: RunFac
             return RejectReason.FINISH_REASON_INCONSISTENT, "finish reason 'stop' needs exactly one EOS, at the end"
     elif eos_positions:
         return RejectReason.FINISH_REASON_INCONSISTENT, "an EOS was sampled but the finish reason is not 'stop'"
-    elif len(sampled) != lease.sampling.max_tokens:
+    elif len(sampled) != lease.sampling.max_tokens and len(rollout.token_ids) != max_total_tokens:
         return (
             RejectReason.FINISH_REASON_INCONSISTENT,
             f"finish reason 'length' after {len(sampled)} tokens, max_tokens is {lease.sampling.max_tokens}",
@@ -223,12 +239,14 @@ def _random_rollout(rng: random.Random, facts: RunFacts) -> Rollout:
 
 @pytest.mark.parametrize("multi_turn", [False, True])
 def test_schema_check_matches_the_naive_reference(multi_turn):
-    facts = dataclasses.replace(FACTS, multi_turn=multi_turn)
+    # The environment is never asked by the schema check; only whether the task has one counts.
+    facts = dataclasses.replace(FACTS, environment_of=(lambda lease, prompt, sample: None) if multi_turn else None)
+    max_total_tokens = 5 if multi_turn else None  # 'length' also ends a multi-turn rollout of 5 tokens
     rng = random.Random(5)
     problems = collections.Counter()
     for _ in range(5000):
         r = _random_rollout(rng, facts)
-        expected = _naive_schema_problem(r, LEASE, facts)
-        assert _schema_problem(r, LEASE, facts) == expected, r
+        expected = _naive_schema_problem(r, LEASE, facts, max_total_tokens)
+        assert _schema_problem(r, LEASE, facts, max_total_tokens) == expected, r
         problems[expected[1].split(" ")[0] if expected else None] += 1
     assert len(problems) >= 8, problems  # the random rollouts reach most of the checks

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 
 from envs import DEFAULT_TASK, Problem, Split, UnknownTaskError, get_task, list_tasks, register_task
-from envs.base import EVAL_BUCKETS, HashStream, split_of_key
+from envs.base import EVAL_BUCKETS, HashStream, MultiTurnTask, split_of_key
 from envs.math_answer import answers_match, extract_final_answer, normalize_answer, parse_number
 from envs.synthetic import AdditionTask, ReverseTask, SortTask, positional_match_reward
+from policy.tokenizer import load_tokenizer
 
-BUILT_IN_TASKS = ["addition", "math", "reverse", "sort"]
+BUILT_IN_TASKS = ["addition", "calc", "code", "math", "reverse", "sort"]
 MALFORMED_COMPLETIONS = [
     "",
     " ",
@@ -39,7 +40,7 @@ def test_registry_lists_the_built_in_tasks_with_addition_as_default() -> None:
 
 
 def test_unknown_task_name_raises_an_actionable_error() -> None:
-    with pytest.raises(UnknownTaskError, match="known tasks: addition, math, reverse, sort"):
+    with pytest.raises(UnknownTaskError, match="known tasks: addition, calc, code, math, reverse, sort"):
         get_task("no-such-task")
     with pytest.raises(ValueError, match="taken"):
         register_task("addition", AdditionTask)
@@ -174,15 +175,27 @@ def test_math_extraction_and_parsing_details() -> None:
     assert parse_number("abc") is None
 
 
+def reference_completion(task, problem: Problem, tokenizer) -> str:
+    """What the task's verifier scores for a reference answer: a multi-turn task's whole transcript."""
+    if task.name == "math":
+        return f"\\boxed{{{problem.answer}}}"
+    if isinstance(task, MultiTurnTask):
+        model_turns = tokenizer.encode(problem.answer, add_special_tokens=False)
+        token_ids, _ = task.environment(problem, 0, tokenizer).transcript(model_turns)
+        return tokenizer.decode(list(token_ids), skip_special_tokens=True)
+    return problem.answer
+
+
 @pytest.mark.parametrize("name", BUILT_IN_TASKS)
-def test_verifiers_never_raise_and_stay_in_unit_interval(name: str) -> None:
+def test_verifiers_never_raise_and_stay_in_unit_interval(name: str, tiny_model) -> None:
     task = get_task(name)
+    tokenizer = load_tokenizer(tiny_model)
     for problem in task.problems(Split.EVAL, seed=0, num_problems=5):
         for completion in MALFORMED_COMPLETIONS:
             reward = task.reward(problem, completion)
             # Partial credit can match a stray character by position; the others score 0.
             assert 0.0 <= reward < 0.5 if name == "reverse" else reward == 0.0
-        assert task.reward(problem, problem.answer if name != "math" else f"\\boxed{{{problem.answer}}}") == 1.0
+        assert task.reward(problem, reference_completion(task, problem, tokenizer)) == 1.0
 
 
 def test_negative_index_is_a_user_error() -> None:
