@@ -215,6 +215,13 @@ class BlobStore:
             previous = version
         return chain
 
+    def reload(self) -> None:
+        """Read the stored versions again from disk: what another coordinator process on the same
+        data directory (a replica) published or dropped since."""
+        with self._lock:
+            self._versions.clear()
+            self._load()
+
     # ---- writing ----
 
     def put_blob(self, expected_hash: bytes, data: bytes) -> bool:

@@ -24,7 +24,7 @@ from coordinator.config import ServerSection
 from coordinator.ratelimit import RateLimitedError, RateLimiter
 from coordinator.store import NodeRecord
 from protocol.convert import WireFormatError, check_bounds
-from protocol.envelope import EnvelopeError, EnvelopeVerifier, OpenedEnvelope
+from protocol.envelope import EnvelopeError, EnvelopeVerifier, OpenedEnvelope, ReplayedNonceError
 from protocol.proto.envelope_pb2 import SignedEnvelope
 
 RequestT = TypeVar("RequestT", bound=Message)
@@ -106,8 +106,14 @@ class Gate:
         find_node: Callable[[str], NodeRecord | None],
         trainer_public_key: bytes,
         operator_token: str,
+        *,
+        take_nonce: Callable[[bytes, bytes, int], bool] | None = None,
     ):
+        """take_nonce(signer key, nonce, until ms): the nonce memory shared by the coordinator's
+        replicas (Store.take_nonce), False for a nonce taken before; None for one process, whose
+        verifier's own memory suffices."""
         self.verifier = verifier
+        self._take_nonce = take_nonce
         self.limits = limits
         self._find_node = find_node
         self._nodes: dict[str, tuple[NodeRecord, float]] = {}
@@ -145,6 +151,14 @@ class Gate:
         except EnvelopeError as error:
             self.unauthenticated(peer)
             raise GateError(grpc.StatusCode.UNAUTHENTICATED, f"{error.code}: {error}") from None
+        if self._take_nonce is not None and not self._take_nonce(
+            envelope.signer_public_key, envelope.nonce, opened.timestamp_ms + self.verifier.window_ms
+        ):
+            self.unauthenticated(peer)
+            raise GateError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{ReplayedNonceError.code}: this envelope's nonce was already used by its signer",
+            )
         if opened.signer_public_key == self.trainer_public_key:
             _charge(self.limits.trainer, opened.signer_id, "the trainer")
         else:

@@ -5,8 +5,10 @@ loops until SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from coordinator.gate import Gate, GateLimits
 from coordinator.grpc_servicers import AdminServicer, GuardInterceptor, NodeServicer, TrainerServicer
 from coordinator.policy_history import PolicyHistory
 from coordinator.store import Store, open_store, sqlite_url
+from coordinator.store.leadership import HousekeepingLock
 from coordinator.transport import server_credentials
 from coordinator.validation import GroupChecker, SamplingPolicy, ValidationQueue, Validator
 from coordinator.validator_service import ValidatorServicer
@@ -35,6 +38,18 @@ log = logging.getLogger(__name__)
 ENDPOINTS_FILE = "endpoints.json"
 HOUSEKEEPING_INTERVAL_S = 1.0
 VALIDATION_IDLE_S = 0.5
+
+
+REPLICAS_NEED_POSTGRESQL = (
+    "several coordinator processes need a store they can share: set store.url to a PostgreSQL database "
+    "(postgresql+psycopg://USER@HOST/DB); the SQLite store serves one process"
+)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def trainer_key(config: CoordinatorConfig) -> bytes:
@@ -83,6 +98,7 @@ def load_run_setup(config: CoordinatorConfig) -> RunSetup:
     from transformers import AutoConfig
 
     from envs import get_task
+    from envs.sandbox import SandboxSettings, configure_sandbox, default_max_concurrent
     from policy.tokenizer import load_tokenizer
 
     directory = model_directory(config)
@@ -90,6 +106,10 @@ def load_run_setup(config: CoordinatorConfig) -> RunSetup:
     model_config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer in {directory} has no EOS token")
+    sandbox = config.sandbox
+    configure_sandbox(
+        SandboxSettings(sandbox.implementation, sandbox.max_concurrent or default_max_concurrent(), sandbox.max_queued)
+    )
     return RunSetup(
         task=get_task(config.run.task),
         tokenizer=tokenizer,
@@ -172,12 +192,19 @@ def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> Built:
         store.get_node,
         setup.trainer_public_key,
         config.operator_token.get_secret_value(),
+        # On PostgreSQL any other coordinator process on the store may be a replica behind the same address.
+        take_nonce=None if store.database.is_sqlite else store.take_nonce,
     )
     return Built(app, gate, queue, validator)
 
 
-async def _validation_loop(validator: Validator) -> None:
+async def _validation_loop(validator: Validator, lock: HousekeepingLock) -> None:
+    """The embedded validator runs on the replica holding the housekeeping lock only, so no
+    group is checked twice by the replicas' validators."""
     while True:
+        if not await asyncio.to_thread(lock.held):
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+            continue
         try:
             num_decided = await asyncio.to_thread(validator.run_pending)
         except Exception:
@@ -210,18 +237,39 @@ def start_seed(config: CoordinatorConfig, app: Coordinator):
     return seed
 
 
-async def _housekeeping(app: Coordinator) -> None:
+def _read_p2p_bootstrap(config: CoordinatorConfig, app: Coordinator) -> None:
+    """A replica without the seed peer announces the seed's addresses, from the first replica's endpoints."""
+    if config.p2p.enabled and not app.p2p_bootstrap:
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+            endpoints = json.loads((config.data_dir.expanduser() / ENDPOINTS_FILE).read_text())
+            app.p2p_bootstrap = tuple(endpoints["p2p"])
+
+
+async def _housekeeping(config: CoordinatorConfig, app: Coordinator) -> None:
+    """Every replica writes its own heartbeats and catches up with versions published through the
+    others; the one holding the store's housekeeping lock also expires leases, settles credit and
+    forgets expired nonces."""
+
     def expire_leases() -> None:
         expired = app.expire_leases()
         if expired:
             log.info("%d leases expired; their prompts are leased again", expired)
 
-    steps = {
-        "expiring leases": expire_leases,
+    every_replica = {
         "writing heartbeats": app.flush_heartbeats,
+        "reading published versions": app.policy.refresh,
+        "reading the seed peer's addresses": lambda: _read_p2p_bootstrap(config, app),
+    }
+    lock_holder = {
+        "expiring leases": expire_leases,
         "settling contributions": lambda: app.store.settle_contributions(app.clock() - SETTLE_WINDOW_MS),
     }
+    if not app.store.database.is_sqlite:
+        lock_holder["forgetting expired nonces"] = lambda: app.store.forget_nonces(app.clock())
     while True:
+        steps = dict(every_replica)
+        if await asyncio.to_thread(app.store.housekeeping_lock.held):
+            steps.update(lock_holder)
         for what, step in steps.items():  # each on its own: one failing holds up none of the others
             try:
                 await asyncio.to_thread(step)
@@ -243,7 +291,65 @@ def grpc_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials | None
     return None
 
 
-async def serve(config: CoordinatorConfig) -> None:
+@dataclass(frozen=True)
+class Replica:
+    """One of `count` coordinator processes started together on one host (`--processes`): they
+    share the gRPC and HTTP ports (SO_REUSEPORT: the kernel spreads connections over them), the
+    store (PostgreSQL) and the data directory. Replica 0 runs the seed peer and writes endpoints.json."""
+
+    index: int
+    count: int
+
+
+def _grpc_server(config: CoordinatorConfig, built: Built, replica: Replica | None) -> grpc.aio.Server:
+    app, gate = built.app, built.gate
+    server = grpc.aio.server(
+        interceptors=[GuardInterceptor(gate, app.refusals, app.rpc_latency)],
+        options=[
+            ("grpc.max_receive_message_length", config.server.max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # Replicas share the port; a lone coordinator refuses a port another process holds.
+            ("grpc.so_reuseport", int(replica is not None)),
+        ],
+    )
+    service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(app, gate), server)
+    service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(app, gate), server)
+    service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app, gate), server)
+    if built.validation is not None:
+        validation_pb2_grpc.add_ValidatorServiceServicer_to_server(ValidatorServicer(built.validation, gate), server)
+    return server
+
+
+def _listen(
+    config: CoordinatorConfig,
+    server: grpc.aio.Server,
+    credentials: grpc.ServerCredentials | None,
+    replica: Replica | None,
+) -> tuple[int, socket.socket]:
+    """Bind the gRPC server and an HTTP socket; returns the gRPC port and the socket."""
+    grpc_address = f"{config.server.host}:{config.server.grpc_port}"
+    try:
+        if credentials is None:
+            grpc_port = server.add_insecure_port(grpc_address)
+        else:
+            grpc_port = server.add_secure_port(grpc_address, credentials)
+    except RuntimeError:
+        raise _bind_error("gRPC", grpc_address, "--grpc-port", "the bind failed") from None
+    http_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if replica is not None:
+        http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        http_socket.bind((config.server.host, config.server.http_port))
+    except OSError as error:
+        http_socket.close()
+        raise _bind_error(
+            "HTTP", f"{config.server.host}:{config.server.http_port}", "--http-port", error.strerror or str(error)
+        ) from None
+    return grpc_port, http_socket
+
+
+async def serve(config: CoordinatorConfig, replica: Replica | None = None) -> None:
     import uvicorn
 
     from coordinator.dashboard.web import create_http_app
@@ -251,56 +357,42 @@ async def serve(config: CoordinatorConfig) -> None:
     credentials = grpc_credentials(config)
     setup = await asyncio.to_thread(load_run_setup, config)
     store = await asyncio.to_thread(open_coordinator_store, config)
+    if replica is not None and store.database.is_sqlite:
+        store.close()
+        raise ValueError(REPLICAS_NEED_POSTGRESQL)
     built = build(config, setup, store)
-    app, gate, validator = built.app, built.gate, built.validator
-    num_extended = await asyncio.to_thread(app.extend_open_leases)
-    if num_extended:
-        log.info("gave %d leases that were open at the last stop a fresh deadline", num_extended)
-    limit = config.server.max_message_bytes
-    server = grpc.aio.server(
-        interceptors=[GuardInterceptor(gate, app.refusals, app.rpc_latency)],
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 64 * 1024 * 1024)],
-    )
-    service_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(app, gate), server)
-    service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(app, gate), server)
-    service_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app, gate), server)
-    if built.validation is not None:
-        validation_pb2_grpc.add_ValidatorServiceServicer_to_server(ValidatorServicer(built.validation, gate), server)
-    grpc_address = f"{config.server.host}:{config.server.grpc_port}"
-    http_socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    app, validator = built.app, built.validator
+    # After a stop of the whole service (no other replica holds the lock), open leases get a fresh deadline.
+    if await asyncio.to_thread(store.housekeeping_lock.held):
+        num_extended = await asyncio.to_thread(app.extend_open_leases)
+        if num_extended:
+            log.info("gave %d leases that were open at the last stop a fresh deadline", num_extended)
+    server = _grpc_server(config, built, replica)
     try:
-        if credentials is None:
-            grpc_port = server.add_insecure_port(grpc_address)
-        else:
-            grpc_port = server.add_secure_port(grpc_address, credentials)
-    except RuntimeError:
+        grpc_port, http_socket = _listen(config, server, credentials, replica)
+    except ValueError:
         store.close()
-        raise _bind_error("gRPC", grpc_address, "--grpc-port", "the bind failed") from None
-    try:
-        http_socket.bind((config.server.host, config.server.http_port))
-    except OSError as error:
-        store.close()
-        raise _bind_error(
-            "HTTP", f"{config.server.host}:{config.server.http_port}", "--http-port", error.strerror or str(error)
-        ) from None
+        raise
     http_url = f"http://{config.server.host}:{http_socket.getsockname()[1]}"
     app.dashboard_url = config.server.public_http_url.rstrip("/") or http_url
     http = uvicorn.Server(uvicorn.Config(create_http_app(app), log_level="warning", lifespan="off"))
-    seed = await asyncio.to_thread(start_seed, config, app) if config.p2p.enabled else None
+    first = replica is None or replica.index == 0
+    seed = await asyncio.to_thread(start_seed, config, app) if config.p2p.enabled and first else None
     await server.start()
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
-    background = [asyncio.create_task(_housekeeping(app))]
+    background = [asyncio.create_task(_housekeeping(config, app))]
     if validator is not None:
-        background.append(asyncio.create_task(_validation_loop(validator)))
+        background.append(asyncio.create_task(_validation_loop(validator, store.housekeeping_lock)))
     endpoints = Endpoints(
         grpc=f"{config.server.host}:{grpc_port}",
         http=http_url,
         p2p=list(app.p2p_bootstrap),
     )
-    (config.data_dir.expanduser() / ENDPOINTS_FILE).write_text(json.dumps(endpoints.__dict__))
+    if first:
+        _write_atomically(config.data_dir.expanduser() / ENDPOINTS_FILE, json.dumps(endpoints.__dict__))
     log.info(
-        "coordinator of run %s on gRPC %s (%s), HTTP %s (%s store)",
+        "coordinator%s of run %s on gRPC %s (%s), HTTP %s (%s store)",
+        "" if replica is None else f" replica {replica.index + 1} of {replica.count}",
         config.run.run_id,
         endpoints.grpc,
         "plaintext" if credentials is None else "TLS",

@@ -3,11 +3,12 @@ per version in the store, for counters and the dashboard."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
 from coordinator.blobstore import BlobStore, NoUpdatePathError
-from coordinator.store import PolicyVersionRecord, Store
+from coordinator.store import PolicyVersionRecord, Store, VersionExistsError
 from protocol.codec import num_elements
 from protocol.manifest import verify_manifest
 from protocol.types import Codec, PolicyManifest, SignedManifest
@@ -28,17 +29,18 @@ class PolicyVersions:
     def _record(self, signed: SignedManifest, manifest: PolicyManifest, created_ms: int) -> None:
         if self.store.get_version(manifest.version) is not None:
             return
-        self.store.add_version(
-            PolicyVersionRecord(
-                version=manifest.version,
-                base_version=manifest.base_version,
-                codec=manifest.codec,
-                signed_manifest=signed.manifest_bytes,
-                num_bytes=sum(ref.size for ref in manifest.blobs),
-                full_state_bytes=BF16_BYTES * sum(num_elements(spec) for spec in manifest.tensors),
-                created_ms=created_ms,
+        with contextlib.suppress(VersionExistsError):  # recorded by another replica meanwhile
+            self.store.add_version(
+                PolicyVersionRecord(
+                    version=manifest.version,
+                    base_version=manifest.base_version,
+                    codec=manifest.codec,
+                    signed_manifest=signed.manifest_bytes,
+                    num_bytes=sum(ref.size for ref in manifest.blobs),
+                    full_state_bytes=BF16_BYTES * sum(num_elements(spec) for spec in manifest.tensors),
+                    created_ms=created_ms,
+                )
             )
-        )
 
     def _record_missing(self) -> None:
         """Versions whose files were written but whose row was not (a crash in between)."""
@@ -49,9 +51,25 @@ class PolicyVersions:
                 self._record(signed, manifest, manifest.created_at_ms)
                 log.info("recorded policy version %d found on disk", version)
 
+    def refresh(self) -> bool:
+        """Catch up with the versions another replica on this store published (each replica
+        calls this every second): reload the blob store and tell the listeners of the newest.
+        Returns whether there was a newer version."""
+        latest = self.store.latest_version()
+        held = self.blobs.latest_version()
+        if latest is None or (held is not None and latest.version <= held):
+            return False
+        self.blobs.reload()
+        signed = self.manifest(None)
+        log.info("policy version %d was published through another replica", latest.version)
+        for listener in self.on_publish:
+            listener(signed)
+        return True
+
     def publish(self, signed: SignedManifest) -> PolicyManifest:
         """Store a version whose blobs were uploaded; the row records the delta when both a
         delta and a keyframe of a version are published."""
+        self.refresh()
         manifest = self.blobs.put_version(signed, {})
         self._record(signed, manifest, manifest.created_at_ms)
         for listener in self.on_publish:

@@ -132,6 +132,7 @@ class NodeRepository(Repository):
         refused ones dropped: one bad row holds up no other node's."""
         if not beats:
             return
+        beats = sorted(beats)  # rows locked in one order by every replica's transactions: no deadlock
         try:
             self._write_heartbeats(beats)
         except (OverflowError, DataError):

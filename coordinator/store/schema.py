@@ -284,4 +284,15 @@ class Contribution(Base):
     voided: Mapped[bool] = mapped_column(Boolean)
 
 
+class EnvelopeNonce(Base):
+    """Nonces of signed requests seen within the freshness window, shared by the coordinator's
+    replicas so a request replayed to any of them is refused; removed once expired."""
+
+    __tablename__ = "envelope_nonces"
+
+    signer_public_key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    expires_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
 metadata = Base.metadata

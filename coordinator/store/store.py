@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from coordinator.store.database import Database, create_database
 from coordinator.store.groups import GroupRepository
+from coordinator.store.leadership import HousekeepingLock
 from coordinator.store.leases import LeaseFactory, LeaseRepository, LeaseRequest
 from coordinator.store.ledger import LedgerRepository
 from coordinator.store.migrate import upgrade_to_head
 from coordinator.store.nodes import NodeRepository
+from coordinator.store.nonces import NonceRepository
 from coordinator.store.reads import ReadRepository
 from coordinator.store.records import LeaseRecord, NewSubmission, SubmissionOutcome, WalkAwayLimit
 from coordinator.store.run import RunRepository
@@ -43,6 +45,7 @@ class Store(
     ValidationRepository,
     WindowRepository,
     LedgerRepository,
+    NonceRepository,
     RunRepository,
     ReadRepository,
 ):
@@ -52,6 +55,7 @@ class Store(
     def __init__(self, database: Database) -> None:
         super().__init__(database)
         self._writer = Writer(database)
+        self.housekeeping_lock = HousekeepingLock(database)
 
     @property
     def backend(self) -> str:
@@ -60,6 +64,7 @@ class Store(
     def close(self) -> None:
         """Commit the requests already queued, then close."""
         self._writer.close()
+        self.housekeeping_lock.release()
         self.database.dispose()
 
     def issue_lease(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import sqlite3
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import pytest
 
 from protocol.channel import open_channel
 from protocol.identity import Identity
@@ -220,3 +222,22 @@ def checking_cluster(root: Path, model_dir: Path, *settings: str) -> Iterator[Cl
         yield cluster
     finally:
         cluster.stop_all()
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """The SQLAlchemy URL of a fresh database on the local PostgreSQL server (127.0.0.1:5432, trust
+    auth, user postgres), dropped on exit; the test is skipped when no server answers."""
+    import psycopg
+
+    try:
+        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3", autocommit=True)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"no PostgreSQL server answers at 127.0.0.1:5432 (database test, user postgres): {error}")
+    name = f"rp_{secrets.token_hex(6)}"
+    with admin:
+        admin.execute(f"CREATE DATABASE {name}")
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")

@@ -241,7 +241,7 @@ def test_no_repository_hides_a_method_of_another():
     """Store is the union of its repositories: a name defined twice would leave one unreachable."""
     repositories = [cls for cls in Store.__mro__[1:] if issubclass(cls, Repository) and cls is not Repository]
     names = [name for cls in repositories for name in vars(cls) if not name.startswith("__")]
-    assert len(repositories) == 9 and len(names) == len(set(names))
+    assert len(repositories) == 10 and len(names) == len(set(names))
 
 
 def test_migrations_create_exactly_the_models_tables(store: Store):
@@ -1357,3 +1357,43 @@ def test_node_token_windows_keep_the_newest_groups_that_cover_the_window_once(st
     store.unban_node("node-a")  # the window starts over
     assert _node_token_window(store, "node-a") == TokenWindow("node-a", 0, TokenStats())
     assert _node_token_window(store, "node-b") == TokenWindow("node-b", 1, stats(70))
+
+
+def test_a_nonce_is_taken_once_across_stores_until_it_expires(store_url: str):
+    first, second = open_store(store_url), open_store(store_url)  # two replicas on one store
+    try:
+        signer, nonce = bytes(range(32)), bytes(16)
+        assert first.take_nonce(signer, nonce, T0 + 60_000)
+        assert not second.take_nonce(signer, nonce, T0 + 60_000)
+        assert second.take_nonce(bytes(32), nonce, T0 + 60_000), "another signer's nonce is its own"
+        assert second.take_nonce(signer, bytes(15) + b"\x01", T0 + 30_000)
+        assert first.forget_nonces(T0 + 30_000) == 0, "none had expired"
+        assert first.forget_nonces(T0 + 30_001) == 1
+        assert not first.take_nonce(signer, nonce, T0 + 60_000), "still remembered until it expires"
+        assert second.forget_nonces(T0 + 60_001) == 2
+        assert first.take_nonce(signer, nonce, T0 + 120_000)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_one_store_at_a_time_holds_the_housekeeping_lock(store_url: str):
+    from coordinator.store.leadership import HousekeepingLock
+
+    key = random.getrandbits(62)  # tests that run at once on one server take locks of their own
+    first, second = open_store(store_url), open_store(store_url)
+    try:
+        first_lock, second_lock = HousekeepingLock(first.database, key), HousekeepingLock(second.database, key)
+        assert first_lock.held()
+        if first.database.is_sqlite:
+            assert second_lock.held(), "on SQLite the one process that owns the store holds it"
+            return
+        assert not second_lock.held()
+        assert first_lock.held(), "held until released"
+        first_lock.release()
+        assert second_lock.held(), "taken over once its holder let go"
+        assert not first_lock.held()
+        second_lock.release()
+    finally:
+        first.close()
+        second.close()
