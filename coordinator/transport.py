@@ -4,12 +4,11 @@ TLS or from this machine's loopback."""
 
 from __future__ import annotations
 
-import urllib.parse
 from pathlib import Path
 
 import grpc
 
-from coordinator.gate import GateError
+from coordinator.gate import GateError, peer_host
 from protocol.tls import TlsSetupError, is_loopback_host, read_pem_certificates
 
 
@@ -36,15 +35,6 @@ def server_credentials(certificate_file: Path, key_file: Path) -> grpc.ServerCre
             "give the pair that was made together"
         )
     return grpc.ssl_server_credentials([(key_pem, certificate_pem)])
-
-
-def peer_host(peer: str) -> str:
-    """The address part of a gRPC peer string: `ipv4:127.0.0.1:5000` → `127.0.0.1`,
-    `ipv6:[::1]:5000` (or its URL-encoded form) → `::1`; other kinds (unix sockets) are returned whole."""
-    kind, _, rest = urllib.parse.unquote(peer).partition(":")
-    if kind not in ("ipv4", "ipv6"):
-        return peer
-    return rest.rpartition(":")[0].strip("[]")
 
 
 def require_private_transport(context: grpc.aio.ServicerContext) -> None:

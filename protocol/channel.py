@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 CERTIFICATE_FETCH_TIMEOUT_S = 10.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The channel's own wait between connection attempts grows to 120 s by default: after a long
+# coordinator outage a client would stay cut off that long after the coordinator is back, whatever
+# its retry policy (protocol/retry.py) says. Capped here, a restart is noticed within seconds.
+MAX_RECONNECT_BACKOFF_MS = 5_000
 
 
 def pinned_certificate(address: str, fingerprint: str) -> bytes:
@@ -80,7 +84,11 @@ def channel_security(address: str, tls: CoordinatorTls) -> tuple[grpc.ChannelCre
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
-    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ]
 
 
 def open_channel(

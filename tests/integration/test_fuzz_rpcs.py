@@ -162,11 +162,17 @@ class Outcomes:
     codes: Counter = field(default_factory=Counter)
     unknown: list[str] = field(default_factory=list)
     num_bytes_sent: int = 0
+    # By RPC: the bytes of its refused requests, and what the store grew by while they were answered.
+    refused_bytes: Counter = field(default_factory=Counter)
+    refused_stored: Counter = field(default_factory=Counter)
+    largest_growth: tuple[int, int, str] = (0, 0, "")  # one refused request's: store growth, its bytes, its RPC
 
 
-async def call(channel: grpc.aio.Channel, rpc: Rpc, request: bytes, outcomes: Outcomes) -> None:
+async def call(channel: grpc.aio.Channel, rpc: Rpc, request: bytes, outcomes: Outcomes) -> bool:
+    """Send one request; whether it was refused (an error status, or a receipt accepting nothing)."""
     metadata = OPERATOR if rpc.operator else None
     outcomes.num_bytes_sent += len(request)
+    refused = False
     try:
         if rpc.kind == "response_stream":
             async for _ in channel.unary_stream(rpc.path)(request, metadata=metadata, timeout=60):
@@ -174,13 +180,15 @@ async def call(channel: grpc.aio.Channel, rpc: Rpc, request: bytes, outcomes: Ou
         elif rpc.kind == "request_stream":
             await channel.stream_unary(rpc.path)(iter([request, UPLOAD_DATA]), metadata=metadata, timeout=60)
         else:
-            await channel.unary_unary(rpc.path)(request, metadata=metadata, timeout=60)
+            reply = await channel.unary_unary(rpc.path)(request, metadata=metadata, timeout=60)
+            refused = rpc.name == "SubmitRollouts" and rollout_pb2.Receipt.FromString(reply).num_accepted == 0
         code = grpc.StatusCode.OK
     except grpc.aio.AioRpcError as error:
-        code = error.code()
+        code, refused = error.code(), True
         if code == grpc.StatusCode.UNKNOWN:
             outcomes.unknown.append(f"{rpc.path}: {error.details()}")
     outcomes.codes[rpc.path, code.name] += 1
+    return refused
 
 
 def store_bytes(cluster: Cluster) -> int:
@@ -296,6 +304,7 @@ def every_rpc(node: Identity, trainer: Identity, lease: rollout_pb2.WorkLease) -
         Rpc("NodeService", "LeaseWork", service_pb2.LeaseRequest(policy_version=1), node),
         Rpc("NodeService", "SubmitRollouts", batch, node),
         Rpc("NodeService", "ReleaseLease", service_pb2.ReleaseLeaseRequest(lease_id=lease.lease_id), node),
+        Rpc("NodeService", "GetNodeStanding", service_pb2.NodeStandingRequest(), node),
         Rpc("TrainerService", "UploadBlob", service_pb2.BlobUpload(header=header), kind="request_stream"),
         Rpc("TrainerService", "PublishPolicy", service_pb2.PublishRequest(manifest=manifest), trainer),
         Rpc(
@@ -334,6 +343,22 @@ def every_rpc(node: Identity, trainer: Identity, lease: rollout_pb2.WorkLease) -
     ]
 
 
+def served_methods() -> set[str]:
+    """Every RPC of the coordinator's services, from the .proto files."""
+    return {
+        method_name(service.name, method.name)
+        for module in (service_pb2, validation_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+
+
+def test_the_fuzz_covers_every_rpc():
+    lease = rollout_pb2.WorkLease(lease_id="l", policy_version=1, group_size=1)
+    identity = Identity.generate()
+    assert {rpc.path for rpc in every_rpc(identity, identity, lease)} == served_methods()
+
+
 def test_every_rpc_under_fuzz(cluster):
     rng = random.Random(SEED)
     pid = cluster.processes[0].popen.pid
@@ -348,7 +373,12 @@ def test_every_rpc_under_fuzz(cluster):
             rss_before, stored_before = rss_bytes(pid), store_bytes(cluster)
             for rpc in rpcs:
                 for request in fuzzed_requests(rpc, rng, NUM_REQUESTS_PER_RPC):
-                    await call(channel, rpc, request, outcomes)
+                    before = store_bytes(cluster)
+                    if await call(channel, rpc, request, outcomes):
+                        outcomes.refused_bytes[rpc.path] += len(request)
+                        grown = store_bytes(cluster) - before
+                        outcomes.refused_stored[rpc.path] += grown
+                        outcomes.largest_growth = max(outcomes.largest_growth, (grown, len(request), rpc.path))
             # Still answering honest calls, from the same address.
             await caller.signed("Heartbeat", service_pb2.HeartbeatRequest(policy_version=1))
             _, fresh = await caller.signed("LeaseWork", service_pb2.LeaseRequest(policy_version=1))
@@ -356,6 +386,21 @@ def test_every_rpc_under_fuzz(cluster):
             return outcomes, rss_bytes(pid) - rss_before, store_bytes(cluster) - stored_before, fresh
 
     outcomes, rss_growth, stored, fresh = asyncio.run(scenario())
+    codes = Counter()
+    for (_, code), count in outcomes.codes.items():
+        codes[code] += count
+    print(
+        f"fuzz: {sum(codes.values())} requests over {len({path for path, _ in outcomes.codes})} RPCs, "
+        f"{outcomes.num_bytes_sent} bytes; codes {dict(codes.most_common())}; "
+        f"stored {stored} bytes ({stored / outcomes.num_bytes_sent:.3f} per byte sent); "
+        f"RSS growth {rss_growth / 2**20:.1f} MiB"
+    )
+    ratios = {path: outcomes.refused_stored[path] / outcomes.refused_bytes[path] for path in outcomes.refused_bytes}
+    worst = max(ratios, key=ratios.__getitem__)
+    print(f"most stored per refused byte: {ratios[worst]:.3f} ({worst}, {outcomes.refused_bytes[worst]} bytes refused)")
+    print("largest growth from one refused request: {} bytes for a {}-byte {}".format(*outcomes.largest_growth))
+    assert ratios[worst] <= MAX_AMPLIFICATION, ratios
+    assert cluster.processes[0].popen.poll() is None, "the coordinator exited"
     assert outcomes.unknown == [], outcomes.unknown[:5]
     assert sum(outcomes.codes.values()) >= 20 * NUM_REQUESTS_PER_RPC
     refused = {code for (_, code), n in outcomes.codes.items() if code != "OK"}
@@ -413,6 +458,7 @@ def test_rejected_submissions_store_at_most_4_bytes_per_byte(cluster):
             return store_bytes(cluster) - stored_before, num_bytes, receipts
 
     stored, num_bytes, receipts = asyncio.run(scenario())
+    print(f"{len(receipts)} refused batches: {num_bytes} bytes sent, {stored} stored ({stored / num_bytes:.3f}/byte)")
     assert len(receipts) == 48 and all(r.num_accepted == 0 and r.num_rejected == 32 for r in receipts)
     assert stored <= MAX_AMPLIFICATION * num_bytes, (stored, num_bytes)
 

@@ -1,6 +1,8 @@
 import asyncio
 import logging
+import socket
 import threading
+import time
 
 import grpc
 import pytest
@@ -129,3 +131,38 @@ def test_the_asyncio_variant_retries_and_stops_alike():
         return down.num_calls
 
     assert asyncio.run(stopped()) == 1
+
+
+@pytest.mark.slow
+def test_a_client_reaches_a_coordinator_back_from_a_long_outage_within_seconds():
+    """gRPC's own reconnect backoff (120 s by default) would keep a client cut off long after the
+    coordinator came back; open_channel caps it, so the retry policy's next attempt gets through."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from protocol.channel import MAX_RECONNECT_BACKOFF_MS, open_channel
+
+    outage_s, policy = 90.0, RetryPolicy(initial_backoff_s=0.5, max_backoff_s=2.0)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok")
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("probe.Probe", {"Call": handler})])
+    server.add_insecure_port(address)
+    back_at: list[float] = []
+
+    def come_back() -> None:
+        time.sleep(outage_s)
+        server.start()
+        back_at.append(time.monotonic())
+
+    threading.Thread(target=come_back, daemon=True).start()
+    channel = open_channel(address)
+    try:
+        call = channel.unary_unary("/probe.Probe/Call")
+        assert call_with_retry(lambda: call(b"", timeout=10), address=address, what="probe", policy=policy) == b"ok"
+        waited_s = time.monotonic() - back_at[0]
+    finally:
+        channel.close()
+        server.stop(None)
+    assert waited_s < MAX_RECONNECT_BACKOFF_MS / 1000 + policy.max_backoff_s + 2.0, waited_s

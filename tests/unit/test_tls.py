@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 
 from coordinator.gate import GateError
-from coordinator.transport import peer_host, require_private_transport, server_credentials
+from coordinator.transport import require_private_transport, server_credentials
 from protocol.channel import open_aio_channel, open_channel
 from protocol.tls import (
     CoordinatorTls,
@@ -157,9 +157,6 @@ def test_fingerprints_and_hosts():
         CoordinatorTls(ca_file=__file__, fingerprint="ab" * 32)
     assert all(map(is_loopback_host, ["localhost", "127.0.0.1", "127.3.2.1", "::1", "[::1]"]))
     assert not any(map(is_loopback_host, ["10.0.0.1", "coordinator.example.org", "0.0.0.0", "::"]))
-    assert peer_host("ipv4:127.0.0.1:5000") == "127.0.0.1"
-    assert peer_host("ipv6:[::1]:5000") == "::1"
-    assert peer_host("ipv6:%5B::1%5D:5000") == "::1"
 
 
 class FakeContext:
