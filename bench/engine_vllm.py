@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for all (1 is steadiest)")
     args = parser.parse_args()
     if importlib.util.find_spec("vllm") is None:
-        raise SystemExit("vLLM is not installed: pip install 'rollproof[vllm]' (README, vLLM engine)")
+        raise SystemExit("vLLM is not installed here: see docs/operations.md#the-vllm-engine for its install")
     torch.set_num_threads(args.threads)
     batch_size = args.batch_size or (8 if args.quick else 32)
     max_tokens = args.max_tokens or (32 if args.quick else 128)

@@ -8,6 +8,8 @@ How the rule gets inside vLLM (0.32, V1 engine, run in this process):
   sampling parameters its request carries (in `SamplingParams.extra_args`) at position
   len(output tokens), records the token, log-probability and margin, and returns logits that are
   -inf everywhere but at that token. vLLM's requests are greedy, so vLLM emits exactly that token.
+  The rule's noise keys of every position a request may sample are hashed once, at its first step
+  (with those of the other requests that joined the batch then); each step gathers them.
 * The model's `compute_logits` is wrapped to record the hidden states the logits come from: the
   decoder's final hidden states at the sampled positions, the tensors the commitment is defined
   on. They are kept as bf16 until generate() returns and builds the commitments.
@@ -64,12 +66,13 @@ class FollowedPolicy(Protocol):
     def check_state_hash(self) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Row:
     key: int
     seed: int
     params: SamplingParams
     output_token_ids: list[int]  # vLLM's live list of the request's output tokens
+    noise_keys: sampling.NoiseKeys | None = None  # at positions 0 .. max_tokens - 1, int64 [max_tokens]
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,10 @@ class _SeededRuleProcessor:
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool):
         self.device = device
         self.rows: dict[int, _Row] = {}
+        # Of the batch as it is now, rebuilt after every change: the rows' parameters and seeds, and
+        # their noise keys at every position, [rows, the longest max_tokens].
         self.row_sampling: sampling.RowSampling | None = None
+        self.row_noise_keys: sampling.NoiseKeys | None = None
 
     @classmethod
     def validate_params(cls, params: Any) -> None:
@@ -128,7 +134,32 @@ class _SeededRuleProcessor:
                     self.rows[source] = displaced
             if moving is not None:
                 self.rows[target] = moving
-        self.row_sampling = None
+        self.row_sampling = self.row_noise_keys = None
+
+    def _batch_sampling(self, rows: Sequence[_Row]) -> tuple[sampling.RowSampling, sampling.NoiseKeys]:
+        """The batch's parameters and noise keys; the keys of rows that joined since the last change
+        are hashed first, together."""
+        if self.row_sampling is None or self.row_noise_keys is None:
+            self.row_sampling = sampling.RowSampling.build(
+                [r.params for r in rows], [r.seed for r in rows], self.device
+            )
+            joined = [i for i, r in enumerate(rows) if r.noise_keys is None]
+            if joined:
+                at = torch.tensor(joined, dtype=torch.int64, device=self.device)
+                positions = torch.arange(max(rows[i].params.max_tokens for i in joined), device=self.device)
+                keys = sampling.noise_keys(
+                    self.row_sampling.seed_lo[at, None], self.row_sampling.seed_hi[at, None], positions[None, :]
+                )
+                for row, i in enumerate(joined):
+                    length = rows[i].params.max_tokens
+                    rows[i].noise_keys = sampling.NoiseKeys(keys.key0[row, :length], keys.key1[row, :length])
+            row_keys = [r.noise_keys for r in rows if r.noise_keys is not None]
+            assert len(row_keys) == len(rows), "a row without its noise keys"
+            self.row_noise_keys = sampling.NoiseKeys(
+                torch.nn.utils.rnn.pad_sequence([k.key0 for k in row_keys], batch_first=True),
+                torch.nn.utils.rnn.pad_sequence([k.key1 for k in row_keys], batch_first=True),
+            )
+        return self.row_sampling, self.row_noise_keys
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         recorder = self.recorder
@@ -136,14 +167,12 @@ class _SeededRuleProcessor:
         num_rows = logits.shape[0]
         assert hidden is not None and hidden.shape[0] == num_rows, "logits without their hidden states"
         rows = [self.rows[index] for index in range(num_rows)]
-        if self.row_sampling is None:
-            self.row_sampling = sampling.RowSampling.build(
-                [r.params for r in rows], [r.seed for r in rows], logits.device
-            )
+        row_sampling, row_noise_keys = self._batch_sampling(rows)
         positions = [len(r.output_token_ids) for r in rows]
-        sampled = sampling.sample(
-            logits, torch.tensor(positions, dtype=torch.int64, device=logits.device), self.row_sampling
-        )
+        assert all(p < r.params.max_tokens for p, r in zip(positions, rows, strict=True)), "a sample past max_tokens"
+        at = torch.tensor(positions, dtype=torch.int64, device=logits.device)[:, None]
+        keys = sampling.NoiseKeys(row_noise_keys.key0.gather(1, at)[:, 0], row_noise_keys.key1.gather(1, at)[:, 0])
+        sampled = sampling.sample(logits, at[:, 0], row_sampling, keys)
         recorder.steps.append(_Step([r.key for r in rows], positions, sampled, hidden.to(torch.bfloat16)))
         forced = torch.full_like(logits, -torch.inf)
         return forced.scatter_(1, sampled.token_ids[:, None], 0.0)

@@ -1,5 +1,5 @@
 """The vLLM engine (policy/vllm_engine.py) on the default tiny model: same rule, results the validator
-accepts, policy updates applied in place. Skipped without vLLM (pip install 'rollproof[vllm]')."""
+accepts, policy updates applied in place. Skipped without vLLM (its install: docs/operations.md#the-vllm-engine)."""
 
 import dataclasses
 
