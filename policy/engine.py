@@ -199,19 +199,17 @@ class TorchEngine:
             results.extend(batch(requests[start : start + self.max_batch_size]))
         return results
 
-    @torch.inference_mode()
-    def _generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        device = self.model.device
-        num_rows = len(requests)
-        rows = sampling.RowSampling.build([r.sampling for r in requests], [r.seed for r in requests], device)
+    def prefill_prompts(
+        self, requests: Sequence[GenerationRequest], num_steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache, torch.Tensor]:
+        """Run the left-padded prompts through the decoder into a fresh KV cache. Returns the attention
+        mask widened by num_steps decode positions, the prompts' position ids, the cache, and the final
+        hidden state at each prompt's last position."""
         input_ids, attention_mask, position_ids = left_pad(
-            [r.prompt_token_ids for r in requests], self.pad_token_id, device
+            [r.prompt_token_ids for r in requests], self.pad_token_id, self.model.device
         )
-        num_steps = max(r.sampling.max_tokens for r in requests)
         prompt_width = attention_mask.shape[1]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((num_rows, num_steps))], dim=1)
-        positions = torch.arange(num_steps, dtype=torch.int64, device=device)
-        keys = sampling.noise_keys(rows.seed_lo[:, None], rows.seed_hi[:, None], positions[None, :])
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(requests), num_steps))], dim=1)
         cache = DynamicCache(config=self.model.config)
         hidden = self.decoder(
             input_ids=input_ids,
@@ -220,6 +218,18 @@ class TorchEngine:
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state[:, -1]
+        return attention_mask, position_ids, cache, hidden
+
+    @torch.inference_mode()
+    def _generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        device = self.model.device
+        num_rows = len(requests)
+        rows = sampling.RowSampling.build([r.sampling for r in requests], [r.seed for r in requests], device)
+        num_steps = max(r.sampling.max_tokens for r in requests)
+        attention_mask, position_ids, cache, hidden = self.prefill_prompts(requests, num_steps)
+        prompt_width = attention_mask.shape[1] - num_steps
+        positions = torch.arange(num_steps, dtype=torch.int64, device=device)
+        keys = sampling.noise_keys(rows.seed_lo[:, None], rows.seed_hi[:, None], positions[None, :])
         builder = _CommitmentBuilder(num_rows, hidden.shape[-1], device)
         step_tokens, step_logprobs, step_margins = [], [], []
         max_tokens = torch.tensor([r.sampling.max_tokens for r in requests], dtype=torch.int64, device=device)

@@ -19,11 +19,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
 
 from envs.base import RolloutEnvironment
 from policy import sampling
-from policy.engine import GenerationRequest, GenerationResult, bf16_bits, left_pad
+from policy.engine import GenerationRequest, GenerationResult, bf16_bits
 from protocol import commitment
 from protocol.types import FinishReason
 
@@ -97,20 +96,9 @@ def generate_turns(engine: TorchEngine, requests: Sequence[GenerationRequest]) -
     rows = [_Row(request) for request in requests]
     row_sampling = sampling.RowSampling.build([r.sampling for r in requests], [r.seed for r in requests], device)
     stop_token_ids = set(engine.stop_token_ids.tolist())
-    input_ids, attention_mask, position_ids = left_pad(
-        [r.prompt_token_ids for r in requests], engine.pad_token_id, device
-    )
     num_steps = max(max_completion_tokens(r) for r in requests)
-    prompt_width = attention_mask.shape[1]
-    attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), num_steps))], dim=1)
-    cache = DynamicCache(config=engine.model.config)
-    hidden = engine.decoder(
-        input_ids=input_ids,
-        attention_mask=attention_mask[:, :prompt_width],
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-    ).last_hidden_state[:, -1]
+    attention_mask, position_ids, cache, hidden = engine.prefill_prompts(requests, num_steps)
+    prompt_width = attention_mask.shape[1] - num_steps
     for step in range(num_steps):
         # Each unfinished row takes one token a step: the next of its environment's, else a sampled one.
         sampling_rows = [index for index, row in enumerate(rows) if row.samples_next]

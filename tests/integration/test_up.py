@@ -13,17 +13,22 @@ import pytest
 from tests.integration.cluster import wait_for
 
 
+def command_line(pid: int) -> str | None:
+    """A live process's command line, its arguments joined by spaces; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
 def _children_of_run(run_root) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(run_root) in cmdline and "rollproof.cli" in cmdline:
+        cmdline = command_line(int(entry))
+        if cmdline is not None and str(run_root) in cmdline and "rollproof.cli" in cmdline:
             pids.append(int(entry))
     return pids
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rollproof.launcher import MAX_COORDINATOR_RESTARTS, Launcher, UpOptions
 from tests.integration.cluster import wait_for
-from tests.integration.test_up import _children_of_run
+from tests.integration.test_up import _children_of_run, command_line
 
 NUM_STEPS = 6
 STEP_LINE = re.compile(r"step (\d+): reward")
@@ -41,11 +41,8 @@ def test_an_exited_coordinator_is_started_again_with_its_arguments(tmp_path):
 def _pid_of(data_dir: Path, role: str) -> int | None:
     """The pid of the run's child whose command line holds `role` ("coordinator serve", "trainer run")."""
     for pid in _children_of_run(data_dir):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if role in cmdline:
+        cmdline = command_line(pid)
+        if cmdline is not None and role in cmdline:
             return pid
     return None
 
