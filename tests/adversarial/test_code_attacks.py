@@ -11,15 +11,14 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from envs.base import Problem, Split
 from envs.code import hidden_inputs, parse_linear_prompt
-from envs.sandbox import DEFAULT_PYTHON, BubblewrapSandbox, SandboxUnavailableError
 from tests.adversarial.harness import MARGINS, Attacker, rebuilt_batch, rejected_reasons, run, trainable_groups
 from tests.integration.cluster import checking_cluster
+from tests.unit.test_sandbox import bubblewrap_or_skip
 
 # Long enough for the forged programs (up to ~80 characters, one token each) after a prompt, within the
 # tiny model's 128 positions.
@@ -33,12 +32,7 @@ CLOCK_WINDOW_S = 1.0
 
 @pytest.fixture(scope="module")
 def code_cluster(tmp_path_factory, tiny_model):
-    if not Path(DEFAULT_PYTHON).exists():
-        pytest.skip(f"the code task runs programs with {DEFAULT_PYTHON}, which this machine lacks")
-    try:
-        BubblewrapSandbox()
-    except SandboxUnavailableError as error:
-        pytest.skip(f"bubblewrap cannot run here: {error}")
+    bubblewrap_or_skip()
     with checking_cluster(
         tmp_path_factory.mktemp("code-attacks"),
         tiny_model,

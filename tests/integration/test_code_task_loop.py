@@ -16,7 +16,6 @@ import pytest
 
 from coordinator.core import commitment_bytes
 from envs import Split, get_task
-from envs.sandbox import DEFAULT_PYTHON, BubblewrapSandbox, SandboxUnavailableError
 from node.client import CoordinatorClient
 from node.generate import generate_batch
 from protocol import convert
@@ -24,7 +23,7 @@ from protocol.identity import Identity
 from protocol.proto import service_pb2
 from protocol.types import FinishReason, Rollout, RolloutVerdict
 from tests.integration.cluster import checking_cluster, wait_for
-from tests.unit.test_sandbox import HOSTILE
+from tests.unit.test_sandbox import HOSTILE, bubblewrap_or_skip
 
 GROUP_SIZE = 8
 PROMPTS_PER_LEASE = 2
@@ -39,12 +38,7 @@ Forgery = tuple[Callable[[str], str], float]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_model):
-    if not Path(DEFAULT_PYTHON).exists():
-        pytest.skip(f"the code task runs programs with {DEFAULT_PYTHON}, which this machine lacks")
-    try:
-        BubblewrapSandbox()
-    except SandboxUnavailableError as error:
-        pytest.skip(f"bubblewrap cannot run here: {error}")
+    bubblewrap_or_skip()
     with checking_cluster(
         tmp_path_factory.mktemp("code"),
         tiny_model,

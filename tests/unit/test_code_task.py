@@ -4,7 +4,6 @@ malformed programs that earn 0 without raising. Rewards come from running each p
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -12,24 +11,18 @@ from envs import Split, get_task, list_tasks
 from envs.base import split_of_key
 from envs.code import NUM_HIDDEN_TESTS, CodeTask, hidden_inputs, parse_linear_prompt
 from envs.sandbox import (
-    DEFAULT_PYTHON,
     BubblewrapSandbox,
     Sandbox,
     SandboxPool,
     SandboxRequest,
     SandboxResult,
-    SandboxUnavailableError,
 )
+from tests.unit.test_sandbox import bubblewrap_or_skip
 
 
 @pytest.fixture(scope="module")
 def sandbox() -> BubblewrapSandbox:
-    if not Path(DEFAULT_PYTHON).exists():
-        pytest.skip(f"the code task runs programs with {DEFAULT_PYTHON}, which this machine lacks")
-    try:
-        return BubblewrapSandbox()
-    except SandboxUnavailableError as error:
-        pytest.skip(f"bubblewrap cannot run here: {error}")
+    return bubblewrap_or_skip()
 
 
 @pytest.fixture(scope="module")

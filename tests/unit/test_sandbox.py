@@ -35,14 +35,19 @@ from envs.sandbox import (
 MAX_HOST_GROWTH_BYTES = 64 * 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> BubblewrapSandbox:
+def bubblewrap_or_skip() -> BubblewrapSandbox:
+    """The bubblewrap sandbox, or a skip of the calling test saying what this machine lacks."""
     if not Path(DEFAULT_PYTHON).exists():
         pytest.skip(f"the sandbox runs programs with {DEFAULT_PYTHON}, which this machine lacks")
     try:
         return BubblewrapSandbox()
     except SandboxUnavailableError as error:
         pytest.skip(f"bubblewrap cannot run here: {error}")
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> BubblewrapSandbox:
+    return bubblewrap_or_skip()
 
 
 @pytest.fixture(scope="module")
