@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A replica that exits with an error this soon after it started is not restarted: the others stop too.
+# A replica that exits with an error status this soon after it started is not restarted: the others stop too.
 MIN_REPLICA_UPTIME_S = 10.0
 REPLICA_RESTART_DELAY_S = 1.0
 
@@ -109,7 +109,7 @@ def _replica_command(args: argparse.Namespace, grpc_port: int, http_port: int, i
 
 def _supervise_replicas(args: argparse.Namespace, config: CoordinatorConfig) -> int:
     """Start args.processes replicas on the same ports (any free ones for 0), restart one that dies
-    after running a while, and stop them all (SIGTERM) on SIGTERM or SIGINT."""
+    (killed, or failing after running a while), and stop them all (SIGTERM) on SIGTERM or SIGINT."""
     import signal
     import subprocess
     import threading
@@ -139,7 +139,9 @@ def _supervise_replicas(args: argparse.Namespace, config: CoordinatorConfig) -> 
             code = process.poll()
             if code is None:
                 continue
-            if code != 0 and time.monotonic() - started_s < MIN_REPLICA_UPTIME_S:
+            # An error exit soon after start is a setup problem that a restart repeats; a replica killed
+            # by a signal (its status negative) is started again however young.
+            if code > 0 and time.monotonic() - started_s < MIN_REPLICA_UPTIME_S:
                 log.error("replica %d exited with status %d at startup; stopping the others", index, code)
                 exit_code = 1
                 stop.set()
