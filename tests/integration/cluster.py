@@ -224,16 +224,22 @@ def checking_cluster(root: Path, model_dir: Path, *settings: str) -> Iterator[Cl
         cluster.stop_all()
 
 
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """The SQLAlchemy URL of a fresh database on the local PostgreSQL server (127.0.0.1:5432, trust
-    auth, user postgres), dropped on exit; the test is skipped when no server answers."""
+def postgres_admin():
+    """An autocommit psycopg connection to the local PostgreSQL server (127.0.0.1:5432, trust auth, user
+    postgres, database test); the calling test is skipped when no server answers."""
     import psycopg
 
     try:
-        admin = psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3", autocommit=True)
+        return psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3", autocommit=True)
     except psycopg.OperationalError as error:
         pytest.skip(f"no PostgreSQL server answers at 127.0.0.1:5432 (database test, user postgres): {error}")
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """The SQLAlchemy URL of a fresh database on the local PostgreSQL server, dropped on exit (see
+    postgres_admin)."""
+    admin = postgres_admin()
     name = f"rp_{secrets.token_hex(6)}"
     with admin:
         admin.execute(f"CREATE DATABASE {name}")

@@ -59,6 +59,7 @@ from coordinator.store.submissions import seen_rollout_hashes
 from coordinator.store.validations import insert_validation
 from coordinator.store.windows import token_window
 from protocol.types import Codec, NodeState, RejectReason, SamplingParams
+from tests.integration.cluster import postgres_admin
 
 POSTGRES_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 LIVENESS = Liveness(stale_after_ms=30_000, offline_after_ms=120_000)
@@ -66,13 +67,7 @@ T0 = 1_700_000_000_000
 
 
 def _postgres_schema_url() -> Iterator[str]:
-    import psycopg
-
-    conninfo = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
-    try:
-        admin = psycopg.connect(conninfo, autocommit=True)
-    except psycopg.OperationalError as error:
-        pytest.skip(f"no PostgreSQL server answers at 127.0.0.1:5432 (database test, user postgres): {error}")
+    admin = postgres_admin()
     schema_name = f"rollproof_test_{secrets.token_hex(6)}"
     with admin:
         admin.execute(f"CREATE SCHEMA {schema_name}")
