@@ -55,16 +55,6 @@ def cluster(tmp_path_factory, tiny_model):
         yield cluster
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model):
-    from policy.engine import TorchEngine
-    from policy.model import load_model
-    from policy.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tiny_model)
-    return TorchEngine(load_model(tiny_model), stop_token_ids={tokenizer.eos_token_id}), tokenizer
-
-
 def with_program(rollout: Rollout, tokenizer, program: str, claimed_reward: float) -> Rollout:
     """`rollout` with its tokens replaced by `program`'s, claiming `claimed_reward`."""
     token_ids = (*tokenizer.encode(program, add_special_tokens=False), tokenizer.eos_token_id)

@@ -36,16 +36,6 @@ def cluster(tmp_path_factory, tiny_model):
         yield cluster
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model):
-    from policy.engine import TorchEngine
-    from policy.model import load_model
-    from policy.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tiny_model)
-    return TorchEngine(load_model(tiny_model), stop_token_ids={tokenizer.eos_token_id}), tokenizer
-
-
 class Node:
     def __init__(self, cluster, engine):
         self.client = CoordinatorClient(cluster.address, Identity.generate(), tls=cluster.coordinator_tls)
