@@ -44,7 +44,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coordinator.node_stats import FALSE_POSITIVE_RATE, NODE_WINDOW_TOKENS, WIDE_GAP_FRACTION  # noqa: E402
+from coordinator.node_stats import (  # noqa: E402
+    DIRECTION_SLACK,
+    FALSE_POSITIVE_RATE,
+    LIFETIME_FALSE_POSITIVE_RATE,
+    NODE_WINDOW_TOKENS,
+    WIDE_GAP_FRACTION,
+)
 from coordinator.store import TokenStats  # noqa: E402
 from policy.model import TinyModelShape  # noqa: E402
 
@@ -182,6 +188,11 @@ def main() -> None:
         f"tokens, engines {','.join(engines)}; {node_tests['num_flagged_judgements']} of "
         f"{node_tests['num_judgements']} judgements after each group; each test is bounded at "
         f"{FALSE_POSITIVE_RATE:g} per window) (target: ≤ 0.001)"
+    )
+    print(
+        f"node-lifetime-flagged: {node_tests['num_lifetime_flagged']} "
+        f"(honest bf16 nodes, one per configuration, {node_tests['num_lifetime_tokens']:,} tokens in all, judged "
+        f"after each group; bounded at {LIFETIME_FALSE_POSITIVE_RATE:g} per node's life) (target: 0)"
     )
     print(f"probation-tokens: {probation_tokens()}")
 
@@ -324,9 +335,19 @@ class NodeWindows:
     flagged_judgements: Counter = field(default_factory=Counter)
     max_window_near_tie_rate: float = 0.0
     max_window_logprob_z: float = 0.0  # |z| of the advantage-weighted log-probability offsets
+    max_lifetime_log10_e: dict = field(default_factory=dict)  # lifetime test -> its largest log10 e-value
+    lifetime_flagged: str = ""  # the lifetime test that flagged this node first, if any
 
     def add(self, tokens: TokenStats) -> None:
+        from coordinator.node_stats import judge_lifetime, lifetime_log_e_values
+
         self.totals += tokens
+        for check, log_e in lifetime_log_e_values(self.totals, self.dtype).items():
+            largest = self.max_lifetime_log10_e.get(check, -math.inf)
+            self.max_lifetime_log10_e[check] = max(largest, log_e / math.log(10))
+        failure = judge_lifetime(self.totals, self.dtype)
+        if failure is not None and not self.lifetime_flagged:
+            self.lifetime_flagged = failure.check
         self.disjoint += tokens
         if self.disjoint.num_tokens >= NODE_WINDOW_TOKENS:
             self.num_windows += 1
@@ -352,7 +373,7 @@ class NodeWindows:
             self.max_window_logprob_z = max(self.max_window_logprob_z, z)
 
     def summary(self) -> dict:
-        from coordinator.node_stats import CHECKS
+        from coordinator.node_stats import WINDOW_CHECKS
 
         totals = self.totals
         return {
@@ -367,7 +388,10 @@ class NodeWindows:
             "max_window_logprob_z": round(self.max_window_logprob_z, 3),
             "windows": self.num_windows,
             "judgements": self.num_judgements,
-            "flagged": {check: [self.flagged[check], self.flagged_judgements[check]] for check in CHECKS},
+            "near_ties_positive_variance": round(totals.near_ties_positive_variance, 2),
+            "flagged": {check: [self.flagged[check], self.flagged_judgements[check]] for check in WINDOW_CHECKS},
+            "max_lifetime_log10_e": {check: round(value, 2) for check, value in self.max_lifetime_log10_e.items()},
+            "lifetime_flagged": self.lifetime_flagged,
         }
 
 
@@ -494,7 +518,15 @@ def measure_node_tests(
         "num_flagged_judgements": sum(sum(flagged[1] for flagged in r["flagged"].values()) for r in bf16),
         "num_judgements": sum(r["judgements"] for r in bf16),
         "false_positive_rate": num_flagged / num_windows if num_windows else 0.0,
+        "num_lifetime_nodes": len(bf16),
+        "num_lifetime_flagged": sum(bool(r["lifetime_flagged"]) for r in bf16),
+        "num_lifetime_tokens": sum(r["tokens"] for r in bf16),
     }
+
+
+def lifetime_maxima(rows: Sequence[dict]) -> dict[str, float]:
+    checks = dict.fromkeys(check for r in rows for check in r["max_lifetime_log10_e"])
+    return {check: max(r["max_lifetime_log10_e"].get(check, -math.inf) for r in rows) for check in checks}
 
 
 def summed_tail(rows: Sequence[dict], key: str) -> list[int]:
@@ -503,7 +535,7 @@ def summed_tail(rows: Sequence[dict], key: str) -> list[int]:
 
 def print_engine_summaries(results: Sequence[dict]) -> None:
     """One line per engine and precision, one per engine and node-level test."""
-    from coordinator.node_stats import CHECKS, NEAR_TIE_RATE_BOUND
+    from coordinator.node_stats import NEAR_TIE_RATE_BOUND, WINDOW_CHECKS
 
     for engine in dict.fromkeys(r["engine"] for r in results):
         for dtype in dict.fromkeys(r["dtype"] for r in results if r["engine"] == engine):
@@ -536,7 +568,15 @@ def print_engine_summaries(results: Sequence[dict]) -> None:
                 f"{sum(r['wide_off_choice_likelier'] for r in rows)} the likelier token); filter doubts "
                 f"{sum(r['filter_doubts'] for r in rows)}"
             )
-            for check in CHECKS:
+            excess = sum(r["near_ties_positive"] - r["near_ties_positive_expected"] for r in rows)
+            variance = sum(r["near_ties_positive_variance"] for r in rows)
+            print(
+                f"  lifetime (each configuration one node): near-ties in rewarded rollouts {excess:+.1f} over "
+                f"expected = {excess / max(variance, 1e-9):+.3f} x the variance (slack {DIRECTION_SLACK}); largest "
+                f"log10 e-values {lifetime_maxima(rows)}; flagged "
+                f"{[r['lifetime_flagged'] for r in rows if r['lifetime_flagged']]}"
+            )
+            for check in WINDOW_CHECKS:
                 print(
                     f"  {check}: {sum(r['flagged'][check][0] for r in rows)} of "
                     f"{sum(r['windows'] for r in rows)} disjoint windows flagged, "

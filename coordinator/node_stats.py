@@ -40,7 +40,7 @@ and `judge_tokens` tests the window:
   combination in every window (p at most 2.8e-7). That steerer took near-ties at any gap, so
   node_temperature_fit now catches it first; the combination is what a steerer keeping to narrow gaps
   (no wide near-ties) still meets, and over one window that is too little to catch one whose excess
-  is a few tokens (docs/validation.md: open). It is valid because p_rate is a function of the
+  is a few tokens: the lifetime tests below catch that one. It is valid because p_rate is a function of the
   near-tie count alone, and given the near-ties the direction test (which rollouts hold them) and the
   sign test (the wide ones' lifts' signs) are valid p-values, independent of each other under honest
   drift, whose near-ties fall on any token alike and lean neither way.
@@ -48,6 +48,10 @@ and `judge_tokens` tests the window:
 Each test fails at most at FALSE_POSITIVE_RATE per window it judges when its null hypothesis holds;
 the bounds are checked against simulation in tests/unit/test_node_stats.py and the honest rates were
 measured by bench/validation.py. A window with fewer than NODE_WINDOW_TOKENS tokens decides nothing.
+
+The lifetime tests (`judge_lifetime`, after every group on the sums of every group the node passed)
+carry the near-tie rate, direction and temperature-fit tests across windows as e-processes, valid
+however often they are looked at, so a deviation too small for any window accumulates until caught.
 """
 
 from __future__ import annotations
@@ -85,13 +89,33 @@ NEAR_TIE_RATE_MEASURED = {"float32": 0.0, "bfloat16": 0.007}
 WIDE_GAP_FRACTION = 0.3
 WIDE_NEAR_TIE_RATE_BOUND = {"float32": 1e-4, "bfloat16": 8e-4}
 
-CHECKS = (
+# The lifetime tests (`judge_lifetime`) watch the sums of every group a node ever passed, after every
+# group, for deviations too small for one window (a steerer keeping to narrow gaps shifts about 4
+# near-ties of 4,096 tokens into rollouts of positive advantage). Each is an e-process: a mixture of
+# likelihood ratios that stays a nonnegative supermartingale under its null, so by Ville's inequality
+# the chance that their mean ever reaches 1 / LIFETIME_FALSE_POSITIVE_RATE over a node's whole life
+# is at most that rate, however many groups it is judged after. Their nulls keep slack for
+# systematic honest effects, which a window hides and a lifetime accumulates: the rate tests hold a
+# node to the window tests' bounds (twice the worst honest rate measured); the direction test allows
+# an excess of DIRECTION_SLACK x its variance (honest nodes measured: bench/validation.py).
+LIFETIME_FALSE_POSITIVE_RATE = 1e-6
+RATE_MULTIPLES = tuple(1.1 * 1.6**k for k in range(10))  # alternatives: rate x 1.1 .. x 75
+DIRECTION_LAMBDAS = tuple(0.03 * 1.5**k for k in range(11))  # 0.03 .. 1.73
+DIRECTION_SLACK = 0.1
+
+WINDOW_CHECKS = (
     "node_near_tie_rate",
     "node_near_tie_direction",
     "node_logprob_direction",
     "node_temperature_fit",
     "node_near_ties_combined",
 )
+LIFETIME_CHECKS = (
+    "node_lifetime_near_tie_rate",
+    "node_lifetime_near_tie_direction",
+    "node_lifetime_temperature_fit",
+)
+CHECKS = WINDOW_CHECKS + LIFETIME_CHECKS
 
 
 @dataclass(frozen=True)
@@ -232,6 +256,30 @@ def fisher_combined(p_values: Sequence[float]) -> float:
     return min(1.0, math.exp(-half) * sum(half**i / math.factorial(i) for i in range(len(p_values))))
 
 
+def _log_mean_exp(log_values: Sequence[float]) -> float:
+    top = max(log_values)
+    return top + math.log(sum(math.exp(v - top) for v in log_values) / len(log_values))
+
+
+def binomial_log_e_value(count: int, trials: int, rate: float) -> float:
+    """log of an e-value against "each trial an event at most at `rate`": the mean over rate multiples
+    m of the likelihood ratio m^count ((1 - rate + rate m) / 1)^-trials of Binomial(trials, m rate)
+    against Binomial(trials, rate). Computed from running counts it is a nonnegative supermartingale
+    under that null, so it exceeds 1 / alpha at any time of a node's life with probability at most
+    alpha (Ville's inequality), however often it is looked at."""
+    return _log_mean_exp([count * math.log(m) - trials * math.log1p(rate * (m - 1.0)) for m in RATE_MULTIPLES])
+
+
+def bennett_log_e_value(excess: float, variance: float, slack: float) -> float:
+    """log of an e-value against "a sum of independent indicators, each at most 1 above its mean, is
+    at most slack x its variance above its expectation": the mean over lambda of
+    exp(lambda (excess - slack variance) - (e^lambda - 1 - lambda) variance) (Bennett's bound on each
+    indicator's moment generating function), a supermartingale in running sums under that null."""
+    return _log_mean_exp(
+        [lam * (excess - slack * variance) - (math.expm1(lam) - lam) * variance for lam in DIRECTION_LAMBDAS]
+    )
+
+
 @dataclass(frozen=True)
 class NodeTestFailure:
     check: str  # one of CHECKS
@@ -251,6 +299,63 @@ class TokenJudgement:
         return self.decided and self.failure is None
 
 
+def _check_dtype(dtype: str) -> None:
+    if dtype not in NEAR_TIE_RATE_BOUND:
+        raise ValueError(f"no honest near-tie rate for dtype {dtype!r}: expected one of {sorted(NEAR_TIE_RATE_BOUND)}")
+
+
+def lifetime_log_e_values(stats: TokenStats, dtype: str) -> dict[str, float]:
+    """Per lifetime test, the log of its e-value on a node's lifetime sums (the temperature fit's is
+    the mean of its two one-way tests')."""
+    _check_dtype(dtype)
+    wide_each_way = WIDE_NEAR_TIE_RATE_BOUND[dtype] / 2
+    num_wide_down = stats.num_directed_near_ties - stats.num_near_ties_up
+    return {
+        "node_lifetime_near_tie_rate": binomial_log_e_value(
+            stats.num_near_ties, stats.num_tokens, NEAR_TIE_RATE_BOUND[dtype]
+        ),
+        "node_lifetime_near_tie_direction": bennett_log_e_value(
+            stats.num_near_ties_positive - stats.near_ties_positive_expected,
+            stats.near_ties_positive_variance,
+            DIRECTION_SLACK,
+        ),
+        "node_lifetime_temperature_fit": _log_mean_exp(
+            [
+                binomial_log_e_value(stats.num_near_ties_up, stats.num_tokens, wide_each_way),
+                binomial_log_e_value(num_wide_down, stats.num_tokens, wide_each_way),
+            ]
+        ),
+    }
+
+
+def judge_lifetime(
+    stats: TokenStats, dtype: str, *, false_positive_rate: float = LIFETIME_FALSE_POSITIVE_RATE
+) -> NodeTestFailure | None:
+    """The lifetime tests on the sums of every group a node passed: a failure once the mean of their
+    e-values reaches 1 / false_positive_rate, named after the test whose e-value is largest."""
+    log_e_values = lifetime_log_e_values(stats, dtype)
+    log_e_value = _log_mean_exp(list(log_e_values.values()))
+    if log_e_value < -math.log(false_positive_rate):
+        return None
+    return NodeTestFailure(
+        max(log_e_values, key=log_e_values.__getitem__),
+        {
+            "num_tokens": stats.num_tokens,
+            "false_positive_rate": false_positive_rate,
+            "dtype": dtype,
+            "window": "every token the node had fully checked",
+            "p_value": math.exp(-log_e_value),
+            "log10_e_values": {check: value / math.log(10) for check, value in log_e_values.items()},
+            "num_near_ties": stats.num_near_ties,
+            "num_near_ties_positive": stats.num_near_ties_positive,
+            "expected": stats.near_ties_positive_expected,
+            "variance": stats.near_ties_positive_variance,
+            "num_wide_near_ties_up": stats.num_near_ties_up,
+            "num_wide_near_ties_down": stats.num_directed_near_ties - stats.num_near_ties_up,
+        },
+    )
+
+
 def judge_tokens(
     stats: TokenStats,
     dtype: str,
@@ -258,10 +363,9 @@ def judge_tokens(
     window_tokens: int = NODE_WINDOW_TOKENS,
     false_positive_rate: float = FALSE_POSITIVE_RATE,
 ) -> TokenJudgement:
-    """The five tests of the module docstring on a node's pooled statistics, in order; the first
-    failure is the judgement's. `dtype` is the precision the node declared."""
-    if dtype not in NEAR_TIE_RATE_BOUND:
-        raise ValueError(f"no honest near-tie rate for dtype {dtype!r}: expected one of {sorted(NEAR_TIE_RATE_BOUND)}")
+    """The five window tests of the module docstring on a node's pooled statistics, in order; the
+    first failure is the judgement's. `dtype` is the precision the node declared."""
+    _check_dtype(dtype)
     if stats.num_tokens < window_tokens:
         return TokenJudgement(stats.num_tokens, False, None)
     base = {"num_tokens": stats.num_tokens, "false_positive_rate": false_positive_rate, "dtype": dtype}

@@ -216,10 +216,10 @@ def job_from_proto(message: validation_pb2.ValidationJob) -> GroupJob:
 def judge_token_windows(
     store: Store, verdicts: Sequence[tuple[str, Verdict]], window_tokens: int = node_stats.NODE_WINDOW_TOKENS
 ) -> list[tuple[str, Verdict, bool]]:
-    """A passed group's token statistics join its node's token window; once the window covers
-    window_tokens tokens, a group that leaves it failing a node-level test (coordinator/node_stats.py)
-    fails with that test's name. Per group: (group id, verdict, whether its node's token window was
-    judged with it and passed)."""
+    """A passed group's token statistics join its node's token window and lifetime sums; a group
+    after which the lifetime sums, or the window once it covers window_tokens tokens, fail a
+    node-level test (coordinator/node_stats.py) fails with that test's name. Per group: (group id,
+    verdict, whether its node's token window was judged with it and passed)."""
     passed = [
         (group_id, verdict.tokens) for group_id, verdict in verdicts if verdict.passed and verdict.tokens is not None
     ]
@@ -234,10 +234,10 @@ def judge_token_windows(
         window_passed = False
         if window is not None:
             node = store.get_node(window.node_id)
-            judgement = node_stats.judge_tokens(
-                window.stats, declared_dtype(node.engine if node is not None else ""), window_tokens=window_tokens
-            )
-            window_passed = judgement.passed
+            dtype = declared_dtype(node.engine if node is not None else "")
+            judgement = node_stats.judge_tokens(window.stats, dtype, window_tokens=window_tokens)
+            lifetime_failure = node_stats.judge_lifetime(window.lifetime, dtype)
+            window_passed = judgement.passed and lifetime_failure is None
             if judgement.failure is not None:
                 verdict = Verdict(
                     False,
@@ -248,6 +248,8 @@ def judge_token_windows(
                         "window": "the node's last fully checked tokens",
                     },
                 )
+            elif lifetime_failure is not None:
+                verdict = Verdict(False, lifetime_failure.check, lifetime_failure.evidence)
         judged.append((group_id, verdict, window_passed))
     return judged
 

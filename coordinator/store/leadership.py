@@ -1,11 +1,14 @@
 """Which of the coordinator's replicas runs the housekeeping (lease expiry, credit settlement,
 forgetting expired nonces, the embedded validator): the one holding a PostgreSQL session-level
 advisory lock. The lock lives with its database session, so when the holder dies (or loses its
-connection) the server releases it and the next replica to ask takes over. On SQLite, one process
-owns the store and always holds it."""
+connection) the server releases it and the next replica to ask takes over. Advisory locks are
+shared by a whole database, so the key is derived from the store's schema: runs kept in different
+schemas of one database each have their own. On SQLite, one process owns the store and always holds
+it."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 
@@ -16,18 +19,24 @@ from coordinator.store.database import Database
 
 log = logging.getLogger(__name__)
 
-# Any constant distinct from the migration lock's (migrate.py).
-HOUSEKEEPING_LOCK_KEY = 0x726F6C6C686B6565
+_CURRENT_SCHEMA = text("SELECT current_schema()")
 _TRY_LOCK = text("SELECT pg_try_advisory_lock(:key)")
 _UNLOCK = text("SELECT pg_advisory_unlock(:key)")
 # A session keeps its advisory locks until it ends: while its connection answers, the lock is held.
 _PING = text("SELECT 1")
 
 
+def housekeeping_lock_key(schema: str) -> int:
+    """The advisory lock key (a signed 64-bit integer) of the store in `schema`."""
+    digest = hashlib.blake2b(f"rollproof-housekeeping:{schema}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 class HousekeepingLock:
     """held() answers whether this process holds the lock now, taking it when free."""
 
-    def __init__(self, database: Database, key: int = HOUSEKEEPING_LOCK_KEY) -> None:
+    def __init__(self, database: Database, key: int | None = None) -> None:
+        """key: by default, housekeeping_lock_key of the schema the store's session resolves to."""
         self._database = database
         self._key = key
         self._connection: Connection | None = None
@@ -49,6 +58,8 @@ class HousekeepingLock:
             except DBAPIError:
                 return False
             try:
+                if self._key is None:
+                    self._key = housekeeping_lock_key(str(connection.execute(_CURRENT_SCHEMA).scalar_one()))
                 taken = bool(connection.execute(_TRY_LOCK, {"key": self._key}).scalar_one())
             except DBAPIError:
                 taken = False

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from coordinator.store.database import Repository
 from coordinator.store.records import NodeKeyMismatchError, NodeRecord, UnknownNodeError
 from coordinator.store.rows import node_record
-from coordinator.store.statements import NODE_CHUNKS, NODE_TOKENS, NODES, SELECT_NODE
+from coordinator.store.statements import NODE_CHUNKS, NODE_TOKEN_TOTALS, NODE_TOKENS, NODES, SELECT_NODE
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,12 @@ class NodeRepository(Repository):
             return set_node(connection, node_id, banned=True, ban_reason=reason)
 
     def unban_node(self, node_id: str) -> NodeRecord:
-        """Lift the ban; the node's window of checked chunks starts over, or the chunks it was
-        banned on would fail its next group."""
+        """Lift the ban; the node's windows and lifetime statistics start over, or what it was banned
+        on would fail its next group."""
         with self.database.write() as connection:
             node = set_node(connection, node_id, banned=False, ban_reason="")
-            connection.execute(delete(NODE_CHUNKS).where(NODE_CHUNKS.c.node_id == node_id))
-            connection.execute(delete(NODE_TOKENS).where(NODE_TOKENS.c.node_id == node_id))
+            for table in (NODE_CHUNKS, NODE_TOKENS, NODE_TOKEN_TOTALS):
+                connection.execute(delete(table).where(table.c.node_id == node_id))
             return node
 
     def num_nodes_holding(self, seen_since_ms: int) -> dict[int, int]:

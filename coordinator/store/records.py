@@ -376,11 +376,13 @@ class TokenStats:
 
 @dataclass(frozen=True)
 class TokenWindow:
-    """Sums over a node's newest fully checked groups, as many as cover the window's tokens."""
+    """Sums over a node's newest fully checked groups, as many as cover the window's tokens, and over
+    every group it passed (lifetime)."""
 
     node_id: str
     num_groups: int
     stats: TokenStats
+    lifetime: TokenStats
 
 
 class RejectionSource(enum.StrEnum):

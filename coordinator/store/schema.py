@@ -245,6 +245,25 @@ class NodeTokens(Base):
     logprob_advantage_sum_squares: Mapped[float] = mapped_column(Float)
 
 
+class NodeTokenTotals(Base):
+    """The sampled-token statistics (records.TokenStats) of every group a node ever passed, summed:
+    what the lifetime tests of coordinator/node_stats.py judge."""
+
+    __tablename__ = "node_token_totals"
+
+    node_id: Mapped[str] = mapped_column(NODE_ID, primary_key=True)
+    num_groups: Mapped[int] = mapped_column(BigInteger)
+    num_tokens: Mapped[int] = mapped_column(BigInteger)
+    num_near_ties: Mapped[int] = mapped_column(BigInteger)
+    num_directed_near_ties: Mapped[int] = mapped_column(BigInteger)
+    num_near_ties_up: Mapped[int] = mapped_column(BigInteger)
+    num_near_ties_positive: Mapped[int] = mapped_column(BigInteger)
+    near_ties_positive_expected: Mapped[float] = mapped_column(Float)
+    near_ties_positive_variance: Mapped[float] = mapped_column(Float)
+    logprob_advantage_sum: Mapped[float] = mapped_column(Float)
+    logprob_advantage_sum_squares: Mapped[float] = mapped_column(Float)
+
+
 class PolicyVersion(Base):
     __tablename__ = "policy_versions"
 

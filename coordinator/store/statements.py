@@ -31,6 +31,7 @@ CONTRIBUTIONS = _table(schema.Contribution)
 NODE_CHUNKS = _table(schema.NodeChunk)
 SECRETS = _table(schema.CoordinatorSecret)
 NODE_TOKENS = _table(schema.NodeTokens)
+NODE_TOKEN_TOTALS = _table(schema.NodeTokenTotals)
 NONCES = _table(schema.EnvelopeNonce)
 
 SELECT_RECEIPTS = select(SUBMISSIONS.c.batch_hash, SUBMISSIONS.c.receipt).where(

@@ -8,12 +8,12 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 
-from sqlalchemy import Connection, Table, delete, func, insert, select
+from sqlalchemy import Connection, Table, delete, func, insert, select, update
 
 from coordinator.store.database import Repository
 from coordinator.store.nodes import fetch_node
 from coordinator.store.records import ChunkStats, ChunkWindow, GroupState, TokenStats, TokenWindow
-from coordinator.store.statements import GROUPS, NODE_CHUNKS, NODE_TOKENS
+from coordinator.store.statements import GROUPS, NODE_CHUNKS, NODE_TOKEN_TOTALS, NODE_TOKENS
 
 
 def _groups_joining_window(connection: Connection, window: Table, group_ids: Sequence[str]) -> dict[str, str]:
@@ -33,6 +33,31 @@ def _groups_joining_window(connection: Connection, window: Table, group_ids: Seq
     return joining
 
 
+def _token_stats(values: Sequence[float]) -> TokenStats:
+    return TokenStats(
+        *(type(default)(value) for default, value in zip(dataclasses.astuple(TokenStats()), values, strict=True))
+    )
+
+
+def _token_totals(connection: Connection, node_id: str) -> TokenStats | None:
+    fields = [getattr(NODE_TOKEN_TOTALS.c, name) for name in TokenStats.__dataclass_fields__]
+    row = connection.execute(select(*fields).where(NODE_TOKEN_TOTALS.c.node_id == node_id)).one_or_none()
+    return None if row is None else _token_stats(row)
+
+
+def _add_to_token_totals(connection: Connection, node_id: str, stats: TokenStats) -> None:
+    """Add one group's statistics to its node's lifetime sums (the node's row is locked)."""
+    totals = _token_totals(connection, node_id)
+    if totals is None:
+        connection.execute(insert(NODE_TOKEN_TOTALS).values(node_id=node_id, num_groups=1, **dataclasses.asdict(stats)))
+        return
+    connection.execute(
+        update(NODE_TOKEN_TOTALS)
+        .where(NODE_TOKEN_TOTALS.c.node_id == node_id)
+        .values(num_groups=NODE_TOKEN_TOTALS.c.num_groups + 1, **dataclasses.asdict(totals + stats))
+    )
+
+
 def token_window(connection: Connection, node_id: str) -> TokenWindow:
     fields = [getattr(NODE_TOKENS.c, name) for name in TokenStats.__dataclass_fields__]
     sums = connection.execute(
@@ -41,11 +66,7 @@ def token_window(connection: Connection, node_id: str) -> TokenWindow:
         )
     ).one()
     return TokenWindow(
-        node_id,
-        int(sums[0]),
-        TokenStats(
-            *(type(default)(value) for default, value in zip(dataclasses.astuple(TokenStats()), sums[1:], strict=True))
-        ),
+        node_id, int(sums[0]), _token_stats(sums[1:]), _token_totals(connection, node_id) or TokenStats()
     )
 
 
@@ -105,8 +126,9 @@ class WindowRepository(Repository):
     def add_node_tokens(self, groups: Sequence[tuple[str, TokenStats]], window_tokens: int) -> list[TokenWindow | None]:
         """Add the token statistics of groups still pending validation to their nodes' windows, each
         node keeping its newest groups that cover window_tokens tokens, in one transaction. Per group,
-        in input order: its node's window right after the group joined it; None for a group that no
-        longer waits, or that was added before (a verdict reported again adds nothing)."""
+        in input order: its node's window right after the group joined it, with the node's lifetime
+        sums; None for a group that no longer waits, or that was added before (a verdict reported
+        again adds nothing)."""
         with self.database.write() as connection:
             joining = _groups_joining_window(connection, NODE_TOKENS, [group_id for group_id, _ in groups])
             windows: list[TokenWindow | None] = []
@@ -131,5 +153,6 @@ class WindowRepository(Repository):
                             NODE_TOKENS.c.node_id == node_id, NODE_TOKENS.c.id < newest[num_kept - 1].id
                         )
                     )
+                _add_to_token_totals(connection, node_id, stats)
                 windows.append(token_window(connection, node_id))
             return windows

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.node_stats import CHECKS, NODE_WINDOW_TOKENS, WIDE_GAP_FRACTION
+from coordinator.node_stats import CHECKS, LIFETIME_FALSE_POSITIVE_RATE, NODE_WINDOW_TOKENS, WIDE_GAP_FRACTION
 from protocol import sampling as rule
 from protocol.identity import Identity
 from protocol.sampling import DEFAULT_LOGIT_TOLERANCE
@@ -177,16 +177,6 @@ def caught_after(cluster, model, tokenizer, make_batch, max_leases: int):
     ("attack", "make_batch", "tampered"),
     [
         ("16-2-near-ties-steered-toward-reward", "steer", None),
-        # The same, kept to narrow gaps, where node_temperature_fit sees nothing: not caught (open, in
-        # docs/validation.md: 64 leases, every window passed, all 512 groups trained on).
-        pytest.param(
-            "16-2-near-ties-steered-at-narrow-gaps",
-            "steer-narrow",
-            None,
-            marks=pytest.mark.xfail(
-                strict=True, raises=AssertionError, reason="narrow near-tie steering passes every window test"
-            ),
-        ),
         ("16-3-temperature-0.9-for-1.0", careful(at_temperature(0.9)), None),
         ("16-3-temperature-1.1-for-1.0", careful(at_temperature(1.1)), None),
         ("16-4-unasked-top-p-0.95", careful(with_top_p(0.95)), None),
@@ -201,8 +191,6 @@ def test_bf16_deviation_is_caught_before_any_group_is_trained_on(
     node_model = tampered(model, tokenizer) if tampered is not None else model
     if make_batch == "steer":
         make_batch = careful(toward_the_answer(tokenizer))
-    elif make_batch == "steer-narrow":
-        make_batch = careful(toward_the_answer(tokenizer), gap_fraction=0.95 * WIDE_GAP_FRACTION)
     # Windows of NODE_WINDOW_TOKENS tokens; a lease of 64 short rollouts holds a few hundred.
     attacker, results, num_leases = caught_after(
         warm_cluster, node_model, tokenizer, make_batch, max_leases=4 * NODE_WINDOW_TOKENS // 256
@@ -226,6 +214,35 @@ def expect_caught(cluster, attacker, results, num_leases: int, attack: str) -> N
         "num_groups_passed_before": sum(passed for passed, _, _ in results),
         **{k: evidence[k] for k in ("p_value", "p_values", "false_positive_rate", "num_tokens") if k in evidence},
         **({"evidence": evidence} if check not in CHECKS else {}),
+    }
+
+
+def test_near_ties_steered_at_narrow_gaps_are_caught_over_the_nodes_lifetime(warm_cluster, bf16_policy):
+    """The steerer kept to score gaps under the wide ones (so node_temperature_fit sees nothing) moves
+    a few near-ties a window into rewarded rollouts: every window passes, and the groups of its
+    passed windows are trained on. The lifetime direction test sums its whole history and catches it;
+    then none of its groups is left to train on, and how many had been consumed is recorded (the
+    bound on what such a node steers over its whole life)."""
+    model, tokenizer = bf16_policy
+    steer = careful(toward_the_answer(tokenizer), gap_fraction=0.95 * WIDE_GAP_FRACTION)
+    attacker, results, num_leases = caught_after(
+        warm_cluster, model, tokenizer, steer, max_leases=40 * NODE_WINDOW_TOKENS // 256
+    )
+    failures = [(check, evidence) for passed, check, evidence in results if not passed]
+    assert failures, f"passed all {len(results)} full checks over {num_leases} leases"
+    check, evidence = failures[0]
+    assert check == "node_lifetime_near_tie_direction", f"failed {check}: {evidence}"
+    assert evidence["p_value"] < LIFETIME_FALSE_POSITIVE_RATE
+    left_to_train = warm_cluster.query(
+        "SELECT COUNT(*) FROM groups WHERE node_id = ? AND state = 'ready'", attacker.node_id
+    )[0][0]
+    assert left_to_train == 0
+    MARGINS["16-2n-near-ties-steered-at-narrow-gaps"] = {
+        "check": check,
+        "num_leases": num_leases,
+        "num_groups_passed_before": sum(passed for passed, _, _ in results),
+        "num_groups_consumed": consumed_groups(warm_cluster, attacker.node_id),
+        **{k: evidence[k] for k in ("p_value", "num_tokens", "num_near_ties", "num_near_ties_positive", "expected")},
     }
 
 

@@ -240,13 +240,14 @@ def _housekeeping_lock_holder(store_url: str) -> int | None:
     import psycopg
     from sqlalchemy.engine import make_url
 
-    from coordinator.store.leadership import HOUSEKEEPING_LOCK_KEY
+    from coordinator.store.leadership import housekeeping_lock_key
 
+    key = housekeeping_lock_key("public") & 0xFFFFFFFFFFFFFFFF  # the run's store is in its own database
     with psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname={make_url(store_url).database}") as db:
         row = db.execute(
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = "
             "(SELECT oid FROM pg_database WHERE datname = current_database()) AND classid = %s AND objid = %s",
-            (HOUSEKEEPING_LOCK_KEY >> 32, HOUSEKEEPING_LOCK_KEY & 0xFFFFFFFF),
+            (key >> 32, key & 0xFFFFFFFF),
         ).fetchone()
     return None if row is None else row[0]
 

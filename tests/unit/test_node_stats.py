@@ -12,10 +12,13 @@ from coordinator import node_stats
 from coordinator.node_stats import (
     NODE_WINDOW_TOKENS,
     RolloutTokens,
+    bennett_log_e_value,
     bernstein_upper_bound,
+    binomial_log_e_value,
     binomial_upper_tail,
     fisher_combined,
     group_token_stats,
+    judge_lifetime,
     judge_tokens,
     one_way_count_test,
     self_normalized_bound,
@@ -315,3 +318,103 @@ def test_token_statistics_travel_with_a_passed_verdict_and_bad_ones_are_refused(
     for bad in ({"num_near_ties_up": 27}, {"near_ties_positive_variance": -1.0}, {"logprob_advantage_sum": math.inf}):
         with pytest.raises(ValueError, match="group 'g'"):
             verdict_from_proto(verdict_to_proto("g", Verdict(True, "all", {}, (), _window(**bad))))
+
+
+def test_the_binomial_e_value_is_the_mean_likelihood_ratio():
+    count, trials, rate = 7, 300, 0.01
+    ratios = [
+        (m * rate) ** count * (1 - m * rate) ** (trials - count) / (rate**count * (1 - rate) ** (trials - count))
+        for m in node_stats.RATE_MULTIPLES
+    ]
+    # The e-value bounds each ratio's binomial term by Bernoulli(m rate)'s: (1 - m r)/(1 - r) <= ...
+    expected = np.mean([m**count * (1 + rate * (m - 1)) ** -trials for m in node_stats.RATE_MULTIPLES])
+    assert math.exp(binomial_log_e_value(count, trials, rate)) == pytest.approx(expected, rel=1e-12)
+    assert binomial_log_e_value(0, 0, rate) == pytest.approx(0.0, abs=1e-12)
+    assert max(ratios) > 1.0  # 7 events where 3 are expected: some alternative is likelier
+
+
+def test_the_bennett_e_value_is_the_mean_over_its_lambdas():
+    excess, variance, slack = 3.0, 2.5, 0.1
+    expected = np.mean(
+        [
+            math.exp(lam * (excess - slack * variance) - (math.exp(lam) - 1 - lam) * variance)
+            for lam in node_stats.DIRECTION_LAMBDAS
+        ]
+    )
+    assert math.exp(bennett_log_e_value(excess, variance, slack)) == pytest.approx(expected, rel=1e-12)
+    assert bennett_log_e_value(0.0, 0.0, slack) == pytest.approx(0.0, abs=1e-12)
+
+
+def _honest_window_stats(rng, rate: float, *, share: float = 0.3, bias: float = 0.0) -> TokenStats:
+    """One window of NODE_WINDOW_TOKENS honest tokens, drawn at the level of its sums: near-ties at
+    `rate` (wide ones, at the bf16 bound, each way alike, among them), 60% of them in rollouts of
+    nonzero advantage, each of those in a rollout of positive advantage with probability share (+ bias)."""
+    wide_each_way = node_stats.WIDE_NEAR_TIE_RATE_BOUND["bfloat16"] / 2
+    num_near_ties = int(rng.binomial(NODE_WINDOW_TOKENS, rate - 2 * wide_each_way))
+    num_signed = int(rng.binomial(num_near_ties, 0.6))
+    num_up, num_down = (int(n) for n in rng.binomial(NODE_WINDOW_TOKENS, wide_each_way, 2))
+    return TokenStats(
+        num_tokens=NODE_WINDOW_TOKENS,
+        num_near_ties=num_near_ties + num_up + num_down,
+        num_directed_near_ties=num_up + num_down,
+        num_near_ties_up=num_up,
+        num_near_ties_positive=int(rng.binomial(num_signed, share + bias)),
+        near_ties_positive_expected=num_signed * share,
+        near_ties_positive_variance=num_signed * share * (1 - share),
+    )
+
+
+def test_the_lifetime_tests_flag_honest_nodes_at_most_at_their_stated_rate_however_often_judged():
+    """1,000 honest nodes at the bounds' own rates, each judged after every window for 40 windows:
+    the share ever flagged stays under the stated 1% (Ville's inequality; the running sums are
+    judged 40 times, a window test judged so would flag up to 40 times its rate)."""
+    rng = np.random.default_rng(5)
+    stated = 0.01
+    num_flagged = 0
+    for _ in range(1000):
+        totals = TokenStats()
+        for _ in range(40):
+            totals += _honest_window_stats(rng, node_stats.NEAR_TIE_RATE_BOUND["bfloat16"])
+            if judge_lifetime(totals, "bfloat16", false_positive_rate=stated) is not None:
+                num_flagged += 1
+                break
+    assert num_flagged / 1000 <= stated
+
+
+def test_an_honest_bias_within_the_slack_is_never_flagged():
+    """A systematic honest lean of near-ties toward rewarded rollouts (half the slack: an excess of
+    0.05 x the variance), over 1,000 windows (4 million tokens): the lifetime direction test's
+    e-value falls, not rises."""
+    rng = np.random.default_rng(9)
+    totals = TokenStats()
+    for _ in range(1000):
+        totals += _honest_window_stats(rng, 0.007, bias=0.5 * node_stats.DIRECTION_SLACK * 0.3 * 0.7)
+    assert judge_lifetime(totals, "bfloat16") is None
+    assert node_stats.lifetime_log_e_values(totals, "bfloat16")["node_lifetime_near_tie_direction"] < 0
+
+
+def test_near_ties_steered_at_narrow_gaps_pass_every_window_and_fail_the_lifetime_direction_test():
+    """The narrow steerer of issue 16 (attack 16.2n, measured: about 4 near-ties of 4,096 tokens
+    moved into rollouts of positive advantage, none wide): simulated over honest windows at the
+    measured bf16 rate, each window passes all five window tests, and the lifetime direction test
+    fails within 20 windows."""
+    rng = np.random.default_rng(13)
+    totals = TokenStats()
+    for num_windows in range(1, 21):
+        window = _honest_window_stats(rng, 0.007)
+        steered = 6  # all in rollouts of positive advantage, where 30% of the signed tokens are
+        window = dataclasses.replace(
+            window,
+            num_near_ties=window.num_near_ties + steered,
+            num_near_ties_positive=window.num_near_ties_positive + steered,
+            near_ties_positive_expected=window.near_ties_positive_expected + 0.3 * steered,
+            near_ties_positive_variance=window.near_ties_positive_variance + 0.21 * steered,
+        )
+        assert judge_tokens(window, "bfloat16").passed, num_windows
+        totals += window
+        failure = judge_lifetime(totals, "bfloat16")
+        if failure is not None:
+            break
+    assert failure is not None and failure.check == "node_lifetime_near_tie_direction"
+    assert failure.evidence["p_value"] < node_stats.LIFETIME_FALSE_POSITIVE_RATE
+    assert num_windows >= 3, "a single window's worth is not evidence enough"

@@ -4,6 +4,7 @@ answers)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import secrets
@@ -1332,11 +1333,12 @@ def test_node_token_windows_keep_the_newest_groups_that_cover_the_window_once(st
     assert store.add_node_tokens(
         [(groups_a[0], stats(100)), (group_b, stats(70)), (groups_a[1], stats(200))], window_tokens=450
     ) == [
-        TokenWindow("node-a", 1, stats(100)),
-        TokenWindow("node-b", 1, stats(70)),
-        TokenWindow("node-a", 2, stats(100) + stats(200)),
+        TokenWindow("node-a", 1, stats(100), stats(100)),
+        TokenWindow("node-b", 1, stats(70), stats(70)),
+        TokenWindow("node-a", 2, stats(100) + stats(200), stats(100) + stats(200)),
     ]
     _record_validation(store, groups_a[3], True, "all", "{}", T0)
+    lifetime = stats(100) + stats(200) + stats(300)  # every group the node passed, the window's oldest too
     assert store.add_node_tokens(
         [
             (groups_a[0], stats(100)),  # added before
@@ -1345,13 +1347,13 @@ def test_node_token_windows_keep_the_newest_groups_that_cover_the_window_once(st
             (groups_a[2], stats(300)),  # 300 + 200 cover 450: the oldest group leaves
         ],
         window_tokens=450,
-    ) == [None, None, None, TokenWindow("node-a", 2, stats(200) + stats(300))]
-    assert _node_token_window(store, "node-a") == TokenWindow("node-a", 2, stats(200) + stats(300))
+    ) == [None, None, None, TokenWindow("node-a", 2, stats(200) + stats(300), lifetime)]
+    assert _node_token_window(store, "node-a") == TokenWindow("node-a", 2, stats(200) + stats(300), lifetime)
     assert store.add_node_tokens([], window_tokens=450) == []
     store.ban_node("node-a", "window")
-    store.unban_node("node-a")  # the window starts over
-    assert _node_token_window(store, "node-a") == TokenWindow("node-a", 0, TokenStats())
-    assert _node_token_window(store, "node-b") == TokenWindow("node-b", 1, stats(70))
+    store.unban_node("node-a")  # the window and the lifetime sums start over
+    assert _node_token_window(store, "node-a") == TokenWindow("node-a", 0, TokenStats(), TokenStats())
+    assert _node_token_window(store, "node-b") == TokenWindow("node-b", 1, stats(70), stats(70))
 
 
 def test_a_nonce_is_taken_once_across_stores_until_it_expires(store_url: str):
@@ -1373,12 +1375,13 @@ def test_a_nonce_is_taken_once_across_stores_until_it_expires(store_url: str):
 
 
 def test_one_store_at_a_time_holds_the_housekeeping_lock(store_url: str):
+    """Its key follows the store's schema, so tests running at once in schemas of their own (as runs
+    may share a database) each take their own."""
     from coordinator.store.leadership import HousekeepingLock
 
-    key = random.getrandbits(62)  # tests that run at once on one server take locks of their own
     first, second = open_store(store_url), open_store(store_url)
     try:
-        first_lock, second_lock = HousekeepingLock(first.database, key), HousekeepingLock(second.database, key)
+        first_lock, second_lock = HousekeepingLock(first.database), HousekeepingLock(second.database)
         assert first_lock.held()
         if first.database.is_sqlite:
             assert second_lock.held(), "on SQLite the one process that owns the store holds it"
@@ -1389,6 +1392,10 @@ def test_one_store_at_a_time_holds_the_housekeeping_lock(store_url: str):
         assert second_lock.held(), "taken over once its holder let go"
         assert not first_lock.held()
         second_lock.release()
+        with contextlib.ExitStack() as stack:
+            other_schema = open_store(stack.enter_context(contextlib.contextmanager(_postgres_schema_url)()))
+            stack.callback(other_schema.close)
+            assert first_lock.held() and HousekeepingLock(other_schema.database).held(), "another schema's own lock"
     finally:
         first.close()
         second.close()
