@@ -19,6 +19,13 @@ are trainable only after its first node-level verdict). Its cost is the later fi
 prints both arms' time to the target and `probation-cost-ratio` (with ÷ without probation, on time to
 target when both reach it, else on the time to the first trainer step). One pair of runs is noisy: the
 nodes' rollouts, the held-out evaluations and other load on the machine all move it.
+
+`--compare difficulty` runs two arms on a training set small enough that prompts repeat
+(`--num-prompts`, default 1,024: an epoch every ~16 steps of 64 groups), with the pass-rate buffer
+(coordinator/difficulty.py: prompts last seen all solved or all failed carried at the default
+`run.keep_solved_or_failed`) and without it (1.0). It prints each arm's share of uninformative groups
+(equal rewards, skipped by the trainer) and `difficulty-filter-ratio` (with ÷ without, on time to
+target when both reach it, else on time per step).
 """
 
 from __future__ import annotations
@@ -49,6 +56,14 @@ STALENESS_ARMS = (Arm("k=2", 2), Arm("k=0", 0))
 PROBATION_ARMS = (Arm("probation"), Arm("probation_tokens=0", coordinator_settings=("validation.probation_tokens=0",)))
 
 
+def difficulty_arms(num_prompts: int) -> tuple[Arm, Arm]:
+    prompts = f"run.num_prompts={num_prompts}"
+    return (
+        Arm("pass-rate buffer", coordinator_settings=(prompts,)),
+        Arm("keep_solved_or_failed=1", coordinator_settings=(prompts, "run.keep_solved_or_failed=1")),
+    )
+
+
 @dataclass(frozen=True)
 class ArmResult:
     arm: Arm
@@ -62,10 +77,15 @@ class ArmResult:
     tokens_per_second: float
     mean_wait_seconds: float
     mean_step_seconds: float
+    uninformative_share: float  # of the groups the trainer drew: equal rewards, skipped
 
     @property
     def seconds_per_step(self) -> float:
         return self.train_seconds / max(1, self.num_steps)
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.num_steps / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
 def run_arm(model: Path, task: str, arm: Arm, args: argparse.Namespace, run_dir: Path) -> ArmResult:
@@ -126,6 +146,8 @@ def run_arm(model: Path, task: str, arm: Arm, args: argparse.Namespace, run_dir:
         tokens_per_second=statistics.fmean(r["tokens_per_second"] for r in trained) if trained else 0.0,
         mean_wait_seconds=statistics.fmean(r["wait_seconds"] for r in steps) if steps else 0.0,
         mean_step_seconds=statistics.fmean(r["step_seconds"] for r in steps) if steps else 0.0,
+        uninformative_share=sum(r.get("num_groups_uninformative", 0) for r in steps)
+        / max(1, sum(r.get("num_groups", 0) for r in steps)),
     )
 
 
@@ -133,11 +155,12 @@ def describe(arm: ArmResult) -> str:
     reached = f"{arm.seconds_to_target:.0f} s" if arm.seconds_to_target is not None else "not reached"
     return (
         f"{arm.arm.label}: {arm.num_steps} steps in {arm.train_seconds:.0f} s "
-        f"({arm.seconds_per_step:.2f} s/step, {1 / arm.seconds_per_step:.2f} steps/s; first step after "
+        f"({arm.seconds_per_step:.2f} s/step, {arm.steps_per_second:.2f} steps/s; first step after "
         f"{arm.seconds_to_first_step:.1f} s, {arm.seconds_from_launch_to_first_step:.1f} s after launch), "
         f"held-out {arm.first_reward:.3f} -> best {arm.best_reward:.3f}, "
         f"target {reached}; trainer {arm.tokens_per_second:,.0f} tokens/s, per step "
-        f"{arm.mean_wait_seconds:.2f} s waiting for rollouts vs {arm.mean_step_seconds:.2f} s training"
+        f"{arm.mean_wait_seconds:.2f} s waiting for rollouts vs {arm.mean_step_seconds:.2f} s training; "
+        f"{arm.uninformative_share:.0%} of groups uninformative"
     )
 
 
@@ -155,11 +178,13 @@ def main() -> None:
     parser.add_argument("--startup-timeout-s", type=float, default=120)
     parser.add_argument(
         "--compare",
-        choices=("staleness", "probation"),
+        choices=("staleness", "probation", "difficulty"),
         default="staleness",
         help="staleness: k=2 against k=0 (async-speedup-ratio); probation: the default "
-        "validation.probation_tokens against 0 (probation-cost-ratio)",
+        "validation.probation_tokens against 0 (probation-cost-ratio); difficulty: the pass-rate buffer "
+        "against none, on --num-prompts prompts (difficulty-filter-ratio)",
     )
+    parser.add_argument("--num-prompts", type=int, default=1024, help="training prompts for --compare difficulty")
     args = parser.parse_args()
     args.budget_s = args.budget_s or (8 if args.quick else 600)
     args.eval_every = args.eval_every or (2 if args.quick else 5)
@@ -169,7 +194,11 @@ def main() -> None:
 
         args.model = bootstrapped_model_dir(args.task)
 
-    arms = STALENESS_ARMS if args.compare == "staleness" else PROBATION_ARMS
+    arms = {
+        "staleness": STALENESS_ARMS,
+        "probation": PROBATION_ARMS,
+        "difficulty": difficulty_arms(args.num_prompts),
+    }[args.compare]
     with tempfile.TemporaryDirectory(prefix="rollproof-bench-rl-") as scratch:
         results = [run_arm(args.model, args.task, arm, args, Path(scratch) / f"arm{i}") for i, arm in enumerate(arms)]
     print(
@@ -181,8 +210,10 @@ def main() -> None:
         print(describe(result))
     if args.compare == "staleness":
         print_async_speedup(*results)
-    else:
+    elif args.compare == "probation":
         print_probation_cost(*results)
+    else:
+        print_difficulty_filter(*results)
 
 
 def print_async_speedup(async_arm: ArmResult, sync_arm: ArmResult) -> None:
@@ -190,7 +221,7 @@ def print_async_speedup(async_arm: ArmResult, sync_arm: ArmResult) -> None:
         ratio = async_arm.seconds_to_target / max(sync_arm.seconds_to_target, 1e-9)
         print(f"async-speedup-ratio: {ratio:.3f} (target: <= 0.7; time to held-out target, k=2 / k=0)")
     else:
-        ratio = async_arm.seconds_per_step / sync_arm.seconds_per_step
+        ratio = async_arm.seconds_per_step / max(sync_arm.seconds_per_step, 1e-9)
         print(
             f"async-speedup-ratio: {ratio:.3f} (target: <= 0.7; time per trainer step, k=2 / k=0: "
             f"the held-out target was not reached by both arms)"
@@ -206,6 +237,22 @@ def print_probation_cost(with_probation: ArmResult, without: ArmResult) -> None:
         print(
             f"probation-cost-ratio: {ratio:.3f} (time to the first trainer step, probation / probation_tokens=0: "
             f"the held-out target was not reached by both arms)"
+        )
+
+
+def print_difficulty_filter(with_buffer: ArmResult, without: ArmResult) -> None:
+    for arm in (with_buffer, without):
+        print(f"uninformative-share {arm.arm.label}: {arm.uninformative_share:.3f}")
+    if with_buffer.seconds_to_target is not None and without.seconds_to_target is not None:
+        ratio = with_buffer.seconds_to_target / max(without.seconds_to_target, 1e-9)
+        print(f"difficulty-filter-ratio: {ratio:.3f} (target: < 1; time to held-out target, buffer / none)")
+    elif not (with_buffer.num_steps and without.num_steps):
+        print("difficulty-filter-ratio: n/a (target: < 1; an arm made no trainer step within its budget)")
+    else:
+        ratio = with_buffer.seconds_per_step / max(without.seconds_per_step, 1e-9)
+        print(
+            f"difficulty-filter-ratio: {ratio:.3f} (target: < 1; time per trainer step, buffer / none: "
+            "the held-out target was not reached by both arms)"
         )
 
 

@@ -31,6 +31,13 @@ class RunSection(_Section):
     max_backlog_groups: int = Field(
         256, ge=0, description="no new leases while this many groups wait for the trainer (0: no limit)"
     )
+    keep_solved_or_failed: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="the pass-rate buffer: the share of leases that still carry a prompt whose last group every "
+        "sample solved, or none did (1: no buffer); matters once prompts repeat (num_prompts below what a run leases)",
+    )
     sampling: SamplingSection = SamplingSection()
 
 

@@ -325,6 +325,10 @@ class Coordinator:
                 continue
             if not outcome.newly_stored:
                 return self._stored_result(outcome.receipt)
+            for group_check in checked:
+                if group_check.accepted:
+                    group = batch.groups[group_check.group_index]
+                    self.scheduler.pass_rates.record(group.prompt_index, [r.claimed_reward for r in group.rollouts])
             return SubmitResult(receipt, outcome.receipt, True)
 
     def _check_batch_size(self, message: rollout_pb2.RolloutBatch, record: LeaseRecord | None) -> None:

@@ -8,7 +8,8 @@ it: prompts of leases that expired or were released are leased again first, unde
 original lease number, hence with the same seed, and never to a node that held them before.
 Walking away from a lease therefore buys no new draw. The per-node cap on open leases, the
 walk-away limit and the lease counter are enforced in the store, in the same transaction that
-stores the lease.
+stores the lease. A new lease's slice leaves out, by a keyed draw, prompts whose last group was all
+solved or all failed (coordinator/difficulty.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import secrets
 from dataclasses import dataclass
 
 from coordinator.config import CoordinatorConfig
+from coordinator.difficulty import PassRateBuffer
 from coordinator.store import (
     LeaseCapError,
     LeaseCooldownError,
@@ -41,6 +43,7 @@ __all__ = [
 
 SAMPLING_SEED_BITS = 63
 SAMPLING_SEED_SECRET = "sampling-seed-key"
+PASS_RATE_SECRET = "pass-rate-key"
 _FEISTEL_ROUNDS = 4
 
 
@@ -103,6 +106,7 @@ class LeasePlan:
     deadline_ms: int
     max_open_per_node: int
     walkaway_limit: WalkAwayLimit
+    keep_solved_or_failed: float = 1.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.prompts_per_lease <= self.num_prompts:
@@ -135,6 +139,7 @@ class LeasePlan:
                 cooldown_ms=round(config.lease.cooldown_s * 1000),
                 max_strikes=config.validation.max_strikes,
             ),
+            keep_solved_or_failed=run.keep_solved_or_failed,
         )
 
 
@@ -143,6 +148,7 @@ class Scheduler:
         self._store = store
         self._plan = plan
         self._seed_key = store.secret(SAMPLING_SEED_SECRET)
+        self.pass_rates = PassRateBuffer(store.secret(PASS_RATE_SECRET), plan.num_prompts, plan.keep_solved_or_failed)
 
     @property
     def plan(self) -> LeasePlan:
@@ -171,8 +177,9 @@ class Scheduler:
 
         def make_lease(lease_number: int, requeued_prompts: tuple[int, ...] | None) -> LeaseRecord:
             if requeued_prompts is None:
-                prompts = prompt_indices_for_lease(
-                    plan.run_seed, lease_number, plan.prompts_per_lease, plan.num_prompts
+                prompts = self.pass_rates.select(
+                    lease_number,
+                    prompt_indices_for_lease(plan.run_seed, lease_number, plan.prompts_per_lease, plan.num_prompts),
                 )
             else:
                 prompts = requeued_prompts
