@@ -1,16 +1,21 @@
 """The adapter that scores with a `verifiers` taskset (skipped when verifiers is not installed)."""
 
+# mypy: allow-subclassing-any, allow-untyped-decorators
+
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import pytest
 
 from envs import Problem, Split, get_task
 from envs.base import split_of_key
-from envs.verifiers_adapter import VerifiersTask, VerifiersUnavailableError
+from envs.verifiers_adapter import UnsupportedEnvironmentError, VerifiersTask, VerifiersUnavailableError
 
-vf = pytest.importorskip("verifiers.v1")
+pytest.importorskip("verifiers.v1")
+
+import verifiers.v1 as vf  # type: ignore[import-untyped]  # noqa: E402
 
 
 class EchoData(vf.TaskData):
@@ -29,10 +34,20 @@ class BrokenTask(vf.Task[EchoData]):
         raise RuntimeError("scorer bug")
 
 
+class RuntimeTask(vf.Task[EchoData]):
+    @vf.reward
+    async def in_sandbox(self, task: EchoData, trace: vf.Trace, runtime: vf.Runtime) -> float:
+        return 1.0
+
+
+class ContainerTask(EchoTask):
+    NEEDS_CONTAINER = True
+
+
 class EchoTaskset(vf.Taskset[EchoTask]):
     task_class: type = EchoTask
 
-    def load(self):
+    def load(self) -> Iterator[EchoTask]:
         for number in range(100):
             yield self.task_class(EchoData(prompt=f"Say {number}.", answer=str(number)), self.config.task)
 
@@ -83,3 +98,9 @@ def test_a_failing_scorer_gives_reward_zero_instead_of_raising() -> None:
 def test_unknown_taskset_id_is_a_user_error() -> None:
     with pytest.raises(VerifiersUnavailableError, match="no-such-taskset"):
         get_task("verifiers:no-such-taskset")
+
+
+@pytest.mark.parametrize(("task_class", "complaint"), [(RuntimeTask, "in_sandbox"), (ContainerTask, "container")])
+def test_a_taskset_scored_by_more_than_the_transcript_is_refused(task_class: type, complaint: str) -> None:
+    with pytest.raises(UnsupportedEnvironmentError, match=complaint):
+        make_task(task_class)
