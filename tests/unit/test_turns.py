@@ -172,12 +172,17 @@ def test_rollouts_hold_environment_turns_that_the_environment_rederives(echo_rol
             assert len(sampled) == 40 or len(result.token_ids) == ECHO.limits.max_total_tokens
 
 
-def test_the_batch_a_rollout_shares_changes_nothing(model, echo_rollouts):
+def test_the_batch_a_rollout_shares_changes_none_of_its_tokens(model, echo_rollouts):
+    """Batches of 5 and of 24 give the same tokens and turns. Their commitments may differ where a
+    hidden value sits on a bf16 rounding boundary (a batch's size changes how kernels split its
+    rows: seen in one value of 24 x 40 tokens on this machine), so each is checked by the replay."""
     requests, results = echo_rollouts
     alone = TorchEngine(model, [EOS_ID], max_batch_size=5).generate(requests)
-    assert [(r.token_ids, r.mask, r.commitment) for r in alone] == [
-        (r.token_ids, r.mask, r.commitment) for r in results
-    ]
+    assert [(r.token_ids, r.mask) for r in alone] == [(r.token_ids, r.mask) for r in results]
+    outputs = prefill(model, [(q.prompt_token_ids, r.token_ids) for q, r in zip(requests, alone, strict=True)])
+    for result, output in zip(alone, outputs, strict=True):
+        sampled_rows = np.flatnonzero(result.mask)
+        assert commitment.accepts(commitment.verify(result.commitment, output.hidden_bits[sampled_rows]))
 
 
 def test_sampled_tokens_follow_the_rule_at_their_count_of_sampled_tokens(model, echo_rollouts):
