@@ -289,14 +289,15 @@ def interpolate(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         difference = divided[:, order:] - divided[:, order - 1 : -1]
         divided[:, order:] = difference * inverses[denominator] % FIELD_PRIME
     coefficients = np.zeros_like(divided)
-    newton_basis = np.zeros_like(divided)
+    newton_basis = np.zeros_like(divided)  # prod_{j < i} (t - x_j): degree i, columns i + 1.. are 0
     newton_basis[:, 0] = 1
     negated_x = -x % FIELD_PRIME
     for i in range(num_points):
-        coefficients += divided[:, i : i + 1] * newton_basis
-        shifted = negated_x[:, i : i + 1] * newton_basis
-        shifted[:, 1:] += newton_basis[:, :-1]
-        newton_basis = shifted % FIELD_PRIME
+        coefficients[:, : i + 1] += divided[:, i : i + 1] * newton_basis[:, : i + 1]
+        if i + 1 < num_points:
+            shifted = negated_x[:, i : i + 1] * newton_basis[:, : i + 2]
+            shifted[:, 1:] += newton_basis[:, : i + 1]
+            newton_basis[:, : i + 2] = shifted % FIELD_PRIME
     return coefficients % FIELD_PRIME
 
 
@@ -313,9 +314,9 @@ def proofs_from_points(indices: np.ndarray, values: np.ndarray) -> list[bytes]:
     indices = np.asarray(indices, dtype=np.int64)
     moduli = np.array([injective_modulus(row) for row in indices], dtype=np.int64)
     coefficients = interpolate(indices % moduli[:, None], np.asarray(values, dtype=np.int64))
-    return [
-        ChunkProof(int(m), tuple(int(c) for c in row)).to_bytes() for m, row in zip(moduli, coefficients, strict=True)
-    ]
+    # Each row as ChunkProof(modulus, coefficients).to_bytes() writes it, all rows at once.
+    words = np.concatenate([moduli[:, None], coefficients], axis=1).astype(">u2")
+    return [row.tobytes() for row in words]
 
 
 def chunk_bounds(num_tokens: int) -> list[tuple[int, int]]:

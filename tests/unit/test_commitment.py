@@ -30,6 +30,19 @@ def test_vectors():
     assert commitment.ChunkProof.from_bytes(proof).modulus < P  # indices up to 2**22 need a search
 
 
+def test_proofs_of_many_rows_are_each_rows_chunk_proof():
+    rng = np.random.default_rng(4)
+    indices = np.stack([rng.choice(4096, 128, replace=False) for _ in range(5)])
+    values = rng.integers(0, 2**16, (5, 128))
+    for row, proof in enumerate(commitment.proofs_from_points(indices, values)):
+        expected = commitment.proofs_from_points(indices[row : row + 1], values[row : row + 1])[0]
+        decoded = commitment.ChunkProof.from_bytes(proof)
+        assert proof == expected == commitment.ChunkProof(decoded.modulus, decoded.coefficients).to_bytes()
+        assert decoded.coefficients == tuple(
+            naive_interpolate([int(i) % decoded.modulus for i in indices[row]], [int(v) for v in values[row]])
+        )
+
+
 def naive_interpolate(x: list[int], y: list[int]) -> list[int]:
     """Lagrange interpolation over GF(P) with Python integers."""
     coefficients = [0] * len(x)
