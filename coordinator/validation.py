@@ -325,10 +325,10 @@ class GroupChecker:
 class ValidationQueue:
     """Hands groups waiting for a full check to validators under leases, and applies verdicts.
 
-    A lease lives in memory only: the store's group state is the durable part, so a group whose
-    validator died (or that was leased before a coordinator restart) is handed out again once its
-    lease runs out. A verdict is applied only while its group is still pending, whoever sends it,
-    so a late, repeated or concurrent report changes nothing."""
+    A lease is kept in the store (a group's validation_lent_until_ms), so the validators of every
+    replica share them, and a group whose validator died is handed out again once its lease runs
+    out. A verdict is applied only while its group is still pending, whoever sends it, so a late,
+    repeated or concurrent report changes nothing."""
 
     def __init__(
         self,
@@ -350,23 +350,14 @@ class ValidationQueue:
         self.tolerances = tolerances
         self.window_chunks = window_chunks
         self.window_tokens = window_tokens
-        self._leases: dict[str, tuple[str, int]] = {}  # group id -> (validator id, deadline ms)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one report at a time in this process
 
     def take(self, validator_id: str, max_groups: int) -> tuple[list[GroupJob], int]:
         """Up to max_groups pending groups that no live lease holds, leased to this validator;
         and the lease deadline (ms)."""
-        with self._lock:
-            now = self.clock()
-            self._leases = {g: lease for g, lease in self._leases.items() if lease[1] > now}
-            deadline = now + self.lease_ms
-            groups = [
-                g
-                for g in self.store.pending_validation(max_groups + len(self._leases))
-                if g.group_id not in self._leases
-            ][:max_groups]
-            for group in groups:
-                self._leases[group.group_id] = (validator_id, deadline)
+        now = self.clock()
+        deadline = now + self.lease_ms
+        groups = self.store.lend_for_validation(validator_id, max_groups, now, deadline)
         return [self._job(group) for group in groups], deadline
 
     def _job(self, group: StoredGroup) -> GroupJob:
@@ -391,8 +382,6 @@ class ValidationQueue:
         probation) in one store transaction; returns how many applied (a group that no longer waits
         for a verdict, decided already or quarantined by another failure of its node, is skipped)."""
         with self._lock:
-            for group_id, _ in verdicts:
-                self._leases.pop(group_id, None)
             judged = self._judge_node_windows(self._judge_doubt_rates(verdicts))
             now = self.clock()
             unavailable = [group_id for group_id, verdict, _ in judged if verdict.check == "version_unavailable"]

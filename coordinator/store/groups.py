@@ -147,3 +147,32 @@ class GroupRepository(Repository):
                 .limit(limit)
             )
             return [group_record(row) for row in rows]
+
+    def lend_for_validation(self, validator_id: str, limit: int, now_ms: int, lent_until_ms: int) -> list[StoredGroup]:
+        """Up to `limit` groups waiting for a full check that no validator holds (none was lent, or
+        its loan ran out by now_ms), oldest first, lent to validator_id until lent_until_ms: each to
+        one validator at a time, whichever replica the validators ask."""
+        with self.database.write() as connection:
+            group_ids = list(
+                connection.execute(
+                    select(GROUPS.c.group_id)
+                    .where(
+                        GROUPS.c.state == GroupState.PENDING_VALIDATION.value,
+                        GROUPS.c.validation_lent_until_ms <= now_ms,
+                    )
+                    .order_by(GROUPS.c.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                ).scalars()
+            )
+            if not group_ids:
+                return []
+            connection.execute(
+                update(GROUPS)
+                .where(GROUPS.c.group_id.in_(group_ids))
+                .values(validation_lent_to=validator_id[:128], validation_lent_until_ms=lent_until_ms)
+            )
+            rows = connection.execute(
+                select(*GROUP_COLUMNS).where(GROUPS.c.group_id.in_(group_ids)).order_by(GROUPS.c.id)
+            )
+            return [group_record(row) for row in rows]

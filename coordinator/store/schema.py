@@ -159,6 +159,9 @@ class Group(Base):
     verified: Mapped[bool] = mapped_column(Boolean)
     created_ms: Mapped[int] = mapped_column(BigInteger)
     updated_ms: Mapped[int] = mapped_column(BigInteger)
+    # A group pending validation is lent to one validator until then, whichever replica lent it.
+    validation_lent_to: Mapped[str] = mapped_column(String(128), server_default="")
+    validation_lent_until_ms: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class GroupConsumption(Base):

@@ -655,6 +655,32 @@ def test_quarantine_takes_the_nodes_unconsumed_groups_verified_or_not(store: Sto
 # ---- validation ----
 
 
+def test_a_group_is_lent_to_one_validator_at_a_time_across_stores(store_url: str):
+    """Two stores on one database (replicas): a pending group lent by one is not lent by the other
+    until its loan runs out; ready groups are never lent."""
+    first, second = open_store(store_url), open_store(store_url)
+    try:
+        _register(first)
+        _, pending = _leased_submission(first, "node-a", b"batch-1", state=GroupState.PENDING_VALIDATION)
+        _, ready = _leased_submission(first, "node-a", b"batch-2")
+        first.record_submission(pending)
+        first.record_submission(ready)
+        group_ids = [g.group_id for g in pending.groups]
+        assert len(group_ids) >= 2
+        lent = first.lend_for_validation("validator-1", 1, T0, T0 + 1000)
+        assert [g.group_id for g in lent] == group_ids[:1]
+        rest = second.lend_for_validation("validator-2", 10, T0 + 1, T0 + 1000)
+        assert [g.group_id for g in rest] == group_ids[1:]
+        assert second.lend_for_validation("validator-2", 10, T0 + 999, T0 + 2000) == []
+        again = second.lend_for_validation("validator-2", 10, T0 + 1000, T0 + 2000)
+        assert [g.group_id for g in again] == group_ids, "loans that ran out are lent again"
+        _record_validation(first, group_ids[0], True, "all", "{}", T0 + 1500)
+        assert [g.group_id for g in first.lend_for_validation("v", 10, T0 + 5000, T0 + 6000)] == group_ids[1:]
+    finally:
+        first.close()
+        second.close()
+
+
 def test_validation_jobs_and_results(store: Store):
     _register(store)
     _, pending = _leased_submission(store, "node-a", b"batch-1", state=GroupState.PENDING_VALIDATION)
