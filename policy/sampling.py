@@ -21,12 +21,14 @@ class RowSampling:
     """Sampling parameters and seeds of a batch, one entry per row, on the logits' device."""
 
     temperature: torch.Tensor  # float64 [rows]
+    inverse_t: torch.Tensor  # float32 [rows]: float32(1 / T), 1 at T = 0
     top_k: torch.Tensor  # int64 [rows]
     top_p: torch.Tensor  # float32 [rows]
     seed_lo: torch.Tensor  # int64 [rows], low 32 bits of the seed
     seed_hi: torch.Tensor  # int64 [rows], high 32 bits
     uses_top_k: bool
     uses_top_p: bool
+    uses_greedy: bool
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], device: torch.device | str) -> RowSampling:
@@ -37,34 +39,46 @@ class RowSampling:
         for seed in seeds:
             if not 0 <= seed <= rule.MASK64:
                 raise rule.SamplingParamsError(f"seed must be an unsigned 64-bit integer, got {seed}")
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float64, device=device)
+        greedy = temperature == 0.0
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float64, device=device),
+            temperature=temperature,
+            inverse_t=torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, temperature)).to(torch.float32),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             seed_lo=torch.tensor([s & _MASK32 for s in seeds], dtype=torch.int64, device=device),
             seed_hi=torch.tensor([s >> 32 for s in seeds], dtype=torch.int64, device=device),
             uses_top_k=any(p.temperature > 0 and p.top_k > 0 for p in params),
             uses_top_p=any(p.temperature > 0 and p.top_p < 1.0 for p in params),
+            uses_greedy=any(p.temperature == 0 for p in params),
         )
 
     def select(self, rows: torch.Tensor) -> RowSampling:
         return RowSampling(
             self.temperature[rows],
+            self.inverse_t[rows],
             self.top_k[rows],
             self.top_p[rows],
             self.seed_lo[rows],
             self.seed_hi[rows],
             self.uses_top_k,
             self.uses_top_p,
+            self.uses_greedy,
         )
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = (x * rule.MIX_MULTIPLIER_1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * rule.MIX_MULTIPLIER_2) & _MASK32
-    return x ^ (x >> 15)
+    return _mix32_(x.clone())
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """mix32 in place."""
+    x ^= x >> 16
+    x.mul_(rule.MIX_MULTIPLIER_1).bitwise_and_(_MASK32)
+    x ^= x >> 15
+    x.mul_(rule.MIX_MULTIPLIER_2).bitwise_and_(_MASK32)
+    x ^= x >> 15
+    return x
 
 
 @dataclass(frozen=True)
@@ -87,8 +101,9 @@ def noise_keys(seed_lo: torch.Tensor, seed_hi: torch.Tensor, positions: torch.Te
 
 def noise_bits_at(keys: NoiseKeys, vocab_size: int) -> torch.Tensor:
     token_ids = torch.arange(vocab_size, dtype=torch.int64, device=keys.key0.device)[None, :]
-    bits = mix32(mix32(token_ids ^ keys.key1[:, None]) ^ keys.key0[:, None])
-    return bits >> (32 - rule.NOISE_BITS)
+    bits = _mix32_(token_ids ^ keys.key1[:, None])
+    bits ^= keys.key0[:, None]
+    return _mix32_(bits).bitwise_right_shift_(32 - rule.NOISE_BITS)
 
 
 def noise_bits(seed_lo: torch.Tensor, seed_hi: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -96,8 +111,9 @@ def noise_bits(seed_lo: torch.Tensor, seed_hi: torch.Tensor, positions: torch.Te
 
 
 def gumbel_from_bits(bits: torch.Tensor) -> torch.Tensor:
-    uniform = (2 * bits + 1).to(torch.float64) * 2.0 ** -(rule.NOISE_BITS + 1)
-    return (-torch.log(-torch.log(uniform))).to(torch.float32)
+    # 2 * bits + 1 < 2**25 is exact in float64, and the scaling is by a power of two.
+    uniform = bits.to(torch.float64).mul_(2.0).add_(1.0).mul_(2.0 ** -(rule.NOISE_BITS + 1))
+    return uniform.log_().neg_().log_().neg_().to(torch.float32)
 
 
 def _top_k_threshold(descending: torch.Tensor, rows: RowSampling) -> torch.Tensor:
@@ -163,7 +179,7 @@ def _filter_band(
 class _Scored:
     scores: torch.Tensor  # perturbed scores (raw logits at T = 0), -inf outside the allowed set
     scaled: torch.Tensor  # logits * float32(1 / T) (raw logits at T = 0)
-    allowed: torch.Tensor
+    allowed: torch.Tensor | None  # None: every token (no filters)
     noise: torch.Tensor
     greedy: torch.Tensor
     inverse_t: torch.Tensor  # float32 [rows], 1 at T = 0
@@ -173,25 +189,26 @@ class _Scored:
 def _score(logits: torch.Tensor, positions: torch.Tensor, rows: RowSampling, keys: NoiseKeys | None = None) -> _Scored:
     logits = logits.to(torch.float32)
     greedy = rows.temperature == 0.0
-    inverse_t = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, rows.temperature)).to(torch.float32)
-    scaled = logits * inverse_t[:, None]
+    scaled = logits * rows.inverse_t[:, None]
     descending = None
+    allowed = None
     if rows.uses_top_k or rows.uses_top_p:
         descending = scaled.sort(dim=1, descending=True).values
         minus_inf = torch.full((logits.shape[0],), -torch.inf, dtype=scaled.dtype, device=scaled.device)
         allowed = scaled >= torch.where(greedy, minus_inf, _filter_threshold(descending, rows))[:, None]
-    else:
-        allowed = torch.ones_like(scaled, dtype=torch.bool)
     if keys is None:
         keys = noise_keys(rows.seed_lo, rows.seed_hi, positions)
     noise = gumbel_from_bits(noise_bits_at(keys, logits.shape[1]))
-    perturbed = torch.where(allowed, scaled + noise, -torch.inf)
-    scores = torch.where(greedy[:, None], logits, perturbed)
-    return _Scored(scores, scaled, allowed, noise, greedy, inverse_t, descending)
+    scores = scaled + noise
+    if allowed is not None:
+        scores.masked_fill_(~allowed, -torch.inf)
+    if rows.uses_greedy:
+        scores = torch.where(greedy[:, None], logits, scores)
+    return _Scored(scores, scaled, allowed, noise, greedy, rows.inverse_t, descending)
 
 
-def _log_softmax_at(scaled: torch.Tensor, allowed: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    log_norm = torch.logsumexp(torch.where(allowed, scaled, -torch.inf), dim=1)
+def _log_softmax_at(scaled: torch.Tensor, allowed: torch.Tensor | None, token_ids: torch.Tensor) -> torch.Tensor:
+    log_norm = torch.logsumexp(scaled if allowed is None else torch.where(allowed, scaled, -torch.inf), dim=1)
     return scaled.gather(1, token_ids[:, None])[:, 0] - log_norm
 
 
@@ -209,8 +226,9 @@ def sample(
     the rows' noise keys at those positions, when the caller computed them ahead."""
     scored = _score(logits, positions, rows, keys)
     token_ids = scored.scores.argmax(dim=1)
-    top_two = scored.scores.topk(2, dim=1).values
-    margins = torch.where(torch.isneginf(top_two[:, 1]), torch.inf, top_two[:, 0] - top_two[:, 1])
+    best = scored.scores.gather(1, token_ids[:, None])[:, 0]
+    second = scored.scores.scatter(1, token_ids[:, None], -torch.inf).amax(dim=1)
+    margins = torch.where(torch.isneginf(second), torch.inf, best - second)
     return SampledTokens(token_ids, _log_softmax_at(scored.scaled, scored.allowed, token_ids), margins)
 
 
@@ -267,5 +285,5 @@ def check_tokens(
             torch.where(near_filter, int(rule.TokenVerdict.FILTER_DOUBT), int(rule.TokenVerdict.MISMATCH)),
         ),
     ).to(torch.int8)
-    allowed_with_claim = scored.allowed.scatter(1, claim, True)
+    allowed_with_claim = None if scored.allowed is None else scored.allowed.scatter(1, claim, True)
     return TokenChecks(verdicts, _log_softmax_at(scored.scaled, allowed_with_claim, token_ids), score_gaps)

@@ -174,8 +174,8 @@ class _SeededRuleProcessor:
         keys = sampling.NoiseKeys(row_noise_keys.key0.gather(1, at)[:, 0], row_noise_keys.key1.gather(1, at)[:, 0])
         sampled = sampling.sample(logits, at[:, 0], row_sampling, keys)
         recorder.steps.append(_Step([r.key for r in rows], positions, sampled, hidden.to(torch.bfloat16)))
-        forced = torch.full_like(logits, -torch.inf)
-        return forced.scatter_(1, sampled.token_ids[:, None], 0.0)
+        # vLLM's greedy sampling then emits the rule's token; the logits are the processor's to overwrite.
+        return logits.fill_(-torch.inf).scatter_(1, sampled.token_ids[:, None], 0.0)
 
 
 def _processor_class(recorder: _Recorder) -> type:
