@@ -158,12 +158,17 @@ class Simulator:
     """The nodes of one simulator process."""
 
     def __init__(self, address: str, model_dir: Path, seed: int):
-        from protocol.channel import open_aio_channel
+        import grpc
+
+        from protocol.channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options
         from protocol.proto import service_pb2_grpc
 
         self.rng = random.Random(seed)
         self.work = Work(RewardOf(model_dir), self.rng)
-        self.channels = [open_aio_channel(address) for _ in range(CHANNELS_PER_SIMULATOR)]
+        # Channels to one address share one connection unless each keeps its own subchannels; a
+        # connection is what SO_REUSEPORT hands to a replica, and every real node has its own.
+        options = channel_options(DEFAULT_MAX_MESSAGE_BYTES) + [("grpc.use_local_subchannel_pool", 1)]
+        self.channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(CHANNELS_PER_SIMULATOR)]
         self.stubs = [service_pb2_grpc.NodeServiceStub(channel) for channel in self.channels]
         self.identities: list = []
         self.held: list[list] = []  # per node, leases taken by `leases` and not yet closed
@@ -539,6 +544,7 @@ class Level:
     rows_per_s: float
     cpu_cores: float  # the coordinators' CPU, in cores
     postgres_cores: float
+    simulator_cores: float
 
 
 def climb(args, simulators: Simulators, coordinator: Coordinator, database: Database, ladder: list[int]):
@@ -548,12 +554,14 @@ def climb(args, simulators: Simulators, coordinator: Coordinator, database: Data
         num_simulated = max(1, round(num_nodes / args.time_scale))
         simulators.run("register", num_simulated)
         pids, postgres_pids = coordinator.pids(), database.backend_pids()
+        simulator_pids = [process.pid for process in simulators.processes]
         started, writes_before = time.monotonic(), database.writes()
-        cpu_before = cpu_seconds(pids), cpu_seconds(postgres_pids)
+        cpu_before = cpu_seconds(pids), cpu_seconds(postgres_pids), cpu_seconds(simulator_pids)
         tallies = simulators.run("cycle", num_simulated, args.time_scale, args.measure_s)
         elapsed = time.monotonic() - started
         writes_after = database.writes()
-        cpu_after = cpu_seconds(pids), cpu_seconds(sorted(set(postgres_pids) | set(database.backend_pids())))
+        postgres_pids = sorted(set(postgres_pids) | set(database.backend_pids()))
+        cpu_after = cpu_seconds(pids), cpu_seconds(postgres_pids), cpu_seconds(simulator_pids)
         latencies = [value for tally in tallies.values() for value in tally.latencies_ms]
         failures = [tally for tally in tallies.values() if tally.num_failed]
         level = Level(
@@ -567,13 +575,15 @@ def climb(args, simulators: Simulators, coordinator: Coordinator, database: Data
             rows_per_s=(writes_after[1] - writes_before[1]) / elapsed,
             cpu_cores=(cpu_after[0] - cpu_before[0]) / elapsed,
             postgres_cores=(cpu_after[1] - cpu_before[1]) / elapsed,
+            simulator_cores=(cpu_after[2] - cpu_before[2]) / elapsed,
         )
         levels.append(level)
         kinds = ", ".join(f"{kind} {value:.0f}" for kind, value in level.p99_by_kind.items())
         print(
             f"  {num_nodes:>7} nodes ({num_simulated} simulated): {level.requests_per_s:6.0f} requests/s, "
             f"p99 {level.p99_ms:6.0f} ms ({kinds}), {level.num_failed} failed, coordinator "
-            f"{level.cpu_cores:.2f} cores, PostgreSQL {level.postgres_cores:.2f} cores, "
+            f"{level.cpu_cores:.2f} cores, PostgreSQL {level.postgres_cores:.2f} cores, simulators "
+            f"{level.simulator_cores:.2f} cores, "
             f"{level.commits_per_s:.0f} commits/s, {level.rows_per_s:.0f} rows/s",
             flush=True,
         )

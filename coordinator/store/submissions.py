@@ -210,7 +210,7 @@ def _insert_submissions(connection: Connection, submissions: Sequence[NewSubmiss
         UPDATE_NODE_COUNTS,
         [
             {"counted_node_id": node_id, "num_newly_accepted": accepted, "num_newly_rejected": rejected}
-            for node_id, (accepted, rejected) in counts.items()
+            for node_id, (accepted, rejected) in sorted(counts.items())  # rows locked in one order
         ],
     )
     connection.execute(
