@@ -362,9 +362,14 @@ class Database:
         self.admin.execute(f"CREATE DATABASE {self.name}")
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.name}"
 
-    def backend_pids(self) -> list[int]:
-        rows = self.admin.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (self.name,)).fetchall()
-        return [pid for (pid,) in rows]
+    def server_cpu_seconds(self) -> float:
+        """The CPU the PostgreSQL server has spent: its processes', and (the postmaster's children's
+        times) that of the backends that have exited, which the pools' spare connections do."""
+        backend = self.admin.execute("SELECT pg_backend_pid()").fetchone()[0]
+        postmaster = int(Path(f"/proc/{backend}/stat").read_text().rpartition(")")[2].split()[1])
+        fields = Path(f"/proc/{postmaster}/stat").read_text().rpartition(")")[2].split()
+        exited = (int(fields[13]) + int(fields[14])) / CLOCK_TICKS  # cutime, cstime
+        return exited + cpu_seconds(process_tree(postmaster))
 
     def writes(self) -> tuple[int, int]:
         """(transactions committed, reads included; rows inserted, updated and deleted) in the database
@@ -408,8 +413,9 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def process_tree(pid: int) -> list[int]:
     pids = [pid]
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        pids += process_tree(int(child))
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it exited meanwhile
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            pids += process_tree(int(child))
     return pids
 
 
@@ -507,13 +513,12 @@ def cost_per_kind(
     for kind in KINDS:
         if kind == "release":
             simulators.run("each", num_nodes, "lease", count)  # leases to release
-        coordinator_pids, postgres_pids = coordinator.pids(), database.backend_pids()
+        coordinator_pids = coordinator.pids()
         writes_before = database.settled_writes() if settle else database.writes()
         started = time.monotonic()
-        cpu_before = cpu_seconds(coordinator_pids), cpu_seconds(postgres_pids)
+        cpu_before = cpu_seconds(coordinator_pids), database.server_cpu_seconds()
         tally = simulators.run("each", num_nodes, kind, count)[kind]
-        postgres_pids = sorted(set(postgres_pids) | set(database.backend_pids()))
-        cpu_after = cpu_seconds(coordinator_pids), cpu_seconds(postgres_pids)
+        cpu_after = cpu_seconds(coordinator_pids), database.server_cpu_seconds()
         writes_after = database.settled_writes() if settle else database.writes()
         num = max(1, len(tally.latencies_ms))
         background_commits = background_commits_per_s * (time.monotonic() - started)
@@ -553,15 +558,14 @@ def climb(args, simulators: Simulators, coordinator: Coordinator, database: Data
     for num_nodes in ladder:
         num_simulated = max(1, round(num_nodes / args.time_scale))
         simulators.run("register", num_simulated)
-        pids, postgres_pids = coordinator.pids(), database.backend_pids()
+        pids = coordinator.pids()
         simulator_pids = [process.pid for process in simulators.processes]
         started, writes_before = time.monotonic(), database.writes()
-        cpu_before = cpu_seconds(pids), cpu_seconds(postgres_pids), cpu_seconds(simulator_pids)
+        cpu_before = cpu_seconds(pids), database.server_cpu_seconds(), cpu_seconds(simulator_pids)
         tallies = simulators.run("cycle", num_simulated, args.time_scale, args.measure_s)
         elapsed = time.monotonic() - started
         writes_after = database.writes()
-        postgres_pids = sorted(set(postgres_pids) | set(database.backend_pids()))
-        cpu_after = cpu_seconds(pids), cpu_seconds(postgres_pids), cpu_seconds(simulator_pids)
+        cpu_after = cpu_seconds(pids), database.server_cpu_seconds(), cpu_seconds(simulator_pids)
         latencies = [value for tally in tallies.values() for value in tally.latencies_ms]
         failures = [tally for tally in tallies.values() if tally.num_failed]
         level = Level(

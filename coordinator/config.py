@@ -69,6 +69,9 @@ class ServerSection(_Section):
     )
     registration_burst_per_address: int = Field(50, ge=1)
     envelope_window_s: float = Field(60.0, gt=0)
+    request_threads: int = Field(
+        32, ge=1, le=1024, description="threads running requests' blocking work; one waiting on the store holds one"
+    )
     tls_cert: Path | None = Field(
         None, description="PEM certificate (chain) of the gRPC side; with tls_key, gRPC is served over TLS only"
     )

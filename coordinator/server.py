@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -356,6 +357,12 @@ async def serve(config: CoordinatorConfig, replica: Replica | None = None) -> No
     from coordinator.dashboard.web import create_http_app
 
     credentials = grpc_credentials(config)
+    # Requests run their blocking work (the store, checks) in the loop's default executor, and one
+    # waiting on a group commit holds its thread meanwhile: asyncio's default of 6 threads queued
+    # heartbeats behind them (p99 1.2 s at 2,000 nodes against 0.23 s with 32).
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=config.server.request_threads, thread_name_prefix="request")
+    )
     setup = await asyncio.to_thread(load_run_setup, config)
     store = await asyncio.to_thread(open_coordinator_store, config)
     if replica is not None and store.database.is_sqlite:
