@@ -7,6 +7,7 @@ peer network name the same key. The trainer's fingerprint is the key id of its k
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ def base58_decode(text: str) -> bytes:
     return b"\x00" * num_leading_zeros + body
 
 
+@functools.lru_cache(maxsize=65536)  # the coordinator names the signer of every request (base58 is ~0.1 ms)
 def key_id(public_key: bytes) -> str:
     """The printable id of an Ed25519 public key (equal to its libp2p peer id)."""
     if len(public_key) != PUBLIC_KEY_BYTES:
