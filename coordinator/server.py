@@ -409,7 +409,7 @@ async def serve(config: CoordinatorConfig, replica: Replica | None = None) -> No
     )
     # What start-up built (imports, the model's tokenizer, the task) lives as long as the process:
     # moved out of the collector's view, a full collection walks only what serving allocates
-    # (400 ms pauses at 1,500 nodes before, 10–30 ms after).
+    # (400 ms pauses at 1,500 nodes before, 10–60 ms after).
     gc.freeze()
     print(f"coordinator grpc={endpoints.grpc} http={endpoints.http}", flush=True)
 
