@@ -42,7 +42,7 @@ from envs import Problem, Split, Task, get_task  # noqa: E402
 from policy.evaluate import evaluate  # noqa: E402
 from policy.scoring import completion_text  # noqa: E402
 from policy.tokenizer import load_tokenizer  # noqa: E402
-from rollproof.launcher import EMBEDDED_TRAINER_SETTINGS, Launcher, UpOptions  # noqa: E402
+from rollproof.launcher import EMBEDDED_PROMPTS_PER_LEASE, EMBEDDED_TRAINER_SETTINGS, Launcher, UpOptions  # noqa: E402
 
 GROUP_SIZE = 8
 PROMPTS_PER_STEP = 64
@@ -90,7 +90,7 @@ def reward_at(curve: list[Evaluation], seconds: float) -> float | None:
 
 def lease_order_problems(task: Task, num_problems: int) -> list[Problem]:
     """The training problems in the order the coordinator leases them (lease numbers 0, 1, ...)."""
-    per_lease = RUN_DEFAULTS.prompts_per_lease
+    per_lease = EMBEDDED_PROMPTS_PER_LEASE
     indices = [
         index
         for lease_number in range(-(-num_problems // per_lease))

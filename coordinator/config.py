@@ -69,6 +69,13 @@ class ServerSection(_Section):
     )
     registration_burst_per_address: int = Field(50, ge=1)
     envelope_window_s: float = Field(60.0, gt=0)
+    num_replicas: int = Field(
+        0,
+        ge=0,
+        description="coordinator processes serving this run behind one address, across hosts: each allows "
+        "1/num_replicas of every per-node, trainer and per-address rate, so a client that reaches all of them "
+        "still gets one allowance; 0: the processes `serve --processes` starts together (1 without)",
+    )
     request_threads: int = Field(
         32, ge=1, le=1024, description="threads running requests' blocking work; one waiting on the store holds one"
     )

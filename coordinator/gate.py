@@ -9,6 +9,7 @@ verification, an operator token or registration are charged to the peer's host i
 from __future__ import annotations
 
 import hmac
+import math
 import threading
 import time
 from collections import Counter
@@ -53,16 +54,23 @@ class GateLimits:
     registration: RateLimiter  # per peer host: keys registering for the first time
 
     @classmethod
-    def from_config(cls, server: ServerSection) -> GateLimits:
+    def from_config(cls, server: ServerSection, num_replicas: int = 1, clock=time.monotonic) -> GateLimits:
+        """Each of num_replicas coordinator processes behind one address allows its share of each
+        allowance (rate and burst), so a signer or host that spreads requests over all of them
+        still gets one allowance in all."""
+
+        def share(rate: float, burst: int) -> RateLimiter:
+            return RateLimiter(rate / num_replicas, max(1, math.ceil(burst / num_replicas)), clock=clock)
+
+        if num_replicas < 1:
+            raise ValueError(f"num_replicas must be at least 1, got {num_replicas}")
         return cls(
-            node=RateLimiter(server.requests_per_second_per_node, server.request_burst_per_node),
-            trainer=RateLimiter(server.requests_per_second_trainer, server.request_burst_trainer),
-            unauthenticated=RateLimiter(
+            node=share(server.requests_per_second_per_node, server.request_burst_per_node),
+            trainer=share(server.requests_per_second_trainer, server.request_burst_trainer),
+            unauthenticated=share(
                 server.unauthenticated_requests_per_second_per_address, server.unauthenticated_request_burst_per_address
             ),
-            registration=RateLimiter(
-                server.registrations_per_second_per_address, server.registration_burst_per_address
-            ),
+            registration=share(server.registrations_per_second_per_address, server.registration_burst_per_address),
         )
 
 

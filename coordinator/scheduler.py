@@ -9,7 +9,7 @@ original lease number, hence with the same seed, and never to a node that held t
 Walking away from a lease therefore buys no new draw. The per-node cap on open leases, the
 walk-away limit and the lease counter are enforced in the store, in the same transaction that
 stores the lease. A new lease's slice leaves out, by a keyed draw, prompts whose last group was all
-solved or all failed (coordinator/difficulty.py).
+solved or all failed, and fills up from the slices of further lease numbers (coordinator/difficulty.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from coordinator.config import CoordinatorConfig
@@ -175,12 +176,14 @@ class Scheduler:
         leases, LeaseCapError when it already holds max_open_per_node open leases."""
         plan = self._plan
 
-        def make_lease(lease_number: int, requeued_prompts: tuple[int, ...] | None) -> LeaseRecord:
+        def slice_of(lease_number: int) -> tuple[int, ...]:
+            return prompt_indices_for_lease(plan.run_seed, lease_number, plan.prompts_per_lease, plan.num_prompts)
+
+        def make_lease(
+            lease_number: int, requeued_prompts: tuple[int, ...] | None, take_lease_number: Callable[[], int]
+        ) -> LeaseRecord:
             if requeued_prompts is None:
-                prompts = self.pass_rates.select(
-                    lease_number,
-                    prompt_indices_for_lease(plan.run_seed, lease_number, plan.prompts_per_lease, plan.num_prompts),
-                )
+                prompts = self.pass_rates.fill(lease_number, plan.prompts_per_lease, slice_of, take_lease_number)
             else:
                 prompts = requeued_prompts
             return LeaseRecord(

@@ -163,7 +163,7 @@ class Built:
     validator: Validator | None  # the one inside the coordinator, when validation.in_process
 
 
-def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> Built:
+def build(config: CoordinatorConfig, setup: RunSetup, store: Store, num_replicas: int = 1) -> Built:
     blobs = BlobStore(
         config.data_dir.expanduser() / "policy", run_id=config.run.run_id, trainer_public_key=setup.trainer_public_key
     )
@@ -190,7 +190,7 @@ def build(config: CoordinatorConfig, setup: RunSetup, store: Store) -> Built:
         validator = Validator(queue, GroupChecker(history, model_directory(config), device=config.validation.device))
     gate = Gate(
         EnvelopeVerifier(window_ms=round(config.server.envelope_window_s * 1000)),
-        GateLimits.from_config(config.server),
+        GateLimits.from_config(config.server, num_replicas),
         store.get_node,
         setup.trainer_public_key,
         config.operator_token.get_secret_value(),
@@ -368,7 +368,7 @@ async def serve(config: CoordinatorConfig, replica: Replica | None = None) -> No
     if replica is not None and store.database.is_sqlite:
         store.close()
         raise ValueError(REPLICAS_NEED_POSTGRESQL)
-    built = build(config, setup, store)
+    built = build(config, setup, store, config.server.num_replicas or (1 if replica is None else replica.count))
     app, validator = built.app, built.validator
     # After a stop of the whole service (no other replica holds the lock), open leases get a fresh deadline.
     if await asyncio.to_thread(store.housekeeping_lock.held):

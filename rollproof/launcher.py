@@ -20,8 +20,16 @@ from protocol.tls import CoordinatorTls, make_self_signed_pair
 
 STARTUP_TIMEOUT_S = 180
 # The embedded run's settings, tuned for the default tiny model on a 2-core machine; flags of the
-# command line come after them and win.
-EMBEDDED_COORDINATOR_SETTINGS = ["run.max_backlog_groups=128", 'validation.precisions=["float32"]']
+# command line come after them and win. Leases of 16 prompts (128 sequences, one engine batch): at a
+# lease's 32 sequences the tiny model's decoding is mostly per-step overhead, and the trainer waited
+# 0.19 s a step for rollouts against 0.05 s (docs/benchmarks.md, bench/rl_vs_trl.py).
+EMBEDDED_PROMPTS_PER_LEASE = 16
+EMBEDDED_COORDINATOR_SETTINGS = [
+    "run.max_backlog_groups=128",
+    f"run.prompts_per_lease={EMBEDDED_PROMPTS_PER_LEASE}",
+    'validation.precisions=["float32"]',
+]
+EMBEDDED_NODE_SETTINGS = ["engine.threads=1", f"engine.batch_size={EMBEDDED_PROMPTS_PER_LEASE * 8}"]  # G = 8
 EMBEDDED_TRAINER_SETTINGS = [
     "optimizer.lr=3e-4",
     "groups_per_step=64",
@@ -190,10 +198,7 @@ class Launcher:
                     "--trainer-key-fingerprint",
                     self.trainer_identity.key_id,
                     # as --set, so that a --node-set of the same key (given after) wins
-                    "--set",
-                    f"display_name=local-{index + 1}",
-                    "--set",
-                    "engine.threads=1",
+                    *as_set_flags([f"display_name=local-{index + 1}", *EMBEDDED_NODE_SETTINGS]),
                     *o.extra_node,
                 ],
             )

@@ -44,8 +44,9 @@ from coordinator.store.statements import (
 
 log = logging.getLogger(__name__)
 
-# make_lease(lease_number, requeued_prompt_indices or None for a fresh draw) -> the lease to store
-LeaseFactory = Callable[[int, tuple[int, ...] | None], LeaseRecord]
+# make_lease(lease_number, requeued_prompt_indices or None for a fresh draw, take_lease_number) -> the
+# lease to store; take_lease_number() takes one more fresh lease number, for a fresh lease to draw from
+LeaseFactory = Callable[[int, tuple[int, ...] | None, Callable[[], int]], LeaseRecord]
 
 REQUEUED_LOOKAHEAD = 64  # requeued sets looked at past one per lease request, for those a node may not take
 _OPEN_UNTIL_BUILT = 2**63 - 1  # the deadline a lease granted in this transaction counts with
@@ -103,16 +104,14 @@ def issue_leases(connection: Connection, requests: Sequence[LeaseRequest]) -> li
         deadlines.append(_OPEN_UNTIL_BUILT)
         granted.append(index)
     requeued = _take_requeued_for(connection, [requests[index] for index in granted])
-    num_fresh = requeued.count(None)
-    next_fresh = take_lease_numbers(connection, num_fresh) if num_fresh else 0
+    fresh_numbers = _FreshLeaseNumbers(connection, requeued.count(None))
     leases = []
     for index, prompt_set in zip(granted, requeued, strict=True):
         request = requests[index]
         if prompt_set is None:
-            lease = request.make_lease(next_fresh, None)
-            next_fresh += 1
+            lease = request.make_lease(fresh_numbers.take(), None, fresh_numbers.take)
         else:
-            lease = request.make_lease(prompt_set.lease_number, prompt_set.prompt_indices)
+            lease = request.make_lease(prompt_set.lease_number, prompt_set.prompt_indices, fresh_numbers.take)
         assert lease.node_id == request.node_id, "make_lease built a foreign lease"
         assert lease.state is LeaseState.OPEN, "make_lease built a lease that is not open"
         leases.append(lease)
@@ -127,6 +126,23 @@ def take_lease_numbers(connection: Connection, count: int) -> int:
     """Take count consecutive lease numbers; returns the first."""
     last: int = connection.execute(TAKE_LEASE_NUMBERS, {"num_taken": count}).scalar_one()
     return last - count
+
+
+class _FreshLeaseNumbers:
+    """The fresh lease numbers of one transaction: a block of num_reserved taken at once, then one
+    statement a number."""
+
+    def __init__(self, connection: Connection, num_reserved: int) -> None:
+        self._connection = connection
+        self._next = take_lease_numbers(connection, num_reserved) if num_reserved else 0
+        self._end = self._next + num_reserved
+
+    def take(self) -> int:
+        if self._next == self._end:
+            self._next = take_lease_numbers(self._connection, 1)
+            self._end = self._next + 1
+        self._next += 1
+        return self._next - 1
 
 
 def _expire(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.difficulty import FAILED, MIXED, SOLVED, PassRateBuffer
+from coordinator.difficulty import FAILED, MAX_SLICES_PER_LEASE, MIXED, SOLVED, PassRateBuffer
 from coordinator.scheduler import Scheduler, prompt_indices_for_lease
 from coordinator.store import Store, open_store, sqlite_url
 from tests.unit.test_scheduler import PLAN, T0
@@ -45,14 +45,51 @@ def test_solved_and_failed_prompts_are_kept_at_the_keep_fraction_by_a_keyed_draw
     assert slices != [other.select(lease_number, (0, 1, 2, 3)) for lease_number in range(4000)], "the key decides"
 
 
-def test_a_slice_of_only_dropped_prompts_keeps_its_first_and_keep_fraction_1_is_no_buffer():
-    buffer = PassRateBuffer(KEY, num_prompts=4, keep_fraction=0.0)
-    for index in range(4):
+def _counter(start: int) -> tuple[list[int], object]:
+    taken: list[int] = []
+
+    def take() -> int:
+        taken.append(start + len(taken))
+        return taken[-1]
+
+    return taken, take
+
+
+def test_a_thinned_lease_fills_up_from_further_slices_and_keeps_the_rest_for_the_next():
+    buffer = PassRateBuffer(KEY, num_prompts=100, keep_fraction=0.0)
+    for index in (1, 2, 3, 5, 6):
         buffer.record(index, [1.0, 1.0])
-    assert buffer.select(7, (2, 0, 1)) == (2,)
+
+    def slice_of(lease_number: int) -> tuple[int, ...]:
+        return tuple(range(4 * lease_number, 4 * lease_number + 4))
+
+    taken, take = _counter(1)
+    assert buffer.fill(0, 4, slice_of, take) == (0, 4, 7, 8)
+    assert taken == [1, 2], "slices 0, 1 and 2 were drawn"
+    taken, take = _counter(3)
+    assert buffer.fill(3, 4, slice_of, take) == (9, 10, 11, 12), "slice 2's rest first"
+    assert taken == []
+    assert buffer.fill(4, 4, slice_of, take) == (13, 14, 15, 16)
+    assert buffer.fill(4, 4, slice_of, take) == (16, 17, 18, 19), "taken again after a rollback: no copies"
+
+
+def test_a_lease_draws_at_most_max_slices_and_is_never_empty():
+    buffer = PassRateBuffer(KEY, num_prompts=100, keep_fraction=0.0)
+    for index in range(100):
+        if index != 13:
+            buffer.record(index, [0.0, 0.0])
+
+    def slice_of(lease_number: int) -> tuple[int, ...]:
+        return tuple(range(4 * lease_number, 4 * lease_number + 4))
+
+    taken, take = _counter(1)
+    assert buffer.fill(0, 4, slice_of, take) == (13,)
+    assert len(taken) == MAX_SLICES_PER_LEASE - 1
+    taken, take = _counter(10)
+    assert buffer.fill(9, 4, slice_of, take) == (36,), "nothing kept: the slice's first"
     off = PassRateBuffer(KEY, num_prompts=1_000_000, keep_fraction=1.0)
     off.record(0, [1.0, 1.0])
-    assert off.select(0, (0, 1)) == (0, 1) and off.last_group(0) == MIXED
+    assert off.fill(0, 2, lambda n: (0, 1), take) == (0, 1) and off.last_group(0) == MIXED
     with pytest.raises(ValueError, match="keep_fraction must be between 0 and 1"):
         PassRateBuffer(KEY, 4, 1.5)
 
@@ -65,17 +102,17 @@ def store(tmp_path: Path) -> Iterator[Store]:
     opened.close()
 
 
-def test_new_leases_leave_out_prompts_last_seen_solved(store: Store):
-    scheduler = Scheduler(store, dataclasses.replace(PLAN, keep_solved_or_failed=0.0, max_open_per_node=100))
-    first = prompt_indices_for_lease(PLAN.run_seed, 0, PLAN.prompts_per_lease, PLAN.num_prompts)
+def test_new_leases_leave_out_prompts_last_seen_solved_and_stay_full(store: Store):
+    plan = dataclasses.replace(PLAN, num_prompts=200, keep_solved_or_failed=0.0, max_open_per_node=100)
+    scheduler = Scheduler(store, plan)
+    first = prompt_indices_for_lease(plan.run_seed, 0, plan.prompts_per_lease, plan.num_prompts)
     lease = scheduler.issue("node-a", policy_version=1, now_ms=T0)
     assert lease.prompt_indices == first
-    for index in range(PLAN.num_prompts):
-        if index not in first:
-            scheduler.pass_rates.record(index, [1.0] * 8)
-    for lease_number in range(1, 5):
-        later = scheduler.issue("node-a", policy_version=1, now_ms=T0 + lease_number)
-        assert (
-            later.prompt_indices
-            == prompt_indices_for_lease(PLAN.run_seed, lease_number, PLAN.prompts_per_lease, PLAN.num_prompts)[:1]
-        )
+    solved = set(range(0, plan.num_prompts, 2)) - set(first)
+    for index in solved:
+        scheduler.pass_rates.record(index, [1.0] * 8)
+    leased = [scheduler.issue("node-a", policy_version=1, now_ms=T0 + step).prompt_indices for step in range(1, 1 + 4)]
+    assert all(len(prompts) == plan.prompts_per_lease for prompts in leased), leased
+    flat = [index for prompts in leased for index in prompts]
+    assert len(set(flat)) == len(flat), "no prompt twice within the epoch"
+    assert not solved.intersection(flat)

@@ -19,7 +19,6 @@ from coordinator.config import ServerSection
 from coordinator.core import InvalidRequestError
 from coordinator.gate import Gate, GateError, GateLimits, RefusalCounts, peer_host
 from coordinator.grpc_servicers import GuardInterceptor, TrainerServicer
-from coordinator.ratelimit import RateLimiter
 from coordinator.rpc_metrics import rpc_latency_histogram
 from coordinator.store.submissions import (
     MAX_STORED_EVIDENCE_CHARS,
@@ -46,20 +45,8 @@ HEARTBEAT = method_name("NodeService", "Heartbeat")
 ACK = method_name("TrainerService", "AckGroups")
 
 
-def limits(clock: FakeClock, **server) -> GateLimits:
-    config = ServerSection(**server)
-    return GateLimits(
-        node=RateLimiter(config.requests_per_second_per_node, config.request_burst_per_node, clock=clock),
-        trainer=RateLimiter(config.requests_per_second_trainer, config.request_burst_trainer, clock=clock),
-        unauthenticated=RateLimiter(
-            config.unauthenticated_requests_per_second_per_address,
-            config.unauthenticated_request_burst_per_address,
-            clock=clock,
-        ),
-        registration=RateLimiter(
-            config.registrations_per_second_per_address, config.registration_burst_per_address, clock=clock
-        ),
-    )
+def limits(clock: FakeClock, num_replicas: int = 1, **server) -> GateLimits:
+    return GateLimits.from_config(ServerSection(**server), num_replicas, clock=clock)
 
 
 @dataclass(frozen=True)
@@ -84,8 +71,10 @@ class Registry:
         self.nodes[identity.key_id] = KnownNode(identity.key_id)
 
 
-def make_gate(trainer: Identity, registry: Registry, **server) -> Gate:
-    return Gate(EnvelopeVerifier(), limits(FakeClock(), **server), registry.find, trainer.public_key, "token")
+def make_gate(trainer: Identity, registry: Registry, num_replicas: int = 1, **server) -> Gate:
+    return Gate(
+        EnvelopeVerifier(), limits(FakeClock(), num_replicas, **server), registry.find, trainer.public_key, "token"
+    )
 
 
 def forged(identity: Identity, method: str, payload: bytes):
@@ -151,6 +140,28 @@ def test_fresh_keys_are_charged_to_their_address():
         for _ in range(6)
     ]
     assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 4 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+
+
+def test_replicas_behind_one_address_each_allow_their_share_of_a_node_s_allowance():
+    node, trainer = Identity.generate(), Identity.generate()
+    registry = Registry()
+    registry.add(node)
+    replicas = [
+        make_gate(trainer, registry, 2, request_burst_per_node=10, registration_burst_per_address=3) for _ in range(2)
+    ]
+    payload = service_pb2.HeartbeatRequest(policy_version=1).SerializeToString()
+    served = 0
+    for index in range(40):  # spread over both replicas, as N connections of one node would be
+        try:
+            replicas[index % 2].node_caller(seal(node, HEARTBEAT, payload), HEARTBEAT, ATTACKER)
+            served += 1
+        except GateError as refused:
+            assert refused.status == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert served == 10, "one burst in all, not one per replica"
+    shares = [getattr(replicas[0].limits, field.name) for field in dataclasses.fields(GateLimits)]
+    assert [(limiter.rate, limiter.burst) for limiter in shares] == [(25.0, 5), (500.0, 1000), (100.0, 500), (0.25, 2)]
+    with pytest.raises(ValueError, match="num_replicas must be at least 1"):
+        limits(FakeClock(), 0)
 
 
 def test_registration_of_new_keys_is_limited_per_address():

@@ -28,6 +28,7 @@ from coordinator.store import (
     GroupState,
     LeaseCapError,
     LeaseCooldownError,
+    LeaseFactory,
     LeaseRecord,
     LeaseState,
     Liveness,
@@ -116,10 +117,10 @@ def _lease(
 
 def _fresh_factory(
     node_id: str, prompts_per_lease: int = 2, deadline_ms: int = 60_000, now_ms: int = T0
-) -> Callable[[int, tuple[int, ...] | None], LeaseRecord]:
+) -> LeaseFactory:
     """Lease number n carries prompts n*k .. n*k+k-1 unless a requeued prompt set is given."""
 
-    def make(lease_number: int, requeued: tuple[int, ...] | None) -> LeaseRecord:
+    def make(lease_number: int, requeued: tuple[int, ...] | None, take_lease_number: Callable[[], int]) -> LeaseRecord:
         first = lease_number * prompts_per_lease
         prompts = requeued if requeued is not None else tuple(range(first, first + prompts_per_lease))
         return _lease(node_id, lease_number, prompts, now_ms, deadline_ms)
