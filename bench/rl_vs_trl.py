@@ -61,9 +61,8 @@ CANNOT_BE_EQUAL = [
     "weights; rollproof evaluates the published bf16 policy, TRL its float32 weights",
     "staleness: rollproof trains on groups up to k = 2 versions old, importance-weighted against the node's "
     "log-probabilities with tokens outside [0.5, 2] masked; TRL is on-policy (ratio 1: its eps = 0.2 clip is inert)",
-    "uninformative groups (all rewards equal): rollproof drops them, so its token-mean loss is over the "
-    "informative groups only; TRL keeps them in the forward, backward and the dapo token count (Adam makes "
-    "the scale nearly irrelevant)",
+    "uninformative groups (all rewards equal): rollproof skips their forward and backward (their gradient is "
+    "zero), TRL runs them; both count their tokens in the token mean (dapo), so the losses are alike",
     "prompt order: TRL takes the prompts in the coordinator's lease order; rollproof trains in the order "
     "groups arrive from two nodes",
     "threads: TRL is one process on torch's default threads; rollproof's trainer and nodes use one thread each "

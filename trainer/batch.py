@@ -22,6 +22,7 @@ class TrainingBatch:
     rewards: torch.Tensor  # [B]
     num_groups_used: int
     num_groups_uninformative: int
+    num_uninformative_tokens: int  # sampled tokens of the uninformative groups, left out of the tensors
 
     @property
     def num_loss_tokens(self) -> int:
@@ -42,6 +43,8 @@ def build_batch(
         return None
     advantages = group_advantages(reward_tensor[keep], normalize_std=normalize_std)
     kept_groups = [g for g, k in zip(groups, keep.tolist(), strict=True) if k]
+    dropped_groups = [g for g, k in zip(groups, keep.tolist(), strict=True) if not k]
+    num_uninformative_tokens = sum(sum(r.sampled_mask) for g in dropped_groups for r in g.group.rollouts)
     sequences = []
     for group, group_advantage in zip(kept_groups, advantages, strict=True):
         for rollout in sorted(group.group.rollouts, key=lambda r: r.sample_index):
@@ -69,4 +72,5 @@ def build_batch(
         rewards=torch.tensor([r.claimed_reward for _, r, _ in sequences], dtype=torch.float32),
         num_groups_used=len(kept_groups),
         num_groups_uninformative=len(groups) - len(kept_groups),
+        num_uninformative_tokens=num_uninformative_tokens,
     )

@@ -27,6 +27,12 @@ class LossSection(_Section):
     ratio_low: float = Field(0.5, gt=0, lt=1, description="tokens with importance ratio below are masked")
     ratio_high: float = Field(2.0, gt=1, description="tokens with importance ratio above are masked")
     kl_coef: float = Field(0.0, ge=0)
+    token_mean_over: Literal["all_groups", "informative_groups"] = Field(
+        "all_groups",
+        description="the loss sums over sampled tokens and divides by those of all_groups: every group of the "
+        "step, the uninformative ones (skipped, their gradient is zero) too, as DAPO's token mean over the batch, so a "
+        "step with fewer informative groups moves the policy less; informative_groups: only those trained on",
+    )
 
 
 class TrainerConfig(_Section):

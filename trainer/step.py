@@ -148,7 +148,10 @@ def train_step(
         kl_coef=loss_config.kl_coef,
     )
     # policy_gradient_loss divides by the shard's loss tokens; the step divides by the batch's.
-    loss = result.loss * (max(shard.num_loss_tokens, 1) / max(batch.num_loss_tokens, 1))
+    num_step_tokens = batch.num_loss_tokens
+    if loss_config.token_mean_over == "all_groups":
+        num_step_tokens += batch.num_uninformative_tokens
+    loss = result.loss * (max(shard.num_loss_tokens, 1) / max(num_step_tokens, 1))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = clip_grad_norm(model, grad_clip)

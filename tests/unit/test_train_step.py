@@ -161,3 +161,47 @@ def test_a_step_on_gpt2_sees_the_nodes_logprobs_exactly():
     assert metrics.logprob_mismatch < 1e-6
     assert abs(metrics.mean_ratio - 1.0) < 1e-6
     assert metrics.masked_fraction == 0.0
+
+
+def _gradients_of_a_step(model, groups, token_mean_over: str) -> list[torch.Tensor]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_step(
+        model,
+        optimizer,
+        groups,
+        current_version=3,
+        temperature=1.0,
+        pad_token_id=0,
+        loss_config=LossSection(token_mean_over=token_mean_over),
+        grad_clip=1e9,
+    )
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_the_token_mean_counts_the_uninformative_groups_tokens_as_dapo_over_the_whole_batch():
+    model = _model()
+    prompt = [1, 2, 3]
+    informative = _group(model, prompt, [[5, 6, 7], [8, 9], [5, 6], [8]], [1.0, 0.0, 1.0, 0.0])
+    uninformative = _group(model, [4, 2], [[5, 6, 7, 9], [9, 9, 9], [7], [5, 5]], [1.0] * 4)
+    groups = [informative, uninformative]
+    model.zero_grad()
+    reference_loss = 0.0
+    num_tokens = 0
+    for group in groups:
+        rewards = [r.claimed_reward for r in group.group.rollouts]
+        for rollout in group.group.rollouts:
+            advantage = rollout.claimed_reward - sum(rewards) / len(rewards)
+            ids = torch.tensor([list(group.prompt_token_ids) + list(rollout.token_ids)])
+            logits = model(input_ids=ids).logits
+            new = token_logprobs(logits[:, :-1], ids[:, 1:])[0, len(group.prompt_token_ids) - 1 :]
+            ratio = torch.exp(new - torch.tensor(rollout.logprobs))
+            reference_loss = reference_loss + (-ratio * advantage).sum()
+            num_tokens += len(rollout.token_ids)
+    (reference_loss / num_tokens).backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    for got, want in zip(_gradients_of_a_step(model, groups, "all_groups"), reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    num_informative_tokens = 8
+    scale = num_tokens / num_informative_tokens
+    for got, want in zip(_gradients_of_a_step(model, groups, "informative_groups"), reference, strict=True):
+        torch.testing.assert_close(got, want * scale, rtol=1e-4, atol=1e-7)
