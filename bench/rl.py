@@ -22,10 +22,10 @@ nodes' rollouts, the held-out evaluations and other load on the machine all move
 
 `--compare difficulty` runs two arms on a training set small enough that prompts repeat
 (`--num-prompts`, default 1,024: an epoch every ~16 steps of 64 groups), with the pass-rate buffer
-(coordinator/difficulty.py: prompts last seen all solved or all failed carried at the default
-`run.keep_solved_or_failed`) and without it (1.0). It prints each arm's share of uninformative groups
-(equal rewards, skipped by the trainer) and `difficulty-filter-ratio` (with ÷ without, on time to
-target when both reach it, else on time per step).
+(coordinator/difficulty.py: prompts last seen all solved or all failed carried by a quarter of the
+leases, `run.keep_solved_or_failed=0.25`) and without it (1.0, the default). It prints each arm's
+share of uninformative groups (equal rewards, skipped by the trainer) and `difficulty-filter-ratio`
+(with ÷ without, on time to target when both reach it, else on time per step).
 """
 
 from __future__ import annotations
@@ -56,10 +56,13 @@ STALENESS_ARMS = (Arm("k=2", 2), Arm("k=0", 0))
 PROBATION_ARMS = (Arm("probation"), Arm("probation_tokens=0", coordinator_settings=("validation.probation_tokens=0",)))
 
 
+BUFFER_KEEP_FRACTION = 0.25
+
+
 def difficulty_arms(num_prompts: int) -> tuple[Arm, Arm]:
     prompts = f"run.num_prompts={num_prompts}"
     return (
-        Arm("pass-rate buffer", coordinator_settings=(prompts,)),
+        Arm("pass-rate buffer", coordinator_settings=(prompts, f"run.keep_solved_or_failed={BUFFER_KEEP_FRACTION}")),
         Arm("keep_solved_or_failed=1", coordinator_settings=(prompts, "run.keep_solved_or_failed=1")),
     )
 

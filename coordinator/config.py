@@ -32,11 +32,12 @@ class RunSection(_Section):
         256, ge=0, description="no new leases while this many groups wait for the trainer (0: no limit)"
     )
     keep_solved_or_failed: float = Field(
-        0.25,
+        1.0,
         ge=0.0,
         le=1.0,
         description="the pass-rate buffer: the share of leases that still carry a prompt whose last group every "
-        "sample solved, or none did (1: no buffer); matters once prompts repeat (num_prompts below what a run leases)",
+        "sample solved, or none did (1: no buffer, the default: at 0.25 the addition task on 1,024 prompts reached "
+        "its target 1.06-2.46x later in four pairs); matters once prompts repeat (num_prompts below what a run leases)",
     )
     sampling: SamplingSection = SamplingSection()
 
